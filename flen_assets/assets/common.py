@@ -1,0 +1,106 @@
+"""Helpers shared by the asset modules: partition context, publishing, lineage run rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flen_assets.project import Project, iteration_number
+from flen_assets.visuals import Tile, contact_sheet, markdown_thumbnail, save_sheet
+from flen_io_managers.partition_folder import MANIFEST, PartitionFolder, partition_keys
+from flen_resources.dagster_resources import ProjectResource
+from flen_resources.lineage import LineageStore, to_json, utcnow
+
+CODE_VERSION = "0.1.0"
+
+# Output(data_version=...) is marked beta; it is how the DVC md5 becomes the data version.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+
+
+@dataclass
+class PartitionRun:
+    """Everything an asset body needs about the partition it is materializing."""
+
+    context: dg.AssetExecutionContext
+    project: Project
+    lineage: LineageStore
+    asset: str
+    character: str
+    iteration: str
+    started_at: datetime = field(default_factory=utcnow)
+
+    @classmethod
+    def start(cls, context: dg.AssetExecutionContext, project: ProjectResource) -> "PartitionRun":
+        character, iteration = partition_keys(context)
+        return cls(context, project.project, project.lineage, context.asset_key.path[-1], character, iteration)
+
+    @property
+    def run_id(self) -> str:
+        return self.context.run_id
+
+    @property
+    def number(self) -> int:
+        return iteration_number(self.iteration)
+
+    def stamp(self, **extra: Any) -> dict[str, Any]:
+        """The columns every lineage row of this materialization shares."""
+        return {"run_id": self.run_id, "asset": self.asset, "character": self.character,
+                "iteration": self.iteration, **extra}
+
+    def previous_iteration(self) -> str | None:
+        return f"v{self.number - 1}" if self.number > 1 else None
+
+
+def write_manifest(rows: Sequence[Mapping[str, Any]], folder: Path, schema: pa.Schema | None = None) -> Path:
+    """manifest.parquet of a staged partition folder."""
+    table = pa.Table.from_pylist([dict(r) for r in rows], schema=schema) if rows or schema else pa.table({})
+    path = folder / MANIFEST
+    pq.write_table(table, path)
+    return path
+
+
+def publish(run: PartitionRun, project: ProjectResource, staged: Path, *, params: Mapping[str, Any],
+            models: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,
+            sheet: list[Tile] | None = None) -> dg.Output:
+    """Publish a staged folder with DVC, record the run and artifact in lineage, return the Output."""
+    meta: dict[str, Any] = dict(metadata or {})
+    if sheet:
+        img = contact_sheet(sheet)
+        save_sheet(img, staged / "contact_sheet.png")
+        meta["contact_sheet"] = dg.MetadataValue.md(markdown_thumbnail(img))
+    published = project.dvc.publish(staged, run.asset, run.character, run.iteration)
+    now = utcnow()
+    run.lineage.append("artifacts", [run.stamp(path=run.project.relative(published.path), dvc_md5=published.dvc_md5,
+                                               n_files=published.n_files, size_bytes=published.size_bytes,
+                                               dvc_file=published.dvc_file, created_at=now)])
+    run.lineage.append("runs", [run.stamp(code_version=CODE_VERSION, params=to_json(params),
+                                          models=to_json(models or {}), status="success",
+                                          started_at=run.started_at, finished_at=now,
+                                          host_pid=f"{socket.gethostname()}:{os.getpid()}")])
+    if sheet:
+        meta["contact_sheet_path"] = dg.MetadataValue.path(str(published.path / "contact_sheet.png"))
+    meta.update({
+        "dvc_md5": published.dvc_md5,
+        "path": dg.MetadataValue.path(str(published.path)),
+        "files": published.n_files,
+        "size_mb": round(published.size_bytes / 1e6, 2),
+        "lineage": dg.MetadataValue.md(f"`flen lineage {run.character} {run.iteration}`"),
+    })
+    folder = PartitionFolder(run.asset, run.character, run.iteration, published.path, published.dvc_md5)
+    return dg.Output(folder, data_version=dg.DataVersion(published.dvc_md5), metadata=meta)
+
+
+def json_col(value: Any) -> str:
+    """A JSON string column for manifests."""
+    return json.dumps(value, sort_keys=True, default=str)

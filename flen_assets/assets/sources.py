@@ -1,0 +1,271 @@
+"""Source photos and the identity reference built from them."""
+
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+from tqdm import tqdm
+
+from flen_assets.assets.common import PartitionRun, json_col, publish, write_manifest
+from flen_assets.partitions import character_iteration
+from flen_assets.visuals import Tile
+from flen_io_managers.partition_folder import PartitionFolder
+from flen_resources.dagster_resources import FaceResource, ProjectResource
+from flen_resources.faces import DLIB_SAME_PERSON_DISTANCE, face_distance
+from flen_resources.imaging import (DEFAULT_MAX_PIXELS, ImageRejected, color_hash, decode_image,
+                                     is_near_duplicate, perceptual_hash, resize_max_side, save_png, sha256_file,
+                                     sharpness)
+from flen_resources.lineage import utcnow
+
+GROUP = "sources"
+
+
+class SourceConfig(dg.Config):
+    """How inbox photos are ingested."""
+
+    max_side: int = 1024  # normalized copies are at most this many pixels on the longer side
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger files are refused (decompression-bomb guard)
+    min_face_px: int = 40  # shorter side of the face box, in normalized pixels
+    near_duplicate_distance: int = 4  # pHash Hamming distance that flags a near-duplicate
+
+
+def inbox_files(inbox: Path) -> list[Path]:
+    """Regular, non-hidden files under `inbox`, sorted; links that leave the inbox are skipped."""
+    root = inbox.resolve()
+    files = []
+    for path in sorted(inbox.rglob("*")):
+        if any(part.startswith(".") for part in path.relative_to(inbox).parts):
+            continue
+        if path.is_file() and path.resolve().is_relative_to(root):
+            files.append(path)
+    return files
+
+
+def _previous_sources(run: PartitionRun) -> list[dict]:
+    """Rows of source_images v(N-1); fails fast when that partition was never materialized."""
+    prev = run.previous_iteration()
+    if prev is None:
+        return []
+    manifest = run.project.partition_dir("source_images", run.character, prev) / "manifest.parquet"
+    if not manifest.is_file():
+        raise dg.Failure(f"source_images {run.character}|{run.number} needs {run.character}|{prev} first: "
+                         f"materialize source_images for partition {run.character}|{prev}")
+    import pyarrow.parquet as pq
+
+    return pq.read_table(manifest).to_pylist()
+
+
+@dg.asset(
+    partitions_def=character_iteration,
+    group_name=GROUP,
+    io_manager_key="partition_io_manager",
+    code_version="1",
+    kinds={"python", "dvc"},
+    check_specs=[
+        dg.AssetCheckSpec("all_inbox_files_usable", asset="source_images",
+                          description="Every file in the inbox decoded and had one usable face."),
+        dg.AssetCheckSpec("enough_sources", asset="source_images",
+                          description="At least 3 usable photos, so the identity threshold can be calibrated."),
+    ],
+)
+def source_images(context: dg.AssetExecutionContext, config: SourceConfig, project: ProjectResource,
+                  faces: FaceResource):
+    """The character's photos: originals byte-exact, normalized RGB copies, hashes, faces and embeddings.
+
+    v1 ingests inbox/<character>/; later iterations carry v(N-1)'s rows and ingest new files only.
+    Every file gets a row: accepted, or rejected with a reason (corrupt, no face, duplicate, ...).
+    """
+    run = PartitionRun.start(context, project)
+    inbox = run.project.inbox_for(run.character)
+    if not inbox.is_dir():
+        raise dg.Failure(f"no inbox folder {inbox}: add photos with `flen character add {run.character} --from DIR`")
+    staged = project.dvc.stage(run.asset, run.character, run.iteration)
+    (staged / "originals").mkdir()
+    (staged / "images").mkdir()
+
+    carried = _previous_sources(run)
+    rows: list[dict] = []
+    for row in carried:  # files already ingested: keep their analysis, copy their blobs
+        for key in ("original_path", "image_path"):
+            if row.get(key):
+                src = run.project.partition_dir("source_images", run.character, run.previous_iteration()) / row[key]
+                shutil.copy2(src, staged / row[key])
+        rows.append({**row, "ingested_in": row.get("ingested_in") or run.previous_iteration()})
+    seen_sha = {r["original_id"]: r["original_name"] for r in rows}
+    accepted_hashes = [(r["phash"], r["colorhash"], r["original_name"]) for r in rows if r["status"] == "accepted"]
+
+    carried_shas = set(seen_sha)
+    new_files = [(p, sha) for p in inbox_files(inbox) if (sha := sha256_file(p)) not in carried_shas]
+    part_rel = run.project.relative(run.project.partition_dir(run.asset, run.character, run.iteration))
+    image_rows, edge_rows, decision_rows, tiles = [], [], [], []
+    for path, sha in tqdm(new_files, desc=f"ingest {run.character}/{run.iteration}", unit="img"):
+        name = path.relative_to(inbox).as_posix()
+        original_rel = f"originals/{sha}{path.suffix.lower()[:10]}"
+        if not (staged / original_rel).exists():
+            shutil.copyfile(path, staged / original_rel)  # byte-exact; the inbox file is never touched
+        row = dict(original_id=sha, original_name=name, original_path=original_rel, image_id=None,
+                   image_path=None, status="rejected", reason_code=None, reason=None, format=None,
+                   original_mode=None, width=None, height=None, exif_transposed=None, phash=None, colorhash=None,
+                   n_faces=None, face_box=None, face_size=None, embedding=None, sharpness=None,
+                   near_duplicate_of=None, ingested_in=run.iteration)
+        shown = None
+        try:
+            if sha in seen_sha:
+                raise ImageRejected(path, "duplicate", f"exact duplicate of {seen_sha[sha]}")
+            seen_sha[sha] = name
+            decoded = decode_image(path, max_pixels=config.max_pixels)
+            img = resize_max_side(decoded.image, config.max_side)
+            shown = img
+            image_id, png = save_png(img, staged / "images")
+            found = faces.analyzer.analyze(img)
+            row.update(image_id=image_id, image_path=f"images/{png.name}", format=decoded.format,
+                       original_mode=decoded.original_mode, width=img.width, height=img.height,
+                       exif_transposed=decoded.exif_transposed, phash=perceptual_hash(img), colorhash=color_hash(img),
+                       n_faces=len(found), sharpness=sharpness(img, found[0].box if found else None))
+            if image_id != sha:  # a PNG already in normal form keeps its id: no step to record
+                edge_rows.append(run.stamp(
+                    child_id=image_id, parent_id=sha, operation="normalize", model="pillow", created_at=utcnow(),
+                    params=json_col({"exif_transposed": decoded.exif_transposed, "max_side": config.max_side,
+                                     "original_mode": decoded.original_mode, "original_size": decoded.original_size})))
+            if found:
+                row.update(face_box=json_col(found[0].box), face_size=found[0].size,
+                           embedding=[float(v) for v in found[0].embedding])
+            if not found:
+                raise ImageRejected(path, "no_face", "no face found")
+            if len(found) > 1:
+                raise ImageRejected(path, "several_faces", f"{len(found)} faces found; a source must show one person")
+            if found[0].size < config.min_face_px:
+                raise ImageRejected(path, "face_too_small",
+                                    f"face is {found[0].size}px, below the {config.min_face_px}px minimum")
+            near = [n for h, c, n in accepted_hashes
+                    if is_near_duplicate(h, c, row["phash"], row["colorhash"], config.near_duplicate_distance)]
+            row["near_duplicate_of"] = near[0] if near else None
+            row.update(status="accepted", reason_code="ok",
+                       reason="accepted" + (f" (near-duplicate of {near[0]})" if near else ""))
+            accepted_hashes.append((row["phash"], row["colorhash"], name))
+        except ImageRejected as exc:
+            row.update(reason_code=exc.code, reason=str(exc))
+            context.log.warning(f"rejected {exc}")
+        rows.append(row)
+        tiles.append(Tile(shown, name, row["status"] == "accepted"))
+        image_rows.append(run.stamp(image_id=sha, path=f"{part_rel}/{original_rel}",
+                                    original_name=name, status=row["status"], reason=row["reason"], created_at=utcnow()))
+        if row["image_id"]:
+            image_rows.append(run.stamp(image_id=row["image_id"], path=f"{part_rel}/{row['image_path']}",
+                                        original_name=name, width=row["width"], height=row["height"],
+                                        phash=row["phash"], n_faces=row["n_faces"], face_boxes=row["face_box"],
+                                        embedding=row["embedding"], status=row["status"], reason=row["reason"],
+                                        created_at=utcnow()))
+        decision_rows.append(run.stamp(image_id=row["image_id"] or sha, gate="source",
+                                       passed=row["status"] == "accepted", reason=row["reason"],
+                                       source="gate", decided_at=utcnow()))
+
+    write_manifest(rows, staged)
+    run.lineage.append("images", image_rows)
+    run.lineage.append("edges", edge_rows)
+    run.lineage.append("decisions", decision_rows)
+
+    accepted = [r for r in rows if r["status"] == "accepted"]
+    rejected = [r for r in rows if r["status"] != "accepted"]
+    reasons = Counter(r["reason_code"] for r in rejected)
+    reject_table = "\n".join(["| file | reason |", "|---|---|"] +
+                             [f"| {r['original_name']} | {r['reason']} |" for r in rejected]) if rejected else "none"
+    yield publish(run, project, staged,
+                  params=config.model_dump(), models={"faces": f"face_recognition/{faces.model}"},
+                  metadata={"files": len(rows), "new_files": len(new_files), "accepted": len(accepted),
+                            "rejected": len(rejected), "rejected_by_reason": dict(reasons),
+                            "rejected_files": dg.MetadataValue.md(reject_table)},
+                  sheet=tiles)
+    yield dg.AssetCheckResult(
+        check_name="all_inbox_files_usable", passed=not rejected, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"rejected": len(rejected), "reasons": dg.MetadataValue.md(reject_table)})
+    yield dg.AssetCheckResult(
+        check_name="enough_sources", passed=len(accepted) >= 3, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"accepted": len(accepted)})
+
+
+class IdentityConfig(dg.Config):
+    """How the identity threshold is calibrated (see calibrate_threshold)."""
+
+    default_threshold: float = DLIB_SAME_PERSON_DISTANCE
+    min_threshold: float = 0.40
+    margin: float = 1.25
+    outlier_distance: float = DLIB_SAME_PERSON_DISTANCE
+
+
+def leave_one_out_distances(embeddings: np.ndarray) -> np.ndarray:
+    """Distance of each embedding to the mean of all the others."""
+    n = len(embeddings)
+    total = embeddings.sum(axis=0)
+    return np.array([face_distance(embeddings[i], (total - embeddings[i]) / (n - 1)) for i in range(n)])
+
+
+def calibrate_threshold(loo: np.ndarray, config: IdentityConfig) -> tuple[float, str]:
+    """The identity rule: with >= 3 sources, clip(margin x max leave-one-out distance, min, default);
+    with fewer, dlib's default 0.6. Returns (threshold, rule in words)."""
+    if len(loo) < 3:
+        return config.default_threshold, f"fewer than 3 sources: dlib default {config.default_threshold}"
+    raw = config.margin * float(loo.max())
+    threshold = float(min(max(raw, config.min_threshold), config.default_threshold))
+    return threshold, (f"clip({config.margin} x max leave-one-out distance {loo.max():.3f}, "
+                       f"{config.min_threshold}, {config.default_threshold}) over {len(loo)} sources")
+
+
+@dg.asset(
+    partitions_def=character_iteration,
+    group_name=GROUP,
+    io_manager_key="partition_io_manager",
+    code_version="1",
+    kinds={"python", "dvc"},
+    check_specs=[dg.AssetCheckSpec("sources_agree_with_reference", asset="identity_reference",
+                                   description="Every accepted source is within the threshold of the reference; no outliers.")],
+)
+def identity_reference(context: dg.AssetExecutionContext, config: IdentityConfig, project: ProjectResource,
+                       source_images: PartitionFolder):
+    """The character's identity: mean face embedding of the sources and a calibrated distance threshold.
+
+    Sources farther than `outlier_distance` from the mean of the others (another person in the
+    inbox) are left out of the mean and reported.
+    """
+    run = PartitionRun.start(context, project)
+    sources = [r for r in source_images.rows() if r["status"] == "accepted"]
+    if not sources:
+        raise dg.Failure(f"no usable source photo for {run.character}|{run.iteration}: "
+                         "see source_images' rejected_files metadata")
+    emb = np.array([r["embedding"] for r in sources], dtype=np.float64)
+    inlier = np.ones(len(sources), dtype=bool)
+    if len(sources) >= 3:
+        loo_all = leave_one_out_distances(emb)
+        inlier = loo_all <= config.outlier_distance
+        if inlier.sum() < 2:  # no majority to trust: keep everyone, the check will say so
+            inlier[:] = True
+    reference = emb[inlier].mean(axis=0)
+    loo = leave_one_out_distances(emb[inlier]) if inlier.sum() >= 3 else np.zeros(0)
+    threshold, rule = calibrate_threshold(loo, config)
+    rows = [dict(image_id=r["image_id"], original_name=r["original_name"], inlier=bool(ok),
+                 distance=face_distance(e, reference)) for r, e, ok in zip(sources, emb, inlier)]
+    staged = project.dvc.stage(run.asset, run.character, run.iteration)
+    (staged / "reference.json").write_text(json.dumps(
+        {"embedding": reference.tolist(), "threshold": threshold, "rule": rule, "n_sources": int(inlier.sum()),
+         "outliers": [r["original_name"] for r in rows if not r["inlier"]]}, indent=1))
+    write_manifest(rows, staged)
+    run.lineage.append("metrics", [run.stamp(name="identity_threshold", value=threshold, recorded_at=utcnow())])
+    run.lineage.append("decisions", [run.stamp(image_id=r["image_id"], gate="identity_reference", passed=r["inlier"],
+                                               value=r["distance"], threshold=config.outlier_distance,
+                                               reason="in reference" if r["inlier"] else "identity outlier: another person?",
+                                               source="gate", decided_at=utcnow()) for r in rows])
+    outliers = [r for r in rows if not r["inlier"]]
+    far = [r for r in rows if r["inlier"] and r["distance"] > threshold]
+    table = "\n".join(["| source | distance | in reference |", "|---|---|---|"] +
+                      [f"| {r['original_name']} | {r['distance']:.3f} | {'yes' if r['inlier'] else 'no (outlier)'} |" for r in rows])
+    yield publish(run, project, staged, params=config.model_dump(),
+                  metadata={"threshold": threshold, "rule": rule, "sources_used": int(inlier.sum()),
+                            "outliers": len(outliers), "distances": dg.MetadataValue.md(table)})
+    yield dg.AssetCheckResult(check_name="sources_agree_with_reference", passed=not outliers and not far,
+                              severity=dg.AssetCheckSeverity.WARN,
+                              metadata={"outliers": dg.MetadataValue.json([r["original_name"] for r in outliers]),
+                                        "beyond_threshold": dg.MetadataValue.json([r["original_name"] for r in far])})

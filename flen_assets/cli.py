@@ -1,0 +1,250 @@
+"""`flen`: the command line of FLENwheel (init, characters, runs, lineage, versions, UI, demo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from flen_assets.project import InvalidNameError, Project, validate_iteration, validate_slug
+
+app = typer.Typer(help="FLENwheel: a handful of photos -> a faithful, versioned FLUX LoRA.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+character_app = typer.Typer(help="Characters (the `character` partition dimension).", no_args_is_help=True)
+app.add_typer(character_app, name="character")
+
+ProjectOpt = Annotated[Optional[Path], typer.Option("--project", help="Project folder (default: $FLEN_PROJECT_DIR or the checkout).")]
+
+
+def _project(path: Optional[Path]) -> Project:
+    if path is not None:
+        os.environ["FLEN_PROJECT_DIR"] = str(path.resolve())
+    return Project.discover()
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def init_project(project: Project):
+    """Create the project's folders, git + DVC with a local remote, lineage tables and Dagster home."""
+    from flen_assets.instance import get_instance
+    from flen_resources.lineage import LineageStore
+    from flen_resources.storage import DvcStore
+
+    for folder in (project.data_dir, project.inbox_dir, project.state_dir, project.staging_dir, project.locks_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    DvcStore(project).ensure_repo()
+    LineageStore(project.lineage_dir).ensure()
+    return get_instance(project)
+
+
+@app.command()
+def init(project: ProjectOpt = None) -> None:
+    """Initialise a project: data/, inbox/, DVC (local remote), lineage, Dagster instance."""
+    proj = _project(project)
+    init_project(proj)
+    typer.echo(f"project ready at {proj.root}\n  DAGSTER_HOME={proj.dagster_home}\n  DVC remote: {proj.dvc_remote_dir}")
+
+
+@character_app.command("add")
+def character_add(name: str, from_dir: Annotated[Path, typer.Option("--from", help="Folder of photos to copy in.")],
+                  iteration: str = "v1", project: ProjectOpt = None) -> None:
+    """Copy photos into inbox/NAME (originals untouched) and register the character partition."""
+    from flen_assets.partitions import add_partitions
+
+    try:
+        validate_slug(name)
+        validate_iteration(iteration)
+    except InvalidNameError as exc:
+        _fail(str(exc))
+    if not from_dir.is_dir():
+        _fail(f"{from_dir} is not a folder")
+    proj = _project(project)
+    instance = init_project(proj)
+    dest = proj.inbox_for(name)
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = 0
+    for src in sorted(p for p in from_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
+        target = dest / src.name
+        if target.exists():
+            if target.read_bytes() != src.read_bytes():
+                _fail(f"{target} already exists with other content; rename {src} and retry")
+            continue
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(target)
+        copied += 1
+    key = add_partitions(instance, name, iteration)
+    typer.echo(f"{copied} file(s) copied to {dest}; partition {key} registered")
+
+
+@character_app.command("list")
+def character_list(project: ProjectOpt = None) -> None:
+    """List registered characters and iterations."""
+    from flen_assets.partitions import character_partitions, iteration_partitions
+
+    instance = init_project(_project(project))
+    typer.echo("characters: " + ", ".join(instance.get_dynamic_partitions(character_partitions.name)))
+    typer.echo("iterations: " + ", ".join(instance.get_dynamic_partitions(iteration_partitions.name)))
+
+
+def materialize_partition(project: Project, character: str, iteration: str, run_config: dict | None = None):
+    """Run training_set_job for one partition on the project's Dagster instance (shows in the UI)."""
+    from flen_assets.definitions import defs
+    from flen_assets.partitions import add_partitions
+
+    instance = init_project(project)
+    key = add_partitions(instance, character, iteration)
+    job = defs.resolve_job_def("training_set_job")
+    config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}, **(run_config or {})}
+    return job.execute_in_process(instance=instance, partition_key=str(key), run_config=config,
+                                  raise_on_error=False)
+
+
+def _report(result) -> None:
+    """One line per step: what it materialized, or why it failed."""
+    for event in result.all_events:
+        if event.event_type_value == "ASSET_MATERIALIZATION":
+            mat = event.event_specific_data.materialization
+            meta = {k: v.value for k, v in mat.metadata.items()
+                    if k in ("accepted", "rejected", "edits", "images", "threshold", "dvc_md5")}
+            typer.echo(f"  ✓ {mat.asset_key.to_user_string():20s} {meta}")
+        elif event.event_type_value == "STEP_FAILURE":
+            typer.secho(f"  ✗ {event.step_key}: {event.event_specific_data.error.message.strip()}", fg=typer.colors.RED)
+
+
+@app.command()
+def materialize(character: str, iteration: str = "v1", project: ProjectOpt = None,
+                config: Annotated[Optional[Path], typer.Option(help="Run config (JSON or YAML).")] = None) -> None:
+    """Materialize sources -> training set for CHARACTER ITERATION through the Dagster instance."""
+    import yaml
+
+    try:
+        validate_slug(character)
+        validate_iteration(iteration)
+    except InvalidNameError as exc:
+        _fail(str(exc))
+    run_config = yaml.safe_load(config.read_text()) if config else None
+    result = materialize_partition(_project(project), character, iteration, run_config)
+    _report(result)
+    if not result.success:
+        _fail(f"run {result.run_id} failed")
+    typer.echo(f"run {result.run_id} succeeded")
+
+
+@app.command()
+def lineage(character: str, iteration: str, asset: str = "training_set", project: ProjectOpt = None,
+            as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows instead of a tree.")] = False) -> None:
+    """Trace every image of a partition back to the source files, with the operations applied."""
+    from flen_resources.lineage import LineageStore
+
+    try:
+        validate_slug(character)
+        validate_iteration(iteration)
+    except InvalidNameError as exc:
+        _fail(str(exc))
+    proj = _project(project)
+    rows = LineageStore(proj.lineage_dir).trace(character, iteration, asset)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1, default=str))
+        return
+    if not rows:
+        _fail(f"no lineage for {asset} {character}|{iteration}: materialize it first")
+    from flen_assets.lineage_view import render_tree
+
+    typer.echo(render_tree(asset, character, iteration, rows))
+
+
+@app.command()
+def sql(query: str, project: ProjectOpt = None) -> None:
+    """Run SQL against the lineage views (runs, artifacts, images, edges, members, decisions, metrics)."""
+    from flen_resources.lineage import LineageStore
+
+    table = LineageStore(_project(project).lineage_dir).query(query)
+    typer.echo(table.to_pandas().to_string(index=False) if hasattr(table, "to_pandas") and _has_pandas() else str(table))
+
+
+def _has_pandas() -> bool:
+    try:
+        import pandas  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@app.command()
+def versions(asset: str, character: str, iteration: str, project: ProjectOpt = None) -> None:
+    """List the published versions (DVC md5) of one partition, newest first."""
+    from flen_resources.lineage import LineageStore
+
+    rows = LineageStore(_project(project).lineage_dir).rows(
+        "SELECT created_at, dvc_md5, n_files, run_id FROM artifacts WHERE asset=$a AND character=$c AND iteration=$i "
+        "ORDER BY created_at DESC", {"a": asset, "c": character, "i": iteration})
+    if not rows:
+        _fail(f"no published version of {asset} {character}|{iteration}")
+    for r in rows:
+        typer.echo(f"{r['created_at']:%Y-%m-%d %H:%M:%S}  {r['dvc_md5']}  {r['n_files']:5d} files  run {r['run_id'][:8]}")
+
+
+@app.command()
+def checkout(asset: str, character: str, iteration: str, md5: str, project: ProjectOpt = None) -> None:
+    """Restore an earlier version (by DVC md5, see `flen versions`) of a partition folder."""
+    from flen_resources.lineage import LineageStore
+    from flen_resources.storage import DvcStore
+
+    proj = _project(project)
+    rows = LineageStore(proj.lineage_dir).rows(
+        "SELECT dvc_file FROM artifacts WHERE asset=$a AND character=$c AND iteration=$i AND dvc_md5 LIKE $m || '%' "
+        "ORDER BY created_at DESC LIMIT 1", {"a": asset, "c": character, "i": iteration, "m": md5})
+    if not rows:
+        _fail(f"no version {md5} of {asset} {character}|{iteration}; see `flen versions {asset} {character} {iteration}`")
+    path = DvcStore(proj).restore(asset, character, iteration, rows[0]["dvc_file"])
+    typer.echo(f"restored {path} to {md5}")
+
+
+@app.command()
+def ui(host: str = "127.0.0.1", port: int = 3000, project: ProjectOpt = None) -> None:
+    """Serve the Dagster UI on this project's instance (binds 127.0.0.1 unless told otherwise)."""
+    proj = _project(project)
+    init_project(proj)
+    exe = Path(sys.executable).with_name("dagster-webserver")
+    args = [str(exe), "-w", str(proj.root / "workspace.yaml") if (proj.root / "workspace.yaml").exists() else "",
+            "-h", host, "-p", str(port)]
+    if not args[2]:
+        args[1:3] = ["-m", "flen_assets.definitions"]
+    typer.echo(f"Dagster UI on http://{host}:{port}  (DAGSTER_HOME={proj.dagster_home})")
+    os.execv(args[0], args)
+
+
+@app.command()
+def demo(project: ProjectOpt = None, character: str = "astronaut") -> None:
+    """Build the embedded sample character and materialize v1 end to end on the project's instance."""
+    from flen_assets.demo_data import write_sample_inbox
+
+    proj = _project(project)
+    started = time.time()
+    init_project(proj)
+    files = write_sample_inbox(proj.inbox_for(validate_slug(character)))
+    typer.echo(f"sample inbox: {len(files)} files in {proj.inbox_for(character)} "
+               "(the astronaut photo in several framings and encodings, another person, a face-less photo, "
+               "a duplicate, a truncated JPEG and a text file named .png)")
+    result = materialize_partition(proj, character, "v1")
+    _report(result)
+    if not result.success:
+        _fail(f"demo run {result.run_id} failed")
+    typer.echo(f"\nv1 of '{character}' materialized in {time.time() - started:.0f}s (run {result.run_id}).")
+    typer.echo(f"  training set:  {proj.partition_dir('training_set', character, 'v1')}")
+    typer.echo(f"  lineage:       flen lineage {character} v1")
+    typer.echo(f"  Dagster UI:    flen ui   (then open http://127.0.0.1:3000, Assets -> {character}|v1)")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()

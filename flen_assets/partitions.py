@@ -1,0 +1,29 @@
+"""Partitions: character (dynamic) x iteration (dynamic: v1, v2, ...)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from flen_assets.project import validate_iteration, validate_slug
+
+character_partitions = dg.DynamicPartitionsDefinition(name="character")
+iteration_partitions = dg.DynamicPartitionsDefinition(name="iteration")
+
+character_iteration = dg.MultiPartitionsDefinition(
+    {"character": character_partitions, "iteration": iteration_partitions}
+)
+
+
+def partition_key(character: str, iteration: str) -> dg.MultiPartitionKey:
+    """The validated multi-partition key for (character, iteration); prints as 'alice|v1'."""
+    return dg.MultiPartitionKey({"character": validate_slug(character), "iteration": validate_iteration(iteration)})
+
+
+def add_partitions(instance: dg.DagsterInstance, character: str, iteration: str = "v1") -> dg.MultiPartitionKey:
+    """Register a character and an iteration with the instance (idempotent)."""
+    key = partition_key(character, iteration)
+    if not instance.has_dynamic_partition(character_partitions.name, character):
+        instance.add_dynamic_partitions(character_partitions.name, [character])
+    if not instance.has_dynamic_partition(iteration_partitions.name, iteration):
+        instance.add_dynamic_partitions(iteration_partitions.name, [iteration])
+    return key

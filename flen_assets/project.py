@@ -1,0 +1,113 @@
+"""Where a FLENwheel project keeps its files, and the rules for names that become paths."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# A slug: lower-case letters, digits, '-' and '_', starting with a letter or digit. This excludes
+# Dagster's multi-partition separators (| , [ ]), path separators and '..' by construction.
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+ITERATION_RE = re.compile(r"^v([1-9][0-9]{0,3})$")
+PROJECT_ENV = "FLEN_PROJECT_DIR"
+
+
+class InvalidNameError(ValueError):
+    """A user-supplied name that cannot be used as a partition key or a folder name."""
+
+
+def validate_slug(name: str, what: str = "character name") -> str:
+    """Return `name` if it is a safe slug, else raise InvalidNameError saying why."""
+    if not isinstance(name, str) or not SLUG_RE.match(name):
+        raise InvalidNameError(
+            f"invalid {what} {name!r}: use 1-64 lower-case letters, digits, '-' or '_', "
+            "starting with a letter or digit (no '/', '..', spaces or any of | , [ ])"
+        )
+    return name
+
+
+def validate_iteration(name: str) -> str:
+    """Return `name` if it looks like v1, v2, ... else raise InvalidNameError."""
+    if not isinstance(name, str) or not ITERATION_RE.match(name):
+        raise InvalidNameError(f"invalid iteration {name!r}: expected v1, v2, v3, ...")
+    return name
+
+
+def iteration_number(iteration: str) -> int:
+    """'v3' -> 3."""
+    return int(validate_iteration(iteration)[1:])
+
+
+def find_project_root(start: Path | None = None) -> Path:
+    """The project root: $FLEN_PROJECT_DIR, else the nearest folder up from `start` holding workspace.yaml."""
+    env = os.environ.get(PROJECT_ENV)
+    if env:
+        return Path(env).expanduser().resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "workspace.yaml").is_file() and (folder / "pyproject.toml").is_file():
+            return folder
+    return here
+
+
+@dataclass(frozen=True)
+class Project:
+    """The folders of one project: data (DVC-tracked), inbox, and local state (.flen/)."""
+
+    root: Path
+
+    @classmethod
+    def discover(cls, start: Path | None = None) -> "Project":
+        return cls(find_project_root(start))
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def inbox_dir(self) -> Path:
+        return self.root / "inbox"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / ".flen"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.state_dir / "dagster"
+
+    @property
+    def lineage_dir(self) -> Path:
+        return self.state_dir / "lineage"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.state_dir / "staging"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.state_dir / "locks"
+
+    @property
+    def dvc_remote_dir(self) -> Path:
+        return self.state_dir / "dvc-remote"
+
+    def partition_dir(self, asset: str, character: str, iteration: str) -> Path:
+        """data/<asset>/<character>/<iteration>, refusing anything that would leave data/."""
+        validate_slug(asset, "asset name")
+        validate_slug(character)
+        validate_iteration(iteration)
+        path = (self.data_dir / asset / character / iteration).resolve()
+        if not path.is_relative_to(self.data_dir.resolve()):
+            raise InvalidNameError(f"{path} is outside the data folder {self.data_dir}")
+        return path
+
+    def inbox_for(self, character: str) -> Path:
+        """inbox/<character>, validated."""
+        return self.inbox_dir / validate_slug(character)
+
+    def relative(self, path: Path) -> str:
+        """A path as stored in lineage: relative to the project root, POSIX style."""
+        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()

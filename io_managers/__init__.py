@@ -1,0 +1,1 @@
+"""FLENwheel IO managers (installed as `flen_io_managers`)."""

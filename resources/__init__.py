@@ -1,0 +1,1 @@
+"""FLENwheel resources (installed as `flen_resources`): lineage, DVC storage, image and face tools, editors."""
