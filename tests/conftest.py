@@ -1,0 +1,43 @@
+"""Shared fixtures: throwaway projects, and one demo project materialized per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flen_assets.project import Project
+
+FLEN = [sys.executable, "-m", "flen_assets"]
+
+
+def run_flen(*args: str, project: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real `flen` CLI in a subprocess against `project`."""
+    env = {**os.environ, "FLEN_PROJECT_DIR": str(project), "DAGSTER_HOME": str(project / ".flen" / "dagster"),
+           "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([*FLEN, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"flen {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
+    """An empty project folder, selected through $FLEN_PROJECT_DIR for this test only."""
+    root = tmp_path / "project"
+    root.mkdir()
+    monkeypatch.setenv("FLEN_PROJECT_DIR", str(root))
+    monkeypatch.setenv("DAGSTER_HOME", str(root / ".flen" / "dagster"))
+    return Project(root)
+
+
+@pytest.fixture(scope="session")
+def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    """A project on which `flen demo` has run (once per session, through the real CLI)."""
+    root = tmp_path_factory.mktemp("demo") / "project"
+    root.mkdir()
+    run_flen("demo", project=root)
+    return Project(root)
