@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates .venv and installs FLENwheel with its test extras. Idempotent: skips pip when
+# pyproject.toml has not changed since the last successful install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.flen-installed
+want=$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip 'setuptools<81' wheel
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  # face_recognition's metadata asks for `dlib`, which pip would compile from source; the
+  # prebuilt dlib-bin (a dependency in pyproject.toml) provides the same module.
+  .venv/bin/python -m pip install -q --no-deps 'face-recognition==1.3.0'
+  echo "$want" > "$stamp"
+fi
