@@ -31,6 +31,9 @@ def render_tree(asset: str, character: str, iteration: str, rows: list[dict]) ->
         chain.sort(key=lambda r: r["depth"])
         head = chain[0]
         lines.append(f"● {head['member_path']}  [{head['origin']}]  \"{head['caption']}\"")
+        if len(chain) == 1 and head["image_asset"] == "source_images":
+            # The source file was already in normal form (a PNG): the member is the file itself.
+            lines.append(f"└─ identical to source file {head['original_name']!r} ({head['image_path']})")
         for depth, step in enumerate(chain[1:], start=1):
             indent = "   " * (depth - 1)
             where = step["original_name"] if step["image_asset"] == "source_images" and step["depth"] == len(chain) - 1 else ""

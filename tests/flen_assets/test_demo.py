@@ -1,0 +1,74 @@
+"""`flen demo` end to end: v1 of the sample character, its lineage, DVC state and a rerun."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import run_flen
+
+from flen_resources.lineage import LineageStore
+
+pytestmark = pytest.mark.slow
+ASSETS = ["source_images", "identity_reference", "enriched_images", "filtered_images", "training_set"]
+
+
+def _md5s(project) -> dict[str, str]:
+    rows = LineageStore(project.lineage_dir).rows(
+        "SELECT asset, dvc_md5 FROM latest_artifacts WHERE character='astronaut' AND iteration='v1'")
+    return {r["asset"]: r["dvc_md5"] for r in rows}
+
+
+def test_demo_materializes_every_asset(demo_project):
+    assert set(_md5s(demo_project)) == set(ASSETS)
+    sources = pq.read_table(demo_project.partition_dir("source_images", "astronaut", "v1") / "manifest.parquet").to_pylist()
+    reasons = {r["original_name"]: r["reason_code"] for r in sources}
+    assert reasons["broken.jpg"] == "corrupt"
+    assert reasons["notes.png"] == "not_an_image"
+    assert reasons["cameraman.png"] == "no_face"
+    assert reasons["group_photo.png"] == "several_faces"
+    assert reasons["portrait_copy.jpg"] == "duplicate"
+    assert reasons["portrait.jpg"] == "ok"
+    reference = pq.read_table(demo_project.partition_dir("identity_reference", "astronaut", "v1") / "manifest.parquet")
+    outliers = [r["original_name"] for r in reference.to_pylist() if not r["inlier"]]
+    assert outliers == ["grace_hopper.jpg"], "another person in the inbox is left out of the reference"
+    gates = pq.read_table(demo_project.partition_dir("filtered_images", "astronaut", "v1") / "manifest.parquet").to_pylist()
+    assert all(r["reason"] for r in gates), "every candidate has a recorded reason"
+    grace_edits = [r for r in gates if r["parent_id"] == next(s["image_id"] for s in sources if s["original_name"] == "grace_hopper.jpg")]
+    assert grace_edits and not any(r["accepted"] for r in grace_edits), "the identity gate rejects the other person"
+    training = demo_project.partition_dir("training_set", "astronaut", "v1")
+    manifest = pq.read_table(training / "manifest.parquet").to_pylist()
+    assert manifest and all((training / r["file"]).with_suffix(".txt").read_text().startswith("photo of astronaut_flen")
+                            for r in manifest)
+
+
+def test_lineage_traces_training_images_to_source_files(demo_project):
+    out = run_flen("lineage", "astronaut", "v1", project=demo_project.root).stdout
+    blocks = out.split("● ")[1:]
+    manifest = pq.read_table(demo_project.partition_dir("training_set", "astronaut", "v1") / "manifest.parquet")
+    assert len(blocks) == manifest.num_rows
+    for block in blocks:
+        assert "source file '" in block, block  # every image ends at an inbox file
+    assert "zoom factor=" in out and "normalize" in out and "[classic/1]" in out
+    rows = LineageStore(demo_project.lineage_dir).trace("astronaut", "v1")
+    enriched_roots = {r["root_id"] for r in rows if r["origin"] == "enriched"}
+    with_ops = {r["root_id"] for r in rows if r["depth"] == 1 and r["model"] == "classic/1"}
+    assert enriched_roots == with_ops
+
+
+def test_dvc_is_clean_after_demo(demo_project):
+    out = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=demo_project.root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "up to date" in out.stdout or not out.stdout.strip(), out.stdout
+
+
+def test_rerun_is_idempotent(demo_project):
+    before = _md5s(demo_project)
+    inbox = {p.name: p.read_bytes() for p in demo_project.inbox_for("astronaut").iterdir()}
+    run_flen("materialize", "astronaut", "v1", project=demo_project.root)
+    assert _md5s(demo_project) == before, "an unchanged partition re-materializes to the same DVC md5"
+    assert {p.name: p.read_bytes() for p in demo_project.inbox_for("astronaut").iterdir()} == inbox
+    versions = run_flen("versions", "training_set", "astronaut", "v1", project=demo_project.root).stdout
+    assert versions.count(before["training_set"]) == 2
