@@ -9,8 +9,8 @@ from pathlib import Path
 
 # A slug: lower-case letters, digits, '-' and '_', starting with a letter or digit. This excludes
 # Dagster's multi-partition separators (| , [ ]), path separators and '..' by construction.
-SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-ITERATION_RE = re.compile(r"^v([1-9][0-9]{0,3})$")
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")  # \Z: `$` would let a trailing newline in
+ITERATION_RE = re.compile(r"^v([1-9][0-9]{0,3})\Z")
 PROJECT_ENV = "FLEN_PROJECT_DIR"
 
 

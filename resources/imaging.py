@@ -92,7 +92,7 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIma
                 Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_limit, old_truncated
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected(
-            path, "too_large", f"image is larger than the {max_pixels / 1e6:.0f} MP limit (possible decompression bomb)"
+            path, "too_large", f"image is larger than the {max_pixels / 1e6:g} MP limit (possible decompression bomb)"
         ) from exc
     except UnidentifiedImageError as exc:
         raise ImageRejected(path, "not_an_image", "not an image Pillow can read (wrong extension or corrupt header)") from exc
