@@ -111,7 +111,7 @@ def filtered_images(context: dg.AssetExecutionContext, config: FilterConfig, pro
                           for g in [*results, review]]
         decision_rows.append(run.stamp(image_id=cand["image_id"], gate="final", passed=accepted, reason=reason,
                                        source="gate", decided_at=now))
-        tiles.append(Tile(img, label if accepted else f"✗ {failed[0].gate}: {label}", accepted))
+        tiles.append(Tile(img, label if accepted else f"[{failed[0].gate}] {label}", accepted))
     write_manifest(rows, staged)
     run.lineage.append("decisions", decision_rows)
     n_ok = sum(r["accepted"] for r in rows)

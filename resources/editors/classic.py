@@ -58,13 +58,15 @@ def zoom(img: Image.Image, box: Box | None, factor: float = 1.3) -> Image.Image:
 
 
 def rotate(img: Image.Image, box: Box | None, degrees: float = 5.0) -> Image.Image:
-    """Rotate about the face, then crop just enough to hide the empty corners."""
-    cx, cy = _face_center(img, box)
-    rotated = img.rotate(degrees, resample=Image.BICUBIC, center=(cx, cy))
+    """Rotate about the centre, then crop just enough to hide the empty corners."""
+    rotated = img.rotate(degrees, resample=Image.BICUBIC)
     theta = math.radians(abs(degrees))
-    # Scale that keeps the rotated frame covering the whole output.
-    factor = math.cos(theta) + math.sin(theta) * max(img.width / img.height, img.height / img.width)
-    return zoom(rotated, box, factor=factor)
+    w, h = img.size
+    # The largest centred box of the original aspect that stays inside the rotated frame.
+    factor = math.cos(theta) + math.sin(theta) * max(w / h, h / w)
+    cw, ch = w / factor, h / factor
+    left, top = (w - cw) / 2, (h - ch) / 2
+    return rotated.resize((w, h), Image.LANCZOS, box=(left, top, left + cw, top + ch))
 
 
 def lighting(img: Image.Image, box: Box | None, brightness: float = 1.0, contrast: float = 1.0,
