@@ -39,8 +39,12 @@ class PartitionFolder:
 
 def partition_keys(context: dg.InputContext | dg.OutputContext | dg.AssetExecutionContext) -> tuple[str, str]:
     """(character, iteration) of the current partition."""
+    from flen_assets.partitions import character_iteration
+
     key = context.partition_key
-    dims = key.keys_by_dimension if isinstance(key, dg.MultiPartitionKey) else dg.MultiPartitionKey.from_str(key).keys_by_dimension  # type: ignore[attr-defined]
+    if not isinstance(key, dg.MultiPartitionKey):  # a plain 'alice|v1' string
+        key = character_iteration.get_partition_key_from_str(key)
+    dims = key.keys_by_dimension
     return dims["character"], dims["iteration"]
 
 
