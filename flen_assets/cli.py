@@ -122,7 +122,8 @@ def _report(result) -> None:
 
 
 @app.command()
-def materialize(character: str, iteration: str = "v1", project: ProjectOpt = None,
+def materialize(character: str, iteration: Annotated[str, typer.Argument(help="Iteration, v1, v2, ...")] = "v1",
+                project: ProjectOpt = None,
                 config: Annotated[Optional[Path], typer.Option(help="Run config (JSON or YAML).")] = None) -> None:
     """Materialize sources -> training set for CHARACTER ITERATION through the Dagster instance."""
     import yaml
@@ -210,16 +211,34 @@ def checkout(asset: str, character: str, iteration: str, md5: str, project: Proj
     typer.echo(f"restored {path} to {md5}")
 
 
+WORKSPACE_YAML = """\
+# Written by flen for a project folder without its own workspace.yaml.
+load_from:
+  - python_module:
+      module_name: flen_assets.definitions
+      location_name: flenwheel
+"""
+
+
+def _workspace_file(project: Project) -> Path:
+    """The project's workspace.yaml, or one written under .flen/ that loads the same code location."""
+    own = project.root / "workspace.yaml"
+    if own.is_file():
+        return own
+    generated = project.state_dir / "workspace.yaml"
+    if not generated.is_file() or generated.read_text() != WORKSPACE_YAML:
+        generated.parent.mkdir(parents=True, exist_ok=True)
+        generated.write_text(WORKSPACE_YAML)
+    return generated
+
+
 @app.command()
-def ui(host: str = "127.0.0.1", port: int = 3000, project: ProjectOpt = None) -> None:
+def ui(host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the UI local.")] = "127.0.0.1", port: int = 3000, project: ProjectOpt = None) -> None:
     """Serve the Dagster UI on this project's instance (binds 127.0.0.1 unless told otherwise)."""
     proj = _project(project)
     init_project(proj)
     exe = Path(sys.executable).with_name("dagster-webserver")
-    args = [str(exe), "-w", str(proj.root / "workspace.yaml") if (proj.root / "workspace.yaml").exists() else "",
-            "-h", host, "-p", str(port)]
-    if not args[2]:
-        args[1:3] = ["-m", "flen_assets.definitions"]
+    args = [str(exe), "-w", str(_workspace_file(proj)), "-h", host, "-p", str(port)]
     typer.echo(f"Dagster UI on http://{host}:{port}  (DAGSTER_HOME={proj.dagster_home})")
     os.execv(args[0], args)
 

@@ -22,8 +22,19 @@ def partition_key(character: str, iteration: str) -> dg.MultiPartitionKey:
 def add_partitions(instance: dg.DagsterInstance, character: str, iteration: str = "v1") -> dg.MultiPartitionKey:
     """Register a character and an iteration with the instance (idempotent)."""
     key = partition_key(character, iteration)
-    if not instance.has_dynamic_partition(character_partitions.name, character):
-        instance.add_dynamic_partitions(character_partitions.name, [character])
-    if not instance.has_dynamic_partition(iteration_partitions.name, iteration):
-        instance.add_dynamic_partitions(iteration_partitions.name, [iteration])
+    _add_dynamic_partition(instance, character_partitions.name, character)
+    _add_dynamic_partition(instance, iteration_partitions.name, iteration)
     return key
+
+
+def _add_dynamic_partition(instance: dg.DagsterInstance, name: str, key: str) -> None:
+    """Add one key unless present; safe when other processes (two `flen materialize`) add it too."""
+    if instance.has_dynamic_partition(name, key):
+        return
+    try:
+        instance.add_dynamic_partitions(name, [key])
+    except Exception:
+        # Check-then-insert is not atomic: another process may have inserted the key in between,
+        # and the storage's unique index refuses the second insert. That is success for us.
+        if not instance.has_dynamic_partition(name, key):
+            raise

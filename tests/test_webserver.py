@@ -2,7 +2,7 @@
 through the webserver's GraphQL API, exactly as the README tells a user to start it.
 
 The server runs once per launch mode (module-scoped, parametrized):
-  * module:    the demo project has no workspace.yaml, so `flen ui` runs `-m flen_assets.definitions`;
+  * module:    the demo project has no workspace.yaml, so `flen ui` writes .flen/workspace.yaml;
   * workspace: the checkout's workspace.yaml is copied into the project root (removed afterwards),
                so `flen ui` runs `-w <root>/workspace.yaml` (location `flenwheel`), as in the checkout.
 """
@@ -163,8 +163,8 @@ def webserver(request: pytest.FixtureRequest, demo_project: Project, tmp_path_fa
         copied = True
         location = yaml.safe_load(workspace.read_text())["load_from"][0]["python_module"]["location_name"]
     else:
-        assert not workspace.exists(), "the demo project must have no workspace.yaml for the -m path"
-        location = "flen_assets.definitions"
+        assert not workspace.exists(), "the demo project must have no workspace.yaml for the generated path"
+        location = "flenwheel"
 
     env = {**os.environ, "FLEN_PROJECT_DIR": str(root), "DAGSTER_HOME": str(root / ".flen" / "dagster"),
            "PYTHONWARNINGS": "ignore"}
