@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -73,7 +74,9 @@ class DvcStore:
             remotes = _run([*DVC, "remote", "list"], root)
             if not remotes.strip():
                 self.project.dvc_remote_dir.mkdir(parents=True, exist_ok=True)
-                _run([*DVC, "remote", "add", "-d", "local", str(self.project.dvc_remote_dir)], root)
+                # Relative, so the project folder can move: DVC stores it relative to .dvc/config.
+                remote = os.path.relpath(self.project.dvc_remote_dir, root)
+                _run([*DVC, "remote", "add", "-d", "local", remote], root)
 
     # -- staging and publishing ---------------------------------------------------------------
     def stage(self, asset: str, character: str, iteration: str) -> Path:
