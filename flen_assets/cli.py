@@ -18,6 +18,8 @@ app = typer.Typer(help="FLENwheel: a handful of photos -> a faithful, versioned 
                   pretty_exceptions_enable=False)
 character_app = typer.Typer(help="Characters (the `character` partition dimension).", no_args_is_help=True)
 app.add_typer(character_app, name="character")
+models_app = typer.Typer(help="Model weights: the embedded tiny pack and real models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 ProjectOpt = Annotated[Optional[Path], typer.Option("--project", help="Project folder (default: $FLEN_PROJECT_DIR or the checkout).")]
 
@@ -255,7 +257,9 @@ def demo(project: ProjectOpt = None, character: str = "astronaut") -> None:
     typer.echo(f"sample inbox: {len(files)} files in {proj.inbox_for(character)} "
                "(the astronaut photo in several framings and encodings, another person, a face-less photo, "
                "a duplicate, a truncated JPEG and a text file named .png)")
-    result = materialize_partition(proj, character, "v1")
+    typer.echo("enrichment recipe 'demo': classic edits + one Qwen-Image-Edit camera angle on the tiny model pack "
+               "(random weights: its edits are noise and the gates reject them, as they should)")
+    result = materialize_partition(proj, character, "v1", {"ops": {"enriched_images": {"config": {"recipe": "demo"}}}})
     _report(result)
     if not result.success:
         _fail(f"demo run {result.run_id} failed")
@@ -263,6 +267,48 @@ def demo(project: ProjectOpt = None, character: str = "astronaut") -> None:
     typer.echo(f"  training set:  {proj.partition_dir('training_set', character, 'v1')}")
     typer.echo(f"  lineage:       flen lineage {character} v1")
     typer.echo(f"  Dagster UI:    flen ui   (then open http://127.0.0.1:3000, Assets -> {character}|v1)")
+
+
+@models_app.command("tiny")
+def models_tiny(force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False) -> None:
+    """Build the embedded tiny model pack offline (random weights, real architectures)."""
+    from flen_resources.models.tiny_pack import ensure_tiny_pack
+
+    started = time.time()
+    path = ensure_tiny_pack(force=force)
+    typer.echo(f"tiny pack at {path} ({time.time() - started:.1f}s)")
+    for item in sorted(path.iterdir()):
+        typer.echo(f"  {item.name}")
+
+
+@models_app.command("status")
+def models_status() -> None:
+    """Which models and LoRAs are available, from where (never downloads)."""
+    from flen_assets.definitions import defs
+    from flen_resources.models.loras import LoraError, resolve_lora
+    from flen_resources.models.registry import MODELS
+    from flen_resources.models.sources import ModelFolderError, ModelNotAvailable, models_dir, resolve_model
+
+    editor = defs.resources["editor"]
+    generator = defs.resources["generator"]
+    configured = {"qwen-image-edit-2509": editor.qwen_model, "flux.1-dev": generator.flux_model}
+    typer.echo(f"FLENwheel models folder: {models_dir()}")
+    for key, spec in MODELS.items():
+        source = configured[key]
+        try:
+            resolved = resolve_model(key, source, allow_download=False)
+            typer.secho(f"✓ {key:22s} {source:32s} {resolved.kind:6s} {resolved.path}  ({resolved.ref})",
+                        fg=typer.colors.GREEN)
+        except (ModelNotAvailable, ModelFolderError) as exc:
+            typer.secho(f"✗ {key:22s} {source:32s} {str(exc).splitlines()[0]}", fg=typer.colors.RED)
+        if source != spec.hub_id:
+            typer.echo(f"  real model: {spec.hub_id} (set FLEN_{'QWEN_EDIT' if 'qwen' in key else 'FLUX'}_MODEL)")
+    for name, source in editor.qwen_loras.items():
+        try:
+            info = resolve_lora(name, source, "qwen-image-edit-2509", allow_download=False)
+            typer.echo(f"✓ LoRA {name:17s} {source:32s} {info.key_style}, rank {info.rank}, {info.path}")
+        except (LoraError, ModelNotAvailable) as exc:
+            typer.secho(f"✗ LoRA {name:17s} {source:32s} {str(exc).splitlines()[0]}", fg=typer.colors.RED)
 
 
 def main() -> None:  # pragma: no cover - console entry

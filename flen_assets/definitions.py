@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 
 from flen_assets.assets import curation, enrichment, sources
 from flen_assets.jobs import training_set_job
 from flen_assets.sensors import inbox_sensor
 from flen_io_managers.partition_folder import PartitionFolderIOManager
-from flen_resources.dagster_resources import EditorResource, FaceResource, ProjectResource
+from flen_resources.dagster_resources import EditorResource, FaceResource, GeneratorResource, ProjectResource
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([sources, enrichment, curation]),
@@ -17,7 +19,12 @@ defs = dg.Definitions(
     resources={
         "project": ProjectResource(),
         "faces": FaceResource(),
-        "editor": EditorResource(),
+        # The embedded tiny pack unless FLEN_QWEN_EDIT_MODEL / FLEN_FLUX_MODEL name real models
+        # (a hub id such as Qwen/Qwen-Image-Edit-2509, or a local folder).
+        "editor": EditorResource(qwen_model=os.environ.get("FLEN_QWEN_EDIT_MODEL", "tiny"),
+                                 qwen_quantization=os.environ.get("FLEN_QUANTIZATION", "none")),
+        "generator": GeneratorResource(flux_model=os.environ.get("FLEN_FLUX_MODEL", "tiny"),
+                                       flux_quantization=os.environ.get("FLEN_QUANTIZATION", "none")),
         "partition_io_manager": PartitionFolderIOManager(),
     },
 )

@@ -50,9 +50,47 @@ class FaceResource(dg.ConfigurableResource):
 
 
 class EditorResource(dg.ConfigurableResource):
-    """Which editor backend enrichment uses; GPU backends hold the `gpu` pool while they run."""
+    """The editor backends enrichment can use, and how the Qwen-Image-Edit one loads.
 
-    backend: str = "classic"
+    Model and LoRA sources: a hub id (`org/name`, LoRAs `org/repo/file.safetensors`), a local
+    path, or the embedded tiny pack (`tiny`, `tiny:<lora>`). The defaults run the tiny pack;
+    set FLEN_QWEN_EDIT_MODEL (or this resource's config) to Qwen/Qwen-Image-Edit-2509 for real edits.
+    """
 
-    def get(self) -> Editor:
-        return get_editor(self.backend)
+    qwen_model: str = "tiny"
+    qwen_quantization: Literal["none", "nf4"] = "none"  # nf4: transformer + text encoder in 4 bit (GPU)
+    device: str = "auto"  # auto: the GPU when there is one
+    qwen_output_area: int = 0  # pixels of an edit; 0: 1024x1024, or 256x256 on the tiny pack
+    qwen_loras: dict[str, str] = {"angles": "tiny:angles", "lightning-8step": "tiny:lightning-8step",
+                                  "lightning-4step": "tiny:lightning-4step"}
+    _editors: dict = PrivateAttr(default_factory=dict)
+
+    def get(self, backend: str) -> Editor:
+        """The editor registered as `backend` (classic, qwen_edit), created once per process."""
+        if backend not in self._editors:
+            if backend == "qwen_edit":
+                from flen_resources.editors.qwen_edit import QwenEditEditor
+
+                area = self.qwen_output_area or (256 * 256 if self.qwen_model == "tiny" else 1024 * 1024)
+                self._editors[backend] = QwenEditEditor(model=self.qwen_model, quantization=self.qwen_quantization,
+                                                        device=self.device, loras=self.qwen_loras, output_area=area)
+            else:
+                self._editors[backend] = get_editor(backend)
+        return self._editors[backend]
+
+
+class GeneratorResource(dg.ConfigurableResource):
+    """FLUX.1-dev text-to-image with the character LoRA (used by evaluation and synthetic batches)."""
+
+    flux_model: str = "tiny"
+    flux_quantization: Literal["none", "nf4"] = "none"
+    device: str = "auto"
+    _generator: object = PrivateAttr(default=None)
+
+    def get(self):
+        """The FluxGenerator, created once per process."""
+        if self._generator is None:
+            from flen_resources.generators.flux import FluxGenerator
+
+            self._generator = FluxGenerator(model=self.flux_model, quantization=self.flux_quantization, device=self.device)
+        return self._generator

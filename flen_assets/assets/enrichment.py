@@ -22,7 +22,7 @@ GROUP = "enrichment"
 class EnrichConfig(dg.Config):
     """Which recipe to apply, and how much of it."""
 
-    recipe: str = ""  # path to a recipe TOML; empty: the built-in classic recipe
+    recipe: str = ""  # a recipe TOML path or a built-in name (classic, angles, demo); empty: classic
     max_entries: int = 0  # 0: every entry of the recipe
 
 
@@ -41,7 +41,6 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
     run = PartitionRun.start(context, project)
     recipe = load_recipe(config.recipe or None)
     entries = recipe.entries[: config.max_entries] if config.max_entries else recipe.entries
-    backend = editor.get()
     sources = [r for r in source_images.rows() if r["status"] == "accepted"]
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
     (staged / "images").mkdir()
@@ -53,6 +52,7 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
         parent = Image.open(source_images.path / source["image_path"]).convert("RGB")
         request = entry.request_for(source["image_id"], recipe.version)
         box = tuple(json.loads(source["face_box"])) if source["face_box"] else None
+        backend = editor.get(entry.editor or recipe.editor)
         result = backend.edit([parent], request, face_box=box)
         image_id, png = save_png(result.image, staged / "images")
         rows.append(dict(image_id=image_id, image_path=f"images/{png.name}", parent_id=source["image_id"],
@@ -63,19 +63,21 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
         image_rows.append(run.stamp(image_id=image_id, path=f"{part_rel}/images/{png.name}",
                                     width=result.image.width, height=result.image.height, status="generated",
                                     created_at=utcnow()))
+        edge_params = {**result.params, **({"loras": result.adapters} if result.adapters else {})}
         edge_rows.append(run.stamp(child_id=image_id, parent_id=source["image_id"], operation=result.operation,
-                                   params=json_col(result.params), prompt=result.prompt, seed=result.seed,
+                                   params=json_col(edge_params), prompt=result.prompt, seed=result.seed,
                                    model=result.model, created_at=utcnow()))
         tiles.append(Tile(result.image, f"{entry.id} · {source['original_name']}"))
+    models = sorted({r["model"] for r in rows})
     context.log.info(f"{len(rows)} edits of {len(sources)} sources with {len(entries)} recipe entries "
-                     f"({recipe.name} v{recipe.version}, editor {backend.model_id()})")
+                     f"({recipe.name} v{recipe.version}; models {', '.join(models)})")
     write_manifest(rows, staged)
     run.lineage.append("images", image_rows)
     run.lineage.append("edges", edge_rows)
     return publish(run, project, staged,
                    params={**config.model_dump(), "recipe_name": recipe.name, "recipe_version": recipe.version,
                            "recipe_sha256": recipe.sha256},
-                   models={"editor": backend.model_id()},
+                   models={"editors": models},
                    metadata={"edits": len(rows), "sources": len(sources), "recipe": f"{recipe.name} v{recipe.version}",
-                             "editor": backend.model_id()},
+                             "models": ", ".join(models)},
                    sheet=tiles)

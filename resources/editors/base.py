@@ -50,10 +50,17 @@ class Editor(Protocol):
     def model_id(self) -> str: ...
 
 
+EDITORS = ("classic", "qwen_edit")
+
+
 def get_editor(name: str, **options: Any) -> Editor:
-    """The editor backend registered under `name`."""
+    """The editor backend registered under `name`, built with `options`."""
     if name == "classic":
         from flen_resources.editors.classic import ClassicEditor
 
         return ClassicEditor(**options)
-    raise UnknownEditorError(f"unknown editor backend {name!r}; available: classic")
+    if name == "qwen_edit":
+        from flen_resources.editors.qwen_edit import QwenEditEditor
+
+        return QwenEditEditor(**options)
+    raise UnknownEditorError(f"unknown editor backend {name!r}; available: {', '.join(EDITORS)}")

@@ -1,0 +1,641 @@
+"""Benchmark: Qwen-Image-Edit-2509 edits through the project's editor, at full size with random weights.
+
+Issue 3 step 6. Builds the real (published) configurations with random weights, saves the pipeline
+with `save_pretrained` and loads it back through the project's own code (resolve_model ->
+load_pipeline -> QwenEditEditor), then edits one reference image at RESxRES:
+
+- `default`    : --steps-default steps (40), true_cfg 4 (two transformer forwards a step);
+- `lightning8` : a random Lightning-style LoRA (lightx2v keys), Lightning scheduler, 8 steps, cfg 1.
+
+For each quantization (`nf4`, `bf16`) it records seconds per edit, the whole pipeline's peak GPU
+memory (text encoder + transformer + VAE, model CPU offload included) and the transformer's time per
+forward inside the pipeline (forward hooks). Side by side in the same run, the naive baseline of
+shared/reference/full_size/gpu_probe.py (the transformer alone, from_pretrained on the GPU, one
+no_grad forward with the same token layout) gives the figure to compare with:
+ratio = baseline s/forward / pipeline s/forward (>= 1: no worse). Goal: nf4 whole-pipeline peak
+<= 16 GiB.
+
+    python benchmarks/qwen_edit_gpu.py                                   # GPU, full size, everything
+    python benchmarks/qwen_edit_gpu.py --variants nf4 --steps-default 8  # a quicker GPU run
+    .venv/bin/python benchmarks/qwen_edit_gpu.py --scale tiny --variants bf16 --steps-default 2 --res 256
+
+Every result is printed as one JSON line as soon as it exists, and the JSON file
+(<out>/qwen_edit_gpu-<gpu-name>.json, `-tiny` added at tiny scale; a copy in $OUT when set and
+in the work folder) is rewritten after each measurement, so a run cut off by a time limit keeps
+what it measured. The figures are meaningless as images (random weights) but the compute and the
+memory are the real model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 2**30
+LORA_NAME = "lightning-8step"
+LORA_FILE = "lightning-8step.safetensors"
+MARKER = ".flen-bench-complete"  # dot file: resolve_model's folder hash skips it
+NF4_PEAK_GOAL_GIB = 16.0
+PROMPT = "Turn the camera 45 degrees to the left"
+MODES = ("lightning8", "default")
+VARIANTS = ("nf4", "bf16")
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+def ensure_project_importable() -> None:
+    """Make `flen_resources` importable from this checkout when the project is not pip-installed
+    (the GPU machine gets a copy of the tree, not the virtual environment)."""
+    try:
+        import flen_resources  # noqa: F401
+        return
+    except ImportError:
+        pass
+    spec = importlib.util.spec_from_file_location("flen_resources", REPO / "resources" / "__init__.py",
+                                                  submodule_search_locations=[str(REPO / "resources")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["flen_resources"] = module
+    spec.loader.exec_module(module)
+
+
+def csv_choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated list whose items are all in `allowed`."""
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(allowed)}, got {text!r}")
+        return items
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=["full", "tiny"], default="full",
+                    help="architecture size; tiny runs the whole script on a CPU in a minute")
+    ap.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda, cpu")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where the random pipeline is saved and reused (default /tmp/flen-qwen-<scale>)")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the work folder even if it is complete")
+    ap.add_argument("--build-only", action="store_true", help="build and save the pipeline, measure nothing")
+    ap.add_argument("--shard-size", default="10GB", help="save_pretrained max_shard_size")
+    ap.add_argument("--variants", type=csv_choices(VARIANTS), default=list(VARIANTS),
+                    help="nf4,bf16 (nf4 needs CUDA: dropped on the CPU)")
+    ap.add_argument("--modes", type=csv_choices(MODES), default=list(MODES), help="lightning8,default")
+    ap.add_argument("--res", type=int, default=1024, help="output side in pixels (square edit)")
+    ap.add_argument("--steps-default", type=int, default=40, help="steps of the default mode (the real one is 40)")
+    ap.add_argument("--true-cfg", type=float, default=4.0, help="true_cfg of the default mode")
+    ap.add_argument("--warmup-steps", type=int, default=2, help="steps of the warm-up edit (default mode)")
+    ap.add_argument("--image", choices=["astronaut", "noise"], default="astronaut", help="the reference image")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lora-rank", type=int, default=16, help="rank of the random Lightning-style LoRA")
+    ap.add_argument("--lora-scale", type=float, default=0.01,
+                    help="std of its random factors (small: the LoRA must not blow up the activations)")
+    ap.add_argument("--skip-baseline", action="store_true", help="no naive transformer-only baseline")
+    ap.add_argument("--baseline-warmup", type=int, default=2, help="baseline forwards before timing")
+    ap.add_argument("--baseline-reps", type=int, default=5, help="timed baseline forwards (median reported)")
+    ap.add_argument("--baseline-text-tokens", type=int, default=256, help="text tokens of the baseline forward")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder of the JSON result")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep results of variants not run now from the previous JSON (in --out, else the work folder)")
+    args = ap.parse_args(argv)
+    if args.workdir is None:
+        args.workdir = Path(f"/tmp/flen-qwen-{args.scale}")
+    args.workdir = args.workdir.expanduser().resolve()
+    return args
+
+
+def pick_device(arg: str) -> torch.device:
+    """`auto`: CUDA when available, else the CPU."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if arg == "auto" else arg)
+
+
+def is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def configure_backends(device: torch.device) -> None:
+    """NO_CUDNN_SDP=1 disables cuDNN SDPA, as gpu_probe.py does (it hit illegal memory accesses there)."""
+    if is_cuda(device) and os.environ.get("NO_CUDNN_SDP") == "1":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        emit({"event": "cudnn_sdp_disabled"})
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages the figures depend on (None: not installed)."""
+    out: dict[str, str | None] = {}
+    for name in ("torch", "diffusers", "transformers", "bitsandbytes", "peft", "accelerate", "safetensors"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """GPU name and memory (or the CPU), CUDA and the package versions."""
+    info: dict[str, Any] = {"device": str(device), "gpu_name": None, "gpu_total_gib": None,
+                            "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+    if is_cuda(device):
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu_name=props.name, gpu_total_gib=round(props.total_memory / GIB, 2))
+    return {**info, "versions": package_versions()}
+
+
+def slug(text: str) -> str:
+    """`NVIDIA H100 80GB HBM3` -> `nvidia-h100-80gb-hbm3`."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def disk_free_gib(path: Path) -> float:
+    """Free space of the file system that holds `path` (or its nearest existing parent)."""
+    while not path.exists():
+        path = path.parent
+    return round(shutil.disk_usage(path).free / GIB, 1)
+
+
+def emit(record: dict[str, Any]) -> None:
+    """One JSON line on stdout, flushed (partial output survives a time limit)."""
+    print(json.dumps(record, default=str), flush=True)
+
+
+# -- GPU memory -----------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect garbage and give cached GPU blocks back."""
+    gc.collect()
+    if is_cuda(device):
+        torch.cuda.empty_cache()
+
+
+def reset_peak(device: torch.device) -> None:
+    if is_cuda(device):
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory(device: torch.device) -> dict[str, float | None]:
+    """Peak allocated and reserved GiB since the last reset, and what is allocated now (None on the CPU)."""
+    if not is_cuda(device):
+        return {"peak_allocated_gib": None, "peak_reserved_gib": None, "allocated_now_gib": None}
+    sync(device)
+    return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 3),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GIB, 3),
+            "allocated_now_gib": round(torch.cuda.memory_allocated(device) / GIB, 3)}
+
+
+def failure(exc: BaseException) -> dict[str, Any]:
+    """What a failed stage records instead of its figures."""
+    oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    return {"error": f"{type(exc).__name__}: {str(exc)[:500]}", "oom": oom,
+            "traceback": traceback.format_exc(limit=6)[-2000:]}
+
+
+# -- the report file ------------------------------------------------------------------------------
+class Report:
+    """The JSON result, rewritten (atomically) in every destination after each measurement."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        info = machine_info(device)
+        name = slug(info["gpu_name"] or "cpu") + ("-tiny" if args.scale == "tiny" else "")
+        self.filename = f"qwen_edit_gpu-{name}.json"
+        self.paths = [args.out / self.filename, args.workdir.parent / f"{args.workdir.name}-{self.filename}"]
+        if os.environ.get("OUT"):
+            self.paths.append(Path(os.environ["OUT"]) / self.filename)
+        self.data: dict[str, Any] = {
+            "benchmark": "qwen_edit_gpu", "issue": "3 step 6",
+            "command": " ".join([sys.executable, *sys.argv]), "argv": sys.argv,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info,
+            "scale": args.scale, "res": args.res, "steps_default": args.steps_default, "true_cfg": args.true_cfg,
+            "lora_rank": args.lora_rank, "image": args.image, "workdir": str(args.workdir),
+            "nf4_peak_goal_gib": NF4_PEAK_GOAL_GIB, "build": None, "variants": {}, "summary": {},
+        }
+        if args.merge:
+            self._merge_previous(args)
+
+    def _merge_previous(self, args: argparse.Namespace) -> None:
+        """Keep the previous file's variants (same GPU, scale and res) unless they are run again now."""
+        for path in self.paths[:2]:
+            if path.is_file():
+                old = json.loads(path.read_text())
+                if (old.get("scale"), old.get("res"), old.get("gpu_name")) == (args.scale, args.res,
+                                                                                 self.data["gpu_name"]):
+                    kept = {k: v for k, v in old.get("variants", {}).items() if k not in args.variants}
+                    self.data["variants"].update(kept)
+                    self.data["merged_from"] = {"file": str(path), "command": old.get("command"),
+                                                "variants": sorted(kept)}
+                return
+
+    def variant(self, name: str) -> dict[str, Any]:
+        return self.data["variants"].setdefault(name, {"modes": {}})
+
+    def write(self) -> None:
+        self.data["summary"] = summarize(self.data["variants"])
+        self.data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        text = json.dumps(self.data, indent=1, default=str)
+        for path in self.paths:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(text)
+                tmp.replace(path)
+            except OSError as exc:
+                emit({"event": "write_failed", "path": str(path), "error": str(exc)})
+
+
+def summarize(variants: dict[str, Any]) -> dict[str, Any]:
+    """Per variant: ratio baseline/pipeline s per transformer forward for each mode, and the nf4 memory goal."""
+    out: dict[str, Any] = {}
+    for name, v in variants.items():
+        base = (v.get("baseline") or {}).get("forward_s")
+        row: dict[str, Any] = {"baseline_forward_s": base}
+        peaks = []
+        for mode, m in v.get("modes", {}).items():
+            fwd = m.get("transformer_forward_median_s")
+            row[f"{mode}_forward_s"] = fwd
+            row[f"{mode}_ratio"] = round(base / fwd, 3) if base and fwd else None
+            row[f"{mode}_no_worse"] = (base / fwd >= 1.0) if base and fwd else None
+            row[f"{mode}_edit_s"] = m.get("edit_s")
+            row[f"{mode}_peak_allocated_gib"] = m.get("peak_allocated_gib")
+            if m.get("peak_allocated_gib") is not None:
+                peaks.append(m["peak_allocated_gib"])
+        row["peak_allocated_gib"] = max(peaks) if peaks else None
+        if name == "nf4":
+            row["peak_goal_met"] = (max(peaks) <= NF4_PEAK_GOAL_GIB) if peaks else None
+        out[name] = row
+    return out
+
+
+# -- building the random full-size pipeline -------------------------------------------------------
+def read_marker(workdir: Path) -> dict[str, Any] | None:
+    marker = workdir / MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def build_pipeline_folder(workdir: Path, scale: str, device: torch.device, shard_size: str, seed: int) -> dict:
+    """Build the components at `scale` (bf16, on `device`), save_pretrained them into `workdir`.
+
+    Saves into `<workdir>.partial` first and renames it when complete, so a cut-off build is never
+    taken for a finished one; frees the device memory before returning. Returns the timings.
+    """
+    from diffusers import QwenImageEditPlusPipeline
+
+    from flen_resources.models.architectures import build_qwen_edit_components
+
+    partial = workdir.with_name(workdir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    emit({"event": "build_start", "scale": scale, "device": str(device), "disk_free_gib": disk_free_gib(workdir)})
+    t = time.perf_counter()
+    components = build_qwen_edit_components(scale, seed=seed, dtype=torch.bfloat16, device=device)
+    sync(device)
+    params = {k: round(sum(p.numel() for p in m.parameters()) / 1e9, 3)
+              for k, m in components.items() if isinstance(m, torch.nn.Module)}
+    build_s = time.perf_counter() - t
+    emit({"event": "built", "seconds": round(build_s, 1), "params_b": params, **memory(device)})
+    t = time.perf_counter()
+    pipe = QwenImageEditPlusPipeline(**components)
+    pipe.save_pretrained(partial, safe_serialization=True, max_shard_size=shard_size)
+    save_s = time.perf_counter() - t
+    del pipe, components
+    free_memory(device)
+    size = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+    marker = {"scale": scale, "seed": seed, "build_s": round(build_s, 1), "save_s": round(save_s, 1),
+              "params_b": params, "size_gib": round(size / GIB, 2), "versions": package_versions()}
+    (partial / MARKER).write_text(json.dumps(marker, indent=1))
+    partial.rename(workdir)
+    emit({"event": "saved", "seconds": round(save_s, 1), "size_gib": marker["size_gib"], "path": str(workdir),
+          "disk_free_gib": disk_free_gib(workdir)})
+    return marker
+
+
+def ensure_pipeline_folder(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The saved random pipeline at `args.scale`: reused when complete, else built."""
+    marker = read_marker(args.workdir)
+    if marker is not None and args.rebuild:
+        shutil.rmtree(args.workdir)
+        marker = None
+    if marker is not None:
+        if marker.get("scale") != args.scale:
+            raise SystemExit(f"{args.workdir} holds a {marker.get('scale')} pipeline; pass --rebuild or another --workdir")
+        emit({"event": "reuse", "path": str(args.workdir), **marker})
+        return {**marker, "reused": True}
+    if args.workdir.exists():
+        raise SystemExit(f"{args.workdir} exists but is not a complete benchmark folder (no {MARKER}); "
+                         "remove it or choose another --workdir")
+    args.workdir.parent.mkdir(parents=True, exist_ok=True)
+    return {**build_pipeline_folder(args.workdir, args.scale, device, args.shard_size, args.seed), "reused": False}
+
+
+def ensure_lightning_lora(workdir: Path, rank: int, scale: float, seed: int) -> Path:
+    """A random Lightning-style LoRA (lightx2v keys, alpha = rank) for the saved transformer.
+
+    Written from the saved config on the meta device (only the Linear shapes are needed, so no
+    weights are loaded); rewritten when the rank or scale asked for differs from the file's.
+    """
+    from diffusers import QwenImageTransformer2DModel
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from flen_resources.models.tiny_pack import _qwen_lora
+
+    path = workdir / LORA_FILE
+    wanted = {"rank": str(rank), "scale": str(scale), "seed": str(seed)}
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        if all(meta.get(k) == v for k, v in wanted.items()):
+            return path
+    config = QwenImageTransformer2DModel.load_config(workdir / "transformer")
+    with torch.device("meta"):
+        transformer = QwenImageTransformer2DModel.from_config(config)
+    t = time.perf_counter()
+    tensors = _qwen_lora(transformer, "lightx2v", rank, scale, seed=seed)
+    save_file(tensors, str(path), metadata={"format": "pt", "flenwheel": "benchmark random Lightning LoRA", **wanted})
+    emit({"event": "lora_written", "path": str(path), "rank": rank, "tensors": len(tensors),
+          "params_m": round(sum(v.numel() for v in tensors.values() if v.dim() == 2) / 1e6, 2),
+          "seconds": round(time.perf_counter() - t, 1)})
+    return path
+
+
+# -- the naive baseline (shared/reference/full_size/gpu_probe.py) ---------------------------------
+def baseline_inputs(config: Any, res: int, text_tokens: int, device: torch.device) -> dict[str, Any]:
+    """gpu_probe.py's qwen inputs: target + one reference image's tokens, `text_tokens` text tokens.
+
+    The reference takes the pipeline's own size (VAE_IMAGE_SIZE, 1024x1024 for a square image), so
+    the layout matches the pipeline's at any --res; at 1024 it is gpu_probe's 2 x (res/16)^2 tokens.
+    """
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import VAE_IMAGE_SIZE
+
+    side = res // 16
+    ref_side = int(VAE_IMAGE_SIZE**0.5) // 16
+    n = side * side + ref_side * ref_side
+    dt = torch.bfloat16
+    return dict(hidden_states=torch.randn(1, n, config.in_channels, device=device, dtype=dt),
+                encoder_hidden_states=torch.randn(1, text_tokens, config.joint_attention_dim, device=device, dtype=dt),
+                encoder_hidden_states_mask=torch.ones(1, text_tokens, device=device, dtype=torch.bool),
+                timestep=torch.tensor([0.5], device=device, dtype=dt),
+                img_shapes=[[(1, side, side), (1, ref_side, ref_side)]], return_dict=False)
+
+
+def load_baseline_transformer(workdir: Path, variant: str, device: torch.device) -> Any:
+    """The transformer alone, as gpu_probe.py loads it: nf4 through diffusers' BitsAndBytesConfig or bf16."""
+    from diffusers import BitsAndBytesConfig, QwenImageTransformer2DModel
+
+    kwargs: dict[str, Any] = {"torch_dtype": torch.bfloat16, "use_safetensors": True}
+    if variant == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+    if is_cuda(device):
+        kwargs["device_map"] = str(device)
+    model = QwenImageTransformer2DModel.from_pretrained(workdir / "transformer", **kwargs)
+    if not is_cuda(device):
+        model.to(device)
+    return model.requires_grad_(False).eval()
+
+
+def time_calls(fn: Callable[[], Any], warm: int, reps: int, device: torch.device) -> list[float]:
+    """Seconds of `reps` calls of `fn` after `warm` untimed ones (synchronized around each)."""
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def measure_baseline(args: argparse.Namespace, variant: str, device: torch.device) -> dict[str, Any]:
+    """Median seconds per no_grad forward of the transformer alone, its weights and peak memory."""
+    free_memory(device)
+    reset_peak(device)
+    t = time.perf_counter()
+    model = load_baseline_transformer(args.workdir, variant, device)
+    load_s = time.perf_counter() - t
+    weights = memory(device)["allocated_now_gib"]
+    try:
+        kwargs = baseline_inputs(model.config, args.res, args.baseline_text_tokens, device)
+        reset_peak(device)
+        with torch.no_grad():
+            times = time_calls(lambda: model(**kwargs), args.baseline_warmup, args.baseline_reps, device)
+        peak = memory(device)
+    finally:
+        del model
+        free_memory(device)
+    return {"forward_s": round(statistics.median(times), 4), "forward_times_s": [round(x, 4) for x in times],
+            "load_s": round(load_s, 1), "weights_gib": weights, "peak_allocated_gib": peak["peak_allocated_gib"],
+            "peak_reserved_gib": peak["peak_reserved_gib"], "image_tokens": kwargs["hidden_states"].shape[1],
+            "text_tokens": args.baseline_text_tokens}
+
+
+# -- the project's editor ---------------------------------------------------------------------------
+class ForwardTimer:
+    """Times every forward of `module` (CUDA events on a GPU, perf_counter on the CPU) and records
+    the token counts it sees. Model CPU offload moves the module inside its forward, so the first
+    forward of an edit includes that move: the median leaves it out."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.module, self.device = module, device
+        self.marks: list[tuple[Any, Any]] = []
+        self.tokens: tuple[int, int] | None = None
+        self._handles: list[Any] = []
+
+    def _now(self) -> Any:
+        if is_cuda(self.device):
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _pre(self, _module: Any, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        text = kwargs.get("encoder_hidden_states")
+        if hidden is not None and text is not None:
+            self.tokens = (int(hidden.shape[1]), int(text.shape[1]))
+        self.marks.append((self._now(), None))
+
+    def _post(self, _module: Any, _args: tuple, _kwargs: dict, _output: Any) -> None:
+        start, _ = self.marks[-1]
+        self.marks[-1] = (start, self._now())
+
+    def __enter__(self) -> ForwardTimer:
+        self._handles = [self.module.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         self.module.register_forward_hook(self._post, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def seconds(self) -> list[float]:
+        """Seconds of each completed forward."""
+        sync(self.device)
+        if is_cuda(self.device):
+            return [start.elapsed_time(end) / 1000 for start, end in self.marks if end is not None]
+        return [end - start for start, end in self.marks if end is not None]
+
+
+def reference_image(kind: str, res: int, seed: int) -> Any:
+    """One RGB reference image of res x res: skimage's astronaut photo, or uniform noise."""
+    import numpy as np
+    from PIL import Image
+
+    if kind == "astronaut":
+        from skimage import data
+
+        return Image.fromarray(data.astronaut()).convert("RGB").resize((res, res), Image.Resampling.LANCZOS)
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8), "RGB")
+
+
+def request_for(mode: str, steps_default: int, true_cfg: float, seed: int) -> Any:
+    """The EditRequest of a mode: the Lightning LoRA in the stack, or the default steps and true_cfg."""
+    from flen_resources.editors.base import EditRequest
+
+    params = {"loras": {LORA_NAME: 1.0}} if mode == "lightning8" else {"steps": steps_default, "true_cfg": true_cfg}
+    return EditRequest(recipe_id=f"bench-{mode}", operation="qwen_edit", params=params, prompt=PROMPT, seed=seed)
+
+
+def load_editor(args: argparse.Namespace, variant: str, lora: Path, device: torch.device) -> tuple[Any, dict]:
+    """QwenEditEditor over the saved folder, its pipeline loaded (timed) and the LoRA loaded (timed)."""
+    from flen_resources.editors.qwen_edit import QwenEditEditor
+
+    editor = QwenEditEditor(model=str(args.workdir), quantization="nf4" if variant == "nf4" else "none",
+                            device=str(device), dtype="bf16", loras={LORA_NAME: str(lora)},
+                            output_area=args.res * args.res, default_steps=args.steps_default,
+                            default_true_cfg=args.true_cfg)
+    free_memory(device)
+    reset_peak(device)
+    t = time.perf_counter()
+    _ = editor.pipe  # resolve_model + load_pipeline (+ model CPU offload on CUDA)
+    sync(device)
+    load_s = time.perf_counter() - t
+    stats = {"load_s": round(load_s, 1), **{f"load_{k}": v for k, v in memory(device).items()}}
+    t = time.perf_counter()
+    editor._lora(LORA_NAME)  # load the LoRA now so that no edit times its loading
+    stats["lora_load_s"] = round(time.perf_counter() - t, 1)
+    return editor, stats
+
+
+def timed_edit(editor: Any, image: Any, request: Any, device: torch.device) -> dict[str, Any]:
+    """One edit, synchronized: seconds, whole-pipeline peak memory and the transformer's forwards."""
+    free_memory(device)
+    reset_peak(device)
+    with ForwardTimer(editor.pipe.transformer, device) as timer:
+        sync(device)
+        t = time.perf_counter()
+        result = editor.edit([image], request)
+        sync(device)
+        edit_s = time.perf_counter() - t
+    forwards = timer.seconds()
+    image_tokens, text_tokens = timer.tokens or (None, None)
+    return {"edit_s": round(edit_s, 3), "steps": result.params["steps"], "true_cfg": result.params["true_cfg"],
+            "scheduler": result.params["scheduler"], "width": result.params["width"],
+            "height": result.params["height"], **memory(device),
+            "transformer_forwards": len(forwards),
+            "transformer_forward_median_s": round(statistics.median(forwards), 4) if forwards else None,
+            "transformer_forward_first_s": round(forwards[0], 4) if forwards else None,
+            "transformer_total_s": round(sum(forwards), 3),
+            "outside_transformer_s": round(edit_s - sum(forwards), 3),
+            "image_tokens": image_tokens, "text_tokens": text_tokens}
+
+
+# -- one variant --------------------------------------------------------------------------------------
+def run_stage(name: str, fn: Callable[[], dict], record: dict[str, Any], key: str, report: Report,
+              device: torch.device, tags: dict[str, Any]) -> dict | None:
+    """Run one measurement; store its figures (or its error, OOM included) under record[key], print and save."""
+    try:
+        result = fn()
+    except Exception as exc:  # an OOM or a failure of one stage must not lose the others
+        result = None
+        record[key] = failure(exc)
+        free_memory(device)
+        emit({"stage": name, **tags, **{k: v for k, v in record[key].items() if k != "traceback"}})
+    else:
+        record[key] = result
+        emit({"stage": name, **tags, **result})
+    report.write()
+    return result
+
+
+def run_variant(args: argparse.Namespace, variant: str, lora: Path, image: Any, device: torch.device,
+                report: Report) -> None:
+    """Baseline, then the editor: load, warm-up edit, one timed edit per mode; memory freed at the end."""
+    record = report.variant(variant)
+    record["modes"] = {}
+    tags = {"variant": variant}
+    if not args.skip_baseline:
+        run_stage("baseline", lambda: measure_baseline(args, variant, device), record, "baseline", report, device, tags)
+    holder: dict[str, Any] = {}
+
+    def load() -> dict:
+        holder["editor"], stats = load_editor(args, variant, lora, device)
+        warm = request_for("default", args.warmup_steps, args.true_cfg, args.seed)
+        stats["warmup_s"] = timed_edit(holder["editor"], image, warm, device)["edit_s"]
+        return stats
+
+    try:
+        if run_stage("load", load, record, "load", report, device, tags) is None:
+            return
+        for mode in args.modes:
+            request = request_for(mode, args.steps_default, args.true_cfg, args.seed)
+            run_stage("edit", lambda: timed_edit(holder["editor"], image, request, device), record["modes"], mode,
+                      report, device, {**tags, "mode": mode})
+    finally:
+        holder.clear()
+        free_memory(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ensure_project_importable()
+    from flen_resources.models.architectures import patch_qwen2vl_processor_without_torchvision
+
+    patch_qwen2vl_processor_without_torchvision()
+    device = pick_device(args.device)
+    configure_backends(device)
+    if not is_cuda(device) and "nf4" in args.variants:
+        args.variants = [v for v in args.variants if v != "nf4"]
+        emit({"event": "skip", "variant": "nf4", "reason": "nf4 (bitsandbytes) needs CUDA"})
+    report = Report(args, device)
+    emit({"event": "start", "command": report.data["command"], "gpu_name": report.data["gpu_name"],
+          "gpu_total_gib": report.data["gpu_total_gib"], "versions": report.data["versions"],
+          "disk_free_gib": disk_free_gib(args.workdir), "results": [str(p) for p in report.paths]})
+    report.data["build"] = ensure_pipeline_folder(args, device)
+    lora = ensure_lightning_lora(args.workdir, args.lora_rank, args.lora_scale, args.seed + 2)
+    report.write()
+    if args.build_only:
+        return 0
+    image = reference_image(args.image, args.res, args.seed)
+    for variant in args.variants:
+        run_variant(args, variant, lora, image, device, report)
+    report.write()
+    emit({"event": "summary", **report.data["summary"]})
+    emit({"event": "done", "results": [str(p) for p in report.paths]})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

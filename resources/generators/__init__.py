@@ -1,0 +1,1 @@
+"""Image generators: FLUX.1-dev with the character LoRA."""

@@ -1,0 +1,79 @@
+"""Loading diffusers pipelines from resolved model folders: dtype, nf4, device placement."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+
+from flen_resources.models.sources import ResolvedModel
+
+Quantization = Literal["none", "nf4"]
+log = logging.getLogger(__name__)
+
+# The large components of each pipeline: what nf4 quantizes.
+QUANTIZABLE = {"QwenImageEditPlusPipeline": ["transformer", "text_encoder"],
+               "FluxPipeline": ["transformer", "text_encoder_2"]}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """`auto`: the CUDA GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
+    """`auto`: bfloat16 on a GPU, float32 on the CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+            "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+
+
+def nf4_config(pipeline: str, components: list[str] | None = None) -> Any:
+    """A diffusers PipelineQuantizationConfig that loads the big components in bitsandbytes nf4."""
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    return PipelineQuantizationConfig(
+        quant_backend="bitsandbytes_4bit",
+        quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16,
+                      "bnb_4bit_use_double_quant": False},
+        components_to_quantize=components or QUANTIZABLE[pipeline],
+    )
+
+
+def load_pipeline(model: ResolvedModel, pipeline: str, *, quantization: Quantization = "none", device: str = "auto",
+                  dtype: str = "auto", offload: Literal["auto", "none", "model", "sequential"] = "auto") -> Any:
+    """`<pipeline>.from_pretrained` on a checked folder: safetensors only, no remote code.
+
+    On a GPU, `offload=auto` keeps one large component on the card at a time (diffusers' model CPU
+    offload: text encoder, then transformer, then VAE), which is what lets a 24 GB card run
+    a 20B transformer next to a 7B text encoder.
+    """
+    import diffusers
+
+    if pipeline == "QwenImageEditPlusPipeline":
+        from flen_resources.models.architectures import patch_qwen2vl_processor_without_torchvision
+
+        patch_qwen2vl_processor_without_torchvision()
+    target = pick_device(device)
+    torch_dtype = pick_dtype(target, dtype)
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "use_safetensors": True}
+    if quantization == "nf4":
+        if target.type != "cuda":
+            raise RuntimeError("nf4 (bitsandbytes) needs a CUDA GPU; use quantization 'none' on the CPU")
+        kwargs["quantization_config"] = nf4_config(pipeline)
+    cls = getattr(diffusers, pipeline)
+    pipe = cls.from_pretrained(str(model.path), **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    mode = ("model" if target.type == "cuda" else "none") if offload == "auto" else offload
+    if mode == "model":
+        pipe.enable_model_cpu_offload(device=target)
+    elif mode == "sequential":
+        pipe.enable_sequential_cpu_offload(device=target)
+    else:
+        pipe.to(target)
+    log.info("loaded %s from %s (%s, %s, %s, offload=%s)", pipeline, model.ref, target, torch_dtype, quantization, mode)
+    return pipe
