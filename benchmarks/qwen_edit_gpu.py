@@ -268,7 +268,8 @@ def summarize(variants: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, v in variants.items():
         base = (v.get("baseline") or {}).get("forward_s")
-        row: dict[str, Any] = {"baseline_forward_s": base}
+        row: dict[str, Any] = {"baseline_forward_s": base,
+                               "load_peak_allocated_gib": (v.get("load") or {}).get("load_peak_allocated_gib")}
         peaks = []
         for mode, m in v.get("modes", {}).items():
             fwd = m.get("transformer_forward_median_s")
@@ -453,13 +454,13 @@ def measure_baseline(args: argparse.Namespace, variant: str, device: torch.devic
 # -- the project's editor ---------------------------------------------------------------------------
 class ForwardTimer:
     """Times every forward of `module` (CUDA events on a GPU, perf_counter on the CPU) and records
-    the token counts it sees. Model CPU offload moves the module inside its forward, so the first
+    the token layouts it sees. Model CPU offload moves the module inside its forward, so the first
     forward of an edit includes that move: the median leaves it out."""
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
         self.module, self.device = module, device
         self.marks: list[tuple[Any, Any]] = []
-        self.tokens: tuple[int, int] | None = None
+        self.layouts: list[tuple[int, int]] = []  # distinct (image tokens, text tokens) seen
         self._handles: list[Any] = []
 
     def _now(self) -> Any:
@@ -473,7 +474,9 @@ class ForwardTimer:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         text = kwargs.get("encoder_hidden_states")
         if hidden is not None and text is not None:
-            self.tokens = (int(hidden.shape[1]), int(text.shape[1]))
+            layout = (int(hidden.shape[1]), int(text.shape[1]))
+            if layout not in self.layouts:
+                self.layouts.append(layout)
         self.marks.append((self._now(), None))
 
     def _post(self, _module: Any, _args: tuple, _kwargs: dict, _output: Any) -> None:
@@ -519,7 +522,8 @@ def request_for(mode: str, steps_default: int, true_cfg: float, seed: int) -> An
 
 
 def load_editor(args: argparse.Namespace, variant: str, lora: Path, device: torch.device) -> tuple[Any, dict]:
-    """QwenEditEditor over the saved folder, its pipeline loaded (timed) and the LoRA loaded (timed)."""
+    """QwenEditEditor over the saved folder, its pipeline loaded (timed), and the LoRA loaded (timed)
+    when lightning8 is measured (then the default mode runs with it loaded but disabled, as in use)."""
     from flen_resources.editors.qwen_edit import QwenEditEditor
 
     editor = QwenEditEditor(model=str(args.workdir), quantization="nf4" if variant == "nf4" else "none",
@@ -533,9 +537,11 @@ def load_editor(args: argparse.Namespace, variant: str, lora: Path, device: torc
     sync(device)
     load_s = time.perf_counter() - t
     stats = {"load_s": round(load_s, 1), **{f"load_{k}": v for k, v in memory(device).items()}}
-    t = time.perf_counter()
-    editor._lora(LORA_NAME)  # load the LoRA now so that no edit times its loading
-    stats["lora_load_s"] = round(time.perf_counter() - t, 1)
+    stats["lora_loaded"] = "lightning8" in args.modes
+    if stats["lora_loaded"]:
+        t = time.perf_counter()
+        editor._lora(LORA_NAME)  # load the LoRA now so that no edit times its loading
+        stats["lora_load_s"] = round(time.perf_counter() - t, 1)
     return editor, stats
 
 
@@ -550,7 +556,6 @@ def timed_edit(editor: Any, image: Any, request: Any, device: torch.device) -> d
         sync(device)
         edit_s = time.perf_counter() - t
     forwards = timer.seconds()
-    image_tokens, text_tokens = timer.tokens or (None, None)
     return {"edit_s": round(edit_s, 3), "steps": result.params["steps"], "true_cfg": result.params["true_cfg"],
             "scheduler": result.params["scheduler"], "width": result.params["width"],
             "height": result.params["height"], **memory(device),
@@ -559,7 +564,8 @@ def timed_edit(editor: Any, image: Any, request: Any, device: torch.device) -> d
             "transformer_forward_first_s": round(forwards[0], 4) if forwards else None,
             "transformer_total_s": round(sum(forwards), 3),
             "outside_transformer_s": round(edit_s - sum(forwards), 3),
-            "image_tokens": image_tokens, "text_tokens": text_tokens}
+            # [image tokens, text tokens] of each distinct forward (true_cfg > 1: prompt, then negative prompt)
+            "token_layouts": [list(layout) for layout in timer.layouts]}
 
 
 # -- one variant --------------------------------------------------------------------------------------
@@ -616,10 +622,13 @@ def main(argv: list[str] | None = None) -> int:
     patch_qwen2vl_processor_without_torchvision()
     device = pick_device(args.device)
     configure_backends(device)
+    skipped = {}
     if not is_cuda(device) and "nf4" in args.variants:
         args.variants = [v for v in args.variants if v != "nf4"]
-        emit({"event": "skip", "variant": "nf4", "reason": "nf4 (bitsandbytes) needs CUDA"})
+        skipped["nf4"] = "nf4 (bitsandbytes) needs CUDA"
+        emit({"event": "skip", "variant": "nf4", "reason": skipped["nf4"]})
     report = Report(args, device)
+    report.data["skipped_variants"] = skipped
     emit({"event": "start", "command": report.data["command"], "gpu_name": report.data["gpu_name"],
           "gpu_total_gib": report.data["gpu_total_gib"], "versions": report.data["versions"],
           "disk_free_gib": disk_free_gib(args.workdir), "results": [str(p) for p in report.paths]})

@@ -112,6 +112,10 @@ class QwenEditEditor:
                 self.pipe.load_lora_weights(str(info.path), adapter_name=name)
             except Exception as exc:  # diffusers/peft raise several types for a LoRA that does not fit
                 raise EditInputError(f"LoRA {info.path.name} does not fit {self.resolved.model_id}: {exc}") from exc
+            if not any(name in names for names in self.pipe.get_list_adapters().values()):
+                # diffusers only warns when no key matches; the adapter is then simply absent
+                raise EditInputError(f"LoRA {info.path.name} does not fit {self.resolved.model_id}: none of its "
+                                     f"{info.n_tensors} tensors match the model's modules (a LoRA for another model?)")
             self._loaded[name] = info
         return self._loaded[name]
 

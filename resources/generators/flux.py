@@ -70,10 +70,15 @@ class FluxGenerator:
         if self._lora is None or self._lora.sha256 != info.sha256:
             if self._lora is not None:
                 pipe.unload_lora_weights()
+                self._lora = None
             try:
                 pipe.load_lora_weights(str(info.path), adapter_name=ADAPTER)
             except Exception as exc:  # diffusers raises several types for keys that do not fit
                 raise LoraError(f"LoRA {info.path.name} does not fit FLUX.1-dev: {exc}") from exc
+            if not any(ADAPTER in names for names in pipe.get_list_adapters().values()):
+                # diffusers only warns when no key matches; the adapter is then simply absent
+                raise LoraError(f"LoRA {info.path.name} does not fit FLUX.1-dev: none of its {info.n_tensors} "
+                                "tensors match the model's modules (a LoRA for another model?)")
             self._lora = info
         pipe.set_adapters([ADAPTER], adapter_weights=[float(weight)])
         return [info.record(float(weight))]

@@ -60,7 +60,7 @@ def load_pipeline(model: ResolvedModel, pipeline: str, *, quantization: Quantiza
         patch_qwen2vl_processor_without_torchvision()
     target = pick_device(device)
     torch_dtype = pick_dtype(target, dtype)
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "use_safetensors": True}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True}
     if quantization == "nf4":
         if target.type != "cuda":
             raise RuntimeError("nf4 (bitsandbytes) needs a CUDA GPU; use quantization 'none' on the CPU")

@@ -105,7 +105,7 @@ def check_pipeline_folder(path: Path) -> None:
         raise ModelFolderError(f"{path} is not a diffusers pipeline folder: model_index.json is missing")
     try:
         components = json.loads(index.read_text())
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for a binary file
         raise ModelFolderError(f"{index} is not valid JSON: {exc}") from exc
     for name, value in components.items():
         if name.startswith("_") or not isinstance(value, list) or value[0] is None:
@@ -120,7 +120,11 @@ def check_pipeline_folder(path: Path) -> None:
                 f"{folder}: only pickle weights ({', '.join(pickles)}); FLENwheel loads safetensors only "
                 "(pickles can run code when loaded). Convert them to .safetensors first.")
         for shard_index in folder.glob("*.safetensors.index.json"):
-            shards = set(json.loads(shard_index.read_text()).get("weight_map", {}).values())
+            try:
+                shards = set(json.loads(shard_index.read_text()).get("weight_map", {}).values())
+            except (ValueError, AttributeError) as exc:  # not JSON, or not an object
+                raise ModelFolderError(f"incomplete model folder {folder}: weight index {shard_index.name} "
+                                       f"is not valid: {exc}") from exc
             missing = sorted(s for s in shards if not (folder / s).is_file())
             if missing:
                 raise ModelFolderError(f"incomplete model folder {folder}: missing weight shard(s) {', '.join(missing)}")

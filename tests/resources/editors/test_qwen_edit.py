@@ -1,0 +1,86 @@
+"""The qwen_edit editor on the tiny pack: the real QwenImageEditPlusPipeline loading and call path."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from flen_resources.editors import EditRequest, get_editor
+from flen_resources.editors.qwen_edit import QwenEditEditor
+from flen_resources.models.sources import resolve_model
+
+AREA = 96 * 96  # small outputs keep the CPU tests fast; the code path is the same at 1024x1024
+
+
+@pytest.fixture(scope="module")
+def editor() -> QwenEditEditor:
+    return QwenEditEditor(model="tiny", output_area=AREA)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    astro = Image.fromarray(skimage.data.astronaut())
+    return [astro.crop((40, 0, 400, 320)), astro.crop((0, 0, 256, 256)), Image.fromarray(skimage.data.chelsea())]
+
+
+def _req(seed: int = 1, **params) -> EditRequest:
+    return EditRequest("t", "qwen_edit", params={"steps": 2, **params}, prompt="将镜头转为特写镜头", seed=seed)
+
+
+def _arr(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.float64)
+
+
+def test_loads_the_saved_pipeline_with_from_pretrained(editor):
+    from diffusers import QwenImageEditPlusPipeline
+
+    assert isinstance(editor.pipe, QwenImageEditPlusPipeline)
+    assert editor.resolved.kind == "tiny" and (editor.resolved.path / "model_index.json").is_file()
+    assert editor.model_id().startswith("tiny/qwen-image-edit-2509@")
+
+
+@pytest.mark.parametrize("n_images", [1, 2, 3])
+def test_edits_with_one_two_three_images(editor, photos, n_images):
+    result = editor.edit(photos[:n_images], _req())
+    assert result.image.mode == "RGB" and result.image.size == (result.params["width"], result.params["height"])
+    assert result.params["n_inputs"] == n_images
+    assert np.isfinite(_arr(result.image)).all()
+
+
+def test_same_seed_same_image_other_seed_other_image(editor, photos):
+    a, b = editor.edit(photos[:1], _req(seed=5)), editor.edit(photos[:1], _req(seed=5))
+    c = editor.edit(photos[:1], _req(seed=6))
+    assert np.array_equal(_arr(a.image), _arr(b.image))
+    assert not np.array_equal(_arr(a.image), _arr(c.image))
+
+
+def test_lora_stack_loads_and_changes_the_output(editor, photos):
+    plain = editor.edit(photos[:1], _req(seed=3))
+    angles = editor.edit(photos[:1], _req(seed=3, loras={"angles": 1.0}))
+    assert [a["name"] for a in angles.adapters] == ["angles"] and angles.adapters[0]["sha256"]
+    assert np.abs(_arr(plain.image) - _arr(angles.image)).mean() > 1.0
+    weaker = editor.edit(photos[:1], _req(seed=3, loras={"angles": 0.3}))
+    assert not np.array_equal(_arr(weaker.image), _arr(angles.image)), "the weight is applied"
+    again = editor.edit(photos[:1], _req(seed=3))
+    assert np.array_equal(_arr(plain.image), _arr(again.image)), "an empty stack turns the LoRAs off"
+
+
+def test_lightning_sets_its_scheduler_steps_and_cfg(editor, photos):
+    result = editor.edit(photos[:1], _req(loras={"angles": 1.0, "lightning-8step": 1.0}, true_cfg=4.0, steps=40))
+    assert result.params["steps"] == 8 and result.params["true_cfg"] == 1.0
+    assert result.params["scheduler"] == "lightning"
+    assert editor.pipe.scheduler.config.shift_terminal is None  # Lightning's settings, not Qwen's 0.02
+    assert {a["name"] for a in result.adapters} == {"angles", "lightning-8step"}
+    assert {a["key_style"] for a in result.adapters} == {"comfyui", "lightx2v"}
+
+
+def test_a_local_folder_loads_through_the_same_path(tmp_path, editor, photos):
+    folder = tmp_path / "my-qwen-edit"
+    shutil.copytree(resolve_model("qwen-image-edit-2509", "tiny").path, folder)
+    local = get_editor("qwen_edit", model=str(folder), output_area=AREA)
+    assert local.resolved.kind == "folder"
+    assert np.array_equal(_arr(local.edit(photos[:1], _req(seed=9)).image), _arr(editor.edit(photos[:1], _req(seed=9)).image))
