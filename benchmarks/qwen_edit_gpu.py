@@ -56,6 +56,15 @@ NF4_PEAK_GOAL_GIB = 16.0
 PROMPT = "Turn the camera 45 degrees to the left"
 MODES = ("lightning8", "default")
 VARIANTS = ("nf4", "bf16")
+NOTES = [
+    "edit_s: one whole edit (text encoding, VAE, offload moves, every step), synchronized",
+    "peak_*_gib: torch.cuda peaks during that edit, whole pipeline (model CPU offload), reset before it",
+    "transformer_forward_median_s: median of the transformer's forwards in that edit (CUDA events); "
+    "the first forward includes the offload move of the transformer onto the GPU",
+    "default mode runs 2 forwards a step (true_cfg > 1); lightning8 runs 1 with the LoRA active (unfused)",
+    "baseline: gpu_probe.py's naive transformer-only forward, same token layout, no LoRA; "
+    "ratio = baseline forward_s / pipeline forward_s (>= 1: no worse)",
+]
 
 
 # -- set-up ---------------------------------------------------------------------------------------
@@ -228,23 +237,25 @@ class Report:
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info,
             "scale": args.scale, "res": args.res, "steps_default": args.steps_default, "true_cfg": args.true_cfg,
             "lora_rank": args.lora_rank, "image": args.image, "workdir": str(args.workdir),
-            "nf4_peak_goal_gib": NF4_PEAK_GOAL_GIB, "build": None, "variants": {}, "summary": {},
+            "nf4_peak_goal_gib": NF4_PEAK_GOAL_GIB, "notes": NOTES, "build": None, "variants": {}, "summary": {},
         }
         if args.merge:
             self._merge_previous(args)
 
     def _merge_previous(self, args: argparse.Namespace) -> None:
-        """Keep the previous file's variants (same GPU, scale and res) unless they are run again now."""
-        for path in self.paths[:2]:
-            if path.is_file():
-                old = json.loads(path.read_text())
-                if (old.get("scale"), old.get("res"), old.get("gpu_name")) == (args.scale, args.res,
-                                                                                 self.data["gpu_name"]):
-                    kept = {k: v for k, v in old.get("variants", {}).items() if k not in args.variants}
-                    self.data["variants"].update(kept)
-                    self.data["merged_from"] = {"file": str(path), "command": old.get("command"),
-                                                "variants": sorted(kept)}
-                return
+        """Keep the variants of the newest previous file (in --out or beside the work folder; same GPU,
+        scale and res) that are not run again now."""
+        found = [p for p in self.paths[:2] if p.is_file()]
+        if not found:
+            return
+        path = max(found, key=lambda p: p.stat().st_mtime)
+        old = json.loads(path.read_text())
+        if (old.get("scale"), old.get("res"), old.get("gpu_name")) != (args.scale, args.res, self.data["gpu_name"]):
+            emit({"event": "merge_skipped", "file": str(path), "reason": "other scale, res or GPU"})
+            return
+        kept = {k: v for k, v in old.get("variants", {}).items() if k not in args.variants}
+        self.data["variants"].update(kept)
+        self.data["merged_from"] = {"file": str(path), "command": old.get("command"), "variants": sorted(kept)}
 
     def variant(self, name: str) -> dict[str, Any]:
         return self.data["variants"].setdefault(name, {"modes": {}})

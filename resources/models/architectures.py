@@ -19,15 +19,16 @@ Scale = Literal["tiny", "full"]
 
 
 def patch_qwen2vl_processor_without_torchvision() -> None:
-    """transformers 5 without torchvision: drop Qwen2VLProcessor's video processor (images only).
+    """transformers 5: drop Qwen2VLProcessor's video processor (the pipeline uses images only).
 
-    Its dummy video-processor class breaks __init__, save_pretrained and from_pretrained; every
-    process that builds or loads the Qwen pipeline calls this. No-op when torchvision exists.
+    Without torchvision its dummy video-processor class breaks __init__, save_pretrained and
+    from_pretrained; with torchvision, __init__ refuses the missing (None) video processor that the
+    builders pass. So it applies with or without torchvision: every process that builds or loads
+    the Qwen pipeline calls this, and both kinds of machine build and load the same folders.
     """
     from transformers import Qwen2VLProcessor
-    from transformers.utils import is_torchvision_available
 
-    if is_torchvision_available() or getattr(Qwen2VLProcessor, "_flen_patched", False):
+    if getattr(Qwen2VLProcessor, "_flen_patched", False):
         return
     original = Qwen2VLProcessor.get_attributes.__func__
     Qwen2VLProcessor.get_attributes = classmethod(lambda cls: [a for a in original(cls) if a != "video_processor"])
