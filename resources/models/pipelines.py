@@ -44,6 +44,39 @@ def nf4_config(pipeline: str, components: list[str] | None = None) -> Any:
     )
 
 
+def _bnb_kwargs() -> dict[str, Any]:
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16,
+            "bnb_4bit_use_double_quant": False}
+
+
+def load_nf4_components(model: ResolvedModel, pipeline: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Quantize the big components one at a time, each parked on the CPU before the next loads.
+
+    bitsandbytes quantizes on the GPU; loading the whole pipeline at once would hold the nf4
+    transformer and the nf4 text encoder on the card together (16.7 GiB for Qwen-Image-Edit),
+    where the edit itself needs one of them at a time (12 GiB).
+    """
+    import json
+
+    import diffusers
+    import transformers
+
+    index = json.loads((model.path / "model_index.json").read_text())
+    components: dict[str, Any] = {}
+    for name in QUANTIZABLE[pipeline]:
+        library, class_name = index[name]
+        if library == "diffusers":
+            cls, config = getattr(diffusers, class_name), diffusers.BitsAndBytesConfig(**_bnb_kwargs())
+        else:
+            cls, config = getattr(transformers, class_name), transformers.BitsAndBytesConfig(**_bnb_kwargs())
+        component = cls.from_pretrained(str(model.path / name), quantization_config=config, dtype=dtype,
+                                        use_safetensors=True)
+        component.to("cpu")
+        torch.cuda.empty_cache()
+        components[name] = component
+    return components
+
+
 def load_pipeline(model: ResolvedModel, pipeline: str, *, quantization: Quantization = "none", device: str = "auto",
                   dtype: str = "auto", offload: Literal["auto", "none", "model", "sequential"] = "auto") -> Any:
     """`<pipeline>.from_pretrained` on a checked folder: safetensors only, no remote code.
@@ -61,14 +94,17 @@ def load_pipeline(model: ResolvedModel, pipeline: str, *, quantization: Quantiza
     target = pick_device(device)
     torch_dtype = pick_dtype(target, dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True}
+    mode = ("model" if target.type == "cuda" else "none") if offload == "auto" else offload
     if quantization == "nf4":
         if target.type != "cuda":
             raise RuntimeError("nf4 (bitsandbytes) needs a CUDA GPU; use quantization 'none' on the CPU")
-        kwargs["quantization_config"] = nf4_config(pipeline)
+        if mode == "none":
+            kwargs["quantization_config"] = nf4_config(pipeline)
+        else:  # offloading anyway: never hold two quantized components on the GPU, not even while loading
+            kwargs.update(load_nf4_components(model, pipeline, torch_dtype))
     cls = getattr(diffusers, pipeline)
     pipe = cls.from_pretrained(str(model.path), **kwargs)
     pipe.set_progress_bar_config(disable=True)
-    mode = ("model" if target.type == "cuda" else "none") if offload == "auto" else offload
     if mode == "model":
         pipe.enable_model_cpu_offload(device=target)
     elif mode == "sequential":
