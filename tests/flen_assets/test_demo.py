@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -38,6 +39,11 @@ def test_demo_materializes_every_asset(demo_project):
     assert all(r["reason"] for r in gates), "every candidate has a recorded reason"
     grace_edits = [r for r in gates if r["parent_id"] == next(s["image_id"] for s in sources if s["original_name"] == "grace_hopper.jpg")]
     assert grace_edits and not any(r["accepted"] for r in grace_edits), "the identity gate rejects the other person"
+    enriched = pq.read_table(demo_project.partition_dir("enriched_images", "astronaut", "v1") / "manifest.parquet").to_pylist()
+    qwen = {r["image_id"] for r in enriched if r["model"].startswith("tiny/qwen-image-edit-2509@")}
+    assert qwen, "the demo runs the real qwen_edit path on the tiny pack"
+    assert all(json.loads(r["adapters"]) for r in enriched if r["image_id"] in qwen), "LoRAs recorded"
+    assert not any(r["accepted"] for r in gates if r["image_id"] in qwen), "random-weight edits are noise: rejected"
     training = demo_project.partition_dir("training_set", "astronaut", "v1")
     manifest = pq.read_table(training / "manifest.parquet").to_pylist()
     assert manifest and all((training / r["file"]).with_suffix(".txt").read_text().startswith("photo of astronaut_flen")
@@ -64,10 +70,12 @@ def test_dvc_is_clean_after_demo(demo_project):
     assert "up to date" in out.stdout or not out.stdout.strip(), out.stdout
 
 
-def test_rerun_is_idempotent(demo_project):
+def test_rerun_is_idempotent(demo_project, tmp_path):
     before = _md5s(demo_project)
     inbox = {p.name: p.read_bytes() for p in demo_project.inbox_for("astronaut").iterdir()}
-    run_flen("materialize", "astronaut", "v1", project=demo_project.root)
+    config = tmp_path / "run.yaml"
+    config.write_text("ops:\n  enriched_images:\n    config:\n      recipe: demo\n")  # what `flen demo` ran
+    run_flen("materialize", "astronaut", "v1", "--config", str(config), project=demo_project.root)
     assert _md5s(demo_project) == before, "an unchanged partition re-materializes to the same DVC md5"
     assert {p.name: p.read_bytes() for p in demo_project.inbox_for("astronaut").iterdir()} == inbox
     versions = run_flen("versions", "training_set", "astronaut", "v1", project=demo_project.root).stdout
