@@ -128,6 +128,7 @@ class FluxLoraTrainer:
                 raise TrainingError("nf4 (QLoRA) needs a CUDA GPU; use quantization 'none' on the CPU")
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                                bnb_4bit_compute_dtype=torch.bfloat16)
+            kwargs["device_map"] = {"": str(device)}  # quantized straight onto the GPU
         transformer = FluxTransformer2DModel.from_pretrained(str(resolved.path / "transformer"), **kwargs)
         if config.quantization != "nf4":
             transformer.to(device)
