@@ -1,4 +1,4 @@
-"""`flen`: the command line of FLENwheel (init, characters, runs, lineage, versions, UI, demo)."""
+"""`flen`: the command line of FLENwheel (init, characters, runs, lineage, versions, UI, demo, train)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, NoReturn, Optional
 
 import typer
 
 from flen_assets.project import InvalidNameError, Project, validate_iteration, validate_slug
+
+if TYPE_CHECKING:
+    from flen_resources.trainers.flux_lora import TrainItem
 
 app = typer.Typer(help="FLENwheel: a handful of photos -> a faithful, versioned FLUX LoRA.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -20,6 +23,8 @@ character_app = typer.Typer(help="Characters (the `character` partition dimensio
 app.add_typer(character_app, name="character")
 models_app = typer.Typer(help="Model weights: the embedded tiny pack and real models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+train_app = typer.Typer(help="Train LoRAs on a folder of captioned images.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 
 ProjectOpt = Annotated[Optional[Path], typer.Option("--project", help="Project folder (default: $FLEN_PROJECT_DIR or the checkout).")]
 
@@ -30,7 +35,7 @@ def _project(path: Optional[Path]) -> Project:
     return Project.discover()
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
 
@@ -309,6 +314,70 @@ def models_status() -> None:
             typer.echo(f"✓ LoRA {name:17s} {source:32s} {info.key_style}, rank {info.rank}, {info.path}")
         except (LoraError, ModelNotAvailable) as exc:
             typer.secho(f"✗ LoRA {name:17s} {source:32s} {str(exc).splitlines()[0]}", fg=typer.colors.RED)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _dataset_items(folder: Path) -> tuple[list[TrainItem], str]:
+    """Images (with same-name .txt captions when present) of a training_set folder
+    (images/<id>.png + images/<id>.txt) or of a flat folder; and an md5 of them all."""
+    import hashlib
+
+    from flen_resources.trainers.flux_lora import TrainItem
+
+    images_dir = folder / "images" if (folder / "images").is_dir() else folder
+    digest = hashlib.md5()
+    items = []
+    for image in sorted(p for p in images_dir.iterdir()
+                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")):
+        caption_file = image.with_suffix(".txt")
+        caption = caption_file.read_text().strip() if caption_file.is_file() else None
+        digest.update(image.name.encode() + b"\0" + image.read_bytes() + b"\0" + (caption or "").encode() + b"\0")
+        items.append(TrainItem(image, caption or None))
+    return items, digest.hexdigest()
+
+
+@train_app.command("flux")
+def train_flux(
+    dataset: Annotated[Path, typer.Argument(help="Folder of images with same-name .txt captions (or a training_set "
+                                                 "partition folder: images/<id>.png + .txt).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints, cache, output/ (reused to resume).")],
+    steps: Annotated[int, typer.Option(min=1)] = 1500,
+    resolution: Annotated[int, typer.Option(min=64)] = 1024,
+    rank: Annotated[int, typer.Option(min=1)] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
+    quantization: Annotated[Literal["none", "nf4"], typer.Option(help="nf4 (QLoRA) needs a CUDA GPU.")] = "nf4",
+    optimizer: Annotated[Literal["adamw", "adamw8bit"], typer.Option()] = "adamw8bit",
+    checkpoint_every: Annotated[int, typer.Option(min=1)] = 250,
+    seed: int = 0,
+    model: Annotated[str, typer.Option(envvar="FLEN_FLUX_MODEL", help="'tiny', a folder or a Hub id.")] = "tiny",
+    name: Annotated[str, typer.Option(help="File name of the LoRA (default: the --out folder's name).")] = "",
+    default_caption: Annotated[str, typer.Option(help="Caption of images without a .txt ('' to require one).")]
+    = "photo of a person",
+) -> None:
+    """Train a FLUX.1-dev LoRA on DATASET; rerun the same command to resume from the last checkpoint."""
+    from flen_resources.models.sources import ModelFolderError, ModelNotAvailable
+    from flen_resources.trainers.common import LoraTrainConfig, TrainingError
+    from flen_resources.trainers.flux_lora import FluxLoraTrainer
+
+    if not dataset.is_dir():
+        _fail(f"{dataset} is not a folder")
+    items, md5 = _dataset_items(dataset)
+    config = LoraTrainConfig(max_steps=steps, resolution=resolution, rank=rank, alpha=float(rank), learning_rate=lr,
+                             quantization=quantization, optimizer=optimizer, checkpoint_every=checkpoint_every,
+                             seed=seed)
+    trainer = FluxLoraTrainer(model=model, work_dir=out, log=typer.echo)
+    try:
+        result = trainer.train(items, config, name=name or out.resolve().name, default_caption=default_caption,
+                               dataset_md5=md5)
+    except (TrainingError, ModelNotAvailable, ModelFolderError) as exc:
+        _fail(f"{dataset}: {exc}")
+    typer.echo(f"trained {result.steps} steps in {result.seconds:.0f}s"
+               + (f" (resumed from step {result.resumed_from})" if result.resumed_from else ""))
+    typer.echo(f"  LoRA (diffusers):  {result.lora_path}")
+    typer.echo(f"  LoRA (ComfyUI):    {result.comfyui_path}")
+    typer.echo(f"  loss curve:        {result.loss_curve}")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -80,3 +80,19 @@ def export_flux_comfyui(state: dict[str, torch.Tensor], config, alpha: float, pa
     if unmapped:
         raise ValueError(f"cannot export to ComfyUI keys: no BFL name for {unmapped[:3]}")
     return save_lora_file(path, out, metadata)
+
+
+def export_qwen_comfyui(state: dict[str, torch.Tensor], alpha: float, path: Path, metadata: dict[str, str]) -> Path:
+    """Write a diffusers-format Qwen-Image(-Edit) LoRA with ComfyUI keys.
+
+    ComfyUI's Qwen-Image model keeps diffusers' module names, so only the prefix changes
+    (`transformer.` -> `diffusion_model.`); each module gets an `.alpha` so the strength matches
+    diffusers' alpha / rank scaling whatever the rank.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, _, kind = key.removeprefix("transformer.").rpartition(".lora_")
+        out[f"diffusion_model.{module}.lora_{kind}"] = value.to(torch.bfloat16)
+        if kind.startswith("A"):
+            out[f"diffusion_model.{module}.alpha"] = torch.tensor(float(alpha))
+    return save_lora_file(path, out, metadata)

@@ -1,4 +1,8 @@
-"""What both LoRA trainers share: config, buckets, timesteps, optimizer, checkpoints, plots.
+"""What both LoRA trainers share: config, result, buckets, batches, timesteps, the LoRA transformer,
+optimizer, the training loop with checkpoints and resume, the fixed-batch eval loss, LoRA files, plots.
+
+A trainer only encodes its examples (phase 1) and writes its loss for one batch; the loop here
+does the rest identically for FLUX and Qwen-Image-Edit.
 
 Exact resume rests on one rule: every random draw of step N (noise, timesteps) comes from a
 generator seeded by (seed, N), and the data order of epoch E from (seed, E). A checkpoint then
@@ -8,18 +12,22 @@ stored as safetensors + JSON (no pickles), written to a temp folder and renamed 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 TRAINER_VERSION = "1"
 
@@ -67,6 +75,26 @@ class LoraTrainConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+@dataclass
+class TrainResult:
+    """What a finished run gives back (either trainer)."""
+
+    lora_path: Path
+    comfyui_path: Path
+    loss_curve: Path
+    samples: list[Path]
+    losses: list[tuple[int, float]]
+    steps: int
+    resumed_from: int
+    seconds: float
+    peak_gib: float | None
+    cache_hits: int
+    cache_misses: int
+    eval_loss_start: float = float("nan")  # loss on a fixed batch, noise and timesteps: comparable across steps
+    eval_loss_end: float = float("nan")
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
 def step_generator(seed: int, step: int, salt: str = "") -> torch.Generator:
     """The generator for the random draws of one step: a pure function of (seed, step)."""
     digest = hashlib.sha256(f"{seed}:{step}:{salt}".encode()).hexdigest()
@@ -99,6 +127,71 @@ def nearest_bucket(width: int, height: int, options: list[tuple[int, int]]) -> t
     return min(options, key=lambda wh: abs(math.log(wh[0] / wh[1]) - ratio))
 
 
+def fit_image(path: Path, size: tuple[int, int]) -> Image.Image:
+    """RGB, resized to cover the bucket (width, height) and centre-cropped to it."""
+    with Image.open(path) as img:
+        return ImageOps.fit(img.convert("RGB"), size, Image.LANCZOS)
+
+
+def check_training_set(n_examples: int, files: list[Path], config: LoraTrainConfig, what: str = "image") -> None:
+    """At least config.min_images examples, and every file present."""
+    if n_examples < config.min_images:
+        raise TrainingError(f"the training set has {n_examples} {what}(s); at least {config.min_images} are needed")
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise TrainingError(f"training images missing: {', '.join(missing[:5])}")
+
+
+def epoch_batches(groups: list[Hashable], config: LoraTrainConfig, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: shuffled, then grouped by `groups[i]` (same shapes within a batch).
+
+    An incomplete group at the end of an epoch is dropped (it comes back in another epoch's order).
+    """
+    pending: dict[Hashable, list[int]] = {}
+    out = []
+    for idx in epoch_order(len(groups), config.seed, epoch):
+        group = pending.setdefault(groups[idx], [])
+        group.append(idx)
+        if len(group) == config.batch_size:
+            out.append(group[:])
+            group.clear()
+    return out
+
+
+def batch_at(examples: list[dict], config: LoraTrainConfig, micro_step: int, group_key: str = "bucket") -> list[dict]:
+    """The batch of one micro-step: a pure function of (seed, micro_step), so a resumed run sees the same data."""
+    groups = [e[group_key] for e in examples]
+    epoch, index = 0, micro_step
+    while True:
+        batches = epoch_batches(groups, config, epoch)
+        if not batches:
+            raise TrainingError(f"no bucket holds {config.batch_size} images; lower batch_size")
+        if index < len(batches):
+            return [examples[i] for i in batches[index]]
+        index -= len(batches)
+        epoch += 1
+
+
+LossFn = Callable[[list[dict], torch.Generator], torch.Tensor]
+
+
+def fixed_batch_loss(transformer, examples: list[dict], config: LoraTrainConfig, loss: LossFn) -> float:
+    """Mean loss over the first few examples with fixed noise and timesteps (no gradient)."""
+    transformer.eval()
+    losses = []
+    with torch.no_grad():
+        for i, example in enumerate(examples[:8]):
+            losses.append(loss([example], step_generator(config.seed, i, "eval")).item())
+    transformer.train()
+    return sum(losses) / len(losses)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -119,6 +212,135 @@ def make_lr_scheduler(optimizer, config: LoraTrainConfig):
 
     return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                          num_training_steps=config.max_steps)
+
+
+def lora_transformer(model_cls, folder: Path, config: LoraTrainConfig, device: torch.device, dtype: torch.dtype):
+    """The frozen transformer (nf4 on CUDA, or plain) with a fresh peft LoRA in fp32, ready to train."""
+    from diffusers import BitsAndBytesConfig
+    from peft import LoraConfig
+
+    kwargs = {"dtype": dtype, "use_safetensors": True}
+    if config.quantization == "nf4":
+        if device.type != "cuda":
+            raise TrainingError("nf4 (QLoRA) needs a CUDA GPU; use quantization 'none' on the CPU")
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+    transformer = model_cls.from_pretrained(str(folder), **kwargs)
+    if config.quantization != "nf4":
+        transformer.to(device)
+    transformer.requires_grad_(False)
+    torch.manual_seed(config.seed)  # the LoRA's initial weights
+    transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                                       target_modules=config.target_modules))
+    for p in transformer.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if config.compile and device.type == "cuda":
+        for block in [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]:
+            block.compile()
+    transformer.train()
+    return transformer
+
+
+@dataclass
+class LoopResult:
+    resumed_from: int
+    losses: list[tuple[int, float]]
+    eval_loss_start: float
+    eval_loss_end: float
+    samples: list[Path]
+
+
+def run_training_loop(transformer, examples: list[dict], config: LoraTrainConfig, work_dir: Path, name: str,
+                      device: torch.device, loss: LossFn, log: Callable[[str], None], group_key: str = "bucket",
+                      previews: Callable[[int], list[Path]] | None = None) -> LoopResult:
+    """Train (or resume from work_dir/checkpoints) to config.max_steps.
+
+    Per step: config.gradient_accumulation micro-batches from `batch_at`, gradients clipped to
+    config.max_grad_norm, one optimizer and LR-scheduler step; checkpoints every
+    config.checkpoint_every steps and at the end; `previews(step)` every config.sample_every steps.
+    The fixed-batch eval loss is measured before the first step (fresh runs only) and after the last.
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, config, device)
+    lr_scheduler = make_lr_scheduler(optimizer, config)
+
+    start, losses = 0, []
+    checkpoint = latest_checkpoint(work_dir / "checkpoints")
+    if checkpoint is not None:
+        start, lora_state, state = load_checkpoint(checkpoint, optimizer, lr_scheduler, device)
+        set_peft_model_state_dict(transformer, lora_state)
+        losses = [tuple(x) for x in state.get("losses", [])]
+        if state.get("config") != json.loads(config.to_json()):
+            log("warning: resuming with a different config than the checkpoint's")
+        log(f"resumed from {checkpoint.name}")
+
+    def eval_loss() -> float:
+        return fixed_batch_loss(transformer, examples, config, loss)
+
+    eval_start = eval_loss() if start == 0 else float("nan")
+    samples: list[Path] = []
+    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=f"train {name}",
+               unit="step")
+    for step in bar:
+        generator = step_generator(config.seed, step)
+        total = 0.0
+        for accum in range(config.gradient_accumulation):
+            batch = batch_at(examples, config, step * config.gradient_accumulation + accum, group_key)
+            value = loss(batch, generator) / config.gradient_accumulation
+            value.backward()
+            total += value.item()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append((step + 1, total))
+        bar.set_postfix(loss=f"{total:.4f}")
+        done = step + 1
+        if done % 10 == 0 or done == config.max_steps:
+            log(f"step {done}/{config.max_steps} loss {total:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e}")
+        if previews is not None and config.sample_every and done % config.sample_every == 0:
+            samples += previews(done)
+        if done % config.checkpoint_every == 0 or done == config.max_steps:
+            save_checkpoint(work_dir / "checkpoints", done, get_peft_model_state_dict(transformer),
+                            optimizer, lr_scheduler, {"losses": losses, "config": json.loads(config.to_json())},
+                            config.keep_checkpoints)
+
+    eval_end = eval_loss()
+    log(f"fixed-batch loss {eval_start:.4f} -> {eval_end:.4f}")
+    return LoopResult(resumed_from=start, losses=losses, eval_loss_start=eval_start, eval_loss_end=eval_end,
+                      samples=samples)
+
+
+def final_lora(transformer, base_ref: str, config: LoraTrainConfig, dataset_md5: str,
+               extra: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The trained LoRA as diffusers keys (`transformer.<module>.lora_A/B.weight`) and its file metadata."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(transformer).items()}
+    metadata = {
+        "format": "pt",
+        # diffusers reads the LoRA's config (rank, alpha, targets) from here, keys prefixed by component.
+        "lora_adapter_metadata": json.dumps({f"transformer.{k}": (sorted(v) if isinstance(v, set) else v)
+                                             for k, v in transformer.peft_config["default"].to_dict().items()},
+                                            default=str, sort_keys=True),
+        "flenwheel.base_model": base_ref,
+        "flenwheel.dataset_md5": dataset_md5,
+        "flenwheel.config": config.to_json(),
+        "flenwheel.step": str(config.max_steps),
+        "flenwheel.trainer_version": TRAINER_VERSION,
+        "flenwheel.key_style": "diffusers",
+        **(extra or {}),
+    }
+    return state, metadata
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -147,6 +369,8 @@ def save_checkpoint(folder: Path, step: int, lora_state: dict[str, torch.Tensor]
                     extra: dict[str, Any], keep: int) -> Path:
     """checkpoints/step-NNNNNN/ written atomically; older ones beyond `keep` are removed."""
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".tmp-*"):  # half-written by a run that was killed: never a checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-{step:06d}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
@@ -213,11 +437,15 @@ def save_loss_curve(losses: list[tuple[int, float]], path: Path, title: str) -> 
 
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves neither a partial file nor a stray temp
+        raise
 
 
 def save_lora_file(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
