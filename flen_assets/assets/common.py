@@ -62,6 +62,14 @@ class PartitionRun:
         return f"v{self.number - 1}" if self.number > 1 else None
 
 
+def partition_asset(group: str, **kwargs: Any):
+    """@dg.asset for a character x iteration partition whose folder is published with DVC."""
+    from flen_assets.partitions import character_iteration
+
+    return dg.asset(partitions_def=character_iteration, group_name=group, io_manager_key="partition_io_manager",
+                    code_version=kwargs.pop("code_version", "1"), kinds={"python", "dvc"}, **kwargs)
+
+
 def write_manifest(rows: Sequence[Mapping[str, Any]], folder: Path, schema: pa.Schema | None = None) -> Path:
     """manifest.parquet of a staged partition folder."""
     table = pa.Table.from_pylist([dict(r) for r in rows], schema=schema) if rows or schema else pa.table({})

@@ -11,8 +11,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from flen_assets.assets.common import PartitionRun, json_col, publish, write_manifest
-from flen_assets.partitions import character_iteration
+from flen_assets.assets.common import PartitionRun, json_col, partition_asset, publish, write_manifest
 from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder
 from flen_resources.dagster_resources import FaceResource, ProjectResource
@@ -70,13 +69,7 @@ def gate_image(img: Image.Image, analyzer, reference: np.ndarray, threshold: flo
     return results, measures
 
 
-@dg.asset(
-    partitions_def=character_iteration,
-    group_name=GROUP,
-    io_manager_key="partition_io_manager",
-    code_version="1",
-    kinds={"python", "dvc"},
-)
+@partition_asset(GROUP)
 def filtered_images(context: dg.AssetExecutionContext, config: FilterConfig, project: ProjectResource,
                     faces: FaceResource, identity_reference: PartitionFolder, enriched_images: PartitionFolder,
                     source_images: PartitionFolder) -> dg.Output:
@@ -135,13 +128,7 @@ class TrainingSetConfig(dg.Config):
     caption_prefix: str = "photo of"
 
 
-@dg.asset(
-    partitions_def=character_iteration,
-    group_name=GROUP,
-    io_manager_key="partition_io_manager",
-    code_version="1",
-    kinds={"python", "dvc"},
-)
+@partition_asset(GROUP)
 def training_set(context: dg.AssetExecutionContext, config: TrainingSetConfig, project: ProjectResource,
                  source_images: PartitionFolder, filtered_images: PartitionFolder,
                  enriched_images: PartitionFolder) -> dg.Output:

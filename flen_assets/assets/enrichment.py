@@ -7,8 +7,7 @@ import dagster as dg
 from PIL import Image
 from tqdm import tqdm
 
-from flen_assets.assets.common import PartitionRun, json_col, publish, write_manifest
-from flen_assets.partitions import character_iteration
+from flen_assets.assets.common import PartitionRun, json_col, partition_asset, publish, write_manifest
 from flen_assets.recipe import load_recipe
 from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder
@@ -26,12 +25,8 @@ class EnrichConfig(dg.Config):
     max_entries: int = 0  # 0: every entry of the recipe
 
 
-@dg.asset(
-    partitions_def=character_iteration,
-    group_name=GROUP,
-    io_manager_key="partition_io_manager",
-    code_version="1",
-    kinds={"python", "dvc"},
+@partition_asset(
+    GROUP,
     pool="gpu",
 )
 def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, project: ProjectResource,

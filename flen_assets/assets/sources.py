@@ -10,8 +10,7 @@ import dagster as dg
 import numpy as np
 from tqdm import tqdm
 
-from flen_assets.assets.common import PartitionRun, json_col, publish, write_manifest
-from flen_assets.partitions import character_iteration
+from flen_assets.assets.common import PartitionRun, json_col, partition_asset, publish, write_manifest
 from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder
 from flen_resources.dagster_resources import FaceResource, ProjectResource
@@ -59,12 +58,8 @@ def _previous_sources(run: PartitionRun) -> list[dict]:
     return pq.read_table(manifest).to_pylist()
 
 
-@dg.asset(
-    partitions_def=character_iteration,
-    group_name=GROUP,
-    io_manager_key="partition_io_manager",
-    code_version="1",
-    kinds={"python", "dvc"},
+@partition_asset(
+    GROUP,
     check_specs=[
         dg.AssetCheckSpec("all_inbox_files_usable", asset="source_images",
                           description="Every file in the inbox decoded and had one usable face."),
@@ -215,12 +210,8 @@ def calibrate_threshold(loo: np.ndarray, config: IdentityConfig) -> tuple[float,
                        f"{config.min_threshold}, {config.default_threshold}) over {len(loo)} sources")
 
 
-@dg.asset(
-    partitions_def=character_iteration,
-    group_name=GROUP,
-    io_manager_key="partition_io_manager",
-    code_version="1",
-    kinds={"python", "dvc"},
+@partition_asset(
+    GROUP,
     check_specs=[dg.AssetCheckSpec("sources_agree_with_reference", asset="identity_reference",
                                    description="Every accepted source is within the threshold of the reference; no outliers.")],
 )

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
 
+from flen_resources.imaging import sha256_file
 from flen_resources.models.registry import LORAS, MODELS
 from flen_resources.models.sources import PICKLE_SUFFIXES, ModelNotAvailable
 
@@ -35,14 +35,6 @@ class LoraFile:
         """The dict stored in lineage for this LoRA at `weight`."""
         return {"name": self.name, "file": self.path.name, "sha256": self.sha256, "weight": weight,
                 "key_style": self.key_style, "rank": self.rank}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def detect_architecture(keys: list[str]) -> str:
@@ -91,7 +83,7 @@ def inspect_lora(path: Path, name: str | None = None) -> LoraFile:
         raise LoraError(f"LoRA {path.name} is not a readable safetensors file: {exc}") from exc
     if not any("lora" in k for k in keys):
         raise LoraError(f"LoRA {path.name} holds no LoRA tensors (no lora_A/lora_B or lora_down/lora_up keys)")
-    return LoraFile(name=name or path.stem, path=path, sha256=_sha256(path), architecture=detect_architecture(keys),
+    return LoraFile(name=name or path.stem, path=path, sha256=sha256_file(path), architecture=detect_architecture(keys),
                     key_style=detect_key_style(keys), rank=int(rank), n_tensors=len(keys))
 
 
