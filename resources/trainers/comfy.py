@@ -47,7 +47,7 @@ def export_flux_comfyui(state: dict[str, torch.Tensor], config, alpha: float, pa
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         module, _, kind = key.removeprefix("transformer.").rpartition(".lora_")
-        modules.setdefault(module, {})[kind.split(".")[0]] = value
+        modules.setdefault(module, {})[kind.split(".")[0]] = value.detach().cpu()  # zero blocks are made on the CPU
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for prefix, table, count in (("transformer_blocks", DOUBLE, config.num_layers),

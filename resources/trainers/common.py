@@ -225,6 +225,7 @@ def lora_transformer(model_cls, folder: Path, config: LoraTrainConfig, device: t
             raise TrainingError("nf4 (QLoRA) needs a CUDA GPU; use quantization 'none' on the CPU")
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": str(device)}  # quantized straight onto the GPU
     transformer = model_cls.from_pretrained(str(folder), **kwargs)
     if config.quantization != "nf4":
         transformer.to(device)
@@ -344,24 +345,40 @@ def peak_gib(device: torch.device) -> float | None:
 
 
 # -- checkpoints ------------------------------------------------------------------------------
+def _split_value(name: str, value: Any, tensors: dict[str, torch.Tensor]) -> dict:
+    """One optimizer-state value -> its JSON entry; tensors go to `tensors` under `name`.
+
+    Nested dicts are kept (bitsandbytes' 8-bit optimizers wrap their quantization state in one).
+    """
+    if torch.is_tensor(value):
+        tensors[name] = value.detach().contiguous().cpu()
+        return {"tensor": name, "device_scalar": value.dim() == 0}
+    if isinstance(value, dict):
+        return {"dict": {str(k): _split_value(f"{name}.{k}", v, tensors) for k, v in value.items()}}
+    json.dumps(value)  # anything else must survive JSON as it is (raises TypeError otherwise)
+    return {"value": value}
+
+
+def _join_value(entry: dict, tensors: dict[str, torch.Tensor]) -> Any:
+    if "tensor" in entry:
+        return tensors[entry["tensor"]]
+    if "dict" in entry:
+        return {k: _join_value(v, tensors) for k, v in entry["dict"].items()}
+    return entry["value"]
+
+
 def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizer state_dict -> (tensors for safetensors, the rest as JSON-able data)."""
-    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    tensors: dict[str, torch.Tensor] = {}
+    meta = {"param_groups": state["param_groups"], "state": {}}
     for idx, entries in state["state"].items():
-        meta["state"][str(idx)] = {}
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
-                meta["state"][str(idx)][key] = {"tensor": f"{idx}.{key}", "device_scalar": value.dim() == 0}
-            else:
-                meta["state"][str(idx)][key] = {"value": value}
+        meta["state"][str(idx)] = {key: _split_value(f"{idx}.{key}", value, tensors) for key, value in entries.items()}
     return tensors, meta
 
 
 def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state = {}
-    for idx, entries in meta["state"].items():
-        state[int(idx)] = {k: (tensors[v["tensor"]] if "tensor" in v else v["value"]) for k, v in entries.items()}
+    state = {int(idx): {k: _join_value(v, tensors) for k, v in entries.items()}
+             for idx, entries in meta["state"].items()}
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
