@@ -10,7 +10,8 @@ from flen_assets.assets import curation, enrichment, sources
 from flen_assets.jobs import training_set_job
 from flen_assets.sensors import inbox_sensor
 from flen_io_managers.partition_folder import PartitionFolderIOManager
-from flen_resources.dagster_resources import EditorResource, FaceResource, GeneratorResource, ProjectResource
+from flen_resources.dagster_resources import (EditorResource, FaceResource, GeneratorResource, ProjectResource,
+                                              TrainerResource)
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([sources, enrichment, curation]),
@@ -25,6 +26,8 @@ defs = dg.Definitions(
                                  qwen_quantization=os.environ.get("FLEN_QUANTIZATION", "none")),
         "generator": GeneratorResource(flux_model=os.environ.get("FLEN_FLUX_MODEL", "tiny"),
                                        flux_quantization=os.environ.get("FLEN_QUANTIZATION", "none")),
+        "trainer": TrainerResource(flux_model=os.environ.get("FLEN_FLUX_MODEL", "tiny"),
+                                   qwen_model=os.environ.get("FLEN_QWEN_EDIT_MODEL", "tiny")),
         "partition_io_manager": PartitionFolderIOManager(),
     },
 )

@@ -94,3 +94,26 @@ class GeneratorResource(dg.ConfigurableResource):
 
             self._generator = FluxGenerator(model=self.flux_model, quantization=self.flux_quantization, device=self.device)
         return self._generator
+
+
+class TrainerResource(dg.ConfigurableResource):
+    """The LoRA trainers (FLUX.1-dev on training sets, Qwen-Image-Edit on edit triplets).
+
+    Run folders (cache, checkpoints, outputs) live under the project's state folder, so a killed
+    materialization resumes from its last checkpoint when it is launched again.
+    """
+
+    flux_model: str = "tiny"
+    qwen_model: str = "tiny"
+
+    def flux(self, work_dir: Path, log=print):
+        """A FluxLoraTrainer for one run folder."""
+        from flen_resources.trainers.flux_lora import FluxLoraTrainer
+
+        return FluxLoraTrainer(model=self.flux_model, work_dir=work_dir, log=log)
+
+    def qwen_edit(self, work_dir: Path, log=print):
+        """A QwenEditLoraTrainer for one run folder."""
+        from flen_resources.trainers.qwen_edit_lora import QwenEditLoraTrainer
+
+        return QwenEditLoraTrainer(model=self.qwen_model, work_dir=work_dir, log=log)
