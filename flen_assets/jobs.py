@@ -14,3 +14,11 @@ training_set_job = dg.define_asset_job(
     partitions_def=character_iteration,
     description="Ingest, enrich, gate and caption one character x iteration.",
 )
+
+flywheel_job = dg.define_asset_job(
+    "flywheel_job",
+    selection=dg.AssetSelection.all(),
+    partitions_def=character_iteration,
+    description="One whole iteration: training set, FLUX LoRA, its evaluation and synthetic batch, edit "
+                "triplets and the Qwen-Image-Edit adapter.",
+)

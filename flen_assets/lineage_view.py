@@ -40,3 +40,29 @@ def render_tree(asset: str, character: str, iteration: str, rows: list[dict]) ->
             target = f"source file {where!r} ({step['image_path']})" if where else (step["image_path"] or step["image_id"][:12])
             lines.append(f"{indent}└─ {step['operation']}{_params(step['params'])} [{step['model']}] <- {target}")
     return "\n".join(lines)
+
+
+CHAIN = ["flux_lora", "training_set", "filtered_images", "enriched_images", "identity_reference", "source_images",
+         "lora_eval", "synthetic_batch", "edit_triplets", "qwen_adapter"]
+
+
+def render_header(runs: list[dict], artifacts: dict[str, str], character: str, iteration: str) -> str:
+    """Partition-level lineage: each asset's version, models, and what it read from v(N-1)."""
+    by_asset = {r["asset"]: r for r in runs}
+    lines = [f"versions of {character}|{iteration} (DVC md5) and their inputs:"]
+    for asset in CHAIN:
+        if asset not in artifacts:
+            continue
+        run = by_asset.get(asset, {})
+        params = json.loads(run.get("params") or "{}")
+        models = json.loads(run.get("models") or "{}")
+        extra = []
+        if "training_set_md5" in params:
+            extra.append(f"trained on training_set {params['training_set_md5'][:12]}")
+        for inp in params.get("previous_iteration_inputs", []):
+            extra.append(f"reads {inp['asset']} {inp['iteration']} ({inp['dvc_md5'][:12]})")
+        if models:
+            extra.append("models " + ", ".join(str(v) if not isinstance(v, list) else ", ".join(v)
+                                                for v in models.values()))
+        lines.append(f"  {asset:19s} {artifacts[asset][:12]}" + (f"  — {'; '.join(extra)}" if extra else ""))
+    return "\n".join(lines)

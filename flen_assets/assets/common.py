@@ -39,6 +39,7 @@ class PartitionRun:
     character: str
     iteration: str
     started_at: datetime = field(default_factory=utcnow)
+    cross_inputs: list[dict] = field(default_factory=list)  # v(N-1) partitions read (see previous())
 
     @classmethod
     def start(cls, context: dg.AssetExecutionContext, project: ProjectResource) -> "PartitionRun":
@@ -60,6 +61,27 @@ class PartitionRun:
 
     def previous_iteration(self) -> str | None:
         return f"v{self.number - 1}" if self.number > 1 else None
+
+    def previous(self, asset: str) -> PartitionFolder | None:
+        """`asset` of v(N-1), read through the lineage store's DVC pointer (None for v1).
+
+        Dagster forbids the cycle vN -> v(N+1) in the asset graph, so these cross-iteration reads
+        happen here: they fail fast when v(N-1) is not materialized, and are recorded in lineage
+        (the run's params) and in the materialization metadata.
+        """
+        prev = self.previous_iteration()
+        if prev is None:
+            return None
+        path = self.project.partition_dir(asset, self.character, prev)
+        pointer = path.with_name(path.name + ".dvc")
+        if not (path / MANIFEST).is_file() or not pointer.is_file():
+            raise dg.Failure(f"{self.asset} {self.character}|{self.iteration} reads {asset} of {prev}, which is not "
+                             f"materialized: materialize {asset} for partition {self.character}|{prev} first")
+        import yaml
+
+        md5 = yaml.safe_load(pointer.read_text())["outs"][0]["md5"]
+        self.cross_inputs.append({"asset": asset, "iteration": prev, "dvc_md5": md5})
+        return PartitionFolder(asset, self.character, prev, path, md5)
 
 
 def partition_asset(group: str, **kwargs: Any):
@@ -92,6 +114,9 @@ def publish(run: PartitionRun, project: ProjectResource, staged: Path, *, params
     run.lineage.append("artifacts", [run.stamp(path=run.project.relative(published.path), dvc_md5=published.dvc_md5,
                                                n_files=published.n_files, size_bytes=published.size_bytes,
                                                dvc_file=published.dvc_file, created_at=now)])
+    if run.cross_inputs:
+        params = {**params, "previous_iteration_inputs": run.cross_inputs}
+        meta["previous_iteration_inputs"] = dg.MetadataValue.json(run.cross_inputs)
     run.lineage.append("runs", [run.stamp(code_version=CODE_VERSION, params=to_json(params),
                                           models=to_json(models or {}), status="success",
                                           started_at=run.started_at, finished_at=now,

@@ -133,7 +133,9 @@ def training_set(context: dg.AssetExecutionContext, config: TrainingSetConfig, p
                  source_images: PartitionFolder, filtered_images: PartitionFolder,
                  enriched_images: PartitionFolder) -> dg.Output:
     """The images a LoRA trains on, each with a caption (trigger word + what the edit changed),
-    laid out as images/<id>.png + images/<id>.txt, the format ai-toolkit and kohya read."""
+    laid out as images/<id>.png + images/<id>.txt, the format ai-toolkit and kohya read.
+    From v2 on it also holds the accepted synthetic images of v(N-1) (read through the lineage
+    store: Dagster forbids that cycle in the graph)."""
     run = PartitionRun.start(context, project)
     trigger = config.trigger_word or f"{run.character}_flen"
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
@@ -148,6 +150,12 @@ def training_set(context: dg.AssetExecutionContext, config: TrainingSetConfig, p
             members.append(dict(image_id=cand["image_id"], src=enriched_images.path / cand["image_path"],
                                 origin="enriched", parent_id=cand["parent_id"], recipe_id=cand["recipe_id"],
                                 fragment=cand["caption"]))
+    synthetic = run.previous("synthetic_batch")
+    for gen in synthetic.rows() if synthetic else []:
+        if gen["accepted"]:
+            members.append(dict(image_id=gen["image_id"], src=synthetic.path / gen["image_path"], origin="synthetic",
+                                parent_id=f"flux_lora:{synthetic.iteration}", recipe_id=None,
+                                fragment=gen["caption"]))
     if not members:
         raise dg.Failure(f"the training set for {run.character}|{run.iteration} would be empty: "
                          "no source or enriched image was accepted (see filtered_images)")
@@ -168,5 +176,6 @@ def training_set(context: dg.AssetExecutionContext, config: TrainingSetConfig, p
     origins = Counter(r["origin"] for r in rows)
     return publish(run, project, staged, params={**config.model_dump(), "trigger": trigger},
                    metadata={"images": len(rows), "by_origin": dict(origins), "trigger": trigger,
-                             "example_caption": rows[-1]["caption"]},
+                             "example_caption": rows[-1]["caption"],
+                             "synthetic_from_previous": origins.get("synthetic", 0)},
                    sheet=tiles)

@@ -1,0 +1,1 @@
+"""The edit-model flywheel: accepted (before, prompt, after) triplets and the Qwen-Image-Edit adapter."""
