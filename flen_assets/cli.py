@@ -133,7 +133,8 @@ def _report(result) -> None:
         if event.event_type_value == "ASSET_MATERIALIZATION":
             mat = event.event_specific_data.materialization
             meta = {k: v.value for k, v in mat.metadata.items()
-                    if k in ("accepted", "rejected", "edits", "images", "threshold", "dvc_md5")}
+                    if k in ("accepted", "rejected", "edits", "images", "threshold", "final_loss",
+                             "identity_consistency", "generated", "triplets", "trained", "dvc_md5")}
             typer.echo(f"  ✓ {mat.asset_key.to_user_string():20s} {meta}")
         elif event.event_type_value == "STEP_FAILURE":
             typer.secho(f"  ✗ {event.step_key}: {event.event_specific_data.error.message.strip()}", fg=typer.colors.RED)

@@ -8,7 +8,7 @@ import dagster as dg
 
 from flen_assets.assets import curation, edit_model, enrichment, lora, sources
 from flen_assets.jobs import flywheel_job, training_set_job
-from flen_assets.sensors import inbox_sensor
+from flen_assets.sensors import inbox_sensor, next_iteration_sensor
 from flen_io_managers.partition_folder import PartitionFolderIOManager
 from flen_resources.dagster_resources import (EditorResource, FaceResource, GeneratorResource, ProjectResource,
                                               TrainerResource)
@@ -16,7 +16,7 @@ from flen_resources.dagster_resources import (EditorResource, FaceResource, Gene
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([sources, enrichment, curation, lora, edit_model]),
     jobs=[training_set_job, flywheel_job],
-    sensors=[inbox_sensor],
+    sensors=[inbox_sensor, next_iteration_sensor],
     resources={
         "project": ProjectResource(),
         "faces": FaceResource(),

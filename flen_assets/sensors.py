@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from flen_assets.jobs import training_set_job
+from flen_assets.jobs import flywheel_job, training_set_job
 from flen_assets.partitions import character_partitions, iteration_partitions, partition_key
 from flen_assets.project import InvalidNameError, validate_slug
 from flen_resources.dagster_resources import ProjectResource
@@ -37,3 +37,28 @@ def inbox_sensor(context: dg.SensorEvaluationContext, project: ProjectResource) 
         run_requests=[dg.RunRequest(run_key=f"inbox:{n}:v1", partition_key=str(partition_key(n, "v1"))) for n in new],
         dynamic_partitions_requests=requests,
     )
+
+
+@dg.sensor(job=flywheel_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
+           description="Opt-in: when a character's synthetic batch vN is published and reviewed, add v(N+1) "
+                       "and launch the whole flywheel for it.")
+def next_iteration_sensor(context: dg.SensorEvaluationContext, project: ProjectResource) -> dg.SensorResult | dg.SkipReason:
+    proj = project.project
+    iterations = set(context.instance.get_dynamic_partitions(iteration_partitions.name))
+    requests, new_iterations = [], set()
+    for character in context.instance.get_dynamic_partitions(character_partitions.name):
+        folder = proj.data_dir / "synthetic_batch" / character
+        done = max((int(p.name[1:-4]) for p in folder.glob("v*.dvc")), default=0) if folder.is_dir() else 0
+        if done == 0 or (proj.data_dir / "training_set" / character / f"v{done + 1}.dvc").exists():
+            continue
+        # Review policy `auto` decides every image in the asset itself; the review page (issue 6)
+        # will make this wait until every pending image of v{done} has a human decision.
+        nxt = f"v{done + 1}"
+        if nxt not in iterations:
+            new_iterations.add(nxt)
+        requests.append(dg.RunRequest(run_key=f"iterate:{character}:{nxt}",
+                                      partition_key=str(partition_key(character, nxt))))
+    if not requests:
+        return dg.SkipReason("no character has a finished iteration waiting for the next one")
+    return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=(
+        [iteration_partitions.build_add_request(sorted(new_iterations))] if new_iterations else []))

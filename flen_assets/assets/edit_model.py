@@ -1,1 +1,228 @@
-"""The edit-model flywheel: accepted (before, prompt, after) triplets and the Qwen-Image-Edit adapter."""
+"""The edit-model flywheel: accepted (before, prompt, after) triplets and the Qwen-Image-Edit adapter.
+
+edit_triplets vN holds every accepted edit so far (v(N-1)'s rows are carried), each as the source
+photo (before), an edit instruction (prompt) and the accepted result (after). qwen_adapter vN is a
+Qwen-Image-Edit-2509 LoRA trained on them; enriched_images v(N+1) stacks it on every qwen_edit
+entry, so the edit model learns to keep this character's identity.
+"""
+
+import json
+import shutil
+from collections import Counter
+
+import dagster as dg
+import pyarrow as pa
+from PIL import Image
+
+from flen_assets.assets.common import PartitionRun, partition_asset, publish, write_manifest
+from flen_assets.visuals import Tile, markdown_thumbnail
+from flen_io_managers.partition_folder import PartitionFolder
+from flen_resources.dagster_resources import ProjectResource, TrainerResource
+from flen_resources.lineage import utcnow
+
+GROUP = "edit_model"
+ADAPTER_FILE = "qwen_adapter.safetensors"
+ADAPTER_COMFYUI_FILE = "qwen_adapter_comfyui.safetensors"
+
+TRIPLET_SCHEMA = pa.schema([
+    ("before_id", pa.string()), ("after_id", pa.string()), ("before_path", pa.string()), ("after_path", pa.string()),
+    ("prompt", pa.string()), ("operation", pa.string()), ("recipe_id", pa.string()), ("model", pa.string()),
+    ("origin_iteration", pa.string()),
+])
+ADAPTER_SCHEMA = pa.schema([
+    ("status", pa.string()), ("file", pa.string()), ("key_style", pa.string()), ("base_model", pa.string()),
+    ("dataset_md5", pa.string()), ("triplets", pa.int64()), ("steps", pa.int64()), ("config", pa.string()),
+    ("final_loss", pa.float64()), ("eval_loss_start", pa.float64()), ("eval_loss_end", pa.float64()),
+])
+
+# Edit instructions for the classic operations (qwen_edit rows keep their own prompt). A template
+# may use {caption} (the recipe entry's caption); an operation not listed falls back to the caption.
+CLASSIC_INSTRUCTIONS = {
+    "mirror": "Flip the photo horizontally",
+    "zoom": "Zoom in to a close-up portrait",
+    "rotate": "Rotate the photo slightly: {caption}",
+    "lighting": "Change the lighting: {caption}",
+    "color_temperature": "Change the lighting: {caption}",
+    "background_blur": "Blur the background and keep the face sharp",
+    "grayscale": "Turn the photo into a black and white photo",
+}
+
+
+def edit_instruction(operation: str, caption: str | None, prompt: str | None = None) -> str:
+    """The instruction of one edit: its own prompt if it has one, else one derived from the operation."""
+    if prompt and prompt.strip():
+        return prompt.strip()
+    caption = (caption or "").strip()
+    template = CLASSIC_INSTRUCTIONS.get(operation)
+    if template and (caption or "{caption}" not in template):
+        return template.format(caption=caption)
+    if caption:
+        return f"Edit the photo: {caption}"
+    return f"Apply the {operation.replace('_', ' ')} edit to the photo"
+
+
+def pair_tile(before: Image.Image, after: Image.Image, height: int = 160, gap: int = 4) -> Image.Image:
+    """before | after side by side, both scaled to `height`."""
+    def scaled(img: Image.Image) -> Image.Image:
+        img = img.convert("RGB")
+        return img.resize((max(1, round(img.width * height / img.height)), height), Image.LANCZOS)
+
+    left, right = scaled(before), scaled(after)
+    tile = Image.new("RGB", (left.width + gap + right.width, height), (255, 255, 255))
+    tile.paste(left, (0, 0))
+    tile.paste(right, (left.width + gap, 0))
+    return tile
+
+
+@partition_asset(GROUP)
+def edit_triplets(context: dg.AssetExecutionContext, project: ProjectResource, enriched_images: PartitionFolder,
+                  filtered_images: PartitionFolder, source_images: PartitionFolder) -> dg.Output:
+    """Accepted (before, prompt, after) triplets: the source photo, the edit instruction and the
+    accepted enriched image, as before/<id>.png and after/<id>.png. Cumulative: vN carries every
+    row of v(N-1) (materialize that first), so the adapter of vN learns from all accepted edits."""
+    run = PartitionRun.start(context, project)
+    staged = project.dvc.stage(run.asset, run.character, run.iteration)
+    (staged / "before").mkdir()
+    (staged / "after").mkdir()
+    part_rel = run.project.relative(run.project.partition_dir(run.asset, run.character, run.iteration))
+
+    rows: list[dict] = []
+    files: dict[str, object] = {}  # staged relative path -> source file
+    previous = run.previous("edit_triplets")
+    if previous is not None:
+        for row in previous.rows():
+            files[row["before_path"]] = previous.path / row["before_path"]
+            files[row["after_path"]] = previous.path / row["after_path"]
+            rows.append({name: row.get(name) for name in TRIPLET_SCHEMA.names})
+    carried = len(rows)
+    seen = {r["after_id"] for r in rows}
+
+    sources = {r["image_id"]: r for r in source_images.rows() if r.get("image_id")}
+    edits = {r["image_id"]: r for r in enriched_images.rows()}
+    accepted = [r for r in filtered_images.rows() if r["accepted"]]
+    for gate in accepted:
+        after_id = gate["image_id"]
+        if after_id in seen:  # the same edit accepted again (classic edits are deterministic)
+            continue
+        edit, source = edits.get(after_id), sources.get(gate["parent_id"])
+        if edit is None or source is None:
+            raise dg.Failure(f"edit_triplets {run.character}|{run.iteration}: accepted image {after_id[:12]} has no "
+                             f"{'enriched_images row' if edit is None else 'source image ' + gate['parent_id'][:12]}; "
+                             "re-materialize enriched_images, filtered_images and source_images of this partition")
+        before_id = source["image_id"]
+        before_path, after_path = f"before/{before_id}.png", f"after/{after_id}.png"
+        files[before_path] = source_images.path / source["image_path"]
+        files[after_path] = enriched_images.path / edit["image_path"]
+        rows.append(dict(before_id=before_id, after_id=after_id, before_path=before_path, after_path=after_path,
+                         prompt=edit_instruction(edit["operation"], edit["caption"], edit["prompt"]),
+                         operation=edit["operation"], recipe_id=edit["recipe_id"], model=edit["model"],
+                         origin_iteration=run.iteration))
+        seen.add(after_id)
+    for rel, src in files.items():
+        shutil.copyfile(src, staged / rel)
+
+    write_manifest(rows, staged, TRIPLET_SCHEMA)
+    now = utcnow()
+    run.lineage.append("members", [run.stamp(image_id=r["after_id"], path=f"{part_rel}/{r['after_path']}",
+                                             origin="triplet", caption=r["prompt"], created_at=now) for r in rows])
+    tiles = [Tile(pair_tile(Image.open(staged / r["before_path"]), Image.open(staged / r["after_path"])),
+                  f"{r['origin_iteration']} {r['prompt']}", True) for r in rows]
+    by_op = Counter(r["operation"] for r in rows)
+    context.log.info(f"{len(rows)} triplets ({len(rows) - carried} new in {run.iteration}, {carried} carried)")
+    return publish(run, project, staged, params={"carried": carried, "new": len(rows) - carried},
+                   metadata={"triplets": len(rows), "new": len(rows) - carried, "carried": carried,
+                             "by_operation": dict(by_op),
+                             "example_prompt": rows[-1]["prompt"] if rows else ""},
+                   sheet=tiles)
+
+
+class QwenAdapterConfig(dg.Config):
+    """Training knobs of the Qwen-Image-Edit adapter (defaults: a 24 GB card). The demo lowers them."""
+
+    steps: int = 500
+    rank: int = 16
+    learning_rate: float = 1e-4
+    resolution: int = 1024
+    quantization: str = "auto"  # auto: nf4 on a GPU, none on the CPU
+    seed: int = 0
+    min_triplets: int = 4  # fewer: no adapter this iteration (the run still succeeds)
+
+
+def adapter_file(folder: PartitionFolder):
+    """The diffusers-style LoRA of a qwen_adapter partition, or None when that iteration skipped training."""
+    for row in folder.rows():
+        if row.get("status") == "trained" and row.get("key_style") == "diffusers" and row.get("file"):
+            return folder.path / row["file"]
+    return None
+
+
+@partition_asset(GROUP, pool="gpu")
+def qwen_adapter(context: dg.AssetExecutionContext, config: QwenAdapterConfig, project: ProjectResource,
+                 trainer: TrainerResource, edit_triplets: PartitionFolder) -> dg.Output:
+    """A Qwen-Image-Edit-2509 LoRA trained on the edit triplets so far: diffusers and ComfyUI files,
+    loss curve, config. enriched_images of the next iteration stacks it on every qwen_edit entry.
+    With fewer than `min_triplets` triplets nothing is trained: the folder says so, the run succeeds."""
+    run = PartitionRun.start(context, project)
+    triplet_rows = edit_triplets.rows()
+    staged = project.dvc.stage(run.asset, run.character, run.iteration)
+    columns = dict(status=None, file=None, key_style=None, base_model=None, dataset_md5=edit_triplets.dvc_md5,
+                   triplets=len(triplet_rows), steps=None, config=None, final_loss=None, eval_loss_start=None,
+                   eval_loss_end=None)
+    if len(triplet_rows) < config.min_triplets:
+        status = f"skipped: {len(triplet_rows)} triplets < {config.min_triplets}"
+        context.log.info(f"qwen_adapter {run.character}|{run.iteration} not trained ({status}); enrichment of the "
+                         "next iteration runs without an adapter")
+        write_manifest([{**columns, "status": status}], staged, ADAPTER_SCHEMA)
+        run.lineage.append("metrics", [run.stamp(name="triplets", value=float(len(triplet_rows)),
+                                                 recorded_at=utcnow())])
+        return publish(run, project, staged, params={**config.model_dump(), "triplets_md5": edit_triplets.dvc_md5},
+                       metadata={"trained": False, "status": status, "triplets": len(triplet_rows),
+                                 "triplets_md5": edit_triplets.dvc_md5})
+
+    import torch
+
+    from flen_resources.trainers.common import LoraTrainConfig
+    from flen_resources.trainers.qwen_edit_lora import Triplet
+
+    gpu = torch.cuda.is_available()
+    quantization = config.quantization if config.quantization != "auto" else ("nf4" if gpu else "none")
+    train_config = LoraTrainConfig(max_steps=config.steps, rank=config.rank, alpha=float(config.rank),
+                                   learning_rate=config.learning_rate, resolution=config.resolution,
+                                   quantization=quantization, optimizer="adamw8bit" if gpu else "adamw",
+                                   seed=config.seed, lr_warmup_steps=min(50, config.steps // 10), sample_every=0,
+                                   checkpoint_every=max(1, min(250, config.steps)), min_images=config.min_triplets)
+    triplets = [Triplet(controls=[edit_triplets.path / r["before_path"]], prompt=r["prompt"],
+                        target=edit_triplets.path / r["after_path"]) for r in triplet_rows]
+    # The run folder is keyed by the dataset version: a rerun on the same triplets resumes or reuses it.
+    work = (run.project.state_dir / "runs" /
+            f"qwen_adapter-{run.character}-{run.iteration}-{edit_triplets.dvc_md5[:12]}")
+    result = trainer.qwen_edit(work, log=context.log.info).train(
+        triplets, train_config, name=f"{run.character}_{run.iteration}_qwen_adapter",
+        dataset_md5=edit_triplets.dvc_md5)
+
+    shutil.copyfile(result.lora_path, staged / ADAPTER_FILE)
+    shutil.copyfile(result.loss_curve, staged / "loss_curve.png")
+    final_loss = result.losses[-1][1] if result.losses else float("nan")
+    trained = {**columns, "status": "trained", "base_model": result.metadata.get("flenwheel.base_model"),
+               "steps": result.steps, "config": train_config.to_json(), "final_loss": final_loss,
+               "eval_loss_start": result.eval_loss_start, "eval_loss_end": result.eval_loss_end}
+    rows = [{**trained, "file": ADAPTER_FILE, "key_style": "diffusers"}]
+    if result.comfyui_path and result.comfyui_path.is_file():
+        shutil.copyfile(result.comfyui_path, staged / ADAPTER_COMFYUI_FILE)
+        rows.append({**trained, "file": ADAPTER_COMFYUI_FILE, "key_style": "comfyui"})
+    write_manifest(rows, staged, ADAPTER_SCHEMA)
+    run.lineage.append("metrics", [run.stamp(name=n, value=float(v), recorded_at=utcnow()) for n, v in
+                                   [("triplets", len(triplet_rows)), ("final_loss", final_loss),
+                                    ("eval_loss_start", result.eval_loss_start),
+                                    ("eval_loss_end", result.eval_loss_end), ("train_seconds", result.seconds)]])
+    curve = Image.open(result.loss_curve)
+    return publish(run, project, staged,
+                   params={**json.loads(train_config.to_json()), "triplets_md5": edit_triplets.dvc_md5},
+                   models={"base": result.metadata.get("flenwheel.base_model")},
+                   metadata={"trained": True, "status": "trained", "triplets": len(triplet_rows),
+                             "steps": result.steps, "resumed_from": result.resumed_from,
+                             "final_loss": round(final_loss, 5),
+                             "fixed_batch_loss": f"{result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f}",
+                             "train_seconds": round(result.seconds, 1), "peak_gpu_gib": result.peak_gib or 0.0,
+                             "triplets_md5": edit_triplets.dvc_md5,
+                             "loss_curve": dg.MetadataValue.md(markdown_thumbnail(curve, alt="loss curve"))})

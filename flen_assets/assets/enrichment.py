@@ -1,6 +1,7 @@
 """Enrichment: new views of the accepted sources, made by an editor backend."""
 
 
+import dataclasses
 import json
 
 import dagster as dg
@@ -8,6 +9,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from flen_assets.assets.common import PartitionRun, json_col, partition_asset, publish, write_manifest
+from flen_assets.assets.edit_model import adapter_file
 from flen_assets.recipe import load_recipe
 from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder
@@ -16,6 +18,25 @@ from flen_resources.imaging import save_png
 from flen_resources.lineage import utcnow
 
 GROUP = "enrichment"
+ADAPTER_LORA = "qwen-adapter"  # the LoRA name of qwen_adapter v(N-1) in the editor's stack
+
+
+def previous_adapter(run: PartitionRun) -> dict | None:
+    """qwen_adapter of v(N-1) (None for v1): fails fast when it was never materialized; its LoRA
+    file is None when that iteration had too few triplets to train one."""
+    folder = run.previous("qwen_adapter")
+    if folder is None:
+        return None
+    lora = adapter_file(folder)
+    status = next((r["status"] for r in folder.rows() if r.get("status")), "unknown")
+    return {"asset": "qwen_adapter", "iteration": folder.iteration, "dvc_md5": folder.dvc_md5,
+            "trained": lora is not None, "status": status, "path": lora}
+
+
+def with_adapter(request, weight: float):
+    """The request with the qwen adapter added to its LoRA stack."""
+    loras = {**dict(request.params.get("loras", {})), ADAPTER_LORA: weight}
+    return dataclasses.replace(request, params={**request.params, "loras": loras})
 
 
 class EnrichConfig(dg.Config):
@@ -23,6 +44,7 @@ class EnrichConfig(dg.Config):
 
     recipe: str = ""  # a recipe TOML path or a built-in name (classic, angles, demo); empty: classic
     max_entries: int = 0  # 0: every entry of the recipe
+    adapter_weight: float = 1.0  # weight of qwen_adapter v(N-1) on every qwen_edit entry; 0: leave it out
 
 
 @partition_asset(
@@ -40,6 +62,16 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
     (staged / "images").mkdir()
     part_rel = run.project.relative(run.project.partition_dir(run.asset, run.character, run.iteration))
+    adapter = previous_adapter(run)
+    uses_qwen = any((e.editor or recipe.editor) == "qwen_edit" for e in entries)
+    use_adapter = bool(adapter and adapter["trained"] and config.adapter_weight and uses_qwen)
+    if use_adapter:
+        editor.get("qwen_edit").set_lora_source(ADAPTER_LORA, str(adapter["path"]))
+    if adapter:
+        context.log.info(f"qwen_adapter {adapter['iteration']}: " + (
+            f"stacked on every qwen_edit entry at weight {config.adapter_weight}" if use_adapter else
+            f"not used ({adapter['status']})" if not adapter["trained"] else
+            "not used (adapter_weight 0)" if not config.adapter_weight else "not used (no qwen_edit entry in the recipe)"))
 
     rows, image_rows, edge_rows, tiles = [], [], [], []
     jobs = [(s, e) for s in sources for e in entries]
@@ -47,8 +79,13 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
         parent = Image.open(source_images.path / source["image_path"]).convert("RGB")
         request = entry.request_for(source["image_id"], recipe.version)
         box = tuple(json.loads(source["face_box"])) if source["face_box"] else None
-        backend = editor.get(entry.editor or recipe.editor)
-        result = backend.edit([parent], request, face_box=box)
+        backend_name = entry.editor or recipe.editor
+        if use_adapter and backend_name == "qwen_edit":
+            request = with_adapter(request, config.adapter_weight)
+        result = editor.get(backend_name).edit([parent], request, face_box=box)
+        for record in result.adapters:  # which iteration's adapter this is, for lineage
+            if record.get("name") == ADAPTER_LORA:
+                record.update(asset="qwen_adapter", iteration=adapter["iteration"], dvc_md5=adapter["dvc_md5"])
         image_id, png = save_png(result.image, staged / "images")
         rows.append(dict(image_id=image_id, image_path=f"images/{png.name}", parent_id=source["image_id"],
                          parent_name=source["original_name"], recipe=recipe.name, recipe_version=recipe.version,
@@ -69,10 +106,14 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
     write_manifest(rows, staged)
     run.lineage.append("images", image_rows)
     run.lineage.append("edges", edge_rows)
+    adapter_info = None if adapter is None else {**{k: v for k, v in adapter.items() if k != "path"},
+                                                 "used": use_adapter,
+                                                 "weight": config.adapter_weight if use_adapter else None}
     return publish(run, project, staged,
                    params={**config.model_dump(), "recipe_name": recipe.name, "recipe_version": recipe.version,
-                           "recipe_sha256": recipe.sha256},
-                   models={"editors": models},
+                           "recipe_sha256": recipe.sha256, "qwen_adapter": adapter_info},
+                   models={"editors": models, **({"qwen_adapter": adapter_info} if adapter_info else {})},
                    metadata={"edits": len(rows), "sources": len(sources), "recipe": f"{recipe.name} v{recipe.version}",
-                             "models": ", ".join(models)},
+                             "models": ", ".join(models),
+                             "qwen_adapter": dg.MetadataValue.json(adapter_info) if adapter_info else "none (v1)"},
                    sheet=tiles)

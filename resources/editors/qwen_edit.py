@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from flen_resources.editors.base import EditRequest, EditResult
+from flen_resources.imaging import sha256_file
 from flen_resources.models.loras import LoraFile, resolve_lora
 from flen_resources.models.pipelines import Quantization, load_pipeline
 from flen_resources.models.registry import lightning_steps
@@ -102,6 +104,28 @@ class QwenEditEditor:
                                        device=self.device, dtype=self.dtype)
             self._base_scheduler = dict(self._pipe.scheduler.config)
         return self._pipe
+
+    def set_lora_source(self, name: str, source: str) -> None:
+        """Register (or re-point) the LoRA `name` at `source` (a path, `tiny:<name>` or a hub file).
+
+        A LoRA already loaded under `name` from another source, or from a file whose bytes have
+        changed since (a re-materialized partition at the same path), is deleted from the pipeline
+        so the next edit that stacks `name` loads the new file.
+        """
+        loaded = self._loaded.get(name)
+        if loaded is not None:
+            stale = self.lora_sources.get(name) != source
+            if not stale:
+                path = Path(source).expanduser()
+                stale = path.is_file() and sha256_file(path) != loaded.sha256
+            if stale:
+                self.unload_lora(name)
+        self.lora_sources[name] = source
+
+    def unload_lora(self, name: str) -> None:
+        """Delete the adapter `name` from the pipeline (no-op when it is not loaded)."""
+        if self._loaded.pop(name, None) is not None and self._pipe is not None:
+            self._pipe.delete_adapters([name])
 
     def _lora(self, name: str) -> LoraFile:
         if name not in self._loaded:

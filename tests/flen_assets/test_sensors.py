@@ -36,3 +36,22 @@ def test_known_character_is_skipped(project):
     (project.inbox_dir / "alice" / "a.jpg").write_bytes(b"x")
     instance.add_dynamic_partitions(character_partitions.name, ["alice"])
     assert isinstance(_evaluate(instance, project), dg.SkipReason)
+
+
+def test_next_iteration_sensor_launches_v2_after_v1_synthetic(project):
+    from flen_assets.sensors import next_iteration_sensor
+
+    instance = init_project(project)
+    instance.add_dynamic_partitions(character_partitions.name, ["alice", "bob"])
+    instance.add_dynamic_partitions(iteration_partitions.name, ["v1"])
+    context = dg.build_sensor_context(instance=instance, resources={"project": ProjectResource(project_dir=str(project.root))})
+    assert isinstance(next_iteration_sensor(context), dg.SkipReason)
+    pointer = project.data_dir / "synthetic_batch" / "alice" / "v1.dvc"
+    pointer.parent.mkdir(parents=True)
+    pointer.write_text("outs: []\n")
+    result = next_iteration_sensor(context)
+    assert [r.partition_key for r in result.run_requests] == ["alice|v2"]
+    assert [list(r.partition_keys) for r in result.dynamic_partitions_requests] == [["v2"]]
+    (project.data_dir / "training_set" / "alice").mkdir(parents=True)
+    (project.data_dir / "training_set" / "alice" / "v2.dvc").write_text("outs: []\n")
+    assert isinstance(next_iteration_sensor(context), dg.SkipReason), "v2 already started"
