@@ -62,8 +62,9 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
     (staged / "images").mkdir()
     part_rel = run.project.relative(run.project.partition_dir(run.asset, run.character, run.iteration))
-    adapter = previous_adapter(run)
     uses_qwen = any((e.editor or recipe.editor) == "qwen_edit" for e in entries)
+    # Only a recipe with Qwen-Image-Edit entries needs (and fails fast without) qwen_adapter v(N-1).
+    adapter = previous_adapter(run) if uses_qwen else None
     use_adapter = bool(adapter and adapter["trained"] and config.adapter_weight and uses_qwen)
     if use_adapter:
         editor.get("qwen_edit").set_lora_source(ADAPTER_LORA, str(adapter["path"]))
@@ -71,7 +72,8 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
         context.log.info(f"qwen_adapter {adapter['iteration']}: " + (
             f"stacked on every qwen_edit entry at weight {config.adapter_weight}" if use_adapter else
             f"not used ({adapter['status']})" if not adapter["trained"] else
-            "not used (adapter_weight 0)" if not config.adapter_weight else "not used (no qwen_edit entry in the recipe)"))
+            "not used (adapter_weight 0)" if not config.adapter_weight else
+            "not used (no qwen_edit entry in the recipe)"))
 
     rows, image_rows, edge_rows, tiles = [], [], [], []
     jobs = [(s, e) for s in sources for e in entries]

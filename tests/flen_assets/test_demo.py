@@ -23,7 +23,7 @@ def _md5s(project) -> dict[str, str]:
 
 
 def test_demo_materializes_every_asset(demo_project):
-    assert set(_md5s(demo_project)) == set(ASSETS)
+    assert set(ASSETS) <= set(_md5s(demo_project)), "the training-set chain is published (and the flywheel beyond it)"
     sources = pq.read_table(demo_project.partition_dir("source_images", "astronaut", "v1") / "manifest.parquet").to_pylist()
     reasons = {r["original_name"]: r["reason_code"] for r in sources}
     assert reasons["broken.jpg"] == "corrupt"

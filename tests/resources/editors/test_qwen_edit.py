@@ -84,3 +84,32 @@ def test_a_local_folder_loads_through_the_same_path(tmp_path, editor, photos):
     local = get_editor("qwen_edit", model=str(folder), output_area=AREA)
     assert local.resolved.kind == "folder"
     assert np.array_equal(_arr(local.edit(photos[:1], _req(seed=9)).image), _arr(editor.edit(photos[:1], _req(seed=9)).image))
+
+
+def test_set_lora_source_replaces_a_loaded_adapter(tmp_path, editor, photos):
+    """A LoRA re-pointed at another file, or whose file changed in place, is reloaded, not reused."""
+    from flen_resources.models.tiny_pack import ensure_tiny_pack
+
+    loras = ensure_tiny_pack() / "loras"
+    path = tmp_path / "adapter.safetensors"
+    shutil.copyfile(loras / "angles.safetensors", path)
+    editor.set_lora_source("mine", str(path))
+    first = editor.edit(photos[:1], _req(seed=4, loras={"mine": 1.0}))
+    assert first.adapters[0]["sha256"] == editor._loaded["mine"].sha256
+
+    editor.set_lora_source("mine", str(path))  # same file, same bytes: the loaded adapter stays
+    assert "mine" in editor._loaded
+    shutil.copyfile(loras / "lightning-4step.safetensors", path)  # the file changes in place
+    editor.set_lora_source("mine", str(path))
+    assert "mine" not in editor._loaded
+    assert not any("mine" in names for names in editor.pipe.get_list_adapters().values())
+    second = editor.edit(photos[:1], _req(seed=4, loras={"mine": 1.0}))
+    assert second.adapters[0]["sha256"] != first.adapters[0]["sha256"]
+    assert second.adapters[0]["key_style"] == "lightx2v"
+
+    editor.set_lora_source("mine", "tiny:angles")  # another source
+    assert "mine" not in editor._loaded
+    third = editor.edit(photos[:1], _req(seed=4, loras={"mine": 1.0}))
+    assert third.adapters[0]["sha256"] == first.adapters[0]["sha256"]
+    assert np.array_equal(_arr(third.image), _arr(first.image))
+    editor.unload_lora("mine")

@@ -1,0 +1,52 @@
+"""The flywheel across iterations: order checks, v2 lineage, export layout, DVC plot data."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+from conftest import run_flen
+
+from flen_assets.assets.common import PartitionRun
+from flen_resources.lineage import LineageStore
+
+
+def test_reading_a_missing_previous_iteration_fails_fast(project):
+    run = PartitionRun(context=None, project=project, lineage=LineageStore(project.lineage_dir),
+                       asset="training_set", character="alice", iteration="v2")
+    with pytest.raises(dg.Failure, match=r"materialize synthetic_batch for partition alice\|v1 first"):
+        run.previous("synthetic_batch")
+    assert PartitionRun(None, project, run.lineage, "training_set", "alice", "v1").previous("synthetic_batch") is None
+
+
+@pytest.mark.slow
+def test_demo_runs_two_iterations(demo_project):
+    for asset in ("flux_lora", "lora_eval", "synthetic_batch", "edit_triplets", "qwen_adapter"):
+        for iteration in ("v1", "v2"):
+            assert (demo_project.partition_dir(asset, "astronaut", iteration) / "manifest.parquet").is_file(), (asset, iteration)
+    lora = demo_project.partition_dir("flux_lora", "astronaut", "v2")
+    assert (lora / "lora.safetensors").is_file() and (lora / "lora_comfyui.safetensors").is_file()
+    history = (demo_project.data_dir / "reports" / "eval_history-astronaut.csv").read_text().splitlines()
+    assert history[0].startswith("iteration,identity_consistency") and [h.split(",")[0] for h in history[1:]] == ["v1", "v2"]
+
+
+@pytest.mark.slow
+def test_lineage_of_v2_names_its_cross_iteration_inputs(demo_project):
+    out = run_flen("lineage", "astronaut", "v2", project=demo_project.root).stdout
+    assert "flux_lora" in out and "trained on training_set" in out
+    assert "reads synthetic_batch v1" in out, "training set v2 records the accepted synthetic of v1"
+    assert "reads qwen_adapter v1" in out, "enrichment v2 records the qwen adapter of v1"
+    assert "source file '" in out
+
+
+@pytest.mark.slow
+def test_export_layout(demo_project, tmp_path):
+    dest = tmp_path / "export"
+    run_flen("export", "astronaut", "v2", "--to", str(dest), project=demo_project.root)
+    images = sorted((dest / "dataset").glob("*.png"))
+    manifest = pq.read_table(demo_project.partition_dir("training_set", "astronaut", "v2") / "manifest.parquet")
+    assert len(images) == manifest.num_rows
+    assert all(img.with_suffix(".txt").read_text().strip() for img in images), "same-name caption per image"
+    assert (dest / "astronaut_v2_lora.safetensors").is_file() and (dest / "astronaut_v2_lora_comfyui.safetensors").is_file()
+    again = run_flen("export", "astronaut", "v2", "--to", str(dest), project=demo_project.root, check=False)
+    assert again.returncode == 1 and "not empty" in again.stderr
