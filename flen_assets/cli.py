@@ -201,16 +201,11 @@ def sql(query: str, project: ProjectOpt = None) -> None:
     """Run SQL against the lineage views (runs, artifacts, images, edges, members, decisions, metrics)."""
     from flen_resources.lineage import LineageStore
 
-    table = LineageStore(_project(project).lineage_dir).query(query)
-    typer.echo(table.to_pandas().to_string(index=False) if hasattr(table, "to_pandas") and _has_pandas() else str(table))
-
-
-def _has_pandas() -> bool:
-    try:
-        import pandas  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    with LineageStore(_project(project).lineage_dir).connect() as con:
+        try:
+            typer.echo(str(con.sql(query)))  # DuckDB's own table rendering
+        except Exception as exc:  # duckdb raises one type per SQL error class
+            _fail(f"SQL error: {exc}")
 
 
 @app.command()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,26 @@ def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     root.mkdir()
     run_flen("demo", project=root)
     return Project(root)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls: one thread is faster, and immune to other processes on a small CI box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@contextmanager
+def shared_project(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Project]:
+    """A fresh project for a module-scoped fixture (the `project` fixture is per test), selected
+    through $FLEN_PROJECT_DIR / $DAGSTER_HOME while the fixture is active."""
+    root = tmp_path_factory.mktemp(name) / "project"
+    root.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLEN_PROJECT_DIR", str(root))
+        mp.setenv("DAGSTER_HOME", str(root / ".flen" / "dagster"))
+        yield Project(root)

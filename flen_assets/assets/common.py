@@ -84,6 +84,32 @@ class PartitionRun:
         return PartitionFolder(asset, self.character, prev, path, md5)
 
 
+class LoraAssetConfig(dg.Config):
+    """Training knobs shared by the LoRA assets (defaults: a 24 GB card; the demo lowers them)."""
+
+    steps: int = 1500
+    rank: int = 16
+    learning_rate: float = 1e-4
+    resolution: int = 1024
+    quantization: str = "auto"  # auto: nf4 on a GPU, none on the CPU
+    seed: int = 0
+    checkpoint_every: int = 250
+
+    def train_config(self, **overrides: Any):
+        """The trainer's LoraTrainConfig: nf4 and 8-bit AdamW on a GPU, plain on the CPU."""
+        import torch
+
+        from flen_resources.trainers.common import LoraTrainConfig
+
+        gpu = torch.cuda.is_available()
+        quantization = self.quantization if self.quantization != "auto" else ("nf4" if gpu else "none")
+        return LoraTrainConfig(max_steps=self.steps, rank=self.rank, alpha=float(self.rank),
+                               learning_rate=self.learning_rate, resolution=self.resolution,
+                               quantization=quantization, optimizer="adamw8bit" if gpu else "adamw", seed=self.seed,
+                               checkpoint_every=max(1, min(self.checkpoint_every, self.steps)),
+                               lr_warmup_steps=min(50, self.steps // 10), sample_every=0, **overrides)
+
+
 def partition_asset(group: str, **kwargs: Any):
     """@dg.asset for a character x iteration partition whose folder is published with DVC."""
     from flen_assets.partitions import character_iteration

@@ -14,7 +14,7 @@ import dagster as dg
 import pyarrow as pa
 from PIL import Image
 
-from flen_assets.assets.common import PartitionRun, partition_asset, publish, write_manifest
+from flen_assets.assets.common import LoraAssetConfig, PartitionRun, partition_asset, publish, write_manifest
 from flen_assets.visuals import Tile, markdown_thumbnail
 from flen_io_managers.partition_folder import PartitionFolder
 from flen_resources.dagster_resources import ProjectResource, TrainerResource
@@ -136,15 +136,10 @@ def edit_triplets(context: dg.AssetExecutionContext, project: ProjectResource, e
                    sheet=tiles)
 
 
-class QwenAdapterConfig(dg.Config):
+class QwenAdapterConfig(LoraAssetConfig):
     """Training knobs of the Qwen-Image-Edit adapter (defaults: a 24 GB card). The demo lowers them."""
 
     steps: int = 500
-    rank: int = 16
-    learning_rate: float = 1e-4
-    resolution: int = 1024
-    quantization: str = "auto"  # auto: nf4 on a GPU, none on the CPU
-    seed: int = 0
     min_triplets: int = 4  # fewer: no adapter this iteration (the run still succeeds)
 
 
@@ -179,18 +174,9 @@ def qwen_adapter(context: dg.AssetExecutionContext, config: QwenAdapterConfig, p
                        metadata={"trained": False, "status": status, "triplets": len(triplet_rows),
                                  "triplets_md5": edit_triplets.dvc_md5})
 
-    import torch
-
-    from flen_resources.trainers.common import LoraTrainConfig
     from flen_resources.trainers.qwen_edit_lora import Triplet
 
-    gpu = torch.cuda.is_available()
-    quantization = config.quantization if config.quantization != "auto" else ("nf4" if gpu else "none")
-    train_config = LoraTrainConfig(max_steps=config.steps, rank=config.rank, alpha=float(config.rank),
-                                   learning_rate=config.learning_rate, resolution=config.resolution,
-                                   quantization=quantization, optimizer="adamw8bit" if gpu else "adamw",
-                                   seed=config.seed, lr_warmup_steps=min(50, config.steps // 10), sample_every=0,
-                                   checkpoint_every=max(1, min(250, config.steps)), min_images=config.min_triplets)
+    train_config = config.train_config(min_images=config.min_triplets)
     triplets = [Triplet(controls=[edit_triplets.path / r["before_path"]], prompt=r["prompt"],
                         target=edit_triplets.path / r["after_path"]) for r in triplet_rows]
     # The run folder is keyed by the dataset version: a rerun on the same triplets resumes or reuses it.

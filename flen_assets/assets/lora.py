@@ -9,7 +9,8 @@ import dagster as dg
 import numpy as np
 from PIL import Image
 
-from flen_assets.assets.common import PartitionRun, json_col, partition_asset, publish, write_manifest
+from flen_assets.assets.common import (LoraAssetConfig, PartitionRun, json_col, partition_asset, publish,
+                                      write_manifest)
 from flen_assets.assets.curation import FilterConfig, gate_image
 from flen_assets.visuals import Tile, markdown_thumbnail
 from flen_io_managers.partition_folder import PartitionFolder
@@ -20,16 +21,8 @@ from flen_resources.lineage import utcnow
 GROUP = "lora"
 
 
-class FluxLoraConfig(dg.Config):
-    """Training knobs (defaults: a character LoRA on a 24 GB card). The demo lowers steps and size."""
-
-    steps: int = 1500
-    rank: int = 16
-    learning_rate: float = 1e-4
-    resolution: int = 1024
-    quantization: str = "auto"  # auto: nf4 on a GPU, none on the CPU
-    seed: int = 0
-    checkpoint_every: int = 250
+class FluxLoraConfig(LoraAssetConfig):
+    """FLUX LoRA training knobs (defaults: a character LoRA, ~1500 steps, r16, lr 1e-4)."""
 
 
 def _reference(identity_reference: PartitionFolder) -> tuple[np.ndarray, float]:
@@ -42,19 +35,10 @@ def flux_lora(context: dg.AssetExecutionContext, config: FluxLoraConfig, project
               trainer: TrainerResource, training_set: PartitionFolder) -> dg.Output:
     """A FLUX.1-dev LoRA trained on this iteration's training set: diffusers and ComfyUI files, loss
     curve, config. A killed run resumes from its last checkpoint when materialized again."""
-    import torch
-
-    from flen_resources.trainers.common import LoraTrainConfig
     from flen_resources.trainers.flux_lora import TrainItem
 
     run = PartitionRun.start(context, project)
-    gpu = torch.cuda.is_available()
-    quantization = config.quantization if config.quantization != "auto" else ("nf4" if gpu else "none")
-    train_config = LoraTrainConfig(max_steps=config.steps, rank=config.rank, alpha=float(config.rank),
-                                   learning_rate=config.learning_rate, resolution=config.resolution,
-                                   quantization=quantization, optimizer="adamw8bit" if gpu else "adamw",
-                                   seed=config.seed, checkpoint_every=config.checkpoint_every,
-                                   lr_warmup_steps=min(50, config.steps // 10), sample_every=0)
+    train_config = config.train_config()
     items = [TrainItem(training_set.path / r["file"], r["caption"]) for r in training_set.rows()]
     # The run folder is keyed by the dataset version: a rerun on the same data resumes or reuses it.
     work = run.project.state_dir / "runs" / f"flux_lora-{run.character}-{run.iteration}-{training_set.dvc_md5[:12]}"
@@ -65,14 +49,11 @@ def flux_lora(context: dg.AssetExecutionContext, config: FluxLoraConfig, project
     shutil.copyfile(result.comfyui_path, staged / "lora_comfyui.safetensors")
     shutil.copyfile(result.loss_curve, staged / "loss_curve.png")
     final_loss = result.losses[-1][1] if result.losses else float("nan")
-    write_manifest([{"file": "lora.safetensors", "key_style": "diffusers", "base_model": result.metadata.get(
-        "flenwheel.base_model"), "dataset_md5": training_set.dvc_md5, "steps": result.steps,
-        "config": train_config.to_json(), "final_loss": final_loss, "eval_loss_start": result.eval_loss_start,
-        "eval_loss_end": result.eval_loss_end},
-        {"file": "lora_comfyui.safetensors", "key_style": "comfyui", "base_model": result.metadata.get(
-            "flenwheel.base_model"), "dataset_md5": training_set.dvc_md5, "steps": result.steps,
-         "config": train_config.to_json(), "final_loss": final_loss, "eval_loss_start": result.eval_loss_start,
-         "eval_loss_end": result.eval_loss_end}], staged)
+    shared = {"base_model": result.metadata.get("flenwheel.base_model"), "dataset_md5": training_set.dvc_md5,
+              "steps": result.steps, "config": train_config.to_json(), "final_loss": final_loss,
+              "eval_loss_start": result.eval_loss_start, "eval_loss_end": result.eval_loss_end}
+    write_manifest([{"file": "lora.safetensors", "key_style": "diffusers", **shared},
+                    {"file": "lora_comfyui.safetensors", "key_style": "comfyui", **shared}], staged)
     run.lineage.append("metrics", [run.stamp(name=n, value=float(v), recorded_at=utcnow()) for n, v in
                                    [("final_loss", final_loss), ("eval_loss_start", result.eval_loss_start),
                                     ("eval_loss_end", result.eval_loss_end), ("train_seconds", result.seconds)]])

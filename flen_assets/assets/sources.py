@@ -44,20 +44,6 @@ def inbox_files(inbox: Path) -> list[Path]:
     return files
 
 
-def _previous_sources(run: PartitionRun) -> list[dict]:
-    """Rows of source_images v(N-1); fails fast when that partition was never materialized."""
-    prev = run.previous_iteration()
-    if prev is None:
-        return []
-    manifest = run.project.partition_dir("source_images", run.character, prev) / "manifest.parquet"
-    if not manifest.is_file():
-        raise dg.Failure(f"source_images {run.character}|{run.number} needs {run.character}|{prev} first: "
-                         f"materialize source_images for partition {run.character}|{prev}")
-    import pyarrow.parquet as pq
-
-    return pq.read_table(manifest).to_pylist()
-
-
 @partition_asset(
     GROUP,
     check_specs=[
@@ -82,13 +68,12 @@ def source_images(context: dg.AssetExecutionContext, config: SourceConfig, proje
     (staged / "originals").mkdir()
     (staged / "images").mkdir()
 
-    carried = _previous_sources(run)
+    previous = run.previous("source_images")  # v1: None; vN: fails fast when v(N-1) is missing
     rows: list[dict] = []
-    for row in carried:  # files already ingested: keep their analysis, copy their blobs
+    for row in previous.rows() if previous else []:  # files already ingested: keep their analysis and blobs
         for key in ("original_path", "image_path"):
             if row.get(key):
-                src = run.project.partition_dir("source_images", run.character, run.previous_iteration()) / row[key]
-                shutil.copy2(src, staged / row[key])
+                shutil.copy2(previous.path / row[key], staged / row[key])
         rows.append({**row, "ingested_in": row.get("ingested_in") or run.previous_iteration()})
     seen_sha = {r["original_id"]: r["original_name"] for r in rows}
     accepted_hashes = [(r["phash"], r["colorhash"], r["original_name"]) for r in rows if r["status"] == "accepted"]

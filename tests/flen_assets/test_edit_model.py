@@ -18,7 +18,7 @@ import json
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
-import torch
+from conftest import shared_project
 from safetensors import safe_open
 
 from flen_assets.project import Project
@@ -30,13 +30,7 @@ ADAPTER_CONFIG = {"steps": 4, "resolution": 64, "rank": 4, "min_triplets": 4}
 V1 = ["source_images", "identity_reference", "enriched_images", "filtered_images"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is faster, and immune to other processes on a small CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _failures(result) -> str:
@@ -61,18 +55,13 @@ class Flow:
 
 
 @pytest.fixture(scope="module")
-def flow(tmp_path_factory: pytest.TempPathFactory, one_thread) -> Flow:
+def flow(tmp_path_factory: pytest.TempPathFactory, one_torch_thread) -> Flow:
     from flen_assets.cli import init_project
     from flen_assets.definitions import defs
     from flen_assets.demo_data import sample_files
     from flen_assets.partitions import add_partitions
 
-    root = tmp_path_factory.mktemp("edit_model") / "project"
-    root.mkdir()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLEN_PROJECT_DIR", str(root))
-        mp.setenv("DAGSTER_HOME", str(root / ".flen" / "dagster"))
-        project = Project(root)
+    with shared_project(tmp_path_factory, "edit_model") as project:
         instance = init_project(project)
         inbox = project.inbox_for(CHARACTER)
         inbox.mkdir(parents=True)

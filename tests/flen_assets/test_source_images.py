@@ -16,6 +16,7 @@ import dagster as dg
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import shared_project
 import skimage.data
 from PIL import Image
 
@@ -116,12 +117,7 @@ def ingested(tmp_path_factory: pytest.TempPathFactory) -> Ingested:
     from flen_assets.definitions import defs
     from flen_assets.partitions import add_partitions
 
-    root = tmp_path_factory.mktemp("sources") / "project"
-    root.mkdir()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLEN_PROJECT_DIR", str(root))
-        mp.setenv("DAGSTER_HOME", str(root / ".flen" / "dagster"))
-        project = Project(root)
+    with shared_project(tmp_path_factory, "sources") as project:
         instance = init_project(project)
         inbox = project.inbox_for(CHARACTER)
         inbox.mkdir(parents=True)

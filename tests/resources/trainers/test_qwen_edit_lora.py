@@ -24,13 +24,7 @@ from flen_resources.trainers.qwen_edit_lora import MODEL_KEY, QwenEditLoraTraine
 PROMPT = "mirror the image left to right"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is faster, and immune to other processes on a small CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(**overrides) -> LoraTrainConfig:
