@@ -1,21 +1,27 @@
-"""Benchmark: one FLUX.1-dev LoRA training step at full size (random weights), the project's trainer
-against the naive diffusers + peft loop of shared/reference/full_size/gpu_probe.py, side by side.
+"""Benchmark: one LoRA training step at full size (random weights) for FLUX.1-dev and
+Qwen-Image-Edit-2509, the project's trainers against the naive diffusers + peft loop of
+shared/reference/full_size/gpu_probe.py, side by side in one run on one card.
 
-Inputs are what the trainer's cache holds (1024x1024 latents, 512 T5 tokens, pooled CLIP), drawn
-at random: compute and memory are the real model's. Every variant runs in its own process (a crash
-or OOM is recorded, the rest go on) on the same saved nf4-quantizable transformer.
+Inputs are what the trainers' caches hold, drawn at random (compute and memory are the real
+model's): FLUX 1024x1024 latents + 512 T5 tokens + pooled CLIP; Qwen-Image-Edit the 1024x1024
+target latents, one 1024x1024 control's latents and 256 prompt tokens. Every variant runs in its
+own process (a crash or OOM is recorded, the rest go on) on the same saved transformer. Repeat
+a variant in --variants (naive,ours-compile,naive,ours-compile) to interleave them: the summary
+pools each variant's step times, so a slow spell of the card does not favour either side.
 
-    python benchmarks/train_gpu.py                       # build, then every variant
-    python benchmarks/train_gpu.py --variants naive,ours # a subset
+    python benchmarks/train_gpu.py --model flux                       # build, then every variant
+    python benchmarks/train_gpu.py --model qwen-edit --variants naive,ours-compile
+    python benchmarks/train_gpu.py --model flux --scale tiny --device cpu --reps 2   # smoke test
 
 Variants:
   naive          gpu_probe: nf4 transformer, peft LoRA r16 on attention, gradient checkpointing, torch AdamW
-  ours           FluxLoraTrainer's transformer + loss (fp32 LoRA weights, logit-normal timesteps), 8-bit AdamW
-  ours-compile   + torch.compile of every transformer block
-  ours-compile-cudnn + cuDNN SDPA (fastest attention on Hopper; its backward crashes on FLUX at 1024 with
-                 torch 2.11: every other variant turns it off)
+                 (Qwen: with gpu_probe's all-ones text mask)
+  ours           the trainer's own transformer + loss (trainers/common.lora_transformer and the trainer's
+                 _loss: fp32 LoRA weights, logit-normal timesteps, grad clipping, 8-bit AdamW; Qwen drops an
+                 all-ones text mask, which keeps SDPA on its flash kernel)
+  ours-compile   + torch.compile of every transformer block (LoraTrainConfig.compile, on by default on a GPU)
 MFU = model FLOPs of a step (forward + input-gradient backward of every Linear, attention forward x3;
-recomputation not counted) / step time / the card's measured bf16 matmul peak.
+recomputation not counted) / step time / the card's measured bf16 matmul peak (8192^3 matmuls).
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ["naive", "ours", "ours-compile"]
+VARIANTS = ["naive", "ours-compile", "naive", "ours-compile"]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+RES = 1024
+TEXT_TOKENS = {"flux": 512, "qwen-edit": 256}
 
 
 def importable() -> None:
@@ -48,13 +56,18 @@ def importable() -> None:
         spec.loader.exec_module(module)
 
 
-def build(workdir: Path) -> dict:
-    """Save a full-size random FLUX transformer (bf16) with save_pretrained, once."""
+def transformer_class(model: str):
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+
+    return FluxTransformer2DModel if model == "flux" else QwenImageTransformer2DModel
+
+
+def build(workdir: Path, model: str, scale: str, device: str) -> dict:
+    """Save a random transformer (bf16) of the model at `scale` with save_pretrained, once."""
     import torch
 
     importable()
-    from flen_resources.models.architectures import FLUX_TRANSFORMER
-    from diffusers import FluxTransformer2DModel
+    from flen_resources.models.architectures import FLUX_TRANSFORMER, QWEN_TRANSFORMER
 
     marker = workdir / "transformer" / "config.json"
     if marker.is_file():
@@ -62,14 +75,17 @@ def build(workdir: Path) -> dict:
     started = time.time()
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = FluxTransformer2DModel(**FLUX_TRANSFORMER["full"])
+    arch = (FLUX_TRANSFORMER if model == "flux" else QWEN_TRANSFORMER)[scale]
+    with torch.device(device):
+        module = transformer_class(model)(**arch)
     torch.set_default_dtype(torch.float32)
-    model.save_pretrained(str(workdir / "transformer"), max_shard_size="5GB")
-    params = sum(p.numel() for p in model.parameters())
-    del model
-    torch.cuda.empty_cache()
-    return {"event": "built", "params_b": round(params / 1e9, 2), "seconds": round(time.time() - started, 1)}
+    module.save_pretrained(str(workdir / "transformer"), max_shard_size="5GB")
+    params = sum(p.numel() for p in module.parameters())
+    del module
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"event": "built", "model": model, "params_b": round(params / 1e9, 2),
+            "seconds": round(time.time() - started, 1)}
 
 
 def matmul_peak_tflops() -> float:
@@ -90,155 +106,252 @@ def matmul_peak_tflops() -> float:
     return 2 * 8192**3 / statistics.median(times) / 1e12
 
 
-def model_flops(model, image_tokens: int, text_tokens: int) -> float:
+def token_counts(model: str, res: int) -> tuple[int, int, int]:
+    """(tokens the loss sees, all image tokens in the sequence, text tokens)."""
+    n = (res // 16) ** 2
+    return (n, n, TEXT_TOKENS[model]) if model == "flux" else (n, 2 * n, TEXT_TOKENS[model])
+
+
+def model_flops(module, model: str, res: int) -> float:
     """FLOPs of one training step, recomputation excluded (see module docstring)."""
     import torch
 
+    _, image_tokens, text_tokens = token_counts(model, res)
     linear = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and "lora_" not in name:
-            tokens = text_tokens if any(k in name for k in ("add_", "to_add_out", "ff_context", "norm1_context",
-                                                            "context_embedder")) else image_tokens
-            if name.startswith("single_transformer_blocks"):
-                tokens = image_tokens + text_tokens
-            if any(k in name for k in ("time_text_embed", "norm", "x_embedder")) and "norm1" not in name:
-                tokens = image_tokens if "x_embedder" in name else 1
-            linear += 2 * tokens * module.in_features * module.out_features
-    cfg = model.config
+    for name, sub in module.named_modules():
+        if not isinstance(sub, torch.nn.Linear) or "lora_" in name:
+            continue
+        if any(k in name for k in ("time_text_embed", "norm1", "norm.linear", "norm_out", "img_mod", "txt_mod")):
+            tokens = 1  # timestep embedding and adaLN modulation: one vector per sample
+        elif name.startswith("single_transformer_blocks"):
+            tokens = image_tokens + text_tokens
+        elif any(k in name for k in ("add_", "to_add_out", "ff_context", "txt_mlp", "context_embedder", "txt_in")):
+            tokens = text_tokens
+        else:
+            tokens = image_tokens
+        linear += 2 * tokens * sub.in_features * sub.out_features
+    cfg = module.config
     heads, dim = cfg.num_attention_heads, cfg.attention_head_dim
     t = image_tokens + text_tokens
-    attention = 4 * heads * dim * t * t * (cfg.num_layers + cfg.num_single_layers)
+    layers = cfg.num_layers + getattr(cfg, "num_single_layers", 0)
+    attention = 4 * heads * dim * t * t * layers
     return 2 * linear + 3 * attention
 
 
-def run_variant(variant: str, workdir: Path, reps: int, warmup: int) -> dict:
+def naive_inputs(model: str, res: int, config, device, dtype) -> tuple[dict, int]:
+    """gpu_probe.py's inputs (and its loss slice) for one step."""
+    import torch
+
+    n, image_tokens, text_tokens = token_counts(model, res)
+    if model == "flux":
+        return dict(hidden_states=torch.randn(1, n, config.in_channels, device=device, dtype=dtype),
+                    encoder_hidden_states=torch.randn(1, text_tokens, config.joint_attention_dim, device=device, dtype=dtype),
+                    pooled_projections=torch.randn(1, config.pooled_projection_dim, device=device, dtype=dtype),
+                    timestep=torch.tensor([0.5], device=device, dtype=dtype),
+                    img_ids=torch.zeros(n, 3, device=device), txt_ids=torch.zeros(text_tokens, 3, device=device),
+                    guidance=torch.tensor([3.5], device=device, dtype=dtype), return_dict=False), n
+    side = res // 16
+    return dict(hidden_states=torch.randn(1, image_tokens, config.in_channels, device=device, dtype=dtype),
+                encoder_hidden_states=torch.randn(1, text_tokens, config.joint_attention_dim, device=device, dtype=dtype),
+                encoder_hidden_states_mask=torch.ones(1, text_tokens, device=device, dtype=torch.bool),
+                timestep=torch.tensor([0.5], device=device, dtype=dtype),
+                img_shapes=[[(1, side, side), (1, side, side)]], return_dict=False), n
+
+
+def ours_example(model: str, res: int, config) -> dict:
+    """One cached example as the trainer's phase 1 stores it."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    side, text_tokens = res // 8, TEXT_TOKENS[model]
+    embeds = torch.randn(text_tokens, config.joint_attention_dim, generator=g)
+    if model == "flux":
+        return {"latents": torch.randn(16, side, side, generator=g), "prompt_embeds": embeds,
+                "pooled": torch.randn(config.pooled_projection_dim, generator=g), "bucket": (res, res)}
+    return {"latents": torch.randn(16, 1, side, side, generator=g), "controls": [torch.randn(16, 1, side, side, generator=g)],
+            "prompt_embeds": embeds, "prompt_mask": torch.ones(text_tokens, dtype=torch.long), "bucket": (res, res)}
+
+
+def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int, device_name: str, res: int,
+                quantization: str) -> dict:
     """One variant in this process: load, add LoRA, time `reps` optimizer steps, peak memory."""
     import torch
 
     importable()
-    if variant.endswith("cudnn"):
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        torch.backends.cuda.enable_flash_sdp(False)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-    else:  # cuDNN SDPA's backward hits "illegal memory access" on FLUX at 1024 (seen here, torch 2.11)
+    cuda = device_name == "cuda"
+    if cuda:  # cuDNN SDPA's backward hits "illegal memory access" on FLUX at 1024 (seen here, torch 2.11)
         torch.backends.cuda.enable_cudnn_sdp(False)
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    image_tokens, text_tokens = (1024 // 16) ** 2, 512
+    device, dtype = torch.device(device_name), torch.bfloat16
     started = time.time()
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    cls = transformer_class(model)
     if variant == "naive":
-        from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
+        from diffusers import BitsAndBytesConfig
         from peft import LoraConfig
 
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-        model = FluxTransformer2DModel.from_pretrained(str(workdir / "transformer"), quantization_config=q,
-                                                       torch_dtype=dtype, device_map="cuda")
-        model.requires_grad_(False)
-        model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-        model.enable_gradient_checkpointing()
-        params = [p for p in model.parameters() if p.requires_grad]
+        kwargs = {}
+        if quantization == "nf4":
+            kwargs = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                 bnb_4bit_compute_dtype=dtype), device_map=device_name)
+        module = cls.from_pretrained(str(workdir / "transformer"), torch_dtype=dtype, **kwargs)
+        if quantization != "nf4":
+            module.to(device)
+        module.requires_grad_(False)
+        module.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        module.enable_gradient_checkpointing()
+        params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
-        kw = dict(hidden_states=torch.randn(1, image_tokens, 64, device=device, dtype=dtype),
-                  encoder_hidden_states=torch.randn(1, text_tokens, 4096, device=device, dtype=dtype),
-                  pooled_projections=torch.randn(1, 768, device=device, dtype=dtype),
-                  timestep=torch.tensor([0.5], device=device, dtype=dtype),
-                  img_ids=torch.zeros(image_tokens, 3, device=device), txt_ids=torch.zeros(text_tokens, 3, device=device),
-                  guidance=torch.tensor([3.5], device=device, dtype=dtype), return_dict=False)
-        target = torch.randn(1, image_tokens, 64, device=device, dtype=dtype)
+        kw, n = naive_inputs(model, res, module.config, device, dtype)
+        target = torch.randn(1, n, kw["hidden_states"].shape[-1], device=device, dtype=dtype)
 
-        def step(i: int) -> None:
-            pred = model(**kw)[0]
-            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
-            loss.backward()
+        def forward_backward(i: int) -> None:
+            pred = module(**kw)[0][:, :n]
+            torch.nn.functional.mse_loss(pred.float(), target.float()).backward()
+
+        def optimizer_step() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
         from flen_resources.models.sources import ResolvedModel
         from flen_resources.trainers.common import LoraTrainConfig, make_optimizer, step_generator
-        from flen_resources.trainers.flux_lora import FluxLoraTrainer
 
-        config = LoraTrainConfig(rank=16, alpha=16, quantization="nf4", optimizer="adamw8bit", resolution=1024,
-                                 compile=variant.startswith("ours-compile"), device="cuda")
-        resolved = ResolvedModel("flux.1-dev", str(workdir), "folder", workdir, "random-full", "0")
-        trainer = FluxLoraTrainer(model=str(workdir), work_dir=workdir / "run", log=lambda m: None)
-        model = trainer._transformer(resolved, config, device, dtype)
-        params = [p for p in model.parameters() if p.requires_grad]
+        if model == "flux":
+            from flen_resources.trainers.flux_lora import FluxLoraTrainer as Trainer
+        else:
+            from flen_resources.trainers.qwen_edit_lora import QwenEditLoraTrainer as Trainer
+        config = LoraTrainConfig(rank=16, alpha=16, quantization=quantization, resolution=res,
+                                 optimizer="adamw8bit" if cuda else "adamw",
+                                 compile=variant == "ours-compile", device=device_name)
+        resolved = ResolvedModel(model, str(workdir), "folder", workdir, "random-full", "0")
+        trainer = Trainer(model=str(workdir), work_dir=workdir / "run", log=lambda m: None)
+        module = trainer._transformer(resolved, config, device, dtype)
+        params = [p for p in module.parameters() if p.requires_grad]
         opt = make_optimizer(params, config, device)
-        g = torch.Generator().manual_seed(0)
-        example = {"latents": torch.randn(16, 128, 128, generator=g), "prompt_embeds": torch.randn(512, 4096, generator=g),
-                   "pooled": torch.randn(768, generator=g), "bucket": (1024, 1024)}
+        example = ours_example(model, res, module.config)
 
-        def step(i: int) -> None:
-            loss = trainer._loss(model, [example], step_generator(0, i), config, device, dtype)
-            loss.backward()
+        def forward_backward(i: int) -> None:
+            trainer._loss(module, [example], step_generator(0, i), config, device, dtype).backward()
+
+        def optimizer_step() -> None:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     load_s = time.time() - started
-    weights_gib = torch.cuda.memory_allocated() / 2**30
+    weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else None
     warm_started = time.time()
     for i in range(warmup):
-        step(i)
-    torch.cuda.synchronize()
+        forward_backward(i)
+        optimizer_step()
+    sync()
     warmup_s = time.time() - warm_started
-    torch.cuda.reset_peak_memory_stats()
-    times = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, optimizer_times = [], []
     for i in range(reps):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
-        step(warmup + i)
-        torch.cuda.synchronize()
+        forward_backward(warmup + i)
+        sync()
+        t_opt = time.perf_counter()
+        optimizer_step()
+        sync()
         times.append(time.perf_counter() - t)
+        optimizer_times.append(time.perf_counter() - t_opt)
     return {"variant": variant, "step_s": round(statistics.median(times), 4), "step_times_s": [round(x, 4) for x in times],
-            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
-            "weights_gib": round(weights_gib, 3), "load_s": round(load_s, 1), "warmup_s": round(warmup_s, 1),
-            "lora_params_m": round(sum(p.numel() for p in params) / 1e6, 2),
-            "model_flops": model_flops(model, image_tokens, text_tokens)}
+            "optimizer_s": round(statistics.median(optimizer_times), 4),
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+            "weights_gib": round(weights_gib, 3) if cuda else None, "load_s": round(load_s, 1),
+            "warmup_s": round(warmup_s, 1), "lora_params_m": round(sum(p.numel() for p in params) / 1e6, 2),
+            "model_flops": model_flops(module, model, res)}
+
+
+def summarize(results: list[dict], peak_tflops: float | None) -> dict:
+    """Per variant: every step time of its runs pooled (median), worst peak; ratios against naive."""
+    pooled: dict[str, dict] = {}
+    for r in results:
+        if "step_s" not in r:
+            continue
+        s = pooled.setdefault(r["variant"], {"step_times_s": [], "peaks": [], "runs": 0, "flops": r["model_flops"]})
+        s["step_times_s"] += r["step_times_s"]
+        s["peaks"].append(r["peak_allocated_gib"])
+        s["runs"] += 1
+    out = {}
+    for variant, s in pooled.items():
+        median = statistics.median(s["step_times_s"])
+        q = statistics.quantiles(s["step_times_s"], n=4, method="inclusive") if len(s["step_times_s"]) > 1 else [median, median, median]
+        row = {"runs": s["runs"], "steps": len(s["step_times_s"]), "step_s_median": round(median, 4),
+               "step_s_iqr": [round(q[0], 4), round(q[2], 4)],
+               "peak_allocated_gib": max(s["peaks"]) if None not in s["peaks"] else None,
+               "tflops": round(s["flops"] / median / 1e12, 1)}
+        if peak_tflops:
+            row["mfu"] = round(row["tflops"] / peak_tflops, 3)
+        out[variant] = row
+    base = out.get("naive")
+    if base:
+        for row in out.values():
+            row["speedup_vs_naive"] = round(base["step_s_median"] / row["step_s_median"], 3)
+            if base["peak_allocated_gib"] is not None and row["peak_allocated_gib"] is not None:
+                row["peak_vs_naive_gib"] = round(row["peak_allocated_gib"] - base["peak_allocated_gib"], 3)
+                row["goals_met"] = row["speedup_vs_naive"] >= 1.25 and row["peak_vs_naive_gib"] <= 0.0
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/flen-flux-full"))
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--model", choices=["flux", "qwen-edit"], default="flux")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, repeats interleave runs")
+    ap.add_argument("--workdir", type=Path, help="where the random transformer is saved (default /tmp/flen-<model>-<scale>)")
+    ap.add_argument("--scale", choices=["full", "tiny"], default="full")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--res", type=int, default=RES)
+    ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print its JSON
     args = ap.parse_args()
+    args.workdir = args.workdir or Path(f"/tmp/flen-{args.model}-{args.scale}")
+    quantization = "nf4" if args.device == "cuda" else "none"
     if args.one:
-        print("RESULT " + json.dumps(run_variant(args.one, args.workdir, args.reps, args.warmup)), flush=True)
+        result = run_variant(args.one, args.model, args.workdir, args.reps, args.warmup, args.device, args.res,
+                             quantization)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
     import torch
 
-    gpu = torch.cuda.get_device_name(0)
-    report = {"benchmark": "flux_lora_train_step", "command": " ".join([sys.executable, *sys.argv]), "gpu": gpu,
-              "torch": torch.__version__, "setup": "1024x1024 (4096 image + 512 text tokens), batch 1, LoRA r16 on "
-              "attention projections, nf4 base, gradient checkpointing", "results": []}
-    print(json.dumps(build(args.workdir)), flush=True)
-    report["matmul_peak_tflops"] = round(matmul_peak_tflops(), 1)
+    cuda = args.device == "cuda"
+    gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
+    report = {"benchmark": f"{args.model}_lora_train_step", "command": " ".join([sys.executable, *sys.argv]),
+              "gpu": gpu, "torch": torch.__version__, "scale": args.scale,
+              "setup": f"{args.res}x{args.res}, batch 1, LoRA r16 on attention projections, {quantization} base, "
+                       "gradient checkpointing" + (", one control image" if args.model == "qwen-edit" else ""),
+              "results": []}
+    print(json.dumps(build(args.workdir, args.model, args.scale, args.device)), flush=True)
+    report["matmul_peak_tflops"] = round(matmul_peak_tflops(), 1) if cuda else None
     print(json.dumps({"matmul_peak_tflops": report["matmul_peak_tflops"]}), flush=True)
     slug = "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
+    name = f"train_gpu-{args.model}-{slug}.json" if args.scale == "full" else f"train_gpu-{args.model}-{args.scale}-{slug}.json"
     args.out.mkdir(parents=True, exist_ok=True)
-    out_files = [args.out / f"train_gpu-{slug}.json"] + ([Path(os.environ["OUT"]) / f"train_gpu-{slug}.json"]
-                                                       if os.environ.get("OUT") else [])
+    out_files = [args.out / name] + ([Path(os.environ["OUT"]) / name] if os.environ.get("OUT") else [])
     for variant in args.variants.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--one", variant, "--workdir", str(args.workdir),
-                               "--reps", str(args.reps), "--warmup", str(args.warmup)],
+        proc = subprocess.run([sys.executable, __file__, "--one", variant, "--model", args.model, "--workdir",
+                               str(args.workdir), "--reps", str(args.reps), "--warmup", str(args.warmup),
+                               "--device", args.device, "--res", str(args.res), "--scale", args.scale],
                               capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         result = json.loads(line[7:]) if line else {"variant": variant, "error": (proc.stderr or proc.stdout)[-1500:]}
-        if "step_s" in result:
-            result["tflops"] = round(result["model_flops"] / result["step_s"] / 1e12, 1)
-            result["mfu"] = round(result["tflops"] / report["matmul_peak_tflops"], 3)
         report["results"].append(result)
-        base = next((r for r in report["results"] if r["variant"] == "naive" and "step_s" in r), None)
-        if base and "step_s" in result:
-            result["speedup_vs_naive"] = round(base["step_s"] / result["step_s"], 3)
-            result["peak_vs_naive_gib"] = round(result["peak_allocated_gib"] - base["peak_allocated_gib"], 3)
+        report["summary"] = summarize(report["results"], report["matmul_peak_tflops"])
         print(json.dumps(result), flush=True)
         for path in out_files:
             path.write_text(json.dumps(report, indent=1))
+    print(json.dumps({"summary": report["summary"]}, indent=1), flush=True)
     return 0
 
 

@@ -1,0 +1,381 @@
+"""Full-size dress rehearsal of one flywheel iteration on a GPU (issue 5, step 7).
+
+Builds both pipelines at their real architecture size with random weights (no download), saves
+them with `save_pretrained`, then runs the GPU work of every GPU asset of one iteration through
+the same resources the assets call, with short settings, nf4 where the 24 GB plan uses it:
+
+  enriched_images   QwenEditEditor (nf4, model CPU offload), recipe `angles`: camera presets with the
+                    Multiple-angles + Lightning 8-step LoRAs (random stand-ins), 1024x1024 outputs
+  qwen_adapter      QwenEditLoraTrainer on the (source, prompt, edit) triplets: encode + nf4 QLoRA
+  flux_lora         FluxLoraTrainer on the sources + edits at 1024: encode + nf4 QLoRA (compiled blocks)
+  lora_eval         FluxGenerator (nf4) with LoRA v1: a prompt x seed grid at 1024, 28 steps
+  synthetic_batch   FluxGenerator (nf4) with LoRA v1: a small batch at 1024, 28 steps
+
+Each asset runs in its own process (as a Dagster step does) and reports its wall time (loading
+included) and peak GPU memory: torch's peak allocated / reserved, and the whole card's used
+memory sampled through NVML every 20 ms (CUDA context and bitsandbytes buffers included). The
+goal: every asset under 20 GiB, so a 24 GB card runs the whole flywheel. With two GPUs the Qwen
+and FLUX chains run side by side (one GPU each); with one, one after the other.
+
+Not run here: the CPU parts of the assets (face gates, DVC, lineage, Dagster), which the CPU
+test suite covers, and face scoring of the generated images (dlib is not on the GPU machine;
+random weights give noise anyway).
+
+    python benchmarks/rehearsal_gpu.py                                  # full size, on a GPU
+    python benchmarks/rehearsal_gpu.py --scale tiny --device cpu --res 128 --edits 4 --train-steps 2 \
+        --eval-steps 2 --workdir /tmp/reh-tiny --out /tmp/reh-out     # smoke test on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO))
+GIB = 2**30
+CHAINS = {"qwen": ["build_qwen", "enriched_images", "qwen_adapter"],
+          "flux": ["build_flux", "flux_lora", "lora_eval", "synthetic_batch"]}
+GOAL_GIB = 20.0
+TRIGGER = "astronaut_flen"
+
+
+def importable() -> None:
+    from qwen_edit_gpu import ensure_project_importable
+
+    ensure_project_importable()
+
+
+# -- measuring one phase ----------------------------------------------------------------------------
+class CardMemory:
+    """Peak used memory of this process's GPU, sampled through NVML (None without NVML or a GPU)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak, self._stop = interval, None, threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible))
+            self._used = lambda: pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
+            self.baseline = self._used()
+        except Exception:  # no NVML (CPU smoke test)
+            self._handle = None
+
+    def __enter__(self) -> CardMemory:
+        if self._handle is not None:
+            self.peak = 0
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._used() - self.baseline)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._handle is not None:
+            self._thread.join()
+
+
+def measured(fn) -> dict:
+    """Run fn() with peak memory tracking; its dict plus wall time and peaks."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    with CardMemory() as card:
+        details = fn()
+        if cuda:
+            torch.cuda.synchronize()
+    out = {"wall_s": round(time.perf_counter() - started, 1), **details}
+    if cuda:
+        out.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / GIB, 2),
+                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 2))
+    if card.peak is not None:
+        out["peak_card_used_gib"] = round(card.peak / GIB, 2)
+    return out
+
+
+# -- the phases ---------------------------------------------------------------------------------------
+def build_qwen(args: argparse.Namespace) -> dict:
+    """Qwen-Image-Edit-2509 at `scale`, saved, plus random Lightning and Multiple-angles LoRAs."""
+    import torch
+    from qwen_edit_gpu import build_pipeline_folder, ensure_lightning_lora, read_marker
+
+    folder = args.workdir / "qwen"
+    device = torch.device(args.device)
+    info = {"reused": True} if read_marker(folder) else build_pipeline_folder(folder, args.scale, device, "5GB", 0)
+    lightning = ensure_lightning_lora(folder, rank=16, scale=0.5, seed=0)
+    angles = folder / "angles.safetensors"
+    if not angles.is_file():
+        shutil.copyfile(ensure_lightning_lora(folder, rank=16, scale=0.5, seed=1), angles)
+        ensure_lightning_lora(folder, rank=16, scale=0.5, seed=0)
+    return {"folder": str(folder), "loras": [lightning.name, angles.name],
+            **{k: v for k, v in info.items() if k in ("build_s", "save_s", "size_gib", "params_b", "reused")}}
+
+
+def build_flux(args: argparse.Namespace) -> dict:
+    """FLUX.1-dev at `scale` (CLIP-L + T5-XXL + transformer + VAE), saved with save_pretrained."""
+    import torch
+    from diffusers import FluxPipeline
+
+    from flen_resources.models.architectures import build_flux_components
+
+    folder = args.workdir / "flux"
+    if (folder / "model_index.json").is_file():
+        return {"folder": str(folder), "reused": True}
+    partial = folder.with_name("flux.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    t = time.perf_counter()
+    components = build_flux_components(args.scale, seed=0, dtype=torch.bfloat16, device=args.device)
+    params = {k: round(sum(p.numel() for p in m.parameters()) / 1e9, 3)
+              for k, m in components.items() if isinstance(m, torch.nn.Module)}
+    build_s = time.perf_counter() - t
+    t = time.perf_counter()
+    FluxPipeline(**components).save_pretrained(partial, safe_serialization=True, max_shard_size="5GB")
+    partial.rename(folder)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return {"folder": str(folder), "params_b": params, "build_s": round(build_s, 1),
+            "save_s": round(time.perf_counter() - t, 1), "size_gib": round(size / GIB, 2)}
+
+
+def sources(args: argparse.Namespace) -> list[Path]:
+    """The sample character's clean photos (the ones source_images accepts), as RGB PNGs."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    from flen_assets.demo_data import sample_files
+
+    folder = args.workdir / "sources"
+    folder.mkdir(parents=True, exist_ok=True)
+    keep = ["portrait.jpg", "closeup.png", "side_light.jpg", "rotated_exif.jpg", "print_cmyk.jpg", "poster_palette.png"]
+    paths = []
+    for name, data in sample_files().items():
+        if name in keep:
+            path = folder / (Path(name).stem + ".png")
+            if not path.is_file():
+                img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+                img.convert("RGB").save(path)
+            paths.append(path)
+    return paths
+
+
+def enriched_images(args: argparse.Namespace) -> dict:
+    """`args.edits` edits of the sources with the `angles` recipe's qwen_edit entries (Lightning 8-step)."""
+    from PIL import Image
+
+    from flen_assets.recipe import builtin_recipe_path, load_recipe
+    from flen_resources.editors.qwen_edit import QwenEditEditor
+
+    folder = args.workdir / "qwen"
+    editor = QwenEditEditor(model=str(folder), quantization=args.quantization, device=args.device, dtype="bf16",
+                            loras={"lightning-8step": str(folder / "lightning-8step.safetensors"),
+                                   "angles": str(folder / "angles.safetensors")},
+                            output_area=args.res * args.res)
+    recipe = load_recipe(builtin_recipe_path("angles"))
+    srcs = sources(args)
+    out = args.workdir / "enriched"
+    out.mkdir(exist_ok=True)
+    triplets, edit_s = [], []
+    t = time.perf_counter()
+    _ = editor.pipe
+    load_s = time.perf_counter() - t
+    for i in range(args.edits):
+        entry, parent = recipe.entries[i % len(recipe.entries)], srcs[i % len(srcs)]
+        request = entry.request_for(parent.stem, recipe.version)
+        t = time.perf_counter()
+        result = editor.edit([Image.open(parent).convert("RGB")], request)
+        edit_s.append(round(time.perf_counter() - t, 2))
+        target = out / f"{i:02d}-{entry.id}-{parent.stem}.png"
+        result.image.save(target)
+        triplets.append({"controls": [str(parent)], "prompt": request.prompt, "target": str(target),
+                         "caption": f"photo of {TRIGGER}, {entry.caption}"})
+    (args.workdir / "triplets.json").write_text(json.dumps(triplets, indent=1))
+    return {"edits": len(triplets), "load_s": round(load_s, 1), "edit_s": edit_s, "size": list(result.image.size),
+            "loras": sorted(request.params.get("loras", {}))}
+
+
+def train_config(args: argparse.Namespace, steps: int):
+    from flen_resources.trainers.common import LoraTrainConfig
+
+    cuda = args.device == "cuda"
+    return LoraTrainConfig(max_steps=steps, rank=16, alpha=16.0, resolution=args.res, quantization=args.quantization,
+                           optimizer="adamw8bit" if cuda else "adamw", compile=cuda, checkpoint_every=steps,
+                           lr_warmup_steps=min(50, steps // 10), sample_every=0, device=args.device)
+
+
+def qwen_adapter(args: argparse.Namespace) -> dict:
+    """The Qwen-Image-Edit LoRA on this iteration's triplets (the asset's trainer and config)."""
+    from flen_resources.trainers.qwen_edit_lora import QwenEditLoraTrainer, Triplet
+
+    rows = json.loads((args.workdir / "triplets.json").read_text())
+    triplets = [Triplet([Path(c) for c in r["controls"]], r["prompt"], Path(r["target"])) for r in rows]
+    trainer = QwenEditLoraTrainer(model=str(args.workdir / "qwen"), work_dir=args.workdir / "runs" / "qwen_adapter",
+                                  log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = trainer.train(triplets, train_config(args, args.adapter_steps), name="astronaut_v1_adapter")
+    return trained(result, len(triplets))
+
+
+def trained(result, examples: int) -> dict:
+    losses = [v for _, v in result.losses]
+    return {"examples": examples, "steps": result.steps, "train_s": round(result.seconds, 1),
+            "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)] if losses else None,
+            "trainer_peak_gib": result.peak_gib, "lora": str(result.lora_path)}
+
+
+def flux_lora(args: argparse.Namespace) -> dict:
+    """FLUX LoRA v1 on the sample sources (the chains run side by side, so not on the edits: the
+    images are noise-level stand-ins either way; the sources keep several aspect buckets)."""
+    from flen_resources.trainers.flux_lora import FluxLoraTrainer, TrainItem
+
+    items = [TrainItem(p, f"photo of {TRIGGER}") for p in sources(args)]
+    trainer = FluxLoraTrainer(model=str(args.workdir / "flux"), work_dir=args.workdir / "runs" / "flux_lora",
+                              log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = trainer.train(items, train_config(args, args.train_steps), name="astronaut_v1")
+    return trained(result, len(items))
+
+
+def generate(args: argparse.Namespace, prompts: list[str], seeds: list[int], name: str) -> dict:
+    """Images of LoRA v1 through FluxGenerator (what lora_eval and synthetic_batch call)."""
+    from flen_resources.generators.flux import FluxGenerator
+
+    gen = FluxGenerator(model=str(args.workdir / "flux"), quantization=args.quantization, device=args.device)
+    lora = args.workdir / "runs" / "flux_lora" / "output" / "astronaut_v1.safetensors"
+    out = args.workdir / name
+    out.mkdir(exist_ok=True)
+    t = time.perf_counter()
+    _ = gen.pipe
+    load_s = time.perf_counter() - t
+    image_s, n = [], 0
+    for prompt in prompts:
+        t = time.perf_counter()
+        for img in gen.generate(prompt.format(trigger=TRIGGER), seeds, lora=lora, width=args.res, height=args.res,
+                                steps=args.eval_steps):
+            img.image.save(out / f"{n:03d}.png")
+            n += 1
+        image_s.append(round((time.perf_counter() - t) / len(seeds), 2))
+    return {"images": n, "load_s": round(load_s, 1), "s_per_image_by_prompt": image_s, "steps": args.eval_steps}
+
+
+def lora_eval(args: argparse.Namespace) -> dict:
+    return generate(args, ["photo of {trigger}, portrait, looking at the camera",
+                           "photo of {trigger} outdoors in a park, natural light"], [1, 2], "eval")
+
+
+def synthetic_batch(args: argparse.Namespace) -> dict:
+    return generate(args, ["photo of {trigger}, three-quarter view, studio light",
+                           "photo of {trigger} smiling outdoors"], [11, 12], "synthetic")
+
+
+PHASES = {f.__name__: f for f in (build_qwen, build_flux, enriched_images, qwen_adapter, flux_lora, lora_eval,
+                                  synthetic_batch)}
+
+
+# -- the driver -----------------------------------------------------------------------------------------
+def run_chain(chain: str, gpu: str | None, args: argparse.Namespace, report: dict, lock: threading.Lock) -> None:
+    """The chain's phases one after the other, each in its own process; stops at the first failure."""
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
+    for phase in CHAINS[chain]:
+        cmd = [sys.executable, __file__, "--phase", phase, *args.passthrough]
+        started = time.time()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        result = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-2500:]}
+        result.update(asset=phase, chain=chain, gpu=gpu, process_s=round(time.time() - started, 1))
+        with lock:
+            report["phases"].append(result)
+            write(report, args)
+        print(json.dumps(result), flush=True)
+        if "error" in result:
+            return
+
+
+def summarize(report: dict) -> dict:
+    assets = {p["asset"]: p for p in report["phases"] if not p["asset"].startswith("build")}
+    peaks = {a: p.get("peak_card_used_gib", p.get("peak_reserved_gib")) for a, p in assets.items() if "error" not in p}
+    return {"peak_gib_by_asset": peaks, "wall_s_by_asset": {a: p.get("wall_s") for a, p in assets.items()},
+            "failed": [a for a, p in assets.items() if "error" in p],
+            "all_under_goal": bool(peaks) and all(v is not None and v < GOAL_GIB for v in peaks.values())
+            and len(peaks) == sum(len(v) - 1 for v in CHAINS.values()), "goal_gib": GOAL_GIB}
+
+
+def write(report: dict, args: argparse.Namespace) -> None:
+    report["summary"] = summarize(report)
+    slug = "".join(c if c.isalnum() else "-" for c in report["gpu"].lower()).strip("-")
+    name = f"rehearsal_gpu-{slug}.json" if args.scale == "full" else f"rehearsal_gpu-{args.scale}-{slug}.json"
+    for folder in [args.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(report, indent=1))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=["full", "tiny"], default="full")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/flen-rehearsal"))
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--res", type=int, default=1024)
+    ap.add_argument("--edits", type=int, default=4, help="Qwen edits (also the adapter's triplets; >= 4)")
+    ap.add_argument("--train-steps", type=int, default=50, help="FLUX LoRA steps")
+    ap.add_argument("--adapter-steps", type=int, default=30, help="Qwen adapter steps")
+    ap.add_argument("--eval-steps", type=int, default=28, help="sampling steps of eval and synthetic images")
+    ap.add_argument("--chains", default="qwen,flux")
+    ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # internal: one phase, print JSON
+    args = ap.parse_args(argv)
+    args.quantization = "nf4" if args.device == "cuda" else "none"
+    args.passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    importable()
+    if args.phase:
+        result = measured(lambda: PHASES[args.phase](args))
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+    import torch
+
+    gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+    report = {"benchmark": "flywheel_rehearsal", "command": " ".join([sys.executable, *sys.argv]),
+              "gpu": torch.cuda.get_device_name(0) if gpus else "cpu", "gpus": gpus, "scale": args.scale,
+              "settings": {k: getattr(args, k) for k in ("res", "edits", "train_steps", "adapter_steps", "eval_steps",
+                                                         "quantization")}, "phases": []}
+    from qwen_edit_gpu import package_versions
+
+    report["versions"] = package_versions()
+    lock = threading.Lock()
+    chains = args.chains.split(",")
+    if gpus >= 2:  # one chain per GPU, side by side
+        threads = [threading.Thread(target=run_chain, args=(c, str(i), args, report, lock)) for i, c in enumerate(chains)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for chain in chains:
+            run_chain(chain, None, args, report, lock)
+    write(report, args)
+    print(json.dumps({"summary": report["summary"]}, indent=1), flush=True)
+    return 0 if not report["summary"]["failed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

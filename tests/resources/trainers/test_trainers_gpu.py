@@ -1,0 +1,63 @@
+"""GPU-only: both trainers' QLoRA path (nf4 base, 8-bit AdamW, compiled blocks) on the tiny pack.
+bitsandbytes needs CUDA, so CI skips these; the device machine runs them."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from flen_resources.trainers.common import LoraTrainConfig
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _config(**overrides) -> LoraTrainConfig:
+    base = dict(resolution=64, rank=8, alpha=8.0, quantization="nf4", optimizer="adamw8bit", learning_rate=1e-3,
+                lr_warmup_steps=0, sample_every=0, max_steps=30, checkpoint_every=15, device="cuda", compile=True)
+    return LoraTrainConfig(**{**base, **overrides})
+
+
+def _images(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(n):
+        img = np.broadcast_to(rng.uniform(0, 255, 3)[None, None, :], (64, 64, 3)).copy()
+        img[8 * i:8 * i + 24, 10:40] = rng.uniform(0, 255, 3)
+        paths.append(folder / f"img{i}.png")
+        Image.fromarray(img.astype(np.uint8)).save(paths[-1])
+    return paths
+
+
+def _assert_learned(result) -> None:
+    losses = [v for _, v in result.losses]
+    assert all(math.isfinite(v) for v in losses), losses
+    assert result.eval_loss_end < result.eval_loss_start, (result.eval_loss_start, result.eval_loss_end)
+    assert result.peak_gib is not None and result.peak_gib > 0
+    state = load_file(str(result.lora_path))
+    assert state and all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_flux_qlora_learns_on_gpu(tmp_path: Path):
+    from flen_resources.trainers.flux_lora import FluxLoraTrainer, TrainItem
+
+    items = [TrainItem(p, "photo of alice_flen") for p in _images(tmp_path / "images", 4)]
+    trainer = FluxLoraTrainer(model="tiny", work_dir=tmp_path / "run", log=lambda _: None)
+    _assert_learned(trainer.train(items, _config(), name="alice_gpu"))
+
+
+def test_qwen_edit_qlora_learns_on_gpu(tmp_path: Path):
+    from flen_resources.trainers.qwen_edit_lora import QwenEditLoraTrainer, Triplet
+
+    paths = _images(tmp_path / "images", 4)
+    for p in paths:
+        Image.open(p).transpose(Image.FLIP_LEFT_RIGHT).save(p.with_name(p.stem + "_target.png"))
+    triplets = [Triplet([p], "mirror the image", p.with_name(p.stem + "_target.png")) for p in paths]
+    trainer = QwenEditLoraTrainer(model="tiny", work_dir=tmp_path / "run", log=lambda _: None)
+    _assert_learned(trainer.train(triplets, _config(), name="mirror_gpu"))
