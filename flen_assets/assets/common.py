@@ -94,6 +94,7 @@ class LoraAssetConfig(dg.Config):
     quantization: str = "auto"  # auto: nf4 on a GPU, none on the CPU
     seed: int = 0
     checkpoint_every: int = 250
+    compile: bool = True  # torch.compile the transformer blocks on a GPU: ~1.2-1.3x faster steps after a warm-up
 
     def train_config(self, **overrides: Any):
         """The trainer's LoraTrainConfig: nf4 and 8-bit AdamW on a GPU, plain on the CPU."""
@@ -107,7 +108,8 @@ class LoraAssetConfig(dg.Config):
                                learning_rate=self.learning_rate, resolution=self.resolution,
                                quantization=quantization, optimizer="adamw8bit" if gpu else "adamw", seed=self.seed,
                                checkpoint_every=max(1, min(self.checkpoint_every, self.steps)),
-                               lr_warmup_steps=min(50, self.steps // 10), sample_every=0, **overrides)
+                               lr_warmup_steps=min(50, self.steps // 10), sample_every=0,
+                               compile=self.compile and gpu, **overrides)
 
 
 def partition_asset(group: str, **kwargs: Any):
