@@ -103,6 +103,79 @@ def character_list(project: ProjectOpt = None) -> None:
     typer.echo("iterations: " + ", ".join(instance.get_dynamic_partitions(iteration_partitions.name)))
 
 
+@character_app.command("policy")
+def character_policy_cmd(
+        name: str,
+        policy: Annotated[Optional[str], typer.Argument(help="auto | required | mixed (omit to show the current one)")]
+        = None,
+        margin: Annotated[Optional[float], typer.Option(help="mixed: borderline band around the identity threshold.")]
+        = None,
+        project: ProjectOpt = None) -> None:
+    """Show or set a character's review policy (auto, required or mixed)."""
+    from flen_assets.review.policy import POLICIES, ReviewPolicy, character_policy, policy_file, set_character_policy
+
+    try:
+        validate_slug(name)
+    except InvalidNameError as exc:
+        _fail(str(exc))
+    proj = _project(project)
+    current = character_policy(proj, name)
+    if policy is None and margin is None:
+        typer.echo(f"{name}: {current.policy} (margin {current.margin:g})")
+        return
+    if policy is not None and policy not in POLICIES:
+        _fail(f"unknown review policy {policy!r}: use one of {', '.join(POLICIES)}")
+    try:
+        chosen = ReviewPolicy(policy or current.policy, current.margin if margin is None else margin)
+    except ValueError as exc:
+        _fail(str(exc))
+    set_character_policy(proj, name, chosen)
+    typer.echo(f"{name}: review policy {chosen.policy} (margin {chosen.margin:g}) in {policy_file(proj)}")
+
+
+@app.command()
+def review(character: Annotated[Optional[str], typer.Argument(help="Character to review (default: the index page).")]
+           = None,
+           iteration: Annotated[Optional[str], typer.Option(help="v1, v2, ... (default: the latest with pending "
+                                                            "images, else the latest)")] = None,
+           asset: Annotated[str, typer.Option(help="filtered_images or synthetic_batch")] = "filtered_images",
+           port: Annotated[int, typer.Option(envvar="FLEN_REVIEW_PORT", help="Port to serve on.")] = 8765,
+           host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the page local.")] = "127.0.0.1",
+           project: ProjectOpt = None) -> None:
+    """Serve the review page: accept or reject gated images with the keyboard (binds 127.0.0.1)."""
+    from flen_assets.review.server import serve
+    from flen_assets.review.store import Partition, ReviewStore, review_url, validate_asset
+
+    proj = _project(project)
+    try:
+        validate_asset(asset)
+        if character is not None:
+            validate_slug(character)
+        if iteration is not None:
+            validate_iteration(iteration)
+    except InvalidNameError as exc:
+        _fail(str(exc))
+    init_project(proj)
+    url = f"http://{host}:{port}/"
+    if character is not None:
+        store = ReviewStore(proj)
+        parts = [p for p in store.partitions() if p.character == character and p.asset == asset
+                 and (iteration is None or p.iteration == iteration)]
+        if not parts:
+            _fail(f"no published {asset} for {character}" + (f"|{iteration}" if iteration else "")
+                  + f": materialize it first (flen materialize {character} {iteration or 'v1'})")
+        if iteration is None:  # newest first; prefer one that still has pending images
+            parts = [p for p in parts if store.pending(p)] or parts
+        part: Partition = parts[0]
+        pending = store.pending(part)
+        url = review_url(part.character, part.iteration, part.asset, port=port, host=host)
+        typer.echo(f"{part.asset} {part.character}|{part.iteration}: {pending} image(s) pending")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(f"warning: binding {host} lets other machines make review decisions", fg=typer.colors.YELLOW)
+    typer.echo(f"review page on {url}   (keys: a accept, r reject, u undo, j/k next/previous; ctrl+c to stop)")
+    serve(proj, host=host, port=port)
+
+
 # The embedded defaults are sized for a CPU: tiny models, small images, few steps.
 DEMO_RUN_CONFIG = {"ops": {
     "enriched_images": {"config": {"recipe": "demo"}},
@@ -136,8 +209,43 @@ def _report(result) -> None:
                     if k in ("accepted", "rejected", "edits", "images", "threshold", "final_loss",
                              "identity_consistency", "generated", "triplets", "trained", "dvc_md5")}
             typer.echo(f"  ✓ {mat.asset_key.to_user_string():20s} {meta}")
+        elif event.event_type_value == "ASSET_CHECK_EVALUATION":
+            check = event.event_specific_data
+            if check.check_name in REVIEW_CHECKS and not check.passed:
+                pending = check.metadata.get("pending")
+                typer.secho(f"  ⏸ {check.asset_key.to_user_string():20s} review gate: "
+                            f"{pending.value if pending else '?'} image(s) await human review", fg=typer.colors.YELLOW)
         elif event.event_type_value == "STEP_FAILURE":
-            typer.secho(f"  ✗ {event.step_key}: {event.event_specific_data.error.message.strip()}", fg=typer.colors.RED)
+            message = event.event_specific_data.error.message.strip()
+            if "blocking asset check failed" in message and any(c in message for c in REVIEW_CHECKS):
+                continue  # said above, as the review gate
+            typer.secho(f"  ✗ {event.step_key}: {message}", fg=typer.colors.RED)
+
+
+REVIEW_CHECKS = ("review_complete", "synthetic_review_complete")
+
+
+def review_gate_stops(result) -> list[tuple[str, int]]:
+    """(asset, pending) for each review check that failed in a run: the run stopped at the review gate."""
+    stops = []
+    for event in result.all_events:
+        if event.event_type_value == "ASSET_CHECK_EVALUATION":
+            check = event.event_specific_data
+            if check.check_name in REVIEW_CHECKS and not check.passed:
+                pending = check.metadata.get("pending")
+                stops.append((check.asset_key.to_user_string(), int(pending.value) if pending else 0))
+    return stops
+
+
+def _print_review_hint(character: str, iteration: str, stops: list[tuple[str, int]]) -> None:
+    from flen_assets.review.store import review_command, review_url
+
+    for asset, pending in stops:
+        typer.secho(f"\n{character}|{iteration} stopped at the review gate: {pending} image(s) of {asset} await "
+                    "a human decision.", fg=typer.colors.YELLOW, bold=True)
+        typer.echo(f"  review them:   {review_command(character, iteration, asset)}")
+        typer.echo(f"  then open:     {review_url(character, iteration, asset)}")
+        typer.echo(f"  and continue:  flen materialize {character} {iteration} --all   (or run the demo again)")
 
 
 @app.command()
@@ -160,7 +268,10 @@ def materialize(character: str, iteration: Annotated[str, typer.Argument(help="I
                                    "flywheel_job" if whole else "training_set_job")
     _report(result)
     if not result.success:
-        _fail(f"run {result.run_id} failed")
+        stops = review_gate_stops(result)
+        if stops:
+            _print_review_hint(character, iteration, stops)
+        _fail(f"run {result.run_id} " + ("stopped at the review gate" if stops else "failed"))
     typer.echo(f"run {result.run_id} succeeded")
 
 
@@ -333,13 +444,24 @@ def export(character: str, iteration: str, dest: Annotated[Path, typer.Option("-
 
 @app.command()
 def demo(project: ProjectOpt = None, character: str = "astronaut",
-         iterations: Annotated[int, typer.Option(min=1, max=5, help="How many flywheel iterations.")] = 2) -> None:
+         iterations: Annotated[int, typer.Option(min=1, max=5, help="How many flywheel iterations.")] = 2,
+         review: Annotated[Optional[str], typer.Option(
+             help="Set the character's review policy first: auto (gates decide), required (a human reviews every "
+                  "image that passed the gates: the run stops at the review gate) or mixed. Default: leave it.")]
+         = None) -> None:
     """Build the embedded sample character and run the whole flywheel (v1, v2) on the tiny pack."""
     from flen_assets.demo_data import write_sample_inbox
+    from flen_assets.review.policy import POLICIES, ReviewPolicy, character_policy, set_character_policy
 
     proj = _project(project)
+    if review is not None and review not in POLICIES:
+        _fail(f"unknown review policy {review!r}: use one of {', '.join(POLICIES)}")
     started = time.time()
     init_project(proj)
+    if review is not None:
+        current = character_policy(proj, validate_slug(character))
+        set_character_policy(proj, character, ReviewPolicy(review, current.margin))
+    typer.echo(f"review policy of {character}: {character_policy(proj, validate_slug(character)).policy}")
     files = write_sample_inbox(proj.inbox_for(validate_slug(character)))
     typer.echo(f"sample inbox: {len(files)} files in {proj.inbox_for(character)} "
                "(the astronaut photo in several framings and encodings, another person, a face-less photo, "
@@ -354,7 +476,14 @@ def demo(project: ProjectOpt = None, character: str = "astronaut",
         result = materialize_partition(proj, character, f"v{n}", DEMO_RUN_CONFIG, "flywheel_job")
         _report(result)
         if not result.success:
-            _fail(f"demo run {result.run_id} failed")
+            stops = review_gate_stops(result)
+            if not stops:
+                _fail(f"demo run {result.run_id} failed")
+            # Not an error: the policy asked for a human, and the run waits for one.
+            _print_review_hint(character, f"v{n}", stops)
+            typer.echo(f"\nthe demo stopped at {character}|v{n}'s review gate after {time.time() - started:.0f}s; "
+                       "run it again once the images are decided.")
+            return
     last = f"v{iterations}"
     typer.echo(f"\n{iterations} iteration(s) of '{character}' in {time.time() - started:.0f}s.")
     typer.echo(f"  training set:  {proj.partition_dir('training_set', character, last)}")

@@ -15,6 +15,8 @@ from flen_resources.dagster_resources import (EditorResource, FaceResource, Gene
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([sources, enrichment, curation, lora, edit_model]),
+    # The review gates (blocking checks on filtered_images and synthetic_batch) are @asset_check functions.
+    asset_checks=dg.load_asset_checks_from_modules([curation, lora]),
     jobs=[training_set_job, flywheel_job],
     sensors=[inbox_sensor, next_iteration_sensor],
     resources={

@@ -1,4 +1,4 @@
-"""Sensors: new characters appear as folders under inbox/."""
+"""Sensors: new characters appear as folders under inbox/; a reviewed iteration launches the next."""
 
 
 import dagster as dg
@@ -6,6 +6,7 @@ import dagster as dg
 from flen_assets.jobs import flywheel_job, training_set_job
 from flen_assets.partitions import character_partitions, iteration_partitions, partition_key
 from flen_assets.project import InvalidNameError, validate_slug
+from flen_assets.review.store import Partition, ReviewStore, review_command
 from flen_resources.dagster_resources import ProjectResource
 
 
@@ -45,20 +46,26 @@ def inbox_sensor(context: dg.SensorEvaluationContext, project: ProjectResource) 
 def next_iteration_sensor(context: dg.SensorEvaluationContext, project: ProjectResource) -> dg.SensorResult | dg.SkipReason:
     proj = project.project
     iterations = set(context.instance.get_dynamic_partitions(iteration_partitions.name))
-    requests, new_iterations = [], set()
+    requests, new_iterations, waiting = [], set(), []
     for character in context.instance.get_dynamic_partitions(character_partitions.name):
         folder = proj.data_dir / "synthetic_batch" / character
         done = max((int(p.name[1:-4]) for p in folder.glob("v*.dvc")), default=0) if folder.is_dir() else 0
         if done == 0 or (proj.data_dir / "training_set" / character / f"v{done + 1}.dvc").exists():
             continue
-        # Review policy `auto` decides every image in the asset itself; the review page (issue 6)
-        # will make this wait until every pending image of v{done} has a human decision.
+        # Under review policy `required` or `mixed`, v{done}'s synthetic images wait for a human on the
+        # review page: training set v{done + 1} must not read an unreviewed batch.
+        pending = ReviewStore(proj, project.lineage).pending(Partition.of("synthetic_batch", character, f"v{done}"))
+        if pending:
+            waiting.append(f"{character}|v{done}: {pending} synthetic image(s) await review "
+                           f"({review_command(character, f'v{done}', 'synthetic_batch')})")
+            continue
         nxt = f"v{done + 1}"
         if nxt not in iterations:
             new_iterations.add(nxt)
         requests.append(dg.RunRequest(run_key=f"iterate:{character}:{nxt}",
                                       partition_key=str(partition_key(character, nxt))))
     if not requests:
-        return dg.SkipReason("no character has a finished iteration waiting for the next one")
+        return dg.SkipReason("; ".join(waiting) if waiting else
+                             "no character has a finished iteration waiting for the next one")
     return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=(
         [iteration_partitions.build_add_request(sorted(new_iterations))] if new_iterations else []))

@@ -12,8 +12,10 @@ from PIL import Image
 from flen_assets.assets.common import (LoraAssetConfig, PartitionRun, json_col, partition_asset, publish,
                                       write_manifest)
 from flen_assets.assets.curation import FilterConfig, gate_image
+from flen_assets.partitions import character_iteration
+from flen_assets.review.gate import PASSED, human_decisions, review_check, review_metadata, verdict
 from flen_assets.visuals import Tile, markdown_thumbnail
-from flen_io_managers.partition_folder import PartitionFolder
+from flen_io_managers.partition_folder import PartitionFolder, partition_keys
 from flen_resources.dagster_resources import FaceResource, GeneratorResource, ProjectResource, TrainerResource
 from flen_resources.faces import face_distance
 from flen_resources.lineage import utcnow
@@ -79,6 +81,9 @@ class EvalConfig(dg.Config):
     size: int = 1024
     steps: int = 28
     lora_weight: float = 1.0
+    # '' takes the character's review policy (`flen character policy`), else auto | required | mixed.
+    review_policy: str = ""
+    review_margin: float = -1.0  # mixed: borderline band around the identity threshold; < 0: the character's
     target_consistency: float = 0.70  # the user's goal: share of images still the same person
 
 
@@ -211,6 +216,9 @@ class SyntheticConfig(dg.Config):
     size: int = 1024
     steps: int = 28
     lora_weight: float = 1.0
+    # '' takes the character's review policy (`flen character policy`), else auto | required | mixed.
+    review_policy: str = ""
+    review_margin: float = -1.0  # mixed: borderline band around the identity threshold; < 0: the character's
 
 
 @partition_asset(GROUP, pool="gpu")
@@ -229,7 +237,10 @@ def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, 
     lora_id = f"flux_lora:{flux_lora.dvc_md5}"
     rows, tiles, image_rows, edge_rows, decision_rows = [], [], [], [], []
     kept: list[tuple[str, str, str]] = []
-    gate_config = FilterConfig()
+    gate_config = FilterConfig(review_policy=config.review_policy, review_margin=config.review_margin)
+    policy = gate_config.policy(run.project, run.character)
+    humans = human_decisions(run.project, run.lineage, run.asset, run.character, run.iteration)
+    verdicts = []
     from flen_resources.imaging import save_png
 
     for template in config.prompts:
@@ -240,14 +251,21 @@ def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, 
             image_id, png = save_png(out.image, staged / "images")
             results, measures = gate_image(out.image, faces.analyzer, reference, threshold, kept, gate_config)
             failed = [g for g in results if not g.passed]
-            accepted = not failed
-            if accepted:
+            decided = verdict(policy, [g.gate for g in failed], measures["identity_distance"], threshold,
+                              humans.get(image_id))
+            verdicts.append(decided)
+            accepted = decided.accepted
+            if not failed:
                 kept.append((measures["phash"], measures["colorhash"], image_id[:12]))
-            reason = "passed all gates" if accepted else "; ".join(g.reason for g in failed)
+            gate_reason = "passed all gates" if not failed else "; ".join(g.reason for g in failed)
+            reason = (f"{decided.status} by a human ({gate_reason})" if decided.decided_by == "human" else
+                      "awaiting human review" if decided.status == "pending" else gate_reason)
             caption_hint = prompt.removeprefix("photo of ").replace(trigger, "").strip(" ,")
             rows.append(dict(image_id=image_id, image_path=f"images/{png.name}", prompt=prompt, seed=out.seed,
                              model=out.model, adapters=json_col(out.adapters), accepted=accepted, reason=reason,
-                             review="policy auto: " + ("auto-accepted" if accepted else "auto-rejected"),
+                             failed_gates=",".join(g.gate for g in failed), review=decided.review_text,
+                             review_status=decided.status, policy_status=decided.policy_status,
+                             review_source=decided.decided_by, identity_threshold=threshold,
                              caption=caption_hint, **{k: v for k, v in measures.items() if k != "face_box"}))
             now = utcnow()
             image_rows.append(run.stamp(image_id=image_id, path=f"{part_rel}/images/{png.name}", width=out.image.width,
@@ -259,19 +277,35 @@ def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, 
             decision_rows += [run.stamp(image_id=image_id, gate=g.gate, passed=g.passed, value=g.value,
                                         threshold=g.threshold, reason=g.reason, source="gate", decided_at=now)
                               for g in results]
-            decision_rows.append(run.stamp(image_id=image_id, gate="final", passed=accepted, reason=reason,
-                                           source="gate", decided_at=now))
-            tiles.append(Tile(out.image, f"s{out.seed} " + ("ok" if accepted else failed[0].gate), accepted))
+            decision_rows.append(run.stamp(image_id=image_id, gate="review", passed=PASSED[decided.policy_status],
+                                           value=measures["identity_distance"], threshold=threshold,
+                                           reason=decided.policy_reason, source="policy", decided_at=now))
+            decision_rows.append(run.stamp(image_id=image_id, gate="final", passed=PASSED[decided.status],
+                                           reason=reason, source="gate", decided_at=now))
+            tiles.append(Tile(out.image, f"s{out.seed} " + ("ok" if accepted else decided.status if not failed
+                                                            else failed[0].gate), accepted))
     write_manifest(rows, staged)
     run.lineage.append("images", image_rows)
     run.lineage.append("edges", edge_rows)
     run.lineage.append("decisions", decision_rows)
     n_ok = sum(r["accepted"] for r in rows)
-    note = ("" if n_ok else "none accepted: with the tiny random-weight pack the generations are noise, which "
+    n_pending = sum(r["review_status"] == "pending" for r in rows)
+    note = ("" if n_ok or n_pending else "none accepted: with the tiny random-weight pack the generations are noise, which "
             "the face gate rejects — expected on the embedded defaults")
     if note:
         context.log.info(note)
     return publish(run, project, staged, params=config.model_dump(), models={"generator": gen.model_id()},
-                   metadata={"generated": len(rows), "accepted": n_ok, "rejected": len(rows) - n_ok,
-                             "lora_md5": flux_lora.dvc_md5, **({"note": note} if note else {})},
+                   metadata={"generated": len(rows), "accepted": n_ok, "rejected": len(rows) - n_ok - n_pending,
+                             "pending": n_pending, "lora_md5": flux_lora.dvc_md5,
+                             **review_metadata(run.asset, run.character, run.iteration, verdicts, policy),
+                             **({"note": note} if note else {})},
                    sheet=tiles)
+
+
+@dg.asset_check(asset=synthetic_batch, blocking=True, partitions_def=character_iteration,
+                description="No generation awaits human review. Training set v(N+1) reads only a fully reviewed "
+                            "batch, and next_iteration_sensor waits for this.")
+def synthetic_review_complete(context: dg.AssetCheckExecutionContext, project: ProjectResource,
+                              synthetic_batch: PartitionFolder) -> dg.AssetCheckResult:
+    character, iteration = partition_keys(context)
+    return review_check(project.project, project.lineage, "synthetic_batch", character, iteration)

@@ -1,0 +1,256 @@
+"""The review page: a small Starlette app over ReviewStore, served by uvicorn on 127.0.0.1.
+
+Safety rules the routes follow:
+  * image files are looked up by image id (a sha256 the lineage knows); no request parameter is
+    ever joined into a filesystem path, and unknown or malformed ids get 404;
+  * character, iteration and asset are validated as slugs / v<N> / a reviewable asset (else 404);
+  * the Host header must name this machine (DNS rebinding), POSTs must be JSON and, when the browser
+    sends an Origin, come from this page (a foreign site cannot make decisions through the browser);
+  * static files come from a fixed table, not from the URL.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from flen_assets.project import InvalidNameError, Project
+from flen_assets.review.store import STATUSES, Partition, ReviewStore, UnknownImage, review_command
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+MAX_PAGE = 500
+MAX_IDS = 10_000
+STATIC = {"review.js": "text/javascript; charset=utf-8", "review.css": "text/css; charset=utf-8"}
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self'; script-src 'self'; style-src 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+}
+IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
+
+
+def _asset_text(name: str, folder: str = "static") -> str:
+    return resources.files("flen_assets.review").joinpath(folder, name).read_text()
+
+
+def _not_found(message: str = "not found") -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=404, headers=SECURITY_HEADERS)
+
+
+def _partition(request: Request) -> Partition:
+    p = request.path_params
+    return Partition.of(p["asset"], p["character"], p["iteration"])
+
+
+def _page(items: list[dict], status: str, gate: str, sort: str, offset: int, limit: int) -> tuple[list[dict], int]:
+    """Filter, sort and slice the items the way the page asks."""
+    chosen = [i for i in items if (status == "all" or i["status"] == status)
+              and (gate == "any" or (gate == "failed") != i["gate_passed"])]
+    if sort in ("distance", "-distance"):
+        missing = float("inf") if sort == "distance" else float("-inf")
+        chosen.sort(key=lambda i: missing if i["distance"] is None else i["distance"], reverse=sort == "-distance")
+    return chosen[offset:offset + limit], len(chosen)
+
+
+def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
+               store: ReviewStore | None = None) -> Starlette:
+    """The review app for one project; `host`/`port` only shape the allowed Host and Origin headers."""
+    store = store or ReviewStore(project)
+    local = host in LOCAL_HOSTS
+    allowed_hosts = list(LOCAL_HOSTS) if local else ["*"]
+
+    def json_response(data: Any, status_code: int = 200) -> Response:
+        body = json.dumps(data, default=str, separators=(",", ":"))
+        return Response(body, status_code=status_code, media_type="application/json",
+                        headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
+
+    def same_origin(request: Request) -> bool:
+        origin = request.headers.get("origin")
+        if origin is None:
+            return True  # not a browser cross-site request (curl, tests); Host is already checked
+        return urlsplit(origin).netloc == request.headers.get("host", "")
+
+    async def read_json(request: Request) -> dict:
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise ValueError("send application/json")
+        body = await request.body()
+        if len(body) > 2_000_000:
+            raise ValueError("request too large")
+        data = json.loads(body or b"{}")
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
+        return data
+
+    def index(request: Request) -> Response:
+        rows = []
+        for part in store.partitions():
+            counts = store.counts(store.items(part))
+            url = f"/review/{part.character}/{part.iteration}/{part.asset}"
+            rows.append(f"<tr><td><a href='{html.escape(url)}'>{html.escape(part.character)}</a></td>"
+                        f"<td>{part.iteration}</td><td>{part.asset}</td><td class='num pending'>{counts['pending']}</td>"
+                        f"<td class='num'>{counts['accepted']}</td><td class='num'>{counts['rejected']}</td>"
+                        f"<td class='num'>{counts['all']}</td></tr>")
+        table = ("<table class='index'><tr><th>character</th><th>iteration</th><th>asset</th><th>pending</th>"
+                 "<th>accepted</th><th>rejected</th><th>all</th></tr>" + "".join(rows) + "</table>") if rows else \
+            "<p>Nothing to review yet: materialize filtered_images or synthetic_batch first.</p>"
+        page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>FLENwheel review</title>"
+                f"<link rel='stylesheet' href='/static/review.css'></head><body class='index-page'>"
+                f"<header><h1>FLENwheel review</h1><span class='where'>{html.escape(str(project.root))}</span></header>"
+                f"<main class='index-main'>{table}</main></body></html>")
+        return HTMLResponse(page, headers=SECURITY_HEADERS)
+
+    def review_page(request: Request) -> Response:
+        try:
+            part = _partition(request)
+        except InvalidNameError:
+            return _not_found("unknown partition")
+        if not store.manifest_path(part).is_file():
+            return _not_found(f"{part.asset} {part.character}|{part.iteration} is not materialized")
+        config = {"character": part.character, "iteration": part.iteration, "asset": part.asset,
+                  "api": f"/api/review/{part.character}/{part.iteration}/{part.asset}",
+                  "command": review_command(part.character, part.iteration, part.asset)}
+        # Inside <script type=application/json>: escape '<' so no value can close the element.
+        blob = json.dumps(config).replace("<", "\\u003c")
+        page = _asset_text("review.html", "templates").replace("__CONFIG__", blob).replace(
+            "__TITLE__", html.escape(f"{part.character} {part.iteration} · {part.asset}"))
+        return HTMLResponse(page, headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
+
+    def items(request: Request) -> Response:
+        try:
+            part = _partition(request)
+        except InvalidNameError:
+            return _not_found("unknown partition")
+        q = request.query_params
+        status = q.get("status", "pending")
+        gate = q.get("gate", "any")
+        sort = q.get("sort", "order")
+        if status not in (*STATUSES, "all") or gate not in ("any", "failed", "passed") \
+                or sort not in ("order", "distance", "-distance"):
+            return json_response({"error": "bad filter"}, 400)
+        try:
+            offset = max(0, int(q.get("offset", 0)))
+            limit = min(MAX_PAGE, max(1, int(q.get("limit", 100))))
+        except ValueError:
+            return json_response({"error": "offset and limit are integers"}, 400)
+        all_items = store.items(part)
+        page, total = _page(all_items, status, gate, sort, offset, limit)
+        return json_response({"counts": store.counts(all_items), "total": total, "offset": offset, "limit": limit,
+                              "items": page})
+
+    async def decide(request: Request) -> Response:
+        try:
+            part = _partition(request)
+        except InvalidNameError:
+            return _not_found("unknown partition")
+        if not same_origin(request):
+            return json_response({"error": "cross-origin request refused"}, 403)
+        try:
+            data = await read_json(request)
+            ids = data.get("ids")
+            decision = data.get("decision")
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(ids) > MAX_IDS:
+                raise ValueError("ids must be a list of image ids")
+            if decision not in ("accept", "reject", "clear"):
+                raise ValueError("decision must be accept, reject or clear")
+            reason = "undo" if data.get("undo") else ""
+        except ValueError as exc:  # JSONDecodeError is a ValueError
+            return json_response({"error": str(exc)}, 415 if "application/json" in str(exc) else 400)
+        from starlette.concurrency import run_in_threadpool
+
+        try:
+            previous = await run_in_threadpool(store.decide, part, ids, decision,
+                                               f"undo: {decision}" if reason else "")
+        except UnknownImage as exc:
+            return json_response({"error": str(exc)}, 404)
+        return await run_in_threadpool(_decided, part, ids, previous)
+
+    def _decided(part: Partition, ids: list[str], previous: list[dict]) -> Response:
+        all_items = store.items(part)
+        wanted = set(ids)
+        changed = [{k: i[k] for k in ("id", "status", "human", "decided_by", "decided_at")}
+                   for i in all_items if i["id"] in wanted]
+        return json_response({"counts": store.counts(all_items), "items": changed, "previous": previous})
+
+    async def bulk(request: Request) -> Response:
+        try:
+            part = _partition(request)
+        except InvalidNameError:
+            return _not_found("unknown partition")
+        if not same_origin(request):
+            return json_response({"error": "cross-origin request refused"}, 403)
+        try:
+            data = await read_json(request)
+            decision, side, scope = data.get("decision"), data.get("side"), data.get("scope", "pending")
+            score = float(data.get("score"))
+            if decision not in ("accept", "reject") or side not in ("below", "above") or scope not in ("pending", "all"):
+                raise ValueError("decision accept|reject, side below|above, scope pending|all")
+        except (TypeError, ValueError) as exc:
+            return json_response({"error": str(exc)}, 415 if "application/json" in str(exc) else 400)
+        from starlette.concurrency import run_in_threadpool
+
+        previous = await run_in_threadpool(store.bulk, part, decision, side, score, scope)
+        return await run_in_threadpool(_decided, part, [p["id"] for p in previous], previous)
+
+    def image(request: Request) -> Response:
+        try:
+            path = store.image_path(request.path_params["image_id"])
+        except UnknownImage:
+            return _not_found("unknown image")
+        return FileResponse(path, media_type="image/png", headers={**SECURITY_HEADERS, **IMMUTABLE})
+
+    def thumb(request: Request) -> Response:
+        try:
+            path = store.thumbnail(request.path_params["image_id"])
+        except UnknownImage:
+            return _not_found("unknown image")
+        return FileResponse(path, media_type="image/jpeg", headers={**SECURITY_HEADERS, **IMMUTABLE})
+
+    def static(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in STATIC:
+            return _not_found()
+        return Response(_asset_text(name), media_type=STATIC[name],
+                        headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
+
+    def health(request: Request) -> Response:
+        return json_response({"ok": True, "project": str(project.root)})
+
+    routes = [
+        Route("/", index),
+        Route("/healthz", health),
+        Route("/review/{character}/{iteration}/{asset}", review_page),
+        Route("/api/review/{character}/{iteration}/{asset}/items", items),
+        Route("/api/review/{character}/{iteration}/{asset}/decide", decide, methods=["POST"]),
+        Route("/api/review/{character}/{iteration}/{asset}/bulk", bulk, methods=["POST"]),
+        Route("/image/{image_id}", image),
+        Route("/thumb/{image_id}", thumb),
+        Route("/static/{name}", static),
+    ]
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return _not_found()
+
+    app = Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)],
+                    exception_handlers={404: not_found})
+    app.state.store = store
+    return app
+
+
+def serve(project: Project, host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Run the review page until interrupted."""
+    import uvicorn
+
+    app = create_app(project, host=host, port=port)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

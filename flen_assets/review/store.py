@@ -1,0 +1,371 @@
+"""What the review page shows and records: a partition's gated images, their parents, and human decisions.
+
+Candidates come from the published partition's manifest (the gate results of filtered_images or
+synthetic_batch); everything about an image file (its path, its parents, the edit or generation
+that made it) comes from the lineage store, so only images the lineage knows are ever served.
+Human decisions are lineage `decisions` rows (gate `review`, source `human`), appended and never
+rewritten: the latest per image wins, `passed` NULL means "undone, back to the policy's verdict".
+A decision made in an earlier iteration of the same character and asset carries over (classic
+edits are deterministic, so v2 re-creates v1's images byte for byte).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flen_assets.project import InvalidNameError, Project, iteration_number, validate_iteration, validate_slug
+from flen_resources.lineage import LineageStore, utcnow
+
+REVIEWABLE = ("filtered_images", "synthetic_batch")
+STATUSES = ("pending", "accepted", "rejected")
+DECISIONS = {"accept": True, "reject": False, "clear": None}
+IMAGE_ID_RE = re.compile(r"^[0-9a-f]{64}\Z")
+DEFAULT_PORT = 8765
+PORT_ENV = "FLEN_REVIEW_PORT"
+MANIFEST = "manifest.parquet"
+
+
+class UnknownImage(KeyError):
+    """An image id that is not a candidate of the partition (or not known to the lineage)."""
+
+
+def validate_asset(asset: str) -> str:
+    """`asset` if the review page handles it, else InvalidNameError."""
+    if asset not in REVIEWABLE:
+        raise InvalidNameError(f"cannot review {asset!r}: use one of {', '.join(REVIEWABLE)}")
+    return asset
+
+
+def review_port() -> int:
+    """The review page's port: $FLEN_REVIEW_PORT, else 8765."""
+    return int(os.environ.get(PORT_ENV) or DEFAULT_PORT)
+
+
+def review_url(character: str, iteration: str, asset: str = "filtered_images", port: int | None = None,
+               host: str = "127.0.0.1") -> str:
+    """The URL of one partition's review page (as `flen review` serves it)."""
+    return f"http://{host}:{port or review_port()}/review/{character}/{iteration}/{asset}"
+
+
+def review_command(character: str, iteration: str, asset: str = "filtered_images") -> str:
+    """The `flen review` command that serves a partition's page."""
+    return f"flen review {character} --iteration {iteration}" + (f" --asset {asset}" if asset != "filtered_images" else "")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One reviewable partition: (asset, character, iteration), validated."""
+
+    asset: str
+    character: str
+    iteration: str
+
+    @classmethod
+    def of(cls, asset: str, character: str, iteration: str) -> "Partition":
+        return cls(validate_asset(asset), validate_slug(character), validate_iteration(iteration))
+
+    def key(self) -> tuple[str, str, str]:
+        return (self.asset, self.character, self.iteration)
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+def _status_of(human: dict | None, policy_status: str) -> tuple[str, str]:
+    """(status, who decided): a human decision wins over the policy's verdict."""
+    if human is not None and human["passed"] is not None:
+        return ("accepted" if human["passed"] else "rejected"), "human"
+    return policy_status, "policy"
+
+
+class ReviewStore:
+    """Reads candidates and records human decisions for the review page, the gate and the sensor."""
+
+    def __init__(self, project: Project, lineage: LineageStore | None = None, session: str = ""):
+        self.project = project
+        self.lineage = lineage or LineageStore(project.lineage_dir)
+        self.session = session or f"review:{os.getpid()}:{int(time.time())}"
+        self._lock = threading.RLock()
+        self._candidates: dict[tuple, tuple[tuple, list[dict]]] = {}
+        self._humans: dict[tuple, tuple[int, dict[str, dict]]] = {}
+        self._paths: dict[str, Path] = {}
+        self._last_decided: datetime | None = None
+
+    # -- partitions ---------------------------------------------------------------------------
+    def manifest_path(self, part: Partition) -> Path:
+        return self.project.partition_dir(*part.key()) / MANIFEST
+
+    def partitions(self) -> list[Partition]:
+        """Every published reviewable partition, newest iteration first."""
+        found = []
+        for asset in REVIEWABLE:
+            root = self.project.data_dir / asset
+            for char_dir in sorted(root.iterdir()) if root.is_dir() else []:
+                for it_dir in sorted(char_dir.iterdir()) if char_dir.is_dir() else []:
+                    try:
+                        part = Partition.of(asset, char_dir.name, it_dir.name)
+                    except InvalidNameError:
+                        continue  # not a partition folder (a .dvc pointer, a stray file)
+                    if (it_dir / MANIFEST).is_file():
+                        found.append(part)
+        return sorted(found, key=lambda p: (p.character, -iteration_number(p.iteration), p.asset))
+
+    # -- candidates (manifest + lineage facts), cached while nothing changed on disk ---------
+    def _candidate_key(self, part: Partition) -> tuple:
+        manifest = self.manifest_path(part)
+        return (_mtime(manifest), _mtime(self.lineage.table_dir("images")), _mtime(self.lineage.table_dir("edges")))
+
+    def candidates(self, part: Partition) -> list[dict]:
+        """The gated images of a partition with their parents and policy verdict (no human decisions)."""
+        key = self._candidate_key(part)
+        with self._lock:
+            cached = self._candidates.get(part.key())
+            if cached and cached[0] == key:
+                return cached[1]
+        manifest = self.manifest_path(part)
+        rows = pq.read_table(manifest).to_pylist() if manifest.is_file() else []
+        ids = [r["image_id"] for r in rows if r.get("image_id")]
+        edges, paths = self._facts(ids)
+        items = []
+        for order, row in enumerate(rows):
+            image_id = row.get("image_id")
+            if not image_id or image_id not in paths:
+                continue  # the lineage does not know this file: never served
+            items.append(self._candidate(part, order, row, edges.get(image_id, []), paths))
+        with self._lock:
+            self._candidates[part.key()] = (key, items)
+            self._paths.update(paths)
+        return items
+
+    def _facts(self, ids: Sequence[str]) -> tuple[dict[str, list[dict]], dict[str, Path]]:
+        """Lineage edges of `ids` and the files of `ids` and of their parents (those that exist)."""
+        if not ids:
+            return {}, {}
+        wanted = pa.table({"image_id": pa.array(list(ids), pa.string())})
+        with self.lineage.connect() as con:
+            con.register("wanted", wanted)
+            edge_rows = con.sql(
+                "SELECT child_id, parent_id, operation, prompt, seed, model, params FROM image_edges "
+                "WHERE child_id IN (SELECT image_id FROM wanted) AND parent_id <> child_id").to_arrow_table().to_pylist()
+            parent_ids = pa.table({"image_id": pa.array(sorted({e["parent_id"] for e in edge_rows}), pa.string())})
+            con.register("parents", parent_ids)
+            path_rows = con.sql(
+                "SELECT image_id, path FROM images WHERE image_id IN (SELECT image_id FROM wanted) "
+                "OR image_id IN (SELECT image_id FROM parents) ORDER BY created_at DESC").to_arrow_table().to_pylist()
+        edges: dict[str, list[dict]] = {}
+        for e in edge_rows:
+            edges.setdefault(e["child_id"], []).append(e)
+        paths: dict[str, Path] = {}
+        for r in path_rows:
+            if r["image_id"] in paths or not r["path"] or not IMAGE_ID_RE.match(r["image_id"] or ""):
+                continue
+            resolved = self._inside_data(r["path"])
+            if resolved is not None:
+                paths[r["image_id"]] = resolved
+        return edges, paths
+
+    def _inside_data(self, stored: str) -> Path | None:
+        """A lineage path as a file under data/, or None (missing, or pointing anywhere else)."""
+        path = (self.project.root / stored).resolve()
+        if not path.is_relative_to(self.project.data_dir.resolve()) or not path.is_file():
+            return None
+        return path
+
+    @staticmethod
+    def _candidate(part: Partition, order: int, row: dict, edges: list[dict], paths: dict[str, Path]) -> dict:
+        failed = [g for g in (row.get("failed_gates") or "").split(",") if g]
+        policy_status = row.get("policy_status") or ("accepted" if row.get("accepted") else "rejected")
+        distance = row.get("identity_distance")
+        parents = []
+        for e in edges:
+            pid = e["parent_id"]
+            if pid in paths:
+                parents.append({"id": pid, "kind": "image", "label": row.get("parent_name") or pid[:12]})
+            else:  # a generation's parent is the LoRA (flux_lora:<md5>), not an image file
+                parents.append({"id": None, "kind": "model", "label": pid})
+        edge = edges[0] if edges else {}
+        prompt = edge.get("prompt") or row.get("prompt")
+        operation = edge.get("operation") or row.get("operation")
+        if part.asset == "synthetic_batch":
+            title = prompt or "generation"
+        else:
+            title = " · ".join(x for x in (row.get("recipe_id"), operation) if x) or "edit"
+        return {
+            "id": row["image_id"], "order": order, "title": title, "operation": operation, "prompt": prompt,
+            "seed": edge.get("seed") if edge.get("seed") is not None else row.get("seed"),
+            "model": edge.get("model") or row.get("model"), "caption": row.get("caption"),
+            "distance": None if distance is None else float(distance),
+            "threshold": row.get("identity_threshold"),
+            "gate_passed": not failed if "failed_gates" in row else bool(row.get("accepted")),
+            "failed_gates": failed, "reason": row.get("reason") or "", "policy_status": policy_status,
+            "policy_reason": row.get("review") or "", "parents": parents,
+        }
+
+    # -- human decisions ----------------------------------------------------------------------
+    def human_decisions(self, part: Partition) -> dict[str, dict]:
+        """The latest human decision per image of this partition's character and asset, up to its iteration."""
+        key = _mtime(self.lineage.table_dir("decisions"))
+        with self._lock:
+            cached = self._humans.get(part.key())
+            if cached and cached[0] == key and key:
+                return cached[1]
+        iterations = [f"v{n}" for n in range(1, iteration_number(part.iteration) + 1)]
+        rows = self.lineage.rows(
+            "SELECT image_id, passed, reason, iteration, decided_at FROM decisions "
+            "WHERE source = 'human' AND gate = 'review' AND asset = $a AND character = $c "
+            "AND list_contains($its, iteration) "
+            "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY decided_at DESC) = 1",
+            {"a": part.asset, "c": part.character, "its": iterations})
+        decisions = {r["image_id"]: r for r in rows}
+        with self._lock:
+            self._humans[part.key()] = (key, decisions)
+        return decisions
+
+    def items(self, part: Partition) -> list[dict]:
+        """Candidates with their current status: the human decision if any, else the policy's."""
+        humans = self.human_decisions(part)
+        out = []
+        for cand in self.candidates(part):
+            human = humans.get(cand["id"])
+            status, by = _status_of(human, cand["policy_status"])
+            out.append({**cand, "status": status, "decided_by": by,
+                        "human": None if human is None or human["passed"] is None else
+                        ("accepted" if human["passed"] else "rejected"),
+                        "decided_at": human["decided_at"].isoformat() if human else None,
+                        "decided_in": human["iteration"] if human else None})
+        return out
+
+    @staticmethod
+    def counts(items: Iterable[dict]) -> dict[str, int]:
+        """pending / accepted / rejected / all / gate_failed / human counts."""
+        items = list(items)
+        c = Counter(i["status"] for i in items)
+        return {**{s: c.get(s, 0) for s in STATUSES}, "all": len(items),
+                "gate_failed": sum(not i["gate_passed"] for i in items),
+                "human": sum(i["decided_by"] == "human" for i in items)}
+
+    def statuses(self, part: Partition) -> dict[str, str]:
+        """image id -> accepted | rejected | pending for every row of the partition's manifest, human
+        decisions applied (the gate's view: needs no image file, only the manifest and the decisions)."""
+        manifest = self.manifest_path(part)
+        if not manifest.is_file():
+            return {}
+        humans = self.human_decisions(part)
+        out = {}
+        for row in pq.read_table(manifest).to_pylist():
+            if not row.get("image_id"):
+                continue
+            policy_status = row.get("policy_status") or ("accepted" if row.get("accepted") else "rejected")
+            out[row["image_id"]] = _status_of(humans.get(row["image_id"]), policy_status)[0]
+        return out
+
+    def pending(self, part: Partition) -> int:
+        """How many images of the partition still wait for a human."""
+        return sum(s == "pending" for s in self.statuses(part).values())
+
+    def _now(self) -> datetime:
+        """A strictly increasing timestamp, so an undo right after a decision always sorts after it."""
+        with self._lock:
+            now = utcnow()
+            if self._last_decided is not None and now <= self._last_decided:
+                now = self._last_decided + timedelta(microseconds=1)
+            self._last_decided = now
+            return now
+
+    def decide(self, part: Partition, ids: Sequence[str], decision: str, reason: str = "") -> list[dict]:
+        """Record one human decision (accept, reject, clear) for each id; returns each id's previous
+        human decision (for undo). Unknown ids raise UnknownImage before anything is written."""
+        if decision not in DECISIONS:
+            raise ValueError(f"unknown decision {decision!r}: use one of {', '.join(DECISIONS)}")
+        items = {i["id"]: i for i in self.items(part)}
+        unknown = [i for i in ids if i not in items]
+        if unknown:
+            raise UnknownImage(f"not candidates of {part.asset} {part.character}|{part.iteration}: "
+                               + ", ".join(str(u)[:16] for u in unknown[:5]))
+        if not ids:
+            return []
+        passed = DECISIONS[decision]
+        now = self._now()
+        default_reason = {"accept": "accepted by a human", "reject": "rejected by a human",
+                          "clear": "undone: back to the policy's verdict"}[decision]
+        rows = [{"image_id": i, "run_id": self.session, "asset": part.asset, "character": part.character,
+                 "iteration": part.iteration, "gate": "review", "passed": passed, "value": items[i]["distance"],
+                 "threshold": items[i]["threshold"], "reason": reason or default_reason, "source": "human",
+                 "decided_at": now} for i in dict.fromkeys(ids)]
+        before = _mtime(self.lineage.table_dir("decisions"))
+        self.lineage.append("decisions", rows)
+        previous = [{"id": i, "previous": items[i]["human"]} for i in dict.fromkeys(ids)]
+        with self._lock:  # keep the cache warm unless another process wrote decisions meanwhile
+            cached = self._humans.get(part.key())
+            if cached and cached[0] == before:
+                humans = dict(cached[1])
+                for r in rows:
+                    humans[r["image_id"]] = {"image_id": r["image_id"], "passed": passed, "reason": r["reason"],
+                                             "iteration": part.iteration, "decided_at": now}
+                self._humans[part.key()] = (_mtime(self.lineage.table_dir("decisions")), humans)
+        return previous
+
+    def bulk(self, part: Partition, decision: str, side: str, score: float, scope: str = "pending") -> list[dict]:
+        """Decide every image of `scope` (pending, or all) whose identity distance is below or above `score`."""
+        if side not in ("below", "above"):
+            raise ValueError("side must be 'below' or 'above'")
+        if scope not in ("pending", "all"):
+            raise ValueError("scope must be 'pending' or 'all'")
+        chosen = [i["id"] for i in self.items(part)
+                  if (scope == "all" or i["status"] == "pending") and i["distance"] is not None
+                  and (i["distance"] <= score if side == "below" else i["distance"] >= score)]
+        op = "<=" if side == "below" else ">="
+        return self.decide(part, chosen, decision, f"bulk {decision}: identity distance {op} {score:g}")
+
+    # -- files ------------------------------------------------------------------------------
+    def image_path(self, image_id: str) -> Path:
+        """The file of an image the lineage knows; UnknownImage for anything else."""
+        if not isinstance(image_id, str) or not IMAGE_ID_RE.match(image_id):
+            raise UnknownImage(image_id)
+        with self._lock:
+            known = self._paths.get(image_id)
+        if known is not None and known.is_file():
+            return known
+        for row in self.lineage.rows("SELECT path FROM images WHERE image_id = $id ORDER BY created_at DESC",
+                                     {"id": image_id}):
+            resolved = self._inside_data(row["path"]) if row["path"] else None
+            if resolved is not None:
+                with self._lock:
+                    self._paths[image_id] = resolved
+                return resolved
+        raise UnknownImage(image_id)
+
+    def thumbnail(self, image_id: str, size: int = 256) -> Path:
+        """A cached JPEG thumbnail of a known image (content-addressed: never stale)."""
+        source = self.image_path(image_id)
+        folder = self.project.state_dir / "cache" / "thumbs" / str(size)
+        thumb = folder / f"{image_id}.jpg"
+        if thumb.is_file():
+            return thumb
+        from PIL import Image
+
+        folder.mkdir(parents=True, exist_ok=True)
+        with Image.open(source) as img:
+            img = img.convert("RGB")
+            img.thumbnail((size, size), Image.LANCZOS)
+            tmp = folder / f".{image_id}.{os.getpid()}.{threading.get_ident()}.tmp"
+            img.save(tmp, format="JPEG", quality=85)
+        os.replace(tmp, thumb)
+        return thumb
+

@@ -1,0 +1,66 @@
+"""Review policies: verdicts per policy, and the per-character setting file."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+
+from flen_assets.project import InvalidNameError, Project
+from flen_assets.review.policy import ReviewPolicy, character_policy, load_policies, set_character_policy
+
+
+@pytest.mark.parametrize("failed, distance, auto, required, mixed", [
+    ([], 0.30, "accepted", "pending", "accepted"),           # clear pass
+    ([], 0.47, "accepted", "pending", "pending"),            # passes, but within the margin of 0.5
+    (["identity"], 0.53, "rejected", "rejected", "pending"),  # fails identity only, borderline
+    (["identity"], 0.70, "rejected", "rejected", "rejected"),  # clear identity drift
+    (["one_face", "identity"], 0.52, "rejected", "rejected", "rejected"),  # other gates failed too
+    (["one_face"], None, "rejected", "rejected", "rejected"),
+])
+def test_verdicts(failed, distance, auto, required, mixed):
+    assert ReviewPolicy("auto").classify(failed, distance, 0.5)[0] == auto
+    assert ReviewPolicy("required").classify(failed, distance, 0.5)[0] == required
+    assert ReviewPolicy("mixed", 0.05).classify(failed, distance, 0.5)[0] == mixed
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="unknown review policy"):
+        ReviewPolicy("sometimes")
+
+
+def test_character_setting_round_trip(project: Project):
+    assert character_policy(project, "alice") == ReviewPolicy("auto")
+    set_character_policy(project, "alice", ReviewPolicy("required"))
+    set_character_policy(project, "bob", ReviewPolicy("mixed", 0.08))
+    assert character_policy(project, "alice").policy == "required"
+    assert character_policy(project, "bob") == ReviewPolicy("mixed", 0.08)
+    assert character_policy(project, "bob", override="auto") == ReviewPolicy("auto", 0.08)
+    assert (project.data_dir / "review_policies.toml").is_file()
+    with pytest.raises(InvalidNameError):
+        set_character_policy(project, "../etc", ReviewPolicy("auto"))
+
+
+def _set(root: str, name: str) -> None:
+    set_character_policy(Project(__import__("pathlib").Path(root)), name, ReviewPolicy("required"))
+
+
+def test_concurrent_setters_lose_nothing(project: Project):
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_set, args=(str(project.root), f"c{i}")) for i in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sorted(load_policies(project)) == sorted(f"c{i}" for i in range(8))
+
+
+def test_cli_policy(project: Project):
+    from conftest import run_flen
+
+    out = run_flen("character", "policy", "alice", "required", project=project.root).stdout
+    assert "required" in out
+    assert "alice: required" in run_flen("character", "policy", "alice", project=project.root).stdout
+    bad = run_flen("character", "policy", "alice", "sometimes", project=project.root, check=False)
+    assert bad.returncode != 0 and "unknown review policy" in bad.stderr

@@ -1,0 +1,143 @@
+"""The review page over HTTP (a real uvicorn server): pages, the items API, decisions, and the
+safety rules: unknown ids and path traversal get 404, foreign Host/Origin and non-JSON posts are refused."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from flen_assets.review.store import Partition, ReviewStore
+
+API = "/api/review/bench/v1/filtered_images"
+
+
+def raw_get(url: str, path: str, host: str | None = None) -> int:
+    """GET with a path sent byte for byte (requests would normalise '..' away) and an optional Host."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn.putrequest("GET", path, skip_host=host is not None, skip_accept_encoding=True)
+    if host is not None:
+        conn.putheader("Host", host)
+    conn.endheaders()
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_page_and_items(review_server):
+    url, project, ids = review_server
+    page = requests.get(f"{url}/review/bench/v1/filtered_images", timeout=10)
+    assert page.status_code == 200 and "FLENwheel review" in page.text and "bench v1" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    data = requests.get(f"{url}{API}/items", params={"status": "pending", "limit": 15}, timeout=10).json()
+    assert data["total"] == 40 and len(data["items"]) == 15 and data["counts"]["pending"] == 40
+    item = data["items"][0]
+    assert item["id"] == ids[0] and item["parents"][0]["kind"] == "image"
+    by_distance = requests.get(f"{url}{API}/items", params={"status": "all", "sort": "-distance", "limit": 3},
+                               timeout=10).json()["items"]
+    assert by_distance[0]["distance"] == pytest.approx(0.6)
+    assert requests.get(f"{url}/", timeout=10).status_code == 200
+    for name in ("review.js", "review.css"):
+        assert requests.get(f"{url}/static/{name}", timeout=10).status_code == 200
+
+
+def test_images_and_thumbnails(review_server):
+    url, project, ids = review_server
+    full = requests.get(f"{url}/image/{ids[0]}", timeout=10)
+    assert full.status_code == 200 and full.headers["content-type"] == "image/png"
+    assert full.content == ReviewStore(project).image_path(ids[0]).read_bytes()
+    thumb = requests.get(f"{url}/thumb/{ids[0]}", timeout=10)
+    assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+    assert (project.state_dir / "cache" / "thumbs" / "256" / f"{ids[0]}.jpg").is_file()
+
+
+def test_decide_bulk_and_persist(review_server):
+    url, project, ids = review_server
+    r = requests.post(f"{url}{API}/decide", json={"ids": ids[:2], "decision": "accept"}, timeout=10)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["counts"]["accepted"] == 2 and [p["previous"] for p in body["previous"]] == [None, None]
+    r = requests.post(f"{url}{API}/bulk", json={"decision": "reject", "side": "above", "score": 0.55}, timeout=10)
+    assert r.status_code == 200 and len(r.json()["previous"]) == 5
+    statuses = ReviewStore(project).statuses(Partition.of("filtered_images", "bench", "v1"))
+    assert list(statuses.values()).count("rejected") == 5 and statuses[ids[0]] == "accepted"
+
+
+@pytest.mark.parametrize("path", [
+    "/image/" + "0" * 64,                       # well-formed, unknown
+    "/image/not-an-id", "/thumb/" + "e" * 64,
+    "/image/..%2f..%2fetc%2fpasswd", "/image/../../etc/passwd", "/thumb/%2e%2e/%2e%2e/etc/passwd",
+    "/static/../../pyproject.toml", "/static/..%2f..%2fpyproject.toml", "/static/review.html",
+    "/review/bench/v1/training_set", "/review/..%2f..%2fetc/v1/filtered_images", "/review/bench/v0/filtered_images",
+    "/review/bench/v9/filtered_images",         # valid names, nothing published
+    API.replace("bench", "Bench") + "/items", "/nothing/here",
+])
+def test_unknown_and_traversal_get_404(review_server, path):
+    url, _, _ = review_server
+    assert raw_get(url, path) == 404
+
+
+def test_unknown_ids_in_decisions_get_404(review_server):
+    url, project, ids = review_server
+    r = requests.post(f"{url}{API}/decide", json={"ids": [ids[0], "../../etc/passwd"], "decision": "accept"},
+                      timeout=10)
+    assert r.status_code == 404
+    assert ReviewStore(project).statuses(Partition.of("filtered_images", "bench", "v1"))[ids[0]] == "pending"
+
+
+def test_foreign_hosts_origins_and_forms_are_refused(review_server):
+    url, project, ids = review_server
+    assert raw_get(url, "/", host="evil.example:8765") == 400  # DNS rebinding
+    assert raw_get(url, "/", host="localhost") == 200
+    cross = requests.post(f"{url}{API}/decide", json={"ids": ids[:1], "decision": "accept"},
+                          headers={"Origin": "http://evil.example"}, timeout=10)
+    assert cross.status_code == 403
+    form = requests.post(f"{url}{API}/decide", data={"ids": ids[0], "decision": "accept"}, timeout=10)
+    assert form.status_code == 415
+    same = requests.post(f"{url}{API}/decide", json={"ids": ids[:1], "decision": "accept"},
+                         headers={"Origin": url}, timeout=10)
+    assert same.status_code == 200
+    bad = requests.post(f"{url}{API}/decide", json={"ids": ids[:1], "decision": "maybe"}, timeout=10)
+    assert bad.status_code == 400
+
+
+def test_cli_serves_on_loopback(review_project):
+    """`flen review` binds 127.0.0.1 by default and prints the page's URL."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests_helpers import free_port
+
+    project, ids = review_project
+    port = free_port()
+    env = {**os.environ, "FLEN_PROJECT_DIR": str(project.root), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "flen_assets", "review", "bench", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, "flen review did not start"
+            time.sleep(0.2)
+        assert requests.get(f"http://127.0.0.1:{port}/review/bench/v1/filtered_images", timeout=10).ok
+        # Bound to loopback only: another address of this machine is refused.
+        others = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1"}
+        for addr in others:
+            with pytest.raises(OSError):
+                socket.create_connection((addr, port), timeout=2).close()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        out = proc.communicate(timeout=20)[0]
+    assert f"http://127.0.0.1:{port}/review/bench/v1/filtered_images" in out and "40 image(s) pending" in out
