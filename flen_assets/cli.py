@@ -206,7 +206,7 @@ def _report(result) -> None:
         if event.event_type_value == "ASSET_MATERIALIZATION":
             mat = event.event_specific_data.materialization
             meta = {k: v.value for k, v in mat.metadata.items()
-                    if k in ("accepted", "rejected", "edits", "images", "threshold", "final_loss",
+                    if k in ("accepted", "rejected", "pending", "edits", "images", "threshold", "final_loss",
                              "identity_consistency", "generated", "triplets", "trained", "dvc_md5")}
             typer.echo(f"  ✓ {mat.asset_key.to_user_string():20s} {meta}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":

@@ -72,7 +72,8 @@ def build_review_partition(project, n: int, *, character: str = "bench", iterati
                           "created_at": now})
         manifest.append({"image_id": image_id, "image_path": f"images/{path.name}", "parent_id": parent["image_id"],
                          "parent_name": parent["original_name"], "recipe_id": f"edit-{i % 7}", "caption": "mirrored",
-                         "accepted": False, "reason": "awaiting human review", "failed_gates": "",
+                         "accepted": False, "reason": "awaiting human review", "gate_reason": "passed all gates",
+                         "failed_gates": "",
                          "review": "policy required: awaiting human review", "review_status": "pending",
                          "policy_status": "pending", "review_source": "policy", "identity_threshold": threshold,
                          "identity_distance": distance})

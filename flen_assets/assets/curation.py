@@ -117,7 +117,8 @@ def filtered_images(context: dg.AssetExecutionContext, config: FilterConfig, pro
             reason = f"{decided.status} by a human ({gate_reason})"
         rows.append(dict(image_id=cand["image_id"], image_path=cand["image_path"], parent_id=cand["parent_id"],
                          parent_name=cand["parent_name"], recipe_id=cand["recipe_id"], caption=cand["caption"],
-                         accepted=accepted, reason=reason, failed_gates=",".join(g.gate for g in failed),
+                         accepted=accepted, reason=reason, gate_reason=gate_reason,
+                         failed_gates=",".join(g.gate for g in failed),
                          review=decided.review_text, review_status=decided.status,
                          policy_status=decided.policy_status, review_source=decided.decided_by,
                          identity_threshold=threshold, **measures))

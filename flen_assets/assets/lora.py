@@ -263,7 +263,7 @@ def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, 
             caption_hint = prompt.removeprefix("photo of ").replace(trigger, "").strip(" ,")
             rows.append(dict(image_id=image_id, image_path=f"images/{png.name}", prompt=prompt, seed=out.seed,
                              model=out.model, adapters=json_col(out.adapters), accepted=accepted, reason=reason,
-                             failed_gates=",".join(g.gate for g in failed), review=decided.review_text,
+                             gate_reason=gate_reason, failed_gates=",".join(g.gate for g in failed), review=decided.review_text,
                              review_status=decided.status, policy_status=decided.policy_status,
                              review_source=decided.decided_by, identity_threshold=threshold,
                              caption=caption_hint, **{k: v for k, v in measures.items() if k != "face_box"}))

@@ -224,12 +224,16 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
         return Response(_asset_text(name), media_type=STATIC[name],
                         headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
 
+    def favicon(request: Request) -> Response:
+        return Response(status_code=204)
+
     def health(request: Request) -> Response:
         return json_response({"ok": True, "project": str(project.root)})
 
     routes = [
         Route("/", index),
         Route("/healthz", health),
+        Route("/favicon.ico", favicon),
         Route("/review/{character}/{iteration}/{asset}", review_page),
         Route("/api/review/{character}/{iteration}/{asset}/items", items),
         Route("/api/review/{character}/{iteration}/{asset}/decide", decide, methods=["POST"]),

@@ -205,7 +205,7 @@ class ReviewStore:
         if part.asset == "synthetic_batch":
             title = prompt or "generation"
         else:
-            title = " · ".join(x for x in (row.get("recipe_id"), operation) if x) or "edit"
+            title = " · ".join(dict.fromkeys(x for x in (row.get("recipe_id"), operation) if x)) or "edit"
         return {
             "id": row["image_id"], "order": order, "title": title, "operation": operation, "prompt": prompt,
             "seed": edge.get("seed") if edge.get("seed") is not None else row.get("seed"),
@@ -213,7 +213,7 @@ class ReviewStore:
             "distance": None if distance is None else float(distance),
             "threshold": row.get("identity_threshold"),
             "gate_passed": not failed if "failed_gates" in row else bool(row.get("accepted")),
-            "failed_gates": failed, "reason": row.get("reason") or "", "policy_status": policy_status,
+            "failed_gates": failed, "reason": row.get("gate_reason") or row.get("reason") or "", "policy_status": policy_status,
             "policy_reason": row.get("review") or "", "parents": parents,
         }
 

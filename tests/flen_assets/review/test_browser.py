@@ -1,0 +1,156 @@
+"""The review page in a real headless browser (Debian's chromium driven by selenium): keyboard
+decisions, undo, a bulk action, persistence across a reload, and 404s for unknown ids and traversal.
+
+Needs /usr/bin/chromium and /usr/bin/chromedriver (scripts/setup.sh installs them). Missing, the
+tests fail rather than skip, unless FLEN_SKIP_BROWSER=1 says to skip them on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flen_assets.review.store import Partition, ReviewStore
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1440,900"]
+PAGE = "/review/bench/v1/filtered_images"
+
+
+def new_driver(profile: str):
+    """A headless chromium with a fresh profile, driven by Debian's chromedriver (no downloads)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in [*CHROME_FLAGS, f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator:
+    if os.environ.get("FLEN_SKIP_BROWSER") == "1":
+        pytest.skip("FLEN_SKIP_BROWSER=1: browser tests skipped on purpose")
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: run scripts/setup.sh (apt-get install chromium chromium-driver) "
+                    "or set FLEN_SKIP_BROWSER=1 to skip the browser tests on purpose")
+    profile = tempfile.mkdtemp(prefix="flen-chromium-")
+    drv = new_driver(profile)
+    drv.set_page_load_timeout(30)
+    try:
+        yield drv
+    finally:
+        drv.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait(drv, predicate, timeout: float = 15):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(drv, timeout, poll_frequency=0.05).until(lambda d: predicate(d))
+
+
+def text(drv, element_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return drv.find_element(By.ID, element_id).text
+
+
+def press(drv, *keys: str) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    for key in keys:
+        ActionChains(drv).send_keys(key).perform()
+
+
+def open_page(drv, url: str) -> None:
+    drv.get(url)
+    wait(drv, lambda d: d.execute_script("return document.body.dataset.ready") == "1")
+
+
+def current_id(drv) -> str:
+    return drv.execute_script("return document.getElementById('detail').dataset.id")
+
+
+def test_keyboard_bulk_and_reload(driver, review_server):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, project, ids = review_server
+    open_page(driver, url + PAGE)
+    assert text(driver, "count-pending") == "40" and text(driver, "count-accepted") == "0"
+    tiles = driver.find_elements(By.CSS_SELECTOR, ".tile")
+    assert len(tiles) == 40 and tiles[0].get_attribute("data-id") == ids[0]
+    # The large view shows the image beside its parent, both loaded.
+    wait(driver, lambda d: d.execute_script(
+        "const i = [document.getElementById('current-image'), ...document.querySelectorAll('#parents img')];"
+        "return i.length === 2 && i.every(x => x.complete && x.naturalWidth > 0)"))
+    assert current_id(driver) == ids[0]
+
+    press(driver, "a")                      # accept the first, moves to the second
+    wait(driver, lambda d: text(d, "count-accepted") == "1")
+    wait(driver, lambda d: current_id(d) == ids[1])
+    press(driver, "j")                      # skip the second
+    wait(driver, lambda d: current_id(d) == ids[2])
+    press(driver, "r")                      # reject the third
+    wait(driver, lambda d: text(d, "count-rejected") == "1")
+    press(driver, "u")                      # undo: the third is pending again
+    wait(driver, lambda d: text(d, "count-rejected") == "0" and text(d, "count-pending") == "39")
+    assert current_id(driver) == ids[2]
+    press(driver, "x")                      # x rejects too
+    wait(driver, lambda d: text(d, "count-rejected") == "1")
+    press(driver, Keys.ARROW_LEFT, Keys.ARROW_LEFT)
+    wait(driver, lambda d: current_id(d) == ids[1])
+    press(driver, "a")
+    wait(driver, lambda d: text(d, "count-accepted") == "2")
+    ActionChains(driver).key_down(Keys.CONTROL).send_keys("z").key_up(Keys.CONTROL).perform()  # ctrl+z undoes it
+    wait(driver, lambda d: text(d, "count-accepted") == "1")
+
+    # Bulk: accept every pending image with identity distance <= 0.3 (ids 1..9 here; 0 is accepted already).
+    score = driver.find_element(By.ID, "bulk-score")
+    score.clear()
+    score.send_keys("0.3")
+    driver.find_element(By.ID, "bulk-apply").click()
+    wait(driver, lambda d: text(d, "count-accepted") == "9")
+    assert text(driver, "status-line") == "accepted 8 pending image(s) with distance ≤ 0.3"
+
+    # Reload: the decisions come back from the lineage store, not from the page's memory.
+    driver.find_element(By.TAG_NAME, "body").click()
+    open_page(driver, url + PAGE + "?status=all")
+    assert (text(driver, "count-accepted"), text(driver, "count-rejected"), text(driver, "count-pending")) == \
+        ("9", "1", "30")
+    statuses = {t.get_attribute("data-id"): t.get_attribute("data-status")
+                for t in driver.find_elements(By.CSS_SELECTOR, ".tile")}
+    assert statuses[ids[0]] == "accepted" and statuses[ids[2]] == "rejected" and statuses[ids[12]] == "pending"
+    store_view = ReviewStore(project).statuses(Partition.of("filtered_images", "bench", "v1"))
+    assert store_view == statuses
+    driver.save_screenshot(str(project.root / "review-page.png"))
+    assert (project.root / "review-page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_browser_gets_404_for_unknown_ids_and_traversal(driver, review_server):
+    url, _, ids = review_server
+    open_page(driver, url + PAGE)
+    paths = ["/image/" + "0" * 64, "/thumb/" + "0" * 64, "/image/..%2f..%2f..%2fetc%2fpasswd",
+             "/image/%2e%2e%2f%2e%2e%2fpyproject.toml", "/static/..%2f..%2fpyproject.toml",
+             "/review/bench/v1/..%2f..%2fetc", "/review/bench/v2/filtered_images"]
+    statuses = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "Promise.all(arguments[0].map(p => fetch(p).then(r => r.status))).then(done);", paths)
+    assert statuses == [404] * len(paths)
+    ok = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1]; fetch(arguments[0]).then(r => done(r.status));",
+        "/image/" + ids[0])
+    assert ok == 200
