@@ -20,6 +20,7 @@ Variants:
                  _loss: fp32 LoRA weights, logit-normal timesteps, grad clipping, 8-bit AdamW; Qwen drops an
                  all-ones text mask, which keeps SDPA on its flash kernel)
   ours-compile   + torch.compile of every transformer block (LoraTrainConfig.compile, on by default on a GPU)
+  ours-compile-cudnn  + cuDNN SDPA instead of flash (LoraTrainConfig.attention="cudnn")
 MFU = model FLOPs of a step (forward + input-gradient backward of every Linear, attention forward x3;
 recomputation not counted) / step time / the card's measured bf16 matmul peak (8192^3 matmuls).
 """
@@ -179,7 +180,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
 
     importable()
     cuda = device_name == "cuda"
-    if cuda:  # cuDNN SDPA's backward hits "illegal memory access" on FLUX at 1024 (seen here, torch 2.11)
+    if cuda and variant == "naive":  # as gpu_probe runs it (NO_CUDNN_SDP); ours: LoraTrainConfig.attention
         torch.backends.cuda.enable_cudnn_sdp(False)
     device, dtype = torch.device(device_name), torch.bfloat16
     started = time.time()
@@ -222,7 +223,8 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
             from flen_resources.trainers.qwen_edit_lora import QwenEditLoraTrainer as Trainer
         config = LoraTrainConfig(rank=16, alpha=16, quantization=quantization, resolution=res,
                                  optimizer="adamw8bit" if cuda else "adamw",
-                                 compile=variant == "ours-compile", device=device_name)
+                                 compile=variant.startswith("ours-compile"), device=device_name,
+                                 attention="cudnn" if variant.endswith("-cudnn") else "flash")
         resolved = ResolvedModel(model, str(workdir), "folder", workdir, "random-full", "0")
         trainer = Trainer(model=str(workdir), work_dir=workdir / "run", log=lambda m: None)
         module = trainer._transformer(resolved, config, device, dtype)

@@ -10,7 +10,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagehash
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -36,6 +35,14 @@ class DecodedImage:
     original_mode: str
     original_size: tuple[int, int]
     exif_transposed: bool
+
+
+def _imagehash():
+    """The imagehash module, imported on first use: only the hashes need it, and the editors and
+    trainers that import this module also run where it is not installed (the GPU benchmark machine)."""
+    import imagehash
+
+    return imagehash
 
 
 def sha256_file(path: Path) -> str:
@@ -127,17 +134,17 @@ def resize_max_side(img: Image.Image, max_side: int) -> Image.Image:
 
 def perceptual_hash(img: Image.Image) -> str:
     """64-bit pHash as hex."""
-    return str(imagehash.phash(img))
+    return str(_imagehash().phash(img))
 
 
 def phash_distance(a: str, b: str) -> int:
     """Hamming distance between two hex pHashes."""
-    return imagehash.hex_to_hash(a) - imagehash.hex_to_hash(b)
+    return _imagehash().hex_to_hash(a) - _imagehash().hex_to_hash(b)
 
 
 def color_hash(img: Image.Image) -> str:
     """Colour-distribution hash (imagehash.colorhash) as hex."""
-    return str(imagehash.colorhash(img))
+    return str(_imagehash().colorhash(img))
 
 
 def is_near_duplicate(phash_a: str, color_a: str, phash_b: str, color_b: str, max_phash: int = 4,
@@ -148,7 +155,7 @@ def is_near_duplicate(phash_a: str, color_a: str, phash_b: str, color_b: str, ma
     its parent; requiring the colour hash to match too keeps such edits.
     """
     return (phash_distance(phash_a, phash_b) <= max_phash
-            and imagehash.hex_to_flathash(color_a, 3) - imagehash.hex_to_flathash(color_b, 3) <= max_color)
+            and _imagehash().hex_to_flathash(color_a, 3) - _imagehash().hex_to_flathash(color_b, 3) <= max_color)
 
 
 def sharpness(img: Image.Image, box: tuple[int, int, int, int] | None = None) -> float:

@@ -70,6 +70,9 @@ class LoraTrainConfig:
     min_images: int = 4
     device: str = "auto"
     compile: bool = False  # torch.compile the transformer blocks (GPU)
+    # SDPA kernel on a GPU. cuDNN is the fastest on Hopper, but its backward hit "illegal memory
+    # access" on FLUX at 1024 with torch 2.11 (seen on H200), so flash is the default.
+    attention: Literal["flash", "cudnn"] = "flash"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -214,6 +217,14 @@ def make_lr_scheduler(optimizer, config: LoraTrainConfig):
                          num_training_steps=config.max_steps)
 
 
+def configure_attention(config: LoraTrainConfig, device: torch.device) -> None:
+    """Pick the SDPA kernel for training (process-wide): flash, or cuDNN with flash turned off."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.enable_cudnn_sdp(config.attention == "cudnn")
+    torch.backends.cuda.enable_flash_sdp(config.attention != "cudnn")
+
+
 def lora_transformer(model_cls, folder: Path, config: LoraTrainConfig, device: torch.device, dtype: torch.dtype):
     """The frozen transformer (nf4 on CUDA, or plain) with a fresh peft LoRA in fp32, ready to train."""
     from diffusers import BitsAndBytesConfig
@@ -226,6 +237,7 @@ def lora_transformer(model_cls, folder: Path, config: LoraTrainConfig, device: t
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs["device_map"] = {"": str(device)}  # quantized straight onto the GPU
+    configure_attention(config, device)
     transformer = model_cls.from_pretrained(str(folder), **kwargs)
     if config.quantization != "nf4":
         transformer.to(device)
