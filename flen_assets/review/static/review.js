@@ -8,7 +8,7 @@
   const params = new URLSearchParams(location.search);
   const state = {
     status: params.get("status") || "pending", gate: params.get("gate") || "any", sort: params.get("sort") || "order",
-    offset: 0, total: 0, items: [], cur: 0, counts: null, undo: [], busy: false,
+    offset: 0, total: 0, items: [], cur: 0, counts: null, undo: [],
   };
   const $ = (id) => document.getElementById(id);
   const el = (tag, cls, text) => {
@@ -18,6 +18,14 @@
     return e;
   };
   const fmt = (d) => (d === null || d === undefined ? "–" : Number(d).toFixed(3));
+
+  // Actions run one after another, in the order they were asked for: a fast "a a a" decides three
+  // images in turn instead of dropping keys while a request is in flight.
+  let queue = Promise.resolve();
+  function run(action) {
+    queue = queue.then(action).catch((e) => say("error: " + e.message));
+    return queue;
+  }
 
   function say(text) { $("status-line").textContent = text; }
 
@@ -84,8 +92,8 @@
       state.items.forEach((item, i) => frag.append(tile(item, i)));
       grid.append(frag);
     }
-    const pages = Math.max(1, Math.ceil(state.total / PAGE));
-    const page = Math.floor(state.offset / PAGE) + 1;
+    const pages = Math.max(1, Math.ceil(state.total / PAGE), Math.ceil(state.offset / PAGE) + 1);
+    const page = Math.ceil(state.offset / PAGE) + 1;  // offsets shift when decided items leave a filter
     $("page-info").textContent = `${state.total ? state.offset + 1 : 0}–${state.offset + state.items.length} of ${state.total} · page ${page}/${pages}`;
     document.querySelectorAll(".filter").forEach((b) => b.classList.toggle("active", b.dataset.status === state.status));
     $("gate-filter").value = state.gate; $("sort").value = state.sort;
@@ -118,8 +126,9 @@
       }
     }
     if (!item.parents.length) parents.append(el("div", "model-parent", "no parent recorded"));
+    const when = item.decided_at ? new Date(item.decided_at).toLocaleString() : "";
     fact(facts, "status", item.status + (item.decided_by === "human"
-      ? ` (human${item.decided_in && item.decided_in !== cfg.iteration ? ", " + item.decided_in : ""}, ${item.decided_at})`
+      ? ` (human${item.decided_in && item.decided_in !== cfg.iteration ? ", in " + item.decided_in : ""}, ${when})`
       : " (policy)"), "status-" + item.status);
     fact(facts, "identity distance", item.threshold !== null && item.threshold !== undefined
       ? `${fmt(item.distance)} (threshold ${fmt(item.threshold)})` : fmt(item.distance));
@@ -156,21 +165,19 @@
 
   async function decide(decision) {
     const item = state.items[state.cur];
-    if (!item || state.busy) return;
-    state.busy = true;
+    if (!item) return;
     try {
       const data = await api("/decide", {ids: [item.id], decision});
       state.undo.push({previous: data.previous, bulk: false});
       state.counts = data.counts; applyChanges(data.items); renderCounts();
       say(`${decision}ed ${item.title}`);
       await step(1);
-    } catch (e) { say("error: " + e.message); } finally { state.busy = false; }
+    } catch (e) { say("error: " + e.message); }
   }
 
   async function undo() {
     const last = state.undo.pop();
-    if (!last || state.busy) { if (!last) say("nothing to undo"); return; }
-    state.busy = true;
+    if (!last) { say("nothing to undo"); return; }
     try {
       const groups = new Map();
       for (const p of last.previous) {
@@ -188,13 +195,13 @@
         renderSelection();
       }
       say(`undone (${last.previous.length} image${last.previous.length === 1 ? "" : "s"})`);
-    } catch (e) { say("error: " + e.message); } finally { state.busy = false; }
+    } catch (e) { say("error: " + e.message); }
   }
 
   async function step(delta) {
     const next = state.cur + delta;
     if (next >= 0 && next < state.items.length) { state.cur = next; renderSelection(); return; }
-    if (delta > 0 && state.offset + state.items.length < state.total + countGone()) {
+    if (delta > 0 && state.offset + state.items.length < state.total) {
       await load(state.offset + state.items.length - countGone());
     } else if (delta < 0 && state.offset > 0) {
       await load(state.offset - PAGE);
@@ -206,44 +213,46 @@
   // the server's filtered list: the next page starts that many earlier.
   function countGone() { return state.items.filter((i) => !matches(i)).length; }
 
+  function nextPage() {
+    if (state.offset + state.items.length < state.total) return load(state.offset + state.items.length - countGone());
+  }
+
+  function prevPage() { if (state.offset > 0) return load(state.offset - PAGE); }
+
   async function bulk(ev) {
     ev.preventDefault();
-    if (state.busy) return;
     const body = {decision: $("bulk-decision").value, side: $("bulk-side").value,
                   score: Number($("bulk-score").value), scope: $("bulk-scope").value};
-    state.busy = true;
     try {
       const data = await api("/bulk", body);
       if (data.previous.length) state.undo.push({previous: data.previous, bulk: true});
       say(`${body.decision}ed ${data.previous.length} ${body.scope} image(s) with distance ${body.side === "below" ? "≤" : "≥"} ${body.score}`);
       await load(0);
-    } catch (e) { say("error: " + e.message); } finally { state.busy = false; }
+    } catch (e) { say("error: " + e.message); }
   }
 
   document.addEventListener("keydown", (ev) => {
     const tag = (ev.target && ev.target.tagName) || "";
     if (["INPUT", "SELECT", "TEXTAREA"].includes(tag)) return;
-    if ((ev.ctrlKey || ev.metaKey) && ev.key.toLowerCase() === "z") { ev.preventDefault(); undo(); return; }
+    if ((ev.ctrlKey || ev.metaKey) && ev.key.toLowerCase() === "z") { ev.preventDefault(); run(undo); return; }
     if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
     const k = ev.key;
     const action = {a: () => decide("accept"), r: () => decide("reject"), x: () => decide("reject"), u: undo,
                     j: () => step(1), ArrowRight: () => step(1), ArrowDown: () => step(1),
                     k: () => step(-1), ArrowLeft: () => step(-1), ArrowUp: () => step(-1),
-                    "]": () => load(state.offset + PAGE - countGone()), "[": () => load(state.offset - PAGE)}[k];
-    if (action) { ev.preventDefault(); action(); }
+                    "]": nextPage, "[": prevPage}[k];
+    if (action) { ev.preventDefault(); run(action); }
   });
   document.querySelectorAll(".filter").forEach((b) => b.addEventListener("click", () => {
-    state.status = b.dataset.status; load(0);
+    state.status = b.dataset.status; run(() => load(0));
   }));
-  $("gate-filter").addEventListener("change", (e) => { state.gate = e.target.value; e.target.blur(); load(0); });
-  $("sort").addEventListener("change", (e) => { state.sort = e.target.value; e.target.blur(); load(0); });
-  $("bulk-form").addEventListener("submit", bulk);
-  $("accept").addEventListener("click", () => decide("accept"));
-  $("reject").addEventListener("click", () => decide("reject"));
-  $("undo").addEventListener("click", undo);
-  $("prev-page").addEventListener("click", () => load(state.offset - PAGE));
-  $("next-page").addEventListener("click", () => {
-    if (state.offset + state.items.length < state.total + countGone()) load(state.offset + PAGE - countGone());
-  });
-  load(0).catch((e) => say("error: " + e.message));
+  $("gate-filter").addEventListener("change", (e) => { state.gate = e.target.value; e.target.blur(); run(() => load(0)); });
+  $("sort").addEventListener("change", (e) => { state.sort = e.target.value; e.target.blur(); run(() => load(0)); });
+  $("bulk-form").addEventListener("submit", (ev) => { ev.preventDefault(); run(() => bulk(ev)); });
+  $("accept").addEventListener("click", () => run(() => decide("accept")));
+  $("reject").addEventListener("click", () => run(() => decide("reject")));
+  $("undo").addEventListener("click", () => run(undo));
+  $("prev-page").addEventListener("click", () => run(prevPage));
+  $("next-page").addEventListener("click", () => run(nextPage));
+  run(() => load(0));
 })();

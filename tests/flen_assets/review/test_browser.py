@@ -154,3 +154,29 @@ def test_browser_gets_404_for_unknown_ids_and_traversal(driver, review_server):
         "const done = arguments[arguments.length - 1]; fetch(arguments[0]).then(r => done(r.status));",
         "/image/" + ids[0])
     assert ok == 200
+
+
+def test_pages_with_the_keyboard(driver, review_server):
+    """130 pending images: 120 on the first page; j past the last one, or ], opens the next."""
+    from selenium.webdriver.common.by import By
+
+    from tests_helpers import build_review_partition
+
+    url, project, _ = review_server
+    ids = build_review_partition(project, 130, iteration="v3")
+    open_page(driver, url + "/review/bench/v3/filtered_images")
+    assert len(driver.find_elements(By.CSS_SELECTOR, ".tile")) == 120
+    assert text(driver, "page-info") == "1–120 of 130 · page 1/2"
+    press(driver, "]")
+    wait(driver, lambda d: text(d, "page-info") == "121–130 of 130 · page 2/2")
+    press(driver, "[")
+    wait(driver, lambda d: text(d, "page-info") == "1–120 of 130 · page 1/2")
+    # Accept the first two, then walk to the last tile and one step further: the next page starts at
+    # the first image not yet shown, although two images left the pending list meanwhile.
+    press(driver, "a", "a")
+    wait(driver, lambda d: text(d, "count-accepted") == "2")
+    driver.execute_script("document.querySelector('.tile[data-index=\"119\"]').click()")
+    wait(driver, lambda d: current_id(d) == ids[119])
+    press(driver, "j")
+    wait(driver, lambda d: current_id(d) == ids[120])
+    assert text(driver, "page-info") == "119–128 of 128 · page 2/2"
