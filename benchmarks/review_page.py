@@ -162,6 +162,7 @@ def browser_figures(server: ReviewServer, repeat: int) -> dict:
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.support.ui import WebDriverWait
 
+    os.environ.setdefault("SE_OFFLINE", "true")  # Debian's chromium + chromedriver, nothing fetched
     profile = tempfile.mkdtemp(prefix="flen-bench-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"

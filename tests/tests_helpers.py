@@ -7,6 +7,10 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flen_assets.project import Project
 
 
 def folder_digest(folder: Path) -> dict[str, str]:

@@ -120,7 +120,8 @@ def filtered_images(context: dg.AssetExecutionContext, config: FilterConfig, pro
                          accepted=accepted, reason=reason, gate_reason=gate_reason,
                          failed_gates=",".join(g.gate for g in failed),
                          review=decided.review_text, review_status=decided.status,
-                         policy_status=decided.policy_status, review_source=decided.decided_by,
+                         policy_status=decided.policy_status, policy_reason=decided.policy_reason,
+                         review_source=decided.decided_by,
                          identity_threshold=threshold, **measures))
         now = utcnow()
         decision_rows += [run.stamp(image_id=cand["image_id"], gate=g.gate, passed=g.passed, value=g.value,

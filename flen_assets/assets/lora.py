@@ -265,6 +265,7 @@ def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, 
                              model=out.model, adapters=json_col(out.adapters), accepted=accepted, reason=reason,
                              gate_reason=gate_reason, failed_gates=",".join(g.gate for g in failed), review=decided.review_text,
                              review_status=decided.status, policy_status=decided.policy_status,
+                             policy_reason=decided.policy_reason,
                              review_source=decided.decided_by, identity_threshold=threshold,
                              caption=caption_hint, **{k: v for k, v in measures.items() if k != "face_box"}))
             now = utcnow()

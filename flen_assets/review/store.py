@@ -20,7 +20,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -215,7 +214,7 @@ class ReviewStore:
             "threshold": row.get("identity_threshold"),
             "gate_passed": not failed if "failed_gates" in row else bool(row.get("accepted")),
             "failed_gates": failed, "reason": row.get("gate_reason") or row.get("reason") or "", "policy_status": policy_status,
-            "policy_reason": row.get("review") or "", "parents": parents,
+            "policy_reason": row.get("policy_reason") or row.get("review") or "", "parents": parents,
         }
 
     # -- human decisions ----------------------------------------------------------------------

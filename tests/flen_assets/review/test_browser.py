@@ -30,6 +30,7 @@ def new_driver(profile: str):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never try to fetch a browser or driver
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in [*CHROME_FLAGS, f"--user-data-dir={profile}"]:
