@@ -292,6 +292,8 @@ def run_chain(chain: str, gpu: str | None, args: argparse.Namespace, report: dic
     """The chain's phases one after the other, each in its own process; stops at the first failure."""
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
     for phase in CHAINS[chain]:
+        if args.only and phase not in args.only.split(","):
+            continue
         cmd = [sys.executable, __file__, "--phase", phase, *args.passthrough]
         started = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -312,7 +314,8 @@ def summarize(report: dict) -> dict:
     return {"peak_gib_by_asset": peaks, "wall_s_by_asset": {a: p.get("wall_s") for a, p in assets.items()},
             "failed": [a for a, p in assets.items() if "error" in p],
             "all_under_goal": bool(peaks) and all(v is not None and v < GOAL_GIB for v in peaks.values())
-            and len(peaks) == sum(len(v) - 1 for v in CHAINS.values()), "goal_gib": GOAL_GIB}
+            and len(peaks) == sum(len(v) - 1 for v in CHAINS.values()), "goal_gib": GOAL_GIB,
+            "note": "peak = the card's used memory (NVML), CUDA context and allocator slack included"}
 
 
 def write(report: dict, args: argparse.Namespace) -> None:
@@ -336,6 +339,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--adapter-steps", type=int, default=30, help="Qwen adapter steps")
     ap.add_argument("--eval-steps", type=int, default=28, help="sampling steps of eval and synthetic images")
     ap.add_argument("--chains", default="qwen,flux")
+    ap.add_argument("--only", default="", help="run only these phases of the chains (comma-separated)")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # internal: one phase, print JSON
     args = ap.parse_args(argv)
     args.quantization = "nf4" if args.device == "cuda" else "none"
