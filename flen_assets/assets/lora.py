@@ -147,7 +147,9 @@ def lora_eval(context: dg.AssetExecutionContext, config: EvalConfig, project: Pr
     (staged / "metrics.json").write_text(json.dumps(metrics, indent=1))
     run.lineage.append("metrics", [run.stamp(name=k, value=float(v), recorded_at=utcnow()) for k, v in metrics.items()])
     history = _history(run, metrics)
-    _plot_history(history, staged / "history.png", run.character)
+    # The partition's plot stops at this iteration: re-materializing v1 after v2 exists gives the same content.
+    upto = [h for h in history if int(h["iteration"][1:]) <= int(run.iteration[1:])]
+    _plot_history(upto, staged / "history.png", run.character)
     previous = [h for h in history if h["iteration"] == run.previous_iteration()]
     consistency = metrics["identity_consistency"]
     yield publish(run, project, staged, params=config.model_dump(), models={"generator": gen.model_id()},

@@ -282,12 +282,13 @@ def run_training_loop(transformer, examples: list[dict], config: LoraTrainConfig
     optimizer = make_optimizer(params, config, device)
     lr_scheduler = make_lr_scheduler(optimizer, config)
 
-    start, losses = 0, []
+    start, losses, eval_start = 0, [], float("nan")
     checkpoint = latest_checkpoint(work_dir / "checkpoints")
     if checkpoint is not None:
         start, lora_state, state = load_checkpoint(checkpoint, optimizer, lr_scheduler, device)
         set_peft_model_state_dict(transformer, lora_state)
         losses = [tuple(x) for x in state.get("losses", [])]
+        eval_start = float(state.get("eval_loss_start", "nan"))  # a resumed run reports the fresh run's figure
         if state.get("config") != json.loads(config.to_json()):
             log("warning: resuming with a different config than the checkpoint's")
         log(f"resumed from {checkpoint.name}")
@@ -295,7 +296,8 @@ def run_training_loop(transformer, examples: list[dict], config: LoraTrainConfig
     def eval_loss() -> float:
         return fixed_batch_loss(transformer, examples, config, loss)
 
-    eval_start = eval_loss() if start == 0 else float("nan")
+    if start == 0:
+        eval_start = eval_loss()
     samples: list[Path] = []
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=f"train {name}",
                unit="step")
@@ -320,7 +322,8 @@ def run_training_loop(transformer, examples: list[dict], config: LoraTrainConfig
             samples += previews(done)
         if done % config.checkpoint_every == 0 or done == config.max_steps:
             save_checkpoint(work_dir / "checkpoints", done, get_peft_model_state_dict(transformer),
-                            optimizer, lr_scheduler, {"losses": losses, "config": json.loads(config.to_json())},
+                            optimizer, lr_scheduler, {"losses": losses, "config": json.loads(config.to_json()),
+                                                      "eval_loss_start": eval_start},
                             config.keep_checkpoints)
 
     eval_end = eval_loss()
@@ -482,5 +485,22 @@ def save_lora_file(path: Path, state: dict[str, torch.Tensor], metadata: dict[st
     from safetensors.torch import save as save_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, save_bytes({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata))
+    data = save_bytes({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
+    write_atomic(path, canonical_safetensors(data))
     return path
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted.
+
+    safetensors writes the header from a hash map, so its key order (metadata and tensor entries)
+    changes from one process to the next; sorted, the same LoRA gives the same bytes, and a rerun
+    of an unchanged partition the same DVC md5. Offsets are untouched: only the header's order
+    changes, and it keeps its length (padded with spaces, as safetensors pads it).
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # cannot happen for a header safetensors wrote compactly; keep the original then
+        return data
+    return data[:8] + text + b" " * (size - len(text)) + data[8 + size:]

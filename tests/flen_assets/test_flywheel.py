@@ -50,3 +50,27 @@ def test_export_layout(demo_project, tmp_path):
     assert (dest / "astronaut_v2_lora.safetensors").is_file() and (dest / "astronaut_v2_lora_comfyui.safetensors").is_file()
     again = run_flen("export", "astronaut", "v2", "--to", str(dest), project=demo_project.root, check=False)
     assert again.returncode == 1 and "not empty" in again.stderr
+
+
+@pytest.mark.slow
+def test_rematerializing_a_whole_iteration_reuses_its_content(demo_project, tmp_path):
+    """Every v1 asset, LoRAs and generated images included, comes back with the same DVC md5 and
+    adds no blob to the DVC cache, even after v2 exists."""
+    import json
+
+    from flen_assets.cli import DEMO_RUN_CONFIG
+
+    def state() -> tuple[dict[str, str], int]:
+        rows = LineageStore(demo_project.lineage_dir).rows(
+            "SELECT asset, dvc_md5 FROM latest_artifacts WHERE character='astronaut' AND iteration='v1'")
+        blobs = sum(1 for p in (demo_project.root / ".dvc" / "cache").rglob("*") if p.is_file())
+        return {r["asset"]: r["dvc_md5"] for r in rows}, blobs
+
+    before, blobs = state()
+    assert {"flux_lora", "lora_eval", "synthetic_batch", "qwen_adapter"} <= set(before)
+    config = tmp_path / "demo.json"
+    config.write_text(json.dumps(DEMO_RUN_CONFIG))  # the settings `flen demo` ran v1 with
+    run_flen("materialize", "astronaut", "v1", "--all", "--config", str(config), project=demo_project.root)
+    after, blobs_after = state()
+    assert after == before, {a: (before.get(a), after.get(a)) for a in after if before.get(a) != after.get(a)}
+    assert blobs_after == blobs, "no duplicate blobs"
