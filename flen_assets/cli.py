@@ -240,12 +240,14 @@ def review_gate_stops(result) -> list[tuple[str, int]]:
 def _print_review_hint(character: str, iteration: str, stops: list[tuple[str, int]]) -> None:
     from flen_assets.review.store import review_command, review_url
 
+    # A project chosen with --project (or $FLEN_PROJECT_DIR) must be named again in a new shell.
+    where = f" --project {os.environ['FLEN_PROJECT_DIR']}" if os.environ.get("FLEN_PROJECT_DIR") else ""
     for asset, pending in stops:
         typer.secho(f"\n{character}|{iteration} stopped at the review gate: {pending} image(s) of {asset} await "
                     "a human decision.", fg=typer.colors.YELLOW, bold=True)
-        typer.echo(f"  review them:   {review_command(character, iteration, asset)}")
+        typer.echo(f"  review them:   {review_command(character, iteration, asset)}{where}")
         typer.echo(f"  then open:     {review_url(character, iteration, asset)}")
-        typer.echo(f"  and continue:  flen materialize {character} {iteration} --all   (or run the demo again)")
+        typer.echo(f"  and continue:  flen materialize {character} {iteration} --all{where}   (or run the demo again)")
 
 
 @app.command()

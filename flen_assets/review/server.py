@@ -49,6 +49,14 @@ def _not_found(message: str = "not found") -> JSONResponse:
     return JSONResponse({"error": message}, status_code=404, headers=SECURITY_HEADERS)
 
 
+class Refused(Exception):
+    """A request turned away; `response` says why."""
+
+    def __init__(self, response: Response):
+        super().__init__(response.status_code)
+        self.response = response
+
+
 def _partition(request: Request) -> Partition:
     p = request.path_params
     return Partition.of(p["asset"], p["character"], p["iteration"])
@@ -92,6 +100,20 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
         if not isinstance(data, dict):
             raise ValueError("expected a JSON object")
         return data
+
+    async def post_body(request: Request) -> tuple[Partition, dict]:
+        """The partition and JSON body of a decision POST; Refused carries the error response."""
+        try:
+            part = _partition(request)
+        except InvalidNameError:
+            raise Refused(_not_found("unknown partition")) from None
+        if not same_origin(request):
+            raise Refused(json_response({"error": "cross-origin request refused"}, 403))
+        try:
+            return part, await read_json(request)
+        except ValueError as exc:  # JSONDecodeError is a ValueError
+            status = 415 if "application/json" in str(exc) else 400
+            raise Refused(json_response({"error": str(exc)}, status)) from None
 
     def index(request: Request) -> Response:
         rows = []
@@ -151,13 +173,10 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
 
     async def decide(request: Request) -> Response:
         try:
-            part = _partition(request)
-        except InvalidNameError:
-            return _not_found("unknown partition")
-        if not same_origin(request):
-            return json_response({"error": "cross-origin request refused"}, 403)
+            part, data = await post_body(request)
+        except Refused as refused:
+            return refused.response
         try:
-            data = await read_json(request)
             ids = data.get("ids")
             decision = data.get("decision")
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(ids) > MAX_IDS:
@@ -165,8 +184,8 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
             if decision not in ("accept", "reject", "clear"):
                 raise ValueError("decision must be accept, reject or clear")
             reason = "undo" if data.get("undo") else ""
-        except ValueError as exc:  # JSONDecodeError is a ValueError
-            return json_response({"error": str(exc)}, 415 if "application/json" in str(exc) else 400)
+        except ValueError as exc:
+            return json_response({"error": str(exc)}, 400)
         from starlette.concurrency import run_in_threadpool
 
         try:
@@ -185,19 +204,16 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
 
     async def bulk(request: Request) -> Response:
         try:
-            part = _partition(request)
-        except InvalidNameError:
-            return _not_found("unknown partition")
-        if not same_origin(request):
-            return json_response({"error": "cross-origin request refused"}, 403)
+            part, data = await post_body(request)
+        except Refused as refused:
+            return refused.response
         try:
-            data = await read_json(request)
             decision, side, scope = data.get("decision"), data.get("side"), data.get("scope", "pending")
             score = float(data.get("score"))
             if decision not in ("accept", "reject") or side not in ("below", "above") or scope not in ("pending", "all"):
                 raise ValueError("decision accept|reject, side below|above, scope pending|all")
         except (TypeError, ValueError) as exc:
-            return json_response({"error": str(exc)}, 415 if "application/json" in str(exc) else 400)
+            return json_response({"error": str(exc)}, 400)
         from starlette.concurrency import run_in_threadpool
 
         previous = await run_in_threadpool(store.bulk, part, decision, side, score, scope)
