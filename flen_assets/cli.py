@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -186,18 +187,40 @@ DEMO_RUN_CONFIG = {"ops": {
 }}
 
 
+def downstream_of(asset: str, job_name: str) -> list:
+    """`asset` and every asset of the job downstream of it (what changes when `asset` changes)."""
+    import dagster as dg
+
+    from flen_assets.definitions import defs
+    from flen_assets.jobs import TRAINING_SET_ASSETS
+
+    graph = defs.resolve_asset_graph()
+    if dg.AssetKey(asset) not in graph.get_all_asset_keys():
+        raise typer.BadParameter(f"no asset named {asset!r}", param_hint="--from")
+    keys = dg.AssetSelection.assets(asset).downstream().resolve(graph)
+    if job_name == "training_set_job":
+        keys &= {dg.AssetKey(a) for a in TRAINING_SET_ASSETS}
+    return sorted(keys, key=lambda k: k.to_user_string())
+
+
 def materialize_partition(project: Project, character: str, iteration: str, run_config: dict | None = None,
-                          job_name: str = "training_set_job"):
-    """Run a job for one partition on the project's Dagster instance (the run shows in the UI)."""
+                          job_name: str = "training_set_job", start_at: str | None = None):
+    """Run a job for one partition on the project's Dagster instance (the run shows in the UI);
+    with `start_at`, only that asset and what is downstream of it in the job."""
     from flen_assets.definitions import defs
     from flen_assets.partitions import add_partitions
 
+    selection = downstream_of(start_at, job_name) if start_at else None
     instance = init_project(project)
     key = add_partitions(instance, character, iteration)
     job = defs.resolve_job_def(job_name)
+    ops = (run_config or {}).get("ops", {})
+    if selection is not None:  # config of assets outside the selection would be rejected
+        wanted = {k.to_python_identifier() for k in selection}
+        run_config = {**(run_config or {}), "ops": {k: v for k, v in ops.items() if k in wanted}}
     config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}, **(run_config or {})}
     return job.execute_in_process(instance=instance, partition_key=str(key), run_config=config,
-                                  raise_on_error=False)
+                                  raise_on_error=False, asset_selection=selection)
 
 
 def _report(result) -> None:
@@ -241,13 +264,14 @@ def _print_review_hint(character: str, iteration: str, stops: list[tuple[str, in
     from flen_assets.review.store import review_command, review_url
 
     # A project chosen with --project (or $FLEN_PROJECT_DIR) must be named again in a new shell.
-    where = f" --project {os.environ['FLEN_PROJECT_DIR']}" if os.environ.get("FLEN_PROJECT_DIR") else ""
+    where = f" --project {shlex.quote(os.environ['FLEN_PROJECT_DIR'])}" if os.environ.get("FLEN_PROJECT_DIR") else ""
     for asset, pending in stops:
         typer.secho(f"\n{character}|{iteration} stopped at the review gate: {pending} image(s) of {asset} await "
                     "a human decision.", fg=typer.colors.YELLOW, bold=True)
         typer.echo(f"  review them:   {review_command(character, iteration, asset)}{where}")
         typer.echo(f"  then open:     {review_url(character, iteration, asset)}")
-        typer.echo(f"  and continue:  flen materialize {character} {iteration} --all{where}   (or run the demo again)")
+        typer.echo(f"  and continue:  flen materialize {character} {iteration} --all --from {asset}{where}"
+                   "   (or run the demo again)")
 
 
 @app.command()
@@ -255,7 +279,10 @@ def materialize(character: str, iteration: Annotated[str, typer.Argument(help="I
                 project: ProjectOpt = None,
                 config: Annotated[Optional[Path], typer.Option(help="Run config (JSON or YAML).")] = None,
                 whole: Annotated[bool, typer.Option("--all", help="The whole iteration (flywheel_job): LoRA, "
-                                                    "evaluation, synthetic batch, triplets, qwen adapter.")] = False
+                                                    "evaluation, synthetic batch, triplets, qwen adapter.")] = False,
+                start_at: Annotated[Optional[str], typer.Option(
+                    "--from", help="Only this asset and what is downstream of it, e.g. filtered_images after a "
+                                   "review (the edits are not made again).")] = None,
                 ) -> None:
     """Materialize sources -> training set (or, with --all, the whole iteration) for CHARACTER ITERATION."""
     import yaml
@@ -267,7 +294,7 @@ def materialize(character: str, iteration: Annotated[str, typer.Argument(help="I
         _fail(str(exc))
     run_config = yaml.safe_load(config.read_text()) if config else None
     result = materialize_partition(_project(project), character, iteration, run_config,
-                                   "flywheel_job" if whole else "training_set_job")
+                                   "flywheel_job" if whole else "training_set_job", start_at)
     _report(result)
     if not result.success:
         stops = review_gate_stops(result)

@@ -15,6 +15,7 @@ import pyarrow as pa
 from PIL import Image
 
 from flen_assets.assets.common import LoraAssetConfig, PartitionRun, partition_asset, publish, write_manifest
+from flen_assets.review.gate import human_decisions, reviewed_statuses
 from flen_assets.visuals import Tile, markdown_thumbnail
 from flen_io_managers.partition_folder import PartitionFolder
 from flen_resources.dagster_resources import ProjectResource, TrainerResource
@@ -89,8 +90,16 @@ def edit_triplets(context: dg.AssetExecutionContext, project: ProjectResource, e
     rows: list[dict] = []
     files: dict[str, object] = {}  # staged relative path -> source file
     previous = run.previous("edit_triplets")
+    dropped, humans = 0, {}
     if previous is not None:
         for row in previous.rows():
+            # A human may reject an edit after v(N-1) took it: the adapter stops learning from it.
+            if row["origin_iteration"] not in humans:
+                humans[row["origin_iteration"]] = human_decisions(run.project, run.lineage, "filtered_images",
+                                                                  run.character, row["origin_iteration"])
+            if humans[row["origin_iteration"]].get(row["after_id"], {}).get("passed") is False:
+                dropped += 1
+                continue
             files[row["before_path"]] = previous.path / row["before_path"]
             files[row["after_path"]] = previous.path / row["after_path"]
             rows.append({name: row.get(name) for name in TRIPLET_SCHEMA.names})
@@ -99,7 +108,12 @@ def edit_triplets(context: dg.AssetExecutionContext, project: ProjectResource, e
 
     sources = {r["image_id"]: r for r in source_images.rows() if r.get("image_id")}
     edits = {r["image_id"]: r for r in enriched_images.rows()}
-    accepted = [r for r in filtered_images.rows() if r["accepted"]]
+    # Human decisions made since filtered_images was published count (the latest wins); an image
+    # still pending review stops the run, as for the training set.
+    reviewed = reviewed_statuses(run.project, run.lineage, "filtered_images", run.character, run.iteration,
+                                 f"edit_triplets {run.character}|{run.iteration}")
+    accepted = [r for r in filtered_images.rows()
+                if reviewed.get(r["image_id"], "accepted" if r["accepted"] else "rejected") == "accepted"]
     for gate in accepted:
         after_id = gate["image_id"]
         if after_id in seen:  # the same edit accepted again (classic edits are deterministic)
@@ -128,9 +142,11 @@ def edit_triplets(context: dg.AssetExecutionContext, project: ProjectResource, e
     tiles = [Tile(pair_tile(Image.open(staged / r["before_path"]), Image.open(staged / r["after_path"])),
                   f"{r['origin_iteration']} {r['prompt']}", True) for r in rows]
     by_op = Counter(r["operation"] for r in rows)
-    context.log.info(f"{len(rows)} triplets ({len(rows) - carried} new in {run.iteration}, {carried} carried)")
+    context.log.info(f"{len(rows)} triplets ({len(rows) - carried} new in {run.iteration}, {carried} carried, "
+                     f"{dropped} dropped: rejected by a human since)")
     return publish(run, project, staged, params={"carried": carried, "new": len(rows) - carried},
                    metadata={"triplets": len(rows), "new": len(rows) - carried, "carried": carried,
+                             "dropped_by_review": dropped,
                              "by_operation": dict(by_op),
                              "example_prompt": rows[-1]["prompt"] if rows else ""},
                    sheet=tiles)
