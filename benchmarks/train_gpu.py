@@ -215,7 +215,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
             opt.zero_grad(set_to_none=True)
     else:
         from flen_resources.models.sources import ResolvedModel
-        from flen_resources.trainers.common import LoraTrainConfig, make_optimizer, step_generator
+        from flen_resources.trainers.common import LoraTrainConfig, make_optimizer, sdpa_backend, step_generator
 
         if model == "flux":
             from flen_resources.trainers.flux_lora import FluxLoraTrainer as Trainer
@@ -230,6 +230,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         module = trainer._transformer(resolved, config, device, dtype)
         params = [p for p in module.parameters() if p.requires_grad]
         opt = make_optimizer(params, config, device)
+        sdpa_backend(config, device).__enter__()  # as run_training_loop does (this process only runs this variant)
         example = ours_example(model, res, module.config)
 
         def forward_backward(i: int) -> None:

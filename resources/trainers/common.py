@@ -19,7 +19,8 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -69,9 +70,9 @@ class LoraTrainConfig:
     sample_size: int = 512
     min_images: int = 4
     device: str = "auto"
-    compile: bool = False  # torch.compile the transformer blocks (GPU)
-    # SDPA kernel on a GPU. cuDNN is the fastest on Hopper, but its backward hit "illegal memory
-    # access" on FLUX at 1024 with torch 2.11 (seen on H200), so flash is the default.
+    compile: bool = True  # torch.compile every transformer block (on a GPU only; the CPU runs eager)
+    # SDPA kernel on a GPU. cuDNN SDPA is meant to be the fastest on Hopper, but FLUX training at
+    # 1024 with it hit "illegal memory access" with torch 2.11 (H200 and H100), so flash is the default.
     attention: Literal["flash", "cudnn"] = "flash"
 
     def to_json(self) -> str:
@@ -217,12 +218,21 @@ def make_lr_scheduler(optimizer, config: LoraTrainConfig):
                          num_training_steps=config.max_steps)
 
 
-def configure_attention(config: LoraTrainConfig, device: torch.device) -> None:
-    """Pick the SDPA kernel for training (process-wide): flash, or cuDNN with flash turned off."""
+@contextmanager
+def sdpa_backend(config: LoraTrainConfig, device: torch.device) -> Iterator[None]:
+    """Training's SDPA kernel (flash, or cuDNN with flash off) while inside; the process's own
+    settings come back on exit, so the generation steps that follow keep theirs."""
     if device.type != "cuda":
+        yield
         return
+    before = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(config.attention == "cudnn")
     torch.backends.cuda.enable_flash_sdp(config.attention != "cudnn")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before[0])
+        torch.backends.cuda.enable_flash_sdp(before[1])
 
 
 def lora_transformer(model_cls, folder: Path, config: LoraTrainConfig, device: torch.device, dtype: torch.dtype):
@@ -237,7 +247,6 @@ def lora_transformer(model_cls, folder: Path, config: LoraTrainConfig, device: t
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs["device_map"] = {"": str(device)}  # quantized straight onto the GPU
-    configure_attention(config, device)
     transformer = model_cls.from_pretrained(str(folder), **kwargs)
     if config.quantization != "nf4":
         transformer.to(device)
@@ -269,6 +278,15 @@ class LoopResult:
 def run_training_loop(transformer, examples: list[dict], config: LoraTrainConfig, work_dir: Path, name: str,
                       device: torch.device, loss: LossFn, log: Callable[[str], None], group_key: str = "bucket",
                       previews: Callable[[int], list[Path]] | None = None) -> LoopResult:
+    """Train (or resume from work_dir/checkpoints) to config.max_steps, with training's SDPA kernel
+    (see `_training_loop`)."""
+    with sdpa_backend(config, device):
+        return _training_loop(transformer, examples, config, work_dir, name, device, loss, log, group_key, previews)
+
+
+def _training_loop(transformer, examples: list[dict], config: LoraTrainConfig, work_dir: Path, name: str,
+                   device: torch.device, loss: LossFn, log: Callable[[str], None], group_key: str = "bucket",
+                   previews: Callable[[int], list[Path]] | None = None) -> LoopResult:
     """Train (or resume from work_dir/checkpoints) to config.max_steps.
 
     Per step: config.gradient_accumulation micro-batches from `batch_at`, gradients clipped to
