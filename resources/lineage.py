@@ -231,6 +231,26 @@ class LineageStore:
         """Run SQL and return a list of dicts."""
         return self.query(sql, params).to_pylist()
 
+    def read_files(self, table: str, known: frozenset[str] = frozenset(),
+                   where: Any = None) -> tuple[frozenset[str], pa.Table, bool]:
+        """Incremental read: the names of the table's files now, the rows (matching the pyarrow
+        expression `where`) of the files not in `known`, and whether that was a full read. When a
+        file of `known` is gone (compaction merged it), every file is read and `full` is True.
+        Listing and reading happen under the shared lock, so compaction cannot delete a file between."""
+        import pyarrow.dataset as ds
+
+        self.ensure()
+        folder = self.table_dir(table)
+        with self._shared():
+            names = frozenset(e.name for e in os.scandir(folder)
+                              if e.name.endswith(".parquet") and e.name != "_schema.parquet")
+            full = not known <= names
+            fresh = sorted(names if full else names - known)
+            if not fresh:
+                return names, SCHEMAS[table].empty_table(), full
+            data = ds.dataset([str(folder / n) for n in fresh], schema=SCHEMAS[table], format="parquet")
+            return names, data.to_table(filter=where), full
+
     def trace(self, character: str, iteration: str, asset: str = "training_set") -> list[dict]:
         """Every member of a partition with each of its ancestors, nearest first."""
         return self.rows(TRACE_SQL, {"asset": asset, "character": character, "iteration": iteration})

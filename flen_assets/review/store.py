@@ -102,8 +102,10 @@ class ReviewStore:
         self.session = session or f"review:{os.getpid()}:{int(time.time())}"
         self._lock = threading.RLock()
         self._candidates: dict[tuple, tuple[tuple, list[dict]]] = {}
-        self._humans: dict[tuple, tuple[int, dict[str, dict]]] = {}
-        self._items: dict[tuple, tuple[tuple, list[dict]]] = {}  # keyed by (candidates, humans) identity
+        self._decision_files: frozenset[str] = frozenset()  # decision files already read
+        self._human_rows: dict[tuple[str, str], dict[str, dict[str, dict]]] = {}  # (asset, character) -> id -> iteration -> row
+        self._humans: dict[tuple, dict[str, dict]] = {}  # partition -> id -> latest human decision
+        self._items: dict[tuple, tuple[list[dict], list[dict]]] = {}  # partition -> (candidates, items)
         self._paths: dict[str, Path] = {}
         self._last_decided: datetime | None = None
 
@@ -217,39 +219,88 @@ class ReviewStore:
             "policy_reason": row.get("policy_reason") or row.get("review") or "", "parents": parents,
         }
 
-    # -- human decisions ----------------------------------------------------------------------
+    # -- human decisions (read incrementally: only decision files this store has not seen) -------
+    def _refresh_decisions(self) -> None:
+        """Take in the human review rows of every decision file not read yet (all of them after a
+        compaction), and patch the cached decisions and items of the images they touch. The cache
+        only ever holds what the files it read contain, so a concurrent writer is never absorbed."""
+        import pyarrow.compute as pc
+
+        with self._lock:
+            where = (pc.field("source") == "human") & (pc.field("gate") == "review")
+            names, table, full = self.lineage.read_files("decisions", self._decision_files, where)
+            if full:
+                self._human_rows.clear()
+                self._humans.clear()
+                self._items.clear()
+            changed: dict[tuple[str, str], set[str]] = {}
+            for r in table.select(["image_id", "asset", "character", "iteration", "passed", "reason",
+                                   "decided_at"]).to_pylist():
+                if not r["image_id"] or not r["iteration"] or r["decided_at"] is None:
+                    continue
+                slot = self._human_rows.setdefault((r["asset"], r["character"]), {}).setdefault(r["image_id"], {})
+                old = slot.get(r["iteration"])
+                if old is None or r["decided_at"] >= old["decided_at"]:
+                    slot[r["iteration"]] = r
+                    changed.setdefault((r["asset"], r["character"]), set()).add(r["image_id"])
+            self._decision_files = names
+            for key, humans in self._humans.items():
+                ids = changed.get(key[:2])
+                if not ids:
+                    continue
+                for image_id in ids:
+                    latest = self._latest_human(key, image_id)
+                    if latest is None:
+                        humans.pop(image_id, None)
+                    else:
+                        humans[image_id] = latest
+                cached = self._items.get(key)
+                if cached:  # patch the decided items instead of rebuilding all of them
+                    candidates, listed = cached
+                    self._items[key] = (candidates, [self._with_status(i, humans.get(i["id"])) if i["id"] in ids
+                                                     else i for i in listed])
+
+    def _latest_human(self, key: tuple[str, str, str], image_id: str) -> dict | None:
+        """The latest human decision on `image_id` made in the partition's iteration or an earlier one."""
+        asset, character, iteration = key
+        upto = iteration_number(iteration)
+        best = None
+        for it, row in self._human_rows.get((asset, character), {}).get(image_id, {}).items():
+            try:
+                if iteration_number(it) > upto:
+                    continue
+            except (InvalidNameError, ValueError):
+                continue
+            if best is None or row["decided_at"] >= best["decided_at"]:
+                best = row
+        return best
+
     def human_decisions(self, part: Partition) -> dict[str, dict]:
         """The latest human decision per image of this partition's character and asset, up to its iteration."""
-        key = _mtime(self.lineage.table_dir("decisions"))
         with self._lock:
+            self._refresh_decisions()
             cached = self._humans.get(part.key())
-            if cached and cached[0] == key and key:
-                return cached[1]
-        iterations = [f"v{n}" for n in range(1, iteration_number(part.iteration) + 1)]
-        rows = self.lineage.rows(
-            "SELECT image_id, passed, reason, iteration, decided_at FROM decisions "
-            "WHERE source = 'human' AND gate = 'review' AND asset = $a AND character = $c "
-            "AND list_contains($its, iteration) "
-            "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY decided_at DESC) = 1",
-            {"a": part.asset, "c": part.character, "its": iterations})
-        decisions = {r["image_id"]: r for r in rows}
-        with self._lock:
-            self._humans[part.key()] = (key, decisions)
-        return decisions
+            if cached is None:
+                cached = {}
+                for image_id in self._human_rows.get(part.key()[:2], {}):
+                    latest = self._latest_human(part.key(), image_id)
+                    if latest is not None:
+                        cached[image_id] = latest
+                self._humans[part.key()] = cached
+            return cached
 
     def items(self, part: Partition) -> list[dict]:
         """Candidates with their current status: the human decision if any, else the policy's.
-        Cached while neither the candidates nor the decisions changed (5,000 dicts per request add up)."""
-        humans = self.human_decisions(part)
+        Cached while the candidates do not change; new decisions patch only the items they touch."""
         candidates = self.candidates(part)
         with self._lock:
+            humans = self.human_decisions(part)
             cached = self._items.get(part.key())
-            if cached and cached[0][0] is candidates and cached[0][1] is humans:
+            if cached and cached[0] is candidates:
                 return cached[1]
-        out = [self._with_status(cand, humans.get(cand["id"])) for cand in candidates]
-        with self._lock:
-            self._items[part.key()] = ((candidates, humans), out)
-        return out
+            out = [self._with_status(cand, humans.get(cand["id"])) for cand in candidates]
+            self._items[part.key()] = (candidates, out)
+            return out
 
     @staticmethod
     def _with_status(cand: dict, human: dict | None) -> dict:
@@ -302,40 +353,26 @@ class ReviewStore:
         human decision (for undo). Unknown ids raise UnknownImage before anything is written."""
         if decision not in DECISIONS:
             raise ValueError(f"unknown decision {decision!r}: use one of {', '.join(DECISIONS)}")
-        items = {i["id"]: i for i in self.items(part)}
-        unknown = [i for i in ids if i not in items]
-        if unknown:
-            raise UnknownImage(f"not candidates of {part.asset} {part.character}|{part.iteration}: "
-                               + ", ".join(str(u)[:16] for u in unknown[:5]))
-        if not ids:
-            return []
-        passed = DECISIONS[decision]
-        now = self._now()
-        default_reason = {"accept": "accepted by a human", "reject": "rejected by a human",
-                          "clear": "undone: back to the policy's verdict"}[decision]
-        rows = [{"image_id": i, "run_id": self.session, "asset": part.asset, "character": part.character,
-                 "iteration": part.iteration, "gate": "review", "passed": passed, "value": items[i]["distance"],
-                 "threshold": items[i]["threshold"], "reason": reason or default_reason, "source": "human",
-                 "decided_at": now} for i in dict.fromkeys(ids)]
-        before = _mtime(self.lineage.table_dir("decisions"))
-        self.lineage.append("decisions", rows)
-        previous = [{"id": i, "previous": items[i]["human"]} for i in dict.fromkeys(ids)]
-        items_changed = set(ids)
-        with self._lock:  # keep the cache warm unless another process wrote decisions meanwhile
-            cached = self._humans.get(part.key())
-            if cached and cached[0] == before:
-                humans = dict(cached[1])
-                for r in rows:
-                    humans[r["image_id"]] = {"image_id": r["image_id"], "passed": passed, "reason": r["reason"],
-                                             "iteration": part.iteration, "decided_at": now}
-                self._humans[part.key()] = (_mtime(self.lineage.table_dir("decisions")), humans)
-                known = self._items.get(part.key())
-                if known:  # patch the decided items instead of rebuilding all of them
-                    (candidates, _), listed = known
-                    patched = [self._with_status(i, humans[i["id"]]) if i["id"] in items_changed else i
-                               for i in listed]
-                    self._items[part.key()] = ((candidates, humans), patched)
-        return previous
+        with self._lock:  # one decision at a time per store: read, append and re-read as one step
+            items = {i["id"]: i for i in self.items(part)}
+            unknown = [i for i in ids if i not in items]
+            if unknown:
+                raise UnknownImage(f"not candidates of {part.asset} {part.character}|{part.iteration}: "
+                                   + ", ".join(str(u)[:16] for u in unknown[:5]))
+            if not ids:
+                return []
+            passed = DECISIONS[decision]
+            default_reason = {"accept": "accepted by a human", "reject": "rejected by a human",
+                              "clear": "undone: back to the policy's verdict"}[decision]
+            now = self._now()
+            rows = [{"image_id": i, "run_id": self.session, "asset": part.asset, "character": part.character,
+                     "iteration": part.iteration, "gate": "review", "passed": passed,
+                     "value": items[i]["distance"], "threshold": items[i]["threshold"],
+                     "reason": reason or default_reason, "source": "human", "decided_at": now}
+                    for i in dict.fromkeys(ids)]
+            self.lineage.append("decisions", rows)
+            self._refresh_decisions()  # our own file and any another process wrote meanwhile
+            return [{"id": i, "previous": items[i]["human"]} for i in dict.fromkeys(ids)]
 
     def bulk(self, part: Partition, decision: str, side: str, score: float, scope: str = "pending") -> list[dict]:
         """Decide every image of `scope` (pending, or all) whose identity distance is below or above `score`."""
@@ -343,11 +380,12 @@ class ReviewStore:
             raise ValueError("side must be 'below' or 'above'")
         if scope not in ("pending", "all"):
             raise ValueError("scope must be 'pending' or 'all'")
-        chosen = [i["id"] for i in self.items(part)
-                  if (scope == "all" or i["status"] == "pending") and i["distance"] is not None
-                  and (i["distance"] <= score if side == "below" else i["distance"] >= score)]
         op = "<=" if side == "below" else ">="
-        return self.decide(part, chosen, decision, f"bulk {decision}: identity distance {op} {score:g}")
+        with self._lock:  # choose and decide on the same view
+            chosen = [i["id"] for i in self.items(part)
+                      if (scope == "all" or i["status"] == "pending") and i["distance"] is not None
+                      and (i["distance"] <= score if side == "below" else i["distance"] >= score)]
+            return self.decide(part, chosen, decision, f"bulk {decision}: identity distance {op} {score:g}")
 
     # -- files ------------------------------------------------------------------------------
     def image_path(self, image_id: str) -> Path:

@@ -148,3 +148,43 @@ def test_concurrent_writers_lose_no_decision(review_project):
     assert humans == 40 and runs == 80
     statuses = ReviewStore(project).statuses(PART)
     assert all(statuses[i] == "accepted" for i in ids[:20]) and all(statuses[i] == "rejected" for i in ids[20:])
+
+
+def test_cached_view_matches_a_fresh_store_under_concurrent_decisions(review_project):
+    """Threads deciding through one store (as the server's thread pool does) while another store
+    (another process) decides too: the first store's cached items must end up exactly what a fresh
+    store reads from the files (a decision appended meanwhile was once absorbed into the cache key)."""
+    import threading
+
+    project, ids = review_project
+    store = ReviewStore(project)
+    other = ReviewStore(project, session="other")
+    store.items(PART)  # warm the cache
+    start = threading.Barrier(6)
+    real_append = store.lineage.append
+
+    def slow_append(table, rows):  # a slow disk: the threads' writes overlap
+        time.sleep(0.02)
+        path = real_append(table, rows)
+        time.sleep(0.02)
+        return path
+
+    store.lineage.append = slow_append
+
+    def work(s: ReviewStore, chosen: list[str], decision: str) -> None:
+        start.wait()
+        for image_id in chosen:
+            s.decide(PART, [image_id], decision)
+
+    chunks = [ids[k:k + 7] for k in range(0, 35, 7)]
+    threads = [threading.Thread(target=work, args=(store, chunk, "accept" if n % 2 else "reject"))
+               for n, chunk in enumerate(chunks)]
+    threads.append(threading.Thread(target=work, args=(other, ids[35:], "accept")))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    view = {i["id"]: (i["status"], i["human"]) for i in store.items(PART)}
+    fresh = {i["id"]: (i["status"], i["human"]) for i in ReviewStore(project).items(PART)}
+    assert view == fresh
+    assert store.pending(PART) == 0 and ReviewStore(project).pending(PART) == 0
