@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                           "repeat": args.repeat, "page_size": PAGE_SIZE},
                     "machine": machine_info(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    session = requests.Session()
     with ReviewServer(root) as server:
+        session = helpers.review_session(server.url, CHARACTER, ITERATION, ASSET)  # the page's POST token
         result["http"] = http_figures(server, session, args.repeat)
         print("http:", json.dumps(result["http"]), flush=True)
         if not args.no_browser:
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("decisions:", json.dumps(result["decisions"]), flush=True)
     # A fresh server meets the decision files the first one left (one Parquet file per decision).
     with ReviewServer(root) as server:
+        session = requests.Session()
         cold, r = timed(lambda: session.get(
             f"{server.url}/api/review/{CHARACTER}/{ITERATION}/{ASSET}/items?limit={PAGE_SIZE}", timeout=120))
         assert r.ok

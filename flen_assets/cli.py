@@ -142,6 +142,9 @@ def review(character: Annotated[Optional[str], typer.Argument(help="Character to
            asset: Annotated[str, typer.Option(help="filtered_images or synthetic_batch")] = "filtered_images",
            port: Annotated[int, typer.Option(envvar="FLEN_REVIEW_PORT", help="Port to serve on.")] = 8765,
            host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the page local.")] = "127.0.0.1",
+           allowed_host: Annotated[Optional[list[str]], typer.Option(
+               "--allowed-host", help="Another name the page may be reached by (Host header), e.g. this "
+                                      "machine's DNS name when --host is not loopback; repeatable.")] = None,
            project: ProjectOpt = None) -> None:
     """Serve the review page: accept or reject gated images with the keyboard (binds 127.0.0.1)."""
     from flen_assets.review.server import serve
@@ -174,7 +177,7 @@ def review(character: Annotated[Optional[str], typer.Argument(help="Character to
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(f"warning: binding {host} lets other machines make review decisions", fg=typer.colors.YELLOW)
     typer.echo(f"review page on {url}   (keys: a accept, r reject, u undo, j/k next/previous; ctrl+c to stop)")
-    serve(proj, host=host, port=port)
+    serve(proj, host=host, port=port, allowed_hosts=tuple(allowed_host or ()))
 
 
 # The embedded defaults are sized for a CPU: tiny models, small images, few steps.

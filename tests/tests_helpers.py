@@ -93,8 +93,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def page_token(url: str, character: str = "bench", iteration: str = "v1", asset: str = "filtered_images") -> str:
+    """The session token a review page embeds (what review.js sends as X-Flen-Token with each POST)."""
+    import json
+    import re
+
+    import requests
+
+    page = requests.get(f"{url}/review/{character}/{iteration}/{asset}", timeout=30)
+    page.raise_for_status()
+    config = re.search(r'<script id="flen-config" type="application/json">(.*?)</script>', page.text, re.S)
+    return json.loads(config.group(1))["token"]
+
+
+def review_session(url: str, character: str = "bench", iteration: str = "v1", asset: str = "filtered_images"):
+    """A requests.Session that sends the page's token with every request, as the page's script does."""
+    import requests
+
+    session = requests.Session()
+    session.headers["X-Flen-Token"] = page_token(url, character, iteration, asset)
+    return session
+
+
 @contextmanager
-def running_server(project: Project, host: str = "127.0.0.1") -> Iterator[str]:
+def running_server(project: Project, host: str = "127.0.0.1", **app_options) -> Iterator[str]:
     """The review app served by uvicorn in a thread (the same app `flen review` serves)."""
     import threading
     import time
@@ -104,7 +126,7 @@ def running_server(project: Project, host: str = "127.0.0.1") -> Iterator[str]:
     from flen_assets.review.server import create_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(project, host=host, port=port), host=host, port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(project, host=host, port=port, **app_options), host=host, port=port,
                                            log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -4,15 +4,20 @@ Safety rules the routes follow:
   * image files are looked up by image id (a sha256 the lineage knows); no request parameter is
     ever joined into a filesystem path, and unknown or malformed ids get 404;
   * character, iteration and asset are validated as slugs / v<N> / a reviewable asset (else 404);
-  * the Host header must name this machine (DNS rebinding), POSTs must be JSON and, when the browser
-    sends an Origin, come from this page (a foreign site cannot make decisions through the browser);
+  * the Host header must be a loopback name, the bound host or an --allowed-host (DNS rebinding:
+    never "any host", even when bound to 0.0.0.0);
+  * POSTs must be JSON, carry this server's random session token (X-Flen-Token, embedded in the
+    page it serves, so only a page this server served can decide) and, when the browser sends an
+    Origin, come from the page's own origin;
   * static files come from a fixed table, not from the URL.
 """
 
 from __future__ import annotations
 
+import hmac
 import html
 import json
+import secrets
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,7 +32,8 @@ from starlette.routing import Route
 from flen_assets.project import InvalidNameError, Project
 from flen_assets.review.store import STATUSES, Partition, ReviewStore, UnknownImage, review_command
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+TOKEN_HEADER = "X-Flen-Token"
 MAX_PAGE = 500
 MAX_IDS = 10_000
 STATIC = {"review.js": "text/javascript; charset=utf-8", "review.css": "text/css; charset=utf-8"}
@@ -72,12 +78,28 @@ def _page(items: list[dict], status: str, gate: str, sort: str, offset: int, lim
     return chosen[offset:offset + limit], len(chosen)
 
 
+def host_names(*hosts: str) -> list[str]:
+    """The Host header forms of these names: lower case, IPv6 literals in brackets."""
+    out = []
+    for h in hosts:
+        h = h.strip().lower()
+        if h:
+            out.append(f"[{h.strip('[]')}]" if ":" in h else h)
+    return list(dict.fromkeys(out))
+
+
 def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
-               store: ReviewStore | None = None) -> Starlette:
-    """The review app for one project; `host`/`port` only shape the allowed Host and Origin headers."""
+               store: ReviewStore | None = None, allowed_hosts: tuple[str, ...] | list[str] = (),
+               token: str | None = None) -> Starlette:
+    """The review app for one project. Host headers allowed: loopback names, `host` (the bound
+    interface) and `allowed_hosts`; decision POSTs need `token` (random per app unless given)."""
     store = store or ReviewStore(project)
-    local = host in LOCAL_HOSTS
-    allowed_hosts = list(LOCAL_HOSTS) if local else ["*"]
+    allowed = host_names(*LOCAL_HOSTS, host, *allowed_hosts)
+    token = token or secrets.token_urlsafe(32)
+
+    def has_token(request: Request) -> bool:
+        sent = request.headers.get(TOKEN_HEADER, "")
+        return hmac.compare_digest(sent.encode(), token.encode())
 
     def json_response(data: Any, status_code: int = 200) -> Response:
         body = json.dumps(data, default=str, separators=(",", ":"))
@@ -109,6 +131,8 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
             raise Refused(_not_found("unknown partition")) from None
         if not same_origin(request):
             raise Refused(json_response({"error": "cross-origin request refused"}, 403))
+        if not has_token(request):
+            raise Refused(json_response({"error": "missing or wrong session token: reload the page"}, 403))
         try:
             return part, await read_json(request)
         except ValueError as exc:  # JSONDecodeError is a ValueError
@@ -142,7 +166,7 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
             return _not_found(f"{part.asset} {part.character}|{part.iteration} is not materialized")
         config = {"character": part.character, "iteration": part.iteration, "asset": part.asset,
                   "api": f"/api/review/{part.character}/{part.iteration}/{part.asset}",
-                  "command": review_command(part.character, part.iteration, part.asset)}
+                  "command": review_command(part.character, part.iteration, part.asset), "token": token}
         # Inside <script type=application/json>: escape '<' so no value can close the element.
         blob = json.dumps(config).replace("<", "\\u003c")
         page = _asset_text("review.html", "templates").replace("__CONFIG__", blob).replace(
@@ -262,15 +286,17 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
     async def not_found(request: Request, exc: Exception) -> Response:
         return _not_found()
 
-    app = Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)],
+    app = Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed)],
                     exception_handlers={404: not_found})
     app.state.store = store
+    app.state.token = token
     return app
 
 
-def serve(project: Project, host: str = "127.0.0.1", port: int = 8765) -> None:
+def serve(project: Project, host: str = "127.0.0.1", port: int = 8765,
+          allowed_hosts: tuple[str, ...] | list[str] = ()) -> None:
     """Run the review page until interrupted."""
     import uvicorn
 
-    app = create_app(project, host=host, port=port)
+    app = create_app(project, host=host, port=port, allowed_hosts=allowed_hosts)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

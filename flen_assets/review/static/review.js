@@ -31,7 +31,8 @@
 
   async function api(path, body) {
     const opts = body === undefined ? {} : {
-      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
+      method: "POST", headers: {"Content-Type": "application/json", "X-Flen-Token": cfg.token},
+      body: JSON.stringify(body),
     };
     const res = await fetch(cfg.api + path, opts);
     const data = await res.json().catch(() => ({}));

@@ -19,7 +19,7 @@ from flen_assets.review.policy import ReviewPolicy, set_character_policy
 from flen_assets.review.store import Partition, ReviewStore
 from flen_resources.dagster_resources import ProjectResource
 from flen_resources.lineage import LineageStore
-from tests_helpers import build_review_partition, running_server
+from tests_helpers import build_review_partition, review_session, running_server
 
 pytestmark = pytest.mark.slow
 PART = Partition.of("filtered_images", "astronaut", "v1")
@@ -67,8 +67,9 @@ def test_decisions_on_the_page_open_the_gate(gated):
     rejected_id = pending[0]["id"]
     with running_server(project) as url:  # the page's own API, as the browser calls it
         api = f"{url}/api/review/astronaut/v1/filtered_images"
-        assert requests.post(f"{api}/decide", json={"ids": [rejected_id], "decision": "reject"}, timeout=30).ok
-        assert requests.post(f"{api}/bulk", json={"decision": "accept", "side": "below", "score": 9.0},
+        session = review_session(url, "astronaut", "v1")
+        assert session.post(f"{api}/decide", json={"ids": [rejected_id], "decision": "reject"}, timeout=30).ok
+        assert session.post(f"{api}/bulk", json={"decision": "accept", "side": "below", "score": 9.0},
                              timeout=60).ok
     assert store.pending(PART) == 0
     second = run_flen("materialize", "astronaut", "v1", "--config", str(config), project=project.root, check=False)

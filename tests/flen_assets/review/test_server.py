@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from flen_assets.review.store import Partition, ReviewStore
+from tests_helpers import page_token, review_session, running_server
 
 API = "/api/review/bench/v1/filtered_images"
 
@@ -57,11 +58,12 @@ def test_images_and_thumbnails(review_server):
 
 def test_decide_bulk_and_persist(review_server):
     url, project, ids = review_server
-    r = requests.post(f"{url}{API}/decide", json={"ids": ids[:2], "decision": "accept"}, timeout=10)
+    session = review_session(url)
+    r = session.post(f"{url}{API}/decide", json={"ids": ids[:2], "decision": "accept"}, timeout=10)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["counts"]["accepted"] == 2 and [p["previous"] for p in body["previous"]] == [None, None]
-    r = requests.post(f"{url}{API}/bulk", json={"decision": "reject", "side": "above", "score": 0.55}, timeout=10)
+    r = session.post(f"{url}{API}/bulk", json={"decision": "reject", "side": "above", "score": 0.55}, timeout=10)
     assert r.status_code == 200 and len(r.json()["previous"]) == 5
     statuses = ReviewStore(project).statuses(Partition.of("filtered_images", "bench", "v1"))
     assert list(statuses.values()).count("rejected") == 5 and statuses[ids[0]] == "accepted"
@@ -83,7 +85,7 @@ def test_unknown_and_traversal_get_404(review_server, path):
 
 def test_unknown_ids_in_decisions_get_404(review_server):
     url, project, ids = review_server
-    r = requests.post(f"{url}{API}/decide", json={"ids": [ids[0], "../../etc/passwd"], "decision": "accept"},
+    r = review_session(url).post(f"{url}{API}/decide", json={"ids": [ids[0], "../../etc/passwd"], "decision": "accept"},
                       timeout=10)
     assert r.status_code == 404
     assert ReviewStore(project).statuses(Partition.of("filtered_images", "bench", "v1"))[ids[0]] == "pending"
@@ -93,16 +95,46 @@ def test_foreign_hosts_origins_and_forms_are_refused(review_server):
     url, project, ids = review_server
     assert raw_get(url, "/", host="evil.example:8765") == 400  # DNS rebinding
     assert raw_get(url, "/", host="localhost") == 200
-    cross = requests.post(f"{url}{API}/decide", json={"ids": ids[:1], "decision": "accept"},
-                          headers={"Origin": "http://evil.example"}, timeout=10)
+    session = review_session(url)
+    cross = session.post(f"{url}{API}/decide", json={"ids": ids[:1], "decision": "accept"},
+                         headers={"Origin": "http://evil.example"}, timeout=10)
     assert cross.status_code == 403
-    form = requests.post(f"{url}{API}/decide", data={"ids": ids[0], "decision": "accept"}, timeout=10)
+    form = session.post(f"{url}{API}/decide", data={"ids": ids[0], "decision": "accept"}, timeout=10)
     assert form.status_code == 415
-    same = requests.post(f"{url}{API}/decide", json={"ids": ids[:1], "decision": "accept"},
-                         headers={"Origin": url}, timeout=10)
+    same = session.post(f"{url}{API}/decide", json={"ids": ids[:1], "decision": "accept"},
+                        headers={"Origin": url}, timeout=10)
     assert same.status_code == 200
-    bad = requests.post(f"{url}{API}/decide", json={"ids": ids[:1], "decision": "maybe"}, timeout=10)
+    bad = session.post(f"{url}{API}/decide", json={"ids": ids[:1], "decision": "maybe"}, timeout=10)
     assert bad.status_code == 400
+
+
+def test_posts_need_the_session_token(review_server):
+    """A decision needs the token the served page embeds: without it, or with another, 403."""
+    url, project, ids = review_server
+    token = page_token(url)
+    assert len(token) >= 32 and token == page_token(url), "one token per server"
+    for headers in ({}, {"X-Flen-Token": ""}, {"X-Flen-Token": "x" * len(token)}, {"X-Flen-Token": token + "x"}):
+        for path, body in (("decide", {"ids": ids[:1], "decision": "accept"}),
+                           ("bulk", {"decision": "accept", "side": "below", "score": 9.0})):
+            r = requests.post(f"{url}{API}/{path}", json=body, headers={"Origin": url, **headers}, timeout=10)
+            assert r.status_code == 403, (headers, path, r.text)
+    assert ReviewStore(project).pending(Partition.of("filtered_images", "bench", "v1")) == 40
+    ok = requests.post(f"{url}{API}/decide", json={"ids": ids[:1], "decision": "accept"},
+                       headers={"X-Flen-Token": token}, timeout=10)
+    assert ok.status_code == 200
+
+
+def test_any_interface_still_checks_the_host(review_project):
+    """Bound to 0.0.0.0 the page answers loopback names, the bound host and --allowed-host names only:
+    a rebinding attacker's name (evil.example) is refused."""
+    project, _ = review_project
+    with running_server(project, host="0.0.0.0", allowed_hosts=("review.lan",)) as url:
+        local = url.replace("0.0.0.0", "127.0.0.1")
+        port = urlsplit(url).port
+        assert raw_get(local, "/", host=f"evil.example:{port}") == 400
+        assert raw_get(local, "/", host="evil.example") == 400
+        for ok in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"0.0.0.0:{port}", f"review.lan:{port}"):
+            assert raw_get(local, "/", host=ok) == 200, ok
 
 
 def test_cli_serves_on_loopback(review_project):
