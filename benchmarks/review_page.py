@@ -13,7 +13,10 @@ starts the real `flen review` in its own process and measures, as a client on 12
     (window.__flenFirstRender), and -> every thumbnail in view loaded (the others load lazily on scroll;
     polled every 10 ms);
   * decisions: POST round trips of single accepts (each appends one Parquet file to the lineage),
-    p50/p95, then the items request with those files present, and a bulk decision by distance.
+    p50/p95, then the items request with those files present, and a bulk decision by distance;
+  * after many (--many, 3,000) decisions in all: the decision round trip and warm items request
+    (the store compacts the decisions table every 500 decisions);
+  * restart: a fresh `flen review` (it compacts the lineage on start) and its first items request.
 Prints the figures and writes them with the machine and the command line to
 benchmarks/results/review_page-<hostname>.json.
 """
@@ -47,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=5000, help="pending images in the partition (5000)")
     ap.add_argument("--decisions", type=int, default=200, help="single decisions to time (200)")
+    ap.add_argument("--many", type=int, default=3000, help="decisions in all before the 'after many' figures (3000)")
     ap.add_argument("--repeat", type=int, default=10, help="repeats of the warm HTTP and browser loads (10)")
     ap.add_argument("--no-browser", action="store_true", help="skip the chromium measurements")
     ap.add_argument("--keep", type=Path, default=None, help="build the project here and keep it")
@@ -125,6 +129,10 @@ class ReviewServer:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def decision_files(lineage_dir: Path) -> list[Path]:
+    return [p for p in (lineage_dir / "decisions").glob("*.parquet") if p.name != "_schema.parquet"]
 
 
 def timed(fn) -> tuple[float, object]:
@@ -208,6 +216,27 @@ def decision_figures(server: ReviewServer, session: requests.Session, n: int, id
             "bulk_reject_above_0.5_ms": ms(bulk), "bulk_images": len(r.json()["previous"])}
 
 
+def many_decision_figures(server: ReviewServer, session: requests.Session, done: int, many: int, ids: list[str],
+                          lineage_dir: Path, timed_n: int = 200) -> dict:
+    """Single decisions until `many` were made in all, then `timed_n` more timed, and the items request:
+    the latency after thousands of decisions (the store compacts every 500)."""
+    api = f"{server.url}/api/review/{CHARACTER}/{ITERATION}/{ASSET}"
+
+    def decide(k: int) -> float:
+        body = {"ids": [ids[k % len(ids)]], "decision": "accept" if k % 2 else "reject"}
+        elapsed, r = timed(lambda: session.post(f"{api}/decide", json=body, timeout=30))
+        assert r.ok, r.text
+        return elapsed
+
+    for k in range(done, many):
+        decide(k)
+    rounds = [decide(many + k) for k in range(timed_n)]
+    items = [timed(lambda: session.get(f"{api}/items?status=all&limit={PAGE_SIZE}", timeout=30))[0] for _ in range(10)]
+    return {f"decide_round_trip_after_{many}_decisions": summary(rounds),
+            f"items_warm_after_{many}_decisions": summary(items),
+            "decision_files": len(decision_files(lineage_dir))}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     helpers = load_helpers()
@@ -231,15 +260,26 @@ def main(argv: list[str] | None = None) -> dict:
             print("browser:", json.dumps(result["browser"]), flush=True)
         result["decisions"] = decision_figures(server, session, args.decisions, ids)
         print("decisions:", json.dumps(result["decisions"]), flush=True)
-    # A fresh server meets the decision files the first one left (one Parquet file per decision).
-    with ReviewServer(root) as server:
+        result["many_decisions"] = many_decision_figures(server, session, args.decisions + 1, args.many, ids,
+                                                         project.lineage_dir)
+        print("many decisions:", json.dumps(result["many_decisions"]), flush=True)
+    # A fresh server meets the decision files the first one left; it compacts the lineage on start.
+    files_before = len(decision_files(project.lineage_dir))
+    start_s, server = timed(lambda: ReviewServer(root).__enter__())
+    try:
         session = requests.Session()
         cold, r = timed(lambda: session.get(
             f"{server.url}/api/review/{CHARACTER}/{ITERATION}/{ASSET}/items?limit={PAGE_SIZE}", timeout=120))
         assert r.ok
-        result["restart"] = {"items_first_request_ms": ms(cold),
-                             "decision_files": len(list((project.lineage_dir / "decisions").glob("*.parquet")))}
+        n_decided = r.json()["counts"]["human"]
+        result["restart"] = {f"items_first_request_after_{args.many}_decisions_ms": ms(cold),
+                             "start_to_healthy_ms (compaction + imports)": ms(start_s),
+                             "decision_files_before_start": files_before,
+                             "decision_files_after_start": len(decision_files(project.lineage_dir)),
+                             "human_decided_images": n_decided}
         print("restart:", json.dumps(result["restart"]), flush=True)
+    finally:
+        server.__exit__(None, None, None)
     out = args.out or RESULTS / f"review_page-{socket.gethostname()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -231,37 +231,49 @@ class LineageStore:
         """Run SQL and return a list of dicts."""
         return self.query(sql, params).to_pylist()
 
-    def read_files(self, table: str, known: frozenset[str] = frozenset(),
-                   where: Any = None) -> tuple[frozenset[str], pa.Table, bool]:
+    def files(self, table: str) -> frozenset[str]:
+        """The names of a table's event files now."""
+        folder = self.table_dir(table)
+        if not folder.is_dir():
+            return frozenset()
+        return frozenset(e.name for e in os.scandir(folder) if e.name.endswith(".parquet") and e.name != "_schema.parquet")
+
+    def read_files(self, table: str, known: frozenset[str] = frozenset(), where: Any = None,
+                   columns: Sequence[str] | None = None) -> tuple[frozenset[str], pa.Table, bool]:
         """Incremental read: the names of the table's files now, the rows (matching the pyarrow
         expression `where`) of the files not in `known`, and whether that was a full read. When a
         file of `known` is gone (compaction merged it), every file is read and `full` is True.
         Listing and reading happen under the shared lock, so compaction cannot delete a file between."""
         import pyarrow.dataset as ds
 
-        self.ensure()
         folder = self.table_dir(table)
+        if not folder.is_dir():
+            self.ensure()
+        names = self.files(table)
+        if names == known:  # nothing new, nothing merged: no lock, no read
+            return names, SCHEMAS[table].empty_table().select(list(columns) if columns else SCHEMAS[table].names), False
         with self._shared():
-            names = frozenset(e.name for e in os.scandir(folder)
-                              if e.name.endswith(".parquet") and e.name != "_schema.parquet")
+            names = self.files(table)
             full = not known <= names
             fresh = sorted(names if full else names - known)
             if not fresh:
-                return names, SCHEMAS[table].empty_table(), full
+                empty = SCHEMAS[table].empty_table()
+                return names, empty.select(list(columns)) if columns else empty, full
             data = ds.dataset([str(folder / n) for n in fresh], schema=SCHEMAS[table], format="parquet")
-            return names, data.to_table(filter=where), full
+            return names, data.to_table(columns=list(columns) if columns else None, filter=where), full
 
     def trace(self, character: str, iteration: str, asset: str = "training_set") -> list[dict]:
         """Every member of a partition with each of its ancestors, nearest first."""
         return self.rows(TRACE_SQL, {"asset": asset, "character": character, "iteration": iteration})
 
     # -- maintenance --------------------------------------------------------------------------
-    def compact(self) -> dict[str, int]:
-        """Merge each table's event files into one; returns files merged per table."""
+    def compact(self, tables: Sequence[str] | None = None) -> dict[str, int]:
+        """Merge each table's event files into one (every table, or `tables`); returns files merged per table."""
         self.ensure()
         merged: dict[str, int] = {}
         with self._shared(exclusive=True):
-            for table, schema in SCHEMAS.items():
+            for table in tables or SCHEMAS:
+                schema = SCHEMAS[table]
                 files = sorted(p for p in self.table_dir(table).glob("*.parquet") if p.name != "_schema.parquet")
                 if len(files) < 2:
                     merged[table] = 0

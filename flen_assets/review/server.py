@@ -295,8 +295,10 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
 
 def serve(project: Project, host: str = "127.0.0.1", port: int = 8765,
           allowed_hosts: tuple[str, ...] | list[str] = ()) -> None:
-    """Run the review page until interrupted."""
+    """Run the review page until interrupted. The lineage is compacted first: a table of thousands of
+    one-decision files would make the first request slow (the store compacts again every 500 decisions)."""
     import uvicorn
 
+    ReviewStore(project).lineage.compact()
     app = create_app(project, host=host, port=port, allowed_hosts=allowed_hosts)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -79,11 +79,16 @@ class Partition:
         return (self.asset, self.character, self.iteration)
 
 
-def _mtime(path: Path) -> int:
+COMPACT_EVERY = 500  # decisions a store makes before it compacts the decisions table
+
+
+def _file_key(path: Path) -> tuple[int, int, int] | None:
+    """What identifies one version of a file (a republished manifest is a new inode)."""
     try:
-        return path.stat().st_mtime_ns
+        st = path.stat()
     except FileNotFoundError:
-        return 0
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def _status_of(human: dict | None, policy_status: str) -> tuple[str, str]:
@@ -96,18 +101,46 @@ def _status_of(human: dict | None, policy_status: str) -> tuple[str, str]:
 class ReviewStore:
     """Reads candidates and records human decisions for the review page, the gate and the sensor."""
 
-    def __init__(self, project: Project, lineage: LineageStore | None = None, session: str = ""):
+    def __init__(self, project: Project, lineage: LineageStore | None = None, session: str = "",
+                 compact_every: int = COMPACT_EVERY):
         self.project = project
         self.lineage = lineage or LineageStore(project.lineage_dir)
         self.session = session or f"review:{os.getpid()}:{int(time.time())}"
+        self.compact_every = compact_every
+        self._since_compaction = 0
         self._lock = threading.RLock()
-        self._candidates: dict[tuple, tuple[tuple, list[dict]]] = {}
+        # partition -> (manifest version, candidates, ids whose lineage facts they were built from)
+        self._candidates: dict[tuple, tuple[tuple | None, list[dict], frozenset[str]]] = {}
+        self._fact_files: dict[str, frozenset[str]] | None = None  # images/edges files already seen
+        self._listed: dict[str, tuple[int, int]] = {}  # table -> (folder mtime, wall clock) of its last listing
         self._decision_files: frozenset[str] = frozenset()  # decision files already read
         self._human_rows: dict[tuple[str, str], dict[str, dict[str, dict]]] = {}  # (asset, character) -> id -> iteration -> row
         self._humans: dict[tuple, dict[str, dict]] = {}  # partition -> id -> latest human decision
         self._items: dict[tuple, tuple[list[dict], list[dict]]] = {}  # partition -> (candidates, items)
         self._paths: dict[str, Path] = {}
         self._last_decided: datetime | None = None
+
+    def _unchanged(self, table: str) -> bool:
+        """True when `table`'s folder surely has no file this store has not listed: its mtime is the
+        one seen before the last listing, and that listing began well after that mtime (a file added
+        later gets a later mtime, even with coarse file-system timestamps, as git's racy-clean check)."""
+        seen = self._listed.get(table)
+        if seen is None:
+            return False
+        try:
+            mtime = self.lineage.table_dir(table).stat().st_mtime_ns
+        except FileNotFoundError:
+            return False
+        return mtime == seen[0] and seen[1] - seen[0] > 100_000_000
+
+    def _listing(self, table: str) -> None:
+        """Note the folder's mtime and the wall clock just before listing `table`."""
+        try:
+            mtime = self.lineage.table_dir(table).stat().st_mtime_ns
+        except FileNotFoundError:
+            self._listed.pop(table, None)
+            return
+        self._listed[table] = (mtime, time.time_ns())
 
     # -- partitions ---------------------------------------------------------------------------
     def manifest_path(self, part: Partition) -> Path:
@@ -129,31 +162,57 @@ class ReviewStore:
         return sorted(found, key=lambda p: (p.character, -iteration_number(p.iteration), p.asset))
 
     # -- candidates (manifest + lineage facts), cached while nothing changed on disk ---------
-    def _candidate_key(self, part: Partition) -> tuple:
-        manifest = self.manifest_path(part)
-        return (_mtime(manifest), _mtime(self.lineage.table_dir("images")), _mtime(self.lineage.table_dir("edges")))
+    def _refresh_facts(self) -> None:
+        """Drop the cached candidates whose lineage facts changed: new images/edges files are read
+        (ids only) and only partitions whose images or parents they mention are reloaded; a write
+        for another character or run costs a small read, not a reload. When files disappeared
+        (compaction), every partition is reloaded."""
+        with self._lock:
+            if self._fact_files is None:  # nothing cached yet: just note what exists
+                for t in ("images", "edges"):
+                    self._listing(t)
+                self._fact_files = {t: self.lineage.files(t) for t in ("images", "edges")}
+                return
+            touched: set[str] = set()
+            full = False
+            for table, cols in (("images", ["image_id"]), ("edges", ["child_id", "parent_id"])):
+                if self._unchanged(table):
+                    continue
+                self._listing(table)
+                names, data, whole = self.lineage.read_files(table, self._fact_files[table], columns=cols)
+                self._fact_files[table] = names
+                full |= whole
+                for col in cols:
+                    touched.update(v for v in data.column(col).to_pylist() if v)
+            if full:
+                self._candidates.clear()
+            elif touched:
+                for key in [k for k, v in self._candidates.items() if not touched.isdisjoint(v[2])]:
+                    del self._candidates[key]
 
     def candidates(self, part: Partition) -> list[dict]:
-        """The gated images of a partition with their parents and policy verdict (no human decisions)."""
-        key = self._candidate_key(part)
-        with self._lock:
-            cached = self._candidates.get(part.key())
-            if cached and cached[0] == key:
-                return cached[1]
+        """The gated images of a partition with their parents and policy verdict (no human decisions).
+        Cached while the manifest is the same file and no lineage write touched these images."""
         manifest = self.manifest_path(part)
-        rows = pq.read_table(manifest).to_pylist() if manifest.is_file() else []
-        ids = [r["image_id"] for r in rows if r.get("image_id")]
-        edges, paths = self._facts(ids)
-        items = []
-        for order, row in enumerate(rows):
-            image_id = row.get("image_id")
-            if not image_id or image_id not in paths:
-                continue  # the lineage does not know this file: never served
-            items.append(self._candidate(part, order, row, edges.get(image_id, []), paths))
         with self._lock:
-            self._candidates[part.key()] = (key, items)
+            self._refresh_facts()
+            version = _file_key(manifest)
+            cached = self._candidates.get(part.key())
+            if cached and cached[0] == version:
+                return cached[1]
+            rows = pq.read_table(manifest).to_pylist() if version is not None else []
+            ids = [r["image_id"] for r in rows if r.get("image_id")]
+            edges, paths = self._facts(ids)
+            items = []
+            for order, row in enumerate(rows):
+                image_id = row.get("image_id")
+                if not image_id or image_id not in paths:
+                    continue  # the lineage does not know this file: never served
+                items.append(self._candidate(part, order, row, edges.get(image_id, []), paths))
+            relevant = frozenset(ids) | {e["parent_id"] for es in edges.values() for e in es}
+            self._candidates[part.key()] = (version, items, relevant)
             self._paths.update(paths)
-        return items
+            return items
 
     def _facts(self, ids: Sequence[str]) -> tuple[dict[str, list[dict]], dict[str, Path]]:
         """Lineage edges of `ids` and the files of `ids` and of their parents (those that exist)."""
@@ -220,22 +279,31 @@ class ReviewStore:
         }
 
     # -- human decisions (read incrementally: only decision files this store has not seen) -------
-    def _refresh_decisions(self) -> None:
+    def _refresh_decisions(self, own: tuple[Path | None, list[dict]] | None = None) -> None:
         """Take in the human review rows of every decision file not read yet (all of them after a
         compaction), and patch the cached decisions and items of the images they touch. The cache
         only ever holds what the files it read contain, so a concurrent writer is never absorbed."""
         import pyarrow.compute as pc
 
         with self._lock:
+            if own is None and self._unchanged("decisions"):
+                return
+            self._listing("decisions")
+            known = self._decision_files
+            new_rows: list[dict] = []
+            if own is not None and own[0] is not None:  # the file this store just wrote: its rows are in hand
+                known = known | {own[0].name}
+                new_rows = own[1]
             where = (pc.field("source") == "human") & (pc.field("gate") == "review")
-            names, table, full = self.lineage.read_files("decisions", self._decision_files, where)
-            if full:
-                self._human_rows.clear()
-                self._humans.clear()
-                self._items.clear()
+            names, table, full = self.lineage.read_files("decisions", known, where)
             changed: dict[tuple[str, str], set[str]] = {}
-            for r in table.select(["image_id", "asset", "character", "iteration", "passed", "reason",
-                                   "decided_at"]).to_pylist():
+            if full:  # files were merged (compaction): start over, and recheck every image seen before
+                for key, by_id in self._human_rows.items():
+                    changed.setdefault(key, set()).update(by_id)
+                self._human_rows = {}
+                new_rows = []  # the full read has them
+            for r in new_rows + table.select(["image_id", "asset", "character", "iteration", "passed", "reason",
+                                              "decided_at"]).to_pylist():
                 if not r["image_id"] or not r["iteration"] or r["decided_at"] is None:
                     continue
                 slot = self._human_rows.setdefault((r["asset"], r["character"]), {}).setdefault(r["image_id"], {})
@@ -370,8 +438,12 @@ class ReviewStore:
                      "value": items[i]["distance"], "threshold": items[i]["threshold"],
                      "reason": reason or default_reason, "source": "human", "decided_at": now}
                     for i in dict.fromkeys(ids)]
-            self.lineage.append("decisions", rows)
-            self._refresh_decisions()  # our own file and any another process wrote meanwhile
+            written = self.lineage.append("decisions", rows)
+            self._since_compaction += 1
+            if self.compact_every and self._since_compaction >= self.compact_every:
+                self.lineage.compact(["decisions"])  # lock-safe with other writers; one file per decision adds up
+                self._since_compaction = 0
+            self._refresh_decisions((written, rows))  # our own file, and any another process wrote meanwhile
             return [{"id": i, "previous": items[i]["human"]} for i in dict.fromkeys(ids)]
 
     def bulk(self, part: Partition, decision: str, side: str, score: float, scope: str = "pending") -> list[dict]:

@@ -188,3 +188,54 @@ def test_cached_view_matches_a_fresh_store_under_concurrent_decisions(review_pro
     fresh = {i["id"]: (i["status"], i["human"]) for i in ReviewStore(project).items(PART)}
     assert view == fresh
     assert store.pending(PART) == 0 and ReviewStore(project).pending(PART) == 0
+
+
+def test_store_compacts_decisions_and_keeps_its_view(review_project):
+    """Every `compact_every` decisions the store merges the decision files; its view stays right."""
+    project, ids = review_project
+    store = ReviewStore(project, compact_every=5)
+    for n, image_id in enumerate(ids[:12]):
+        store.decide(PART, [image_id], "accept" if n % 3 else "reject")
+    files = LineageStore(project.lineage_dir).files("decisions")
+    assert len(files) <= 3, files  # 12 decisions: two compactions, two files since
+    view = {i["id"]: i["status"] for i in store.items(PART)}
+    assert view == {i["id"]: i["status"] for i in ReviewStore(project).items(PART)}
+    assert [view[i] for i in ids[:4]] == ["rejected", "accepted", "accepted", "rejected"]
+
+
+def test_unrelated_lineage_writes_do_not_reload_candidates(review_project):
+    """Another run writing images, edges and decisions for another character keeps the cached
+    candidates (no full reload); a write about one of the partition's images reloads them."""
+    project, ids = review_project
+    store = ReviewStore(project)
+    first = store.candidates(PART)
+    items = store.items(PART)
+    lineage = LineageStore(project.lineage_dir)
+    _run_writes(str(project.root), 3)  # images, decisions of character "other"
+    lineage.append("edges", [{"child_id": "ef" * 32, "parent_id": "01" * 32, "character": "other",
+                              "created_at": utcnow()}])
+    assert store.candidates(PART) is first and store.items(PART) is items
+    store.decide(PART, [ids[0]], "accept")  # a decision patches the items, not the candidates
+    assert store.candidates(PART) is first
+    path = store.image_path(ids[1]).relative_to(project.root).as_posix()
+    lineage.append("images", [{"image_id": ids[1], "path": path, "created_at": utcnow()}])
+    assert store.candidates(PART) is not first
+    assert [i["id"] for i in store.candidates(PART)] == ids
+
+
+def test_serve_compacts_the_lineage_first(review_project, monkeypatch):
+    """`flen review` starts by compacting: a restart after thousands of decisions reads one file."""
+    import uvicorn
+
+    from flen_assets.review.server import serve
+
+    project, ids = review_project
+    store = ReviewStore(project, compact_every=0)
+    for image_id in ids[:10]:
+        store.decide(PART, [image_id], "accept")
+    lineage = LineageStore(project.lineage_dir)
+    assert len(lineage.files("decisions")) >= 10
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    serve(project, port=1)
+    assert len(lineage.files("decisions")) == 1
+    assert ReviewStore(project).statuses(PART)[ids[0]] == "accepted"
