@@ -205,10 +205,12 @@ class ReviewStore:
             edges, paths = self._facts(ids)
             items = []
             for order, row in enumerate(rows):
-                image_id = row.get("image_id")
-                if not image_id or image_id not in paths:
-                    continue  # the lineage does not know this file: never served
-                items.append(self._candidate(part, order, row, edges.get(image_id, []), paths))
+                if not row.get("image_id"):
+                    continue
+                # A row whose file the lineage does not know under data/ is still a candidate (the
+                # gate counts it, so the page must let a human decide it) but marked file_missing and
+                # never served: image_path() refuses it.
+                items.append(self._candidate(part, order, row, edges.get(row["image_id"], []), paths))
             relevant = frozenset(ids) | {e["parent_id"] for es in edges.values() for e in es}
             self._candidates[part.key()] = (version, items, relevant)
             self._paths.update(paths)
@@ -276,6 +278,7 @@ class ReviewStore:
             "gate_passed": not failed if "failed_gates" in row else bool(row.get("accepted")),
             "failed_gates": failed, "reason": row.get("gate_reason") or row.get("reason") or "", "policy_status": policy_status,
             "policy_reason": row.get("policy_reason") or row.get("review") or "", "parents": parents,
+            "file_missing": row["image_id"] not in paths,
         }
 
     # -- human decisions (read incrementally: only decision files this store has not seen) -------
@@ -389,19 +392,10 @@ class ReviewStore:
                 "human": sum(i["decided_by"] == "human" for i in items)}
 
     def statuses(self, part: Partition) -> dict[str, str]:
-        """image id -> accepted | rejected | pending for every row of the partition's manifest, human
-        decisions applied (the gate's view: needs no image file, only the manifest and the decisions)."""
-        manifest = self.manifest_path(part)
-        if not manifest.is_file():
-            return {}
-        humans = self.human_decisions(part)
-        out = {}
-        for row in pq.read_table(manifest).to_pylist():
-            if not row.get("image_id"):
-                continue
-            policy_status = row.get("policy_status") or ("accepted" if row.get("accepted") else "rejected")
-            out[row["image_id"]] = _status_of(humans.get(row["image_id"]), policy_status)[0]
-        return out
+        """image id -> accepted | rejected | pending for every candidate of the partition (exactly the
+        images the page lists, those whose file is missing included), human decisions applied: the
+        view of the blocking check, training_set and the sensor."""
+        return {i["id"]: i["status"] for i in self.items(part)}
 
     def pending(self, part: Partition) -> int:
         """How many images of the partition still wait for a human."""

@@ -74,8 +74,13 @@
   function tile(item, i) {
     const t = el("div", "tile" + (i === state.cur ? " current" : ""));
     t.dataset.id = item.id; t.dataset.status = item.status; t.dataset.index = String(i);
-    const img = el("img"); img.loading = "lazy"; img.alt = item.title; img.src = "/thumb/" + item.id;
-    img.width = 112; img.height = 112;
+    let img;
+    if (item.file_missing) {  // counted by the gate, decidable here, but there is no file to show
+      img = el("div", "missing", "file missing");
+    } else {
+      img = el("img"); img.loading = "lazy"; img.alt = item.title; img.src = "/thumb/" + item.id;
+      img.width = 112; img.height = 112;
+    }
     t.append(img, el("span", "badge", item.status), el("span", "dist", fmt(item.distance)),
              el("div", "label", item.title));
     t.title = item.title + " — " + item.reason;
@@ -111,8 +116,8 @@
     parents.replaceChildren(); facts.replaceChildren();
     $("detail").dataset.id = item ? item.id : "";
     if (!item) { img.removeAttribute("src"); $("current-caption").textContent = "nothing selected"; return; }
-    img.src = "/image/" + item.id;
-    $("current-caption").textContent = item.title;
+    if (item.file_missing) img.removeAttribute("src"); else img.src = "/image/" + item.id;
+    $("current-caption").textContent = item.file_missing ? item.title + " (file missing: decide by its facts)" : item.title;
     for (const p of item.parents) {
       if (p.kind === "image") {
         const f = el("figure"), pi = el("img");

@@ -173,3 +173,16 @@ def test_cli_serves_on_loopback(review_project):
         os.killpg(proc.pid, signal.SIGINT)
         out = proc.communicate(timeout=20)[0]
     assert f"http://127.0.0.1:{port}/review/bench/v1/filtered_images" in out and "40 image(s) pending" in out
+
+
+def test_a_missing_file_is_shown_and_decided_but_gets_404(review_project):
+    project, ids = review_project
+    ReviewStore(project).image_path(ids[5]).unlink()
+    with running_server(project) as url:
+        items = requests.get(f"{url}{API}/items", params={"status": "all", "limit": 100}, timeout=10).json()
+        assert items["counts"]["all"] == 40
+        missing = [i for i in items["items"] if i["file_missing"]]
+        assert [i["id"] for i in missing] == [ids[5]]
+        assert raw_get(url, f"/image/{ids[5]}") == 404 and raw_get(url, f"/thumb/{ids[5]}") == 404
+        r = review_session(url).post(f"{url}{API}/decide", json={"ids": [ids[5]], "decision": "reject"}, timeout=10)
+        assert r.status_code == 200 and r.json()["items"][0]["status"] == "rejected"

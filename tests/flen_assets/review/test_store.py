@@ -239,3 +239,23 @@ def test_serve_compacts_the_lineage_first(review_project, monkeypatch):
     serve(project, port=1)
     assert len(lineage.files("decisions")) == 1
     assert ReviewStore(project).statuses(PART)[ids[0]] == "accepted"
+
+
+def test_a_missing_file_is_listed_counted_and_decidable_but_never_served(review_project):
+    """The gate and the page count the same images: a manifest row whose file is gone is a candidate
+    marked file_missing (so the gate can be cleared from the page), and its file is never served."""
+    project, ids = review_project
+    store = ReviewStore(project)
+    gone = store.image_path(ids[3])
+    gone.unlink()
+    fresh = ReviewStore(project)
+    items = {i["id"]: i for i in fresh.items(PART)}
+    assert set(items) == set(ids) == set(fresh.statuses(PART))
+    assert items[ids[3]]["file_missing"] and items[ids[3]]["status"] == "pending"
+    assert not any(items[i]["file_missing"] for i in ids if i != ids[3])
+    with pytest.raises(UnknownImage):
+        fresh.image_path(ids[3])
+    with pytest.raises(UnknownImage):
+        fresh.thumbnail(ids[3])
+    fresh.bulk(PART, "accept", "below", 9.0, scope="all")
+    assert fresh.pending(PART) == 0 and ReviewStore(project).statuses(PART)[ids[3]] == "accepted"
