@@ -128,7 +128,7 @@ def filtered_images(context: dg.AssetExecutionContext, config: FilterConfig, pro
                                     threshold=g.threshold, reason=g.reason, source="gate", decided_at=now)
                           for g in results]
         # The policy's own verdict (passed NULL: pending); human decisions are rows of their own.
-        decision_rows.append(run.stamp(image_id=cand["image_id"], gate="review", passed=PASSED[decided.policy_status],
+        decision_rows.append(run.stamp(image_id=cand["image_id"], gate="policy", passed=PASSED[decided.policy_status],
                                        value=measures["identity_distance"], threshold=threshold,
                                        reason=decided.policy_reason, source="policy", decided_at=now))
         decision_rows.append(run.stamp(image_id=cand["image_id"], gate="final", passed=PASSED[decided.status],

@@ -280,7 +280,7 @@ def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, 
             decision_rows += [run.stamp(image_id=image_id, gate=g.gate, passed=g.passed, value=g.value,
                                         threshold=g.threshold, reason=g.reason, source="gate", decided_at=now)
                               for g in results]
-            decision_rows.append(run.stamp(image_id=image_id, gate="review", passed=PASSED[decided.policy_status],
+            decision_rows.append(run.stamp(image_id=image_id, gate="policy", passed=PASSED[decided.policy_status],
                                            value=measures["identity_distance"], threshold=threshold,
                                            reason=decided.policy_reason, source="policy", decided_at=now))
             decision_rows.append(run.stamp(image_id=image_id, gate="final", passed=PASSED[decided.status],

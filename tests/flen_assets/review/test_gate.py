@@ -7,7 +7,6 @@ from __future__ import annotations
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
-import requests
 import yaml
 from conftest import run_flen, shared_project
 
@@ -81,9 +80,18 @@ def test_decisions_on_the_page_open_the_gate(gated):
     training = pq.read_table(project.partition_dir("training_set", "astronaut", "v1") / "manifest.parquet").to_pylist()
     enriched = {r["image_id"] for r in training if r["origin"] == "enriched"}
     assert enriched == {i["id"] for i in pending[1:]}, "the training set takes exactly the human-accepted edits"
-    history = LineageStore(project.lineage_dir).rows(
+    lineage = LineageStore(project.lineage_dir)
+    history = lineage.rows(
         "SELECT count(*) AS n FROM decisions WHERE source = 'human' AND image_id = $i", {"i": rejected_id})
     assert history[0]["n"] == 1
+    # The rerun wrote the policy's verdict again, under gate 'policy': the human decision stays the
+    # latest 'review' row of latest_decisions (a policy row once shadowed it there).
+    latest = {r["gate"]: r for r in lineage.rows(
+        "SELECT gate, source, passed FROM latest_decisions WHERE image_id = $i AND asset = 'filtered_images' "
+        "AND character = 'astronaut' AND iteration = 'v1'", {"i": rejected_id})}
+    assert (latest["review"]["source"], latest["review"]["passed"]) == ("human", False)
+    assert latest["policy"]["source"] == "policy" and latest["policy"]["passed"] is None
+    assert lineage.rows("SELECT count(*) AS n FROM decisions WHERE gate = 'review' AND source <> 'human'")[0]["n"] == 0
 
 
 def test_next_iteration_sensor_waits_for_synthetic_review(project):
