@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import run_flen, shared_project
 
-from flen_assets.cli import init_project
+from flen_assets.cli import DEMO_RUN_CONFIG, init_project
 from flen_assets.definitions import defs
 from flen_assets.demo_data import write_sample_inbox
 from flen_assets.instance import get_instance
@@ -36,10 +36,11 @@ def published(tmp_path_factory):
 
 
 def _run(project, *assets: str, iteration: str = "v1") -> dg.ExecuteInProcessResult:
-    """Materialize only `assets` of one partition, in this process, on the project's instance."""
+    """Materialize only `assets` of one partition, in this process, on the project's instance
+    (classic edits, the demo's small LoRA settings)."""
     instance = get_instance(project)
     add_partitions(instance, "astronaut", iteration)
-    ops = {k: v for k, v in CLASSIC["ops"].items() if k in assets}
+    ops = {k: v for k, v in {**DEMO_RUN_CONFIG["ops"], **CLASSIC["ops"]}.items() if k in assets}
     return defs.resolve_job_def("flywheel_job").execute_in_process(
         instance=instance, partition_key=f"astronaut|{iteration}", raise_on_error=False,
         asset_selection=[dg.AssetKey(a) for a in assets], run_config={"ops": ops})
@@ -74,6 +75,20 @@ def test_an_edit_rejected_after_publishing_leaves_training_set_and_triplets(publ
                 "edit_triplets", iteration="v2").success
     carried = {r["after_id"] for r in _manifest(project, "edit_triplets", "v2") if r["origin_iteration"] == "v1"}
     assert rejected not in carried and set(accepted[1:]) <= carried
+
+
+def test_a_synthetic_image_accepted_on_the_page_joins_the_next_training_set(published):
+    """The gates reject every tiny-pack generation (noise); a human accepting one after v1's batch was
+    published puts it in training set v2, read through v1's reviewed statuses."""
+    project = published
+    assert _run(project, "flux_lora", "synthetic_batch").success
+    generated = _manifest(project, "synthetic_batch")
+    assert generated and not any(r["accepted"] for r in generated)
+    chosen = generated[0]["image_id"]
+    ReviewStore(project).decide(Partition.of("synthetic_batch", "astronaut", "v1"), [chosen], "accept")
+    assert _run(project, "training_set", iteration="v2").success
+    synthetic = {r["image_id"] for r in _manifest(project, "training_set", "v2") if r["origin"] == "synthetic"}
+    assert synthetic == {chosen}
 
 
 def test_pending_images_stop_training_set_and_triplets_without_the_check(published):
