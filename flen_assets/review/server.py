@@ -123,12 +123,20 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
             raise ValueError("expected a JSON object")
         return data
 
-    async def post_body(request: Request) -> tuple[Partition, dict]:
-        """The partition and JSON body of a decision POST; Refused carries the error response."""
+    def published(request: Request) -> Partition:
+        """The request's partition when it is valid and materialized; Refused (404) otherwise, the
+        same answer the page route gives."""
         try:
             part = _partition(request)
         except InvalidNameError:
             raise Refused(_not_found("unknown partition")) from None
+        if not store.manifest_path(part).is_file():
+            raise Refused(_not_found(f"{part.asset} {part.character}|{part.iteration} is not materialized"))
+        return part
+
+    async def post_body(request: Request) -> tuple[Partition, dict]:
+        """The partition and JSON body of a decision POST; Refused carries the error response."""
+        part = published(request)
         if not same_origin(request):
             raise Refused(json_response({"error": "cross-origin request refused"}, 403))
         if not has_token(request):
@@ -159,11 +167,9 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
 
     def review_page(request: Request) -> Response:
         try:
-            part = _partition(request)
-        except InvalidNameError:
-            return _not_found("unknown partition")
-        if not store.manifest_path(part).is_file():
-            return _not_found(f"{part.asset} {part.character}|{part.iteration} is not materialized")
+            part = published(request)
+        except Refused as refused:
+            return refused.response
         config = {"character": part.character, "iteration": part.iteration, "asset": part.asset,
                   "api": f"/api/review/{part.character}/{part.iteration}/{part.asset}",
                   "command": review_command(part.character, part.iteration, part.asset), "token": token}
@@ -175,9 +181,9 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
 
     def items(request: Request) -> Response:
         try:
-            part = _partition(request)
-        except InvalidNameError:
-            return _not_found("unknown partition")
+            part = published(request)
+        except Refused as refused:
+            return refused.response
         q = request.query_params
         status = q.get("status", "pending")
         gate = q.get("gate", "any")

@@ -97,6 +97,8 @@ def test_decide_bulk_and_persist(review_server):
     "/review/bench/v1/training_set", "/review/..%2f..%2fetc/v1/filtered_images", "/review/bench/v0/filtered_images",
     "/review/bench/v9/filtered_images",         # valid names, nothing published
     API.replace("bench", "Bench") + "/items", "/nothing/here",
+    API.replace("v1", "v9") + "/items",         # API of a valid but unpublished partition, like its page
+    "/api/review/nobody/v1/filtered_images/items", "/api/review/bench/v1/synthetic_batch/items",
 ])
 def test_unknown_and_traversal_get_404(review_server, path):
     url, _, _ = review_server
@@ -204,3 +206,13 @@ def test_a_missing_file_is_shown_and_decided_but_gets_404(review_project):
         assert raw_get(url, f"/image/{ids[5]}") == 404 and raw_get(url, f"/thumb/{ids[5]}") == 404
         r = review_session(url).post(f"{url}{API}/decide", json={"ids": [ids[5]], "decision": "reject"}, timeout=10)
         assert r.status_code == 200 and r.json()["items"][0]["status"] == "rejected"
+
+
+def test_decisions_for_unpublished_partitions_get_404(review_server):
+    url, project, ids = review_server
+    session = review_session(url)
+    for api in (API.replace("v1", "v9"), "/api/review/nobody/v1/filtered_images",
+                "/api/review/bench/v1/synthetic_batch"):
+        assert session.post(f"{url}{api}/decide", json={"ids": [], "decision": "accept"}, timeout=10).status_code == 404
+        assert session.post(f"{url}{api}/bulk", json={"decision": "accept", "side": "below", "score": 1.0},
+                            timeout=10).status_code == 404
