@@ -159,7 +159,10 @@ def review(character: Annotated[Optional[str], typer.Argument(help="Character to
             validate_iteration(iteration)
     except InvalidNameError as exc:
         _fail(str(exc))
-    init_project(proj)
+    # Serve an existing project only: `flen review` in the wrong folder must not turn it into one.
+    if not (proj.lineage_dir.is_dir() and proj.data_dir.is_dir()):
+        _fail(f"{proj.root} is not a FLENwheel project (no .flen/lineage/ or data/): "
+              "run it in a project, pass --project DIR, or create one with `flen init`")
     url = f"http://{host}:{port}/"
     if character is not None:
         store = ReviewStore(proj)

@@ -216,3 +216,16 @@ def test_decisions_for_unpublished_partitions_get_404(review_server):
         assert session.post(f"{url}{api}/decide", json={"ids": [], "decision": "accept"}, timeout=10).status_code == 404
         assert session.post(f"{url}{api}/bulk", json={"decision": "accept", "side": "below", "score": 1.0},
                             timeout=10).status_code == 404
+
+
+def test_cli_refuses_a_folder_that_is_not_a_project(tmp_path):
+    """`flen review` in the wrong folder says so and leaves it alone (no git, DVC or Dagster set up)."""
+    from conftest import run_flen
+
+    elsewhere = tmp_path / "holiday-photos"
+    elsewhere.mkdir()
+    (elsewhere / "beach.jpg").write_bytes(b"not really")
+    result = run_flen("review", "--port", "1", project=elsewhere, check=False, timeout=120)
+    assert result.returncode == 1
+    assert f"{elsewhere} is not a FLENwheel project" in result.stderr.replace("\n", "")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["beach.jpg"]
