@@ -148,7 +148,7 @@ def review(character: Annotated[Optional[str], typer.Argument(help="Character to
            project: ProjectOpt = None) -> None:
     """Serve the review page: accept or reject gated images with the keyboard (binds 127.0.0.1)."""
     from flen_assets.review.server import serve
-    from flen_assets.review.store import Partition, ReviewStore, review_url, validate_asset
+    from flen_assets.review.store import Partition, ReviewStore, base_url, review_url, validate_asset
 
     proj = _project(project)
     try:
@@ -163,7 +163,7 @@ def review(character: Annotated[Optional[str], typer.Argument(help="Character to
     if not (proj.lineage_dir.is_dir() and proj.data_dir.is_dir()):
         _fail(f"{proj.root} is not a FLENwheel project (no .flen/lineage/ or data/): "
               "run it in a project, pass --project DIR, or create one with `flen init`")
-    url = f"http://{host}:{port}/"
+    url = base_url(host, port) + "/"
     if character is not None:
         store = ReviewStore(proj)
         parts = [p for p in store.partitions() if p.character == character and p.asset == asset

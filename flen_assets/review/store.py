@@ -52,10 +52,16 @@ def review_port() -> int:
     return int(os.environ.get(PORT_ENV) or DEFAULT_PORT)
 
 
+def base_url(host: str = "127.0.0.1", port: int | None = None) -> str:
+    """http://HOST:PORT with an IPv6 literal in brackets (http://[::1]:8765)."""
+    host = host.strip("[]")
+    return f"http://{f'[{host}]' if ':' in host else host}:{port or review_port()}"
+
+
 def review_url(character: str, iteration: str, asset: str = "filtered_images", port: int | None = None,
                host: str = "127.0.0.1") -> str:
     """The URL of one partition's review page (as `flen review` serves it)."""
-    return f"http://{host}:{port or review_port()}/review/{character}/{iteration}/{asset}"
+    return f"{base_url(host, port)}/review/{character}/{iteration}/{asset}"
 
 
 def review_command(character: str, iteration: str, asset: str = "filtered_images") -> str:

@@ -259,3 +259,13 @@ def test_a_missing_file_is_listed_counted_and_decidable_but_never_served(review_
         fresh.thumbnail(ids[3])
     fresh.bulk(PART, "accept", "below", 9.0, scope="all")
     assert fresh.pending(PART) == 0 and ReviewStore(project).statuses(PART)[ids[3]] == "accepted"
+
+
+def test_review_urls_bracket_ipv6_hosts():
+    from flen_assets.review.store import base_url, review_url
+
+    assert review_url("alice", "v1", port=8765, host="::1") == "http://[::1]:8765/review/alice/v1/filtered_images"
+    assert review_url("alice", "v2", "synthetic_batch", port=9000, host="[fe80::1]") == \
+        "http://[fe80::1]:9000/review/alice/v2/synthetic_batch"
+    assert review_url("alice", "v1", port=8765) == "http://127.0.0.1:8765/review/alice/v1/filtered_images"
+    assert base_url("0.0.0.0", 8765) == "http://0.0.0.0:8765"
