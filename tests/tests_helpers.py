@@ -125,8 +125,9 @@ def running_server(project: Project, host: str = "127.0.0.1", **app_options) -> 
 
     from flen_assets.review.server import create_app
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(project, host=host, port=port, **app_options), host=host, port=port,
+    # uvicorn binds port 0 itself and the bound port is read back: no window for another process to
+    # take a port picked beforehand.
+    server = uvicorn.Server(uvicorn.Config(create_app(project, host=host, port=0, **app_options), host=host, port=0,
                                            log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -135,6 +136,7 @@ def running_server(project: Project, host: str = "127.0.0.1", **app_options) -> 
         if time.time() > deadline or not thread.is_alive():
             raise RuntimeError("review server did not start")
         time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield f"http://{host}:{port}"
     finally:

@@ -171,21 +171,28 @@ def test_cli_serves_on_loopback(review_project):
     from tests_helpers import free_port
 
     project, ids = review_project
-    port = free_port()
     env = {**os.environ, "FLEN_PROJECT_DIR": str(project.root), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "flen_assets", "review", "bench", "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
+    for attempt in range(5):  # a port picked beforehand may be taken meanwhile: then pick another
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "flen_assets", "review", "bench", "--port", str(port)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
         deadline = time.time() + 60
-        while True:
+        while proc.poll() is None and time.time() < deadline:
             try:
                 if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok:
                     break
             except requests.ConnectionError:
                 pass
-            assert proc.poll() is None and time.time() < deadline, "flen review did not start"
             time.sleep(0.2)
+        if proc.poll() is None:
+            break
+        early = proc.communicate(timeout=20)[0]
+        assert "address already in use" in early.lower(), f"flen review did not start:\n{early[-3000:]}"
+    else:
+        pytest.fail("no free port in 5 attempts")
+    try:
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).ok, "flen review did not start"
         assert requests.get(f"http://127.0.0.1:{port}/review/bench/v1/filtered_images", timeout=10).ok
         # Bound to loopback only: the listening socket's own address, as the kernel reports it.
         assert listening_addresses(port) == {"127.0.0.1"}

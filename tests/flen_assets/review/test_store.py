@@ -130,7 +130,7 @@ def _compact(root: str, seconds: float) -> None:
 
 def test_concurrent_writers_lose_no_decision(review_project):
     project, ids = review_project
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # forking after pyarrow/duckdb started threads is unsafe
     root = str(project.root)
     procs = [ctx.Process(target=_decide_many, args=(root, ids[:20], "accept")),
              ctx.Process(target=_decide_many, args=(root, ids[20:], "reject")),
