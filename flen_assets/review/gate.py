@@ -13,12 +13,19 @@ import dagster as dg
 
 from flen_assets.project import Project
 from flen_assets.review.policy import ReviewPolicy
-from flen_assets.review.store import Partition, ReviewStore, review_command, review_url
+from flen_assets.review.store import Partition, ReviewStore, review_command, review_url, status_of
 from flen_resources.lineage import LineageStore
 
-# The review checks are partitioned like their assets (one status per character x iteration in the
-# UI); partitions on asset checks are a Dagster preview feature in 1.13.
-warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+# The review checks (@asset_check in assets/curation.py and assets/lora.py) are partitioned like their
+# assets, one status per character x iteration in the UI; partitions on asset checks are a Dagster
+# preview feature in 1.13, which warns each time such a check is defined. Only that one warning is
+# silenced (by its message); every other PreviewWarning still shows.
+def silence_partitioned_check_preview() -> None:
+    warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec is currently in preview",
+                            category=dg.PreviewWarning)
+
+
+silence_partitioned_check_preview()
 
 PASSED = {"accepted": True, "rejected": False, "pending": None}
 
@@ -47,9 +54,8 @@ def verdict(policy: ReviewPolicy, failed_gates: Sequence[str], distance: float |
             human: dict | None) -> Verdict:
     """The policy's verdict on one gated image, overridden by a human decision when there is one."""
     policy_status, reason = policy.classify(failed_gates, distance, threshold)
-    if human is not None and human.get("passed") is not None:
-        return Verdict("accepted" if human["passed"] else "rejected", policy_status, reason, "human")
-    return Verdict(policy_status, policy_status, reason, "policy")
+    status, decided_by = status_of(human, policy_status)
+    return Verdict(status, policy_status, reason, decided_by)
 
 
 def human_decisions(project: Project, lineage: LineageStore, asset: str, character: str,

@@ -213,14 +213,13 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
                 raise ValueError("ids must be a list of image ids")
             if decision not in ("accept", "reject", "clear"):
                 raise ValueError("decision must be accept, reject or clear")
-            reason = "undo" if data.get("undo") else ""
+            reason = f"undo: {decision}" if data.get("undo") else ""  # empty: the store's default reason
         except ValueError as exc:
             return json_response({"error": str(exc)}, 400)
         from starlette.concurrency import run_in_threadpool
 
         try:
-            previous = await run_in_threadpool(store.decide, part, ids, decision,
-                                               f"undo: {decision}" if reason else "")
+            previous = await run_in_threadpool(store.decide, part, ids, decision, reason)
         except UnknownImage as exc:
             return json_response({"error": str(exc)}, 404)
         return await run_in_threadpool(_decided, part, ids, previous)

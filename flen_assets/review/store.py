@@ -97,8 +97,9 @@ def _file_key(path: Path) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def _status_of(human: dict | None, policy_status: str) -> tuple[str, str]:
-    """(status, who decided): a human decision wins over the policy's verdict."""
+def status_of(human: dict | None, policy_status: str) -> tuple[str, str]:
+    """(status, who decided): the one status rule. A human decision (passed true/false) wins over the
+    policy's verdict; no decision, or an undone one (passed NULL), leaves the policy's verdict."""
     if human is not None and human["passed"] is not None:
         return ("accepted" if human["passed"] else "rejected"), "human"
     return policy_status, "policy"
@@ -259,6 +260,7 @@ class ReviewStore:
     @staticmethod
     def _candidate(part: Partition, order: int, row: dict, edges: list[dict], paths: dict[str, Path]) -> dict:
         failed = [g for g in (row.get("failed_gates") or "").split(",") if g]
+        # Manifests written before review policies have no policy_status: their verdict was `accepted`.
         policy_status = row.get("policy_status") or ("accepted" if row.get("accepted") else "rejected")
         distance = row.get("identity_distance")
         parents = []
@@ -381,10 +383,9 @@ class ReviewStore:
 
     @staticmethod
     def _with_status(cand: dict, human: dict | None) -> dict:
-        status, by = _status_of(human, cand["policy_status"])
+        status, by = status_of(human, cand["policy_status"])
         return {**cand, "status": status, "decided_by": by,
-                "human": None if human is None or human["passed"] is None else
-                ("accepted" if human["passed"] else "rejected"),
+                "human": status if by == "human" else None,
                 "decided_at": human["decided_at"].isoformat() if human else None,
                 "decided_in": human["iteration"] if human else None}
 

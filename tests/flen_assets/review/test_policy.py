@@ -64,3 +64,31 @@ def test_cli_policy(project: Project):
     assert "alice: required" in run_flen("character", "policy", "alice", project=project.root).stdout
     bad = run_flen("character", "policy", "alice", "sometimes", project=project.root, check=False)
     assert bad.returncode != 0 and "unknown review policy" in bad.stderr
+
+
+def test_one_status_rule_for_the_page_and_the_gate():
+    """gate.verdict (the assets) and the store (the page, the check) apply the same status rule."""
+    from flen_assets.review.gate import verdict
+    from flen_assets.review.store import status_of
+
+    policy = ReviewPolicy("required")
+    for human in (None, {"passed": None}, {"passed": True}, {"passed": False}):
+        v = verdict(policy, [], 0.3, 0.5, human)
+        assert (v.status, v.decided_by) == status_of(human, "pending")
+    assert status_of({"passed": False}, "accepted") == ("rejected", "human")
+    assert status_of({"passed": None}, "accepted") == ("accepted", "policy")
+
+
+def test_only_the_partitioned_check_preview_warning_is_silenced():
+    import warnings
+
+    import dagster as dg
+
+    from flen_assets.review.gate import silence_partitioned_check_preview
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_partitioned_check_preview()  # what importing gate.py does
+        warnings.warn("Specifying a partitions_def on an AssetCheckSpec is currently in preview, ...", dg.PreviewWarning)
+        warnings.warn("some other preview feature", dg.PreviewWarning)
+    assert [str(w.message) for w in caught if issubclass(w.category, dg.PreviewWarning)] == ["some other preview feature"]
