@@ -266,11 +266,17 @@ def review_gate_stops(result) -> list[tuple[str, int]]:
     return stops
 
 
+def project_option() -> str:
+    """` --project DIR` when the project was chosen with --project or $FLEN_PROJECT_DIR: a command
+    printed for the user names it, since a new shell would not know it."""
+    chosen = os.environ.get("FLEN_PROJECT_DIR")
+    return f" --project {shlex.quote(chosen)}" if chosen else ""
+
+
 def _print_review_hint(character: str, iteration: str, stops: list[tuple[str, int]]) -> None:
     from flen_assets.review.store import review_command, review_url
 
-    # A project chosen with --project (or $FLEN_PROJECT_DIR) must be named again in a new shell.
-    where = f" --project {shlex.quote(os.environ['FLEN_PROJECT_DIR'])}" if os.environ.get("FLEN_PROJECT_DIR") else ""
+    where = project_option()
     for asset, pending in stops:
         typer.secho(f"\n{character}|{iteration} stopped at the review gate: {pending} image(s) of {asset} await "
                     "a human decision.", fg=typer.colors.YELLOW, bold=True)
@@ -524,9 +530,10 @@ def demo(project: ProjectOpt = None, character: str = "astronaut",
     typer.echo(f"  training set:  {proj.partition_dir('training_set', character, last)}")
     typer.echo(f"  LoRA:          {proj.partition_dir('flux_lora', character, last)}")
     typer.echo(f"  evaluation:    {proj.partition_dir('lora_eval', character, last)}/contact_sheet.png, history.png")
-    typer.echo(f"  lineage:       flen lineage {character} {last}")
-    typer.echo(f"  export:        flen export {character} {last} --to export/{character}-{last}")
-    typer.echo(f"  Dagster UI:    flen ui   (then open http://127.0.0.1:3000, Assets -> {character}|{last})")
+    where = project_option()
+    typer.echo(f"  lineage:       flen lineage {character} {last}{where}")
+    typer.echo(f"  export:        flen export {character} {last} --to export/{character}-{last}{where}")
+    typer.echo(f"  Dagster UI:    flen ui{where}   (then open http://127.0.0.1:3000, Assets -> {character}|{last})")
 
 
 @models_app.command("tiny")
