@@ -28,6 +28,7 @@ recomputation not counted) / step time / the card's measured bf16 matmul peak (8
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -230,7 +231,10 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         module = trainer._transformer(resolved, config, device, dtype)
         params = [p for p in module.parameters() if p.requires_grad]
         opt = make_optimizer(params, config, device)
-        sdpa_backend(config, device).__enter__()  # as run_training_loop does (this process only runs this variant)
+        # Training's SDPA kernel, as run_training_loop sets it; held open (a dropped context manager
+        # would be finalized at once and put cuDNN SDPA back) until this function returns.
+        attention = contextlib.ExitStack()
+        attention.enter_context(sdpa_backend(config, device))
         example = ours_example(model, res, module.config)
 
         def forward_backward(i: int) -> None:
