@@ -206,6 +206,8 @@ def downstream_of(asset: str, job_name: str) -> list:
     keys = dg.AssetSelection.assets(asset).downstream().resolve(graph)
     if job_name == "training_set_job":
         keys &= {dg.AssetKey(a) for a in TRAINING_SET_ASSETS}
+        if not keys:
+            raise typer.BadParameter(f"{asset} is not part of the training-set chain; add --all", param_hint="--from")
     return sorted(keys, key=lambda k: k.to_user_string())
 
 

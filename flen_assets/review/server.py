@@ -19,6 +19,8 @@ import html
 import json
 import secrets
 from importlib import resources
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -248,19 +250,18 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
         previous = await run_in_threadpool(store.bulk, part, decision, side, score, scope)
         return await run_in_threadpool(_decided, part, [p["id"] for p in previous], previous)
 
-    def image(request: Request) -> Response:
-        try:
-            path = store.image_path(request.path_params["image_id"])
-        except UnknownImage:
-            return _not_found("unknown image")
-        return FileResponse(path, media_type="image/png", headers={**SECURITY_HEADERS, **IMMUTABLE})
+    def image_file(lookup: Callable[[str], Path], media_type: str) -> Callable[[Request], Response]:
+        """A route serving the file `lookup(image_id)` finds (the store resolves ids, never the request)."""
+        def route(request: Request) -> Response:
+            try:
+                path = lookup(request.path_params["image_id"])
+            except UnknownImage:
+                return _not_found("unknown image")
+            return FileResponse(path, media_type=media_type, headers={**SECURITY_HEADERS, **IMMUTABLE})
+        return route
 
-    def thumb(request: Request) -> Response:
-        try:
-            path = store.thumbnail(request.path_params["image_id"])
-        except UnknownImage:
-            return _not_found("unknown image")
-        return FileResponse(path, media_type="image/jpeg", headers={**SECURITY_HEADERS, **IMMUTABLE})
+    image = image_file(store.image_path, "image/png")
+    thumb = image_file(store.thumbnail, "image/jpeg")
 
     def static(request: Request) -> Response:
         name = request.path_params["name"]

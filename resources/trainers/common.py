@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
@@ -457,6 +458,24 @@ def load_checkpoint(path: Path, optimizer, lr_scheduler, device: torch.device) -
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     lora = load_file(str(path / "lora.safetensors"), device=str(device))
     return int(state["step"]), lora, state
+
+
+def write_outputs(transformer, run: LoopResult, base_ref: str, config: LoraTrainConfig, dataset_md5: str,
+                  out: Path, name: str, title: str, export_comfyui: Callable[[dict, Path, dict], Path],
+                  started: float, device: torch.device, cache) -> TrainResult:
+    """A finished run's files, the same for both trainers: the diffusers-key LoRA, its ComfyUI-key
+    export (`export_comfyui(state, path, metadata)`, the model's own key mapping), the loss curve."""
+    state, metadata = final_lora(transformer, base_ref, config, dataset_md5)
+    lora_path = save_lora_file(out / f"{name}.safetensors", state, metadata)
+    comfy_meta = {k: v for k, v in metadata.items() if k != "lora_adapter_metadata"}
+    comfy_path = export_comfyui(state, out / f"{name}_comfyui.safetensors",
+                                {**comfy_meta, "flenwheel.key_style": "comfyui"})
+    curve = save_loss_curve(run.losses, out / "loss_curve.png", f"{name}: {title} r{config.rank}")
+    return TrainResult(lora_path=lora_path, comfyui_path=comfy_path, loss_curve=curve, samples=run.samples,
+                       losses=run.losses, steps=config.max_steps, resumed_from=run.resumed_from,
+                       seconds=time.time() - started, peak_gib=peak_gib(device), cache_hits=cache.hits,
+                       cache_misses=cache.misses, eval_loss_start=run.eval_loss_start,
+                       eval_loss_end=run.eval_loss_end, metadata=metadata)
 
 
 def save_loss_curve(losses: list[tuple[int, float]], path: Path, title: str) -> Path:

@@ -40,9 +40,9 @@ from flen_resources.models.pipelines import pick_dtype
 from flen_resources.models.sources import ResolvedModel, resolve_model
 from flen_resources.trainers.cache import FeatureCache, content_key
 from flen_resources.trainers.common import (LoraTrainConfig, TrainingError, TrainResult, buckets,
-                                            check_training_set, final_lora, fit_image, free_memory, logit_normal_sigmas,
-                                            lora_transformer, nearest_bucket, peak_gib, pick_device, run_training_loop,
-                                            save_loss_curve, save_lora_file)
+                                            check_training_set, fit_image, free_memory, logit_normal_sigmas,
+                                            lora_transformer, nearest_bucket, pick_device, run_training_loop,
+                                            write_outputs)
 
 __all__ = ["MODEL_KEY", "MAX_CONTROLS", "QwenEditLoraTrainer", "LoraTrainConfig", "Triplet", "TrainResult",
            "TrainingError"]
@@ -257,17 +257,9 @@ class QwenEditLoraTrainer:
             log=self.log, group_key="group",
             previews=lambda step: self._samples(resolved, transformer, sample_embeds, config, step, device, dtype))
 
-        state, metadata = final_lora(transformer, resolved.ref, config, dataset_md5)
-        out = self.work_dir / "output"
-        lora_path = save_lora_file(out / f"{name}.safetensors", state, metadata)
         from flen_resources.trainers.comfy import export_qwen_comfyui
 
-        comfy_meta = {k: v for k, v in metadata.items() if k != "lora_adapter_metadata"}
-        comfy_path = export_qwen_comfyui(state, config.alpha, out / f"{name}_comfyui.safetensors",
-                                         {**comfy_meta, "flenwheel.key_style": "comfyui"})
-        curve = save_loss_curve(run.losses, out / "loss_curve.png", f"{name}: Qwen-Image-Edit LoRA r{config.rank}")
-        return TrainResult(lora_path=lora_path, comfyui_path=comfy_path, loss_curve=curve, samples=run.samples,
-                           losses=run.losses, steps=config.max_steps, resumed_from=run.resumed_from,
-                           seconds=time.time() - started, peak_gib=peak_gib(device), cache_hits=self.cache.hits,
-                           cache_misses=self.cache.misses, eval_loss_start=run.eval_loss_start,
-                           eval_loss_end=run.eval_loss_end, metadata=metadata)
+        return write_outputs(transformer, run, resolved.ref, config, dataset_md5, self.work_dir / "output", name,
+                             "Qwen-Image-Edit LoRA", lambda state, path, meta: export_qwen_comfyui(
+                                 state, config.alpha, path, meta),
+                             started, device, self.cache)
