@@ -18,9 +18,9 @@ Variants:
                  (Qwen: with gpu_probe's all-ones text mask)
   ours           the trainer's own transformer + loss (trainers/common.lora_transformer and the trainer's
                  _loss: fp32 LoRA weights, logit-normal timesteps, grad clipping, 8-bit AdamW; Qwen drops an
-                 all-ones text mask, which keeps SDPA on its flash kernel)
-  ours-compile   + torch.compile of every transformer block (LoraTrainConfig.compile, on by default on a GPU)
-  ours-compile-cudnn  + cuDNN SDPA instead of flash (LoraTrainConfig.attention="cudnn")
+                 all-ones text mask) with its attention (trainers/attention.py: cuDNN kernels)
+  ours-compile   + torch.compile of every transformer block: the trainers' defaults on a GPU
+  ...-flash      the same with torch's flash SDPA instead of cuDNN (LoraTrainConfig.attention="flash")
 MFU = model FLOPs of a step (forward + input-gradient backward of every Linear, attention forward x3;
 recomputation not counted) / step time / the card's measured bf16 matmul peak (8192^3 matmuls).
 """
@@ -216,7 +216,8 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
             opt.zero_grad(set_to_none=True)
     else:
         from flen_resources.models.sources import ResolvedModel
-        from flen_resources.trainers.common import LoraTrainConfig, make_optimizer, sdpa_backend, step_generator
+        from flen_resources.trainers.attention import training_attention
+        from flen_resources.trainers.common import LoraTrainConfig, make_optimizer, step_generator
 
         if model == "flux":
             from flen_resources.trainers.flux_lora import FluxLoraTrainer as Trainer
@@ -225,16 +226,16 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         config = LoraTrainConfig(rank=16, alpha=16, quantization=quantization, resolution=res,
                                  optimizer="adamw8bit" if cuda else "adamw",
                                  compile=variant.startswith("ours-compile"), device=device_name,
-                                 attention="cudnn" if variant.endswith("-cudnn") else "flash")
+                                 attention="flash" if variant.endswith("-flash") else "cudnn")
         resolved = ResolvedModel(model, str(workdir), "folder", workdir, "random-full", "0")
         trainer = Trainer(model=str(workdir), work_dir=workdir / "run", log=lambda m: None)
         module = trainer._transformer(resolved, config, device, dtype)
         params = [p for p in module.parameters() if p.requires_grad]
         opt = make_optimizer(params, config, device)
-        # Training's SDPA kernel, as run_training_loop sets it; held open (a dropped context manager
-        # would be finalized at once and put cuDNN SDPA back) until this function returns.
+        # Training's attention, as run_training_loop sets it; held open (a dropped context manager
+        # would be finalized at once and undo it) until this function returns.
         attention = contextlib.ExitStack()
-        attention.enter_context(sdpa_backend(config, device))
+        attention.enter_context(training_attention(config.attention, device))
         example = ours_example(model, res, module.config)
 
         def forward_backward(i: int) -> None:

@@ -616,6 +616,8 @@ def train_flux(
     checkpoint_every: Annotated[int, typer.Option(min=1)] = 250,
     seed: int = 0,
     compile: Annotated[bool, typer.Option(help="torch.compile the transformer blocks (GPU only).")] = True,
+    attention: Annotated[Literal["cudnn", "flash"], typer.Option(
+        help="Attention kernel on a GPU: cuDNN (faster on Hopper) or torch's flash SDPA.")] = "cudnn",
     model: Annotated[str, typer.Option(envvar="FLEN_FLUX_MODEL", help="'tiny', a folder or a Hub id.")] = "tiny",
     name: Annotated[str, typer.Option(help="File name of the LoRA (default: the --out folder's name).")] = "",
     default_caption: Annotated[str, typer.Option(help="Caption of images without a .txt ('' to require one).")]
@@ -631,7 +633,7 @@ def train_flux(
     items, md5 = _dataset_items(dataset)
     config = LoraTrainConfig(max_steps=steps, resolution=resolution, rank=rank, alpha=float(rank), learning_rate=lr,
                              quantization=quantization, optimizer=optimizer, checkpoint_every=checkpoint_every,
-                             seed=seed, compile=compile)
+                             seed=seed, compile=compile, attention=attention)
     trainer = FluxLoraTrainer(model=model, work_dir=out, log=typer.echo)
     try:
         result = trainer.train(items, config, name=name or out.resolve().name, default_caption=default_caption,

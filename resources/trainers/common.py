@@ -20,8 +20,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +29,8 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+
+from flen_resources.trainers.attention import training_attention, use_attention
 
 TRAINER_VERSION = "1"
 
@@ -72,10 +73,13 @@ class LoraTrainConfig:
     min_images: int = 4
     device: str = "auto"
     compile: bool = True  # torch.compile every transformer block (on a GPU only; the CPU runs eager)
-    # SDPA kernel on a GPU. cuDNN SDPA (torch's default pick on Hopper) is faster on Qwen-Image-Edit
-    # (1.38 vs 1.69 s a step), but FLUX training at 1024 with it hit "illegal memory access" with
-    # torch 2.11 (H200 and H100), so flash is the default for both.
-    attention: Literal["flash", "cudnn"] = "flash"
+    # Attention kernel on a GPU: cuDNN's (about 1.7x flash's forward + backward on Hopper, through
+    # trainers/attention.py) or torch's flash SDPA. The CPU runs torch's default either way.
+    attention: Literal["cudnn", "flash"] = "cudnn"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("cudnn", "flash"):
+            raise TrainingError(f"attention must be 'cudnn' or 'flash', not {self.attention!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -220,23 +224,6 @@ def make_lr_scheduler(optimizer, config: LoraTrainConfig):
                          num_training_steps=config.max_steps)
 
 
-@contextmanager
-def sdpa_backend(config: LoraTrainConfig, device: torch.device) -> Iterator[None]:
-    """Training's SDPA kernel (flash, or cuDNN with flash off) while inside; the process's own
-    settings come back on exit, so the generation steps that follow keep theirs."""
-    if device.type != "cuda":
-        yield
-        return
-    before = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(config.attention == "cudnn")
-    torch.backends.cuda.enable_flash_sdp(config.attention != "cudnn")
-    try:
-        yield
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(before[0])
-        torch.backends.cuda.enable_flash_sdp(before[1])
-
-
 def lora_transformer(model_cls, folder: Path, config: LoraTrainConfig, device: torch.device, dtype: torch.dtype):
     """The frozen transformer (nf4 on CUDA, or plain) with a fresh peft LoRA in fp32, ready to train."""
     from diffusers import BitsAndBytesConfig
@@ -259,6 +246,7 @@ def lora_transformer(model_cls, folder: Path, config: LoraTrainConfig, device: t
     for p in transformer.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
+    use_attention(transformer, config.attention, device)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if config.compile and device.type == "cuda":
@@ -280,9 +268,9 @@ class LoopResult:
 def run_training_loop(transformer, examples: list[dict], config: LoraTrainConfig, work_dir: Path, name: str,
                       device: torch.device, loss: LossFn, log: Callable[[str], None], group_key: str = "bucket",
                       previews: Callable[[int], list[Path]] | None = None) -> LoopResult:
-    """Train (or resume from work_dir/checkpoints) to config.max_steps, with training's SDPA kernel
-    (see `_training_loop`)."""
-    with sdpa_backend(config, device):
+    """Train (or resume from work_dir/checkpoints) to config.max_steps, with training's attention
+    kernel (see `_training_loop`)."""
+    with training_attention(config.attention, device):
         return _training_loop(transformer, examples, config, work_dir, name, device, loss, log, group_key, previews)
 
 
