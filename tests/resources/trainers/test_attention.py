@@ -39,6 +39,19 @@ def test_flash_training_and_the_cpu_leave_diffusers_backend_alone():
         assert _registered() is before
 
 
+def test_a_masked_training_call_goes_to_torch_sdpa_with_its_mask():
+    """cuDNN's direct route takes no mask: such a call (Qwen batches of padded prompts) is handed
+    to diffusers' default backend, where torch's SDPA applies the mask."""
+    q, k, v = (torch.randn(2, 12, 2, 8, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 9:] = False
+    with training_attention("cudnn", torch.device("cuda")):  # only swaps settings: runs on a CPU
+        out = cudnn_attention(q, k, v, attn_mask=mask)
+    expected = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)),
+                                              attn_mask=mask[:, None, None, :]).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
+
+
 def test_use_attention_sets_the_backend_on_a_gpu_only():
     from diffusers import FluxTransformer2DModel
 
