@@ -226,7 +226,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         config = LoraTrainConfig(rank=16, alpha=16, quantization=quantization, resolution=res,
                                  optimizer="adamw8bit" if cuda else "adamw",
                                  compile=variant.startswith("ours-compile"), device=device_name,
-                                 attention="flash" if variant.endswith("-flash") else "cudnn")
+                                 attention="flash" if variant.endswith("-flash") else "auto")
         resolved = ResolvedModel(model, str(workdir), "folder", workdir, "random-full", "0")
         trainer = Trainer(model=str(workdir), work_dir=workdir / "run", log=lambda m: None)
         module = trainer._transformer(resolved, config, device, dtype)

@@ -616,8 +616,8 @@ def train_flux(
     checkpoint_every: Annotated[int, typer.Option(min=1)] = 250,
     seed: int = 0,
     compile: Annotated[bool, typer.Option(help="torch.compile the transformer blocks (GPU only).")] = True,
-    attention: Annotated[Literal["cudnn", "flash"], typer.Option(
-        help="Attention kernel on a GPU: cuDNN (faster on Hopper) or torch's flash SDPA.")] = "cudnn",
+    attention: Annotated[Literal["auto", "cudnn", "flash"], typer.Option(
+        help="Attention kernel on a GPU: cuDNN, torch's flash SDPA, or auto (cuDNN on Hopper and newer).")] = "auto",
     model: Annotated[str, typer.Option(envvar="FLEN_FLUX_MODEL", help="'tiny', a folder or a Hub id.")] = "tiny",
     name: Annotated[str, typer.Option(help="File name of the LoRA (default: the --out folder's name).")] = "",
     default_caption: Annotated[str, typer.Option(help="Caption of images without a .txt ('' to require one).")]

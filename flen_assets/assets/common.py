@@ -95,7 +95,7 @@ class LoraAssetConfig(dg.Config):
     seed: int = 0
     checkpoint_every: int = 250
     compile: bool = True  # torch.compile the transformer blocks on a GPU: ~1.2x faster steps after a warm-up
-    attention: str = "cudnn"  # on a GPU: "cudnn" (trainers/attention.py, faster on Hopper) or "flash"
+    attention: str = "auto"  # on a GPU: "cudnn" (trainers/attention.py), "flash", or "auto" (cuDNN on Hopper+)
 
     def train_config(self, **overrides: Any):
         """The trainer's LoraTrainConfig: nf4 and 8-bit AdamW on a GPU, plain on the CPU."""

@@ -9,7 +9,8 @@ checkpointing (with it, that pair trains), contiguous q/k/v or not; one attentio
 does not fault. Calling the same cuDNN kernels directly, with contiguous q/k/v and an output
 gradient laid out like the output, trains every configuration that faulted (H100, cuDNN 9.19).
 
-So `attention="cudnn"` (the default) gives the transformer diffusers' `_native_cudnn` backend
+So `attention="cudnn"` (what "auto", the default, picks on Hopper and newer GPUs, where it was
+measured; older GPUs get flash) gives the transformer diffusers' `_native_cudnn` backend
 and, while `training_attention` is open, that backend's implementation is `cudnn_attention`
 below. A call without gradients (previews) goes to the implementation diffusers registered (cuDNN
 forward, which works); a training call it does not cover (an attention mask, dropout, causal,
@@ -70,10 +71,19 @@ def cudnn_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 _fallbacks: dict[str, Callable[..., torch.Tensor]] = {}
 
 
+def pick_attention(attention: str, device: torch.device) -> str:
+    """"auto" is cuDNN on Hopper and newer (measured there: benchmarks/kernels_gpu.py), flash elsewhere."""
+    if attention != "auto":
+        return attention
+    if device.type != "cuda":
+        return "flash"
+    return "cudnn" if torch.cuda.get_device_capability(device) >= (9, 0) else "flash"
+
+
 @contextmanager
 def training_attention(attention: str, device: torch.device) -> Iterator[None]:
-    """While inside, a GPU trains with `attention` ("cudnn" or "flash"); the process's settings
-    come back on exit, so generation that follows keeps its own.
+    """While inside, a GPU trains with `attention` ("auto", "cudnn" or "flash"); the process's
+    settings come back on exit, so generation that follows keeps its own.
 
     torch's SDPA keeps cuDNN off (its cuDNN route is the one that faults) and flash on: that is the
     "flash" setting, and where "cudnn" hands a call back (an attention mask, say) torch picks
@@ -84,6 +94,7 @@ def training_attention(attention: str, device: torch.device) -> Iterator[None]:
         return
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
+    attention = pick_attention(attention, device)
     backends = _AttentionBackendRegistry._backends
     name = AttentionBackendName._NATIVE_CUDNN
     flags = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()
@@ -102,8 +113,8 @@ def training_attention(attention: str, device: torch.device) -> Iterator[None]:
 
 
 def use_attention(transformer: torch.nn.Module, attention: str, device: torch.device) -> None:
-    """Point the transformer's attention at diffusers' cuDNN backend when training with "cudnn" on a GPU."""
-    if attention == "cudnn" and device.type == "cuda":
+    """Point the transformer's attention at diffusers' cuDNN backend when training with cuDNN on a GPU."""
+    if device.type == "cuda" and pick_attention(attention, device) == "cudnn":
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
         default = _AttentionBackendRegistry._active_backend

@@ -74,12 +74,13 @@ class LoraTrainConfig:
     device: str = "auto"
     compile: bool = True  # torch.compile every transformer block (on a GPU only; the CPU runs eager)
     # Attention kernel on a GPU: cuDNN's (about 1.7x flash's forward + backward on Hopper, through
-    # trainers/attention.py) or torch's flash SDPA. The CPU runs torch's default either way.
-    attention: Literal["cudnn", "flash"] = "cudnn"
+    # trainers/attention.py) or torch's flash SDPA; "auto": cuDNN on Hopper and newer, flash before.
+    # The CPU runs torch's default either way.
+    attention: Literal["auto", "cudnn", "flash"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.attention not in ("cudnn", "flash"):
-            raise TrainingError(f"attention must be 'cudnn' or 'flash', not {self.attention!r}")
+        if self.attention not in ("auto", "cudnn", "flash"):
+            raise TrainingError(f"attention must be 'auto', 'cudnn' or 'flash', not {self.attention!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

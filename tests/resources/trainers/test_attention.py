@@ -140,3 +140,20 @@ def test_an_unknown_attention_kernel_is_refused_by_name():
 
     with pytest.raises(TrainingError, match="'sdpa'"):
         LoraTrainConfig(attention="sdpa")
+
+
+def test_auto_is_flash_off_a_gpu_and_a_named_kernel_is_kept():
+    from flen_resources.trainers.attention import pick_attention
+
+    assert pick_attention("auto", torch.device("cpu")) == "flash"
+    assert pick_attention("cudnn", torch.device("cpu")) == "cudnn"
+    assert pick_attention("flash", torch.device("cuda")) == "flash"
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_auto_is_cudnn_on_hopper_and_newer():
+    from flen_resources.trainers.attention import pick_attention
+
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert pick_attention("auto", torch.device("cuda")) == ("cudnn" if hopper else "flash")
