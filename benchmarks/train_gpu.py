@@ -18,7 +18,7 @@ Variants:
                  (Qwen: with gpu_probe's all-ones text mask)
   ours           the trainer's own transformer + loss (trainers/common.lora_transformer and the trainer's
                  _loss: fp32 LoRA weights, logit-normal timesteps, grad clipping, 8-bit AdamW; Qwen drops an
-                 all-ones text mask) with its attention (trainers/attention.py: cuDNN kernels)
+                 all-ones text mask) with its attention (trainers/attention.py, "auto": cuDNN on Hopper+)
   ours-compile   + torch.compile of every transformer block: the trainers' defaults on a GPU
   ...-flash      the same with torch's flash SDPA instead of cuDNN (LoraTrainConfig.attention="flash")
 MFU = model FLOPs of a step (forward + input-gradient backward of every Linear, attention forward x3;
