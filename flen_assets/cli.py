@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Literal, NoReturn, Optional
 import typer
 
 from flen_assets.project import InvalidNameError, Project, validate_iteration, validate_slug
+from flen_assets.runs import DEMO_RUN_CONFIG, RunInterrupted, init_project, latest_iteration, materialize_partition
+
+__all__ = ["DEMO_RUN_CONFIG", "app", "init_project", "materialize_partition"]  # run services, re-exported
 
 if TYPE_CHECKING:
     from flen_resources.trainers.flux_lora import TrainItem
@@ -41,17 +44,24 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
-def init_project(project: Project):
-    """Create the project's folders, git + DVC with a local remote, lineage tables and Dagster home."""
-    from flen_assets.instance import get_instance
-    from flen_resources.lineage import LineageStore
-    from flen_resources.storage import DvcStore
+def _run(project: Project, character: str, iteration: str, run_config: dict | None, job_name: str,
+         start_at: str | None = None):
+    """materialize_partition for a command: Ctrl-C and a full disk end it with one line, not a trace."""
+    from flen_resources.disk import disk_full_message, first_full_disk, is_disk_full
 
-    for folder in (project.data_dir, project.inbox_dir, project.state_dir, project.staging_dir, project.locks_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    DvcStore(project).ensure_repo()
-    LineageStore(project.lineage_dir).ensure()
-    return get_instance(project)
+    try:
+        return materialize_partition(project, character, iteration, run_config, job_name, start_at, log=typer.echo)
+    except RunInterrupted as exc:
+        typer.secho(f"interrupted: run {exc.run_id} is marked canceled and holds no pool slot; run the same "
+                    "command again to resume (finished assets and training checkpoints are kept)",
+                    fg=typer.colors.YELLOW, err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # the run's worker thread may still be inside a step: stop it here, as the shell expects
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        _fail(disk_full_message(first_full_disk([project.dagster_home, project.data_dir, project.lineage_dir])))
 
 
 @app.command()
@@ -67,6 +77,7 @@ def character_add(name: str, from_dir: Annotated[Path, typer.Option("--from", he
                   iteration: str = "v1", project: ProjectOpt = None) -> None:
     """Copy photos into inbox/NAME (originals untouched) and register the character partition."""
     from flen_assets.partitions import add_partitions
+    from flen_resources.intake import IntakeError, add_photos
 
     try:
         validate_slug(name)
@@ -79,19 +90,14 @@ def character_add(name: str, from_dir: Annotated[Path, typer.Option("--from", he
     instance = init_project(proj)
     dest = proj.inbox_for(name)
     dest.mkdir(parents=True, exist_ok=True)
-    copied = 0
-    for src in sorted(p for p in from_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
-        target = dest / src.name
-        if target.exists():
-            if target.read_bytes() != src.read_bytes():
-                _fail(f"{target} already exists with other content; rename {src} and retry")
-            continue
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(target)
-        copied += 1
+    try:  # regular files only, each read from one O_NOFOLLOW fd; links, pipes, subfolders refused and recorded
+        report = add_photos(from_dir, dest)
+    except IntakeError as exc:
+        _fail(str(exc))
+    for refused in report.refused:
+        typer.echo(f"refused {refused.message} [{refused.code}]")
     key = add_partitions(instance, name, iteration)
-    typer.echo(f"{copied} file(s) copied to {dest}; partition {key} registered")
+    typer.echo(f"{len(report.copied)} file(s) copied to {dest}; {len(report.refused)} refused; partition {key} registered")
 
 
 @character_app.command("list")
@@ -183,56 +189,10 @@ def review(character: Annotated[Optional[str], typer.Argument(help="Character to
     serve(proj, host=host, port=port, allowed_hosts=tuple(allowed_host or ()))
 
 
-# The embedded defaults are sized for a CPU: tiny models, small images, few steps.
-DEMO_RUN_CONFIG = {"ops": {
-    "enriched_images": {"config": {"recipe": "demo"}},
-    "flux_lora": {"config": {"steps": 20, "resolution": 64, "rank": 8, "learning_rate": 1e-3, "checkpoint_every": 10}},
-    "lora_eval": {"config": {"size": 64, "steps": 2, "seeds": [1, 2]}},
-    "synthetic_batch": {"config": {"size": 64, "steps": 2, "seeds": [11]}},
-    "qwen_adapter": {"config": {"steps": 4, "resolution": 64, "rank": 4}},
-}}
-
-
-def downstream_of(asset: str, job_name: str) -> list:
-    """`asset` and every asset of the job downstream of it (what changes when `asset` changes)."""
-    import dagster as dg
-
-    from flen_assets.definitions import defs
-    from flen_assets.jobs import TRAINING_SET_ASSETS
-
-    graph = defs.resolve_asset_graph()
-    if dg.AssetKey(asset) not in graph.get_all_asset_keys():
-        raise typer.BadParameter(f"no asset named {asset!r}", param_hint="--from")
-    keys = dg.AssetSelection.assets(asset).downstream().resolve(graph)
-    if job_name == "training_set_job":
-        keys &= {dg.AssetKey(a) for a in TRAINING_SET_ASSETS}
-        if not keys:
-            raise typer.BadParameter(f"{asset} is not part of the training-set chain; add --all", param_hint="--from")
-    return sorted(keys, key=lambda k: k.to_user_string())
-
-
-def materialize_partition(project: Project, character: str, iteration: str, run_config: dict | None = None,
-                          job_name: str = "training_set_job", start_at: str | None = None):
-    """Run a job for one partition on the project's Dagster instance (the run shows in the UI);
-    with `start_at`, only that asset and what is downstream of it in the job."""
-    from flen_assets.definitions import defs
-    from flen_assets.partitions import add_partitions
-
-    selection = downstream_of(start_at, job_name) if start_at else None
-    instance = init_project(project)
-    key = add_partitions(instance, character, iteration)
-    job = defs.resolve_job_def(job_name)
-    ops = (run_config or {}).get("ops", {})
-    if selection is not None:  # config of assets outside the selection would be rejected
-        wanted = {k.to_python_identifier() for k in selection}
-        run_config = {**(run_config or {}), "ops": {k: v for k, v in ops.items() if k in wanted}}
-    config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}, **(run_config or {})}
-    return job.execute_in_process(instance=instance, partition_key=str(key), run_config=config,
-                                  raise_on_error=False, asset_selection=selection)
-
-
 def _report(result) -> None:
     """One line per step: what it materialized, or why it failed."""
+    from flen_resources.disk import disk_full_message, looks_like_disk_full
+
     for event in result.all_events:
         if event.event_type_value == "ASSET_MATERIALIZATION":
             mat = event.event_specific_data.materialization
@@ -250,6 +210,8 @@ def _report(result) -> None:
             message = event.event_specific_data.error.message.strip()
             if "blocking asset check failed" in message and any(c in message for c in REVIEW_CHECKS):
                 continue  # said above, as the review gate
+            if looks_like_disk_full(message) and "disk full:" not in message:
+                message = disk_full_message(Project.discover().data_dir)
             typer.secho(f"  ✗ {event.step_key}: {message}", fg=typer.colors.RED)
 
 
@@ -307,8 +269,8 @@ def materialize(character: str, iteration: Annotated[str, typer.Argument(help="I
     except InvalidNameError as exc:
         _fail(str(exc))
     run_config = yaml.safe_load(config.read_text()) if config else None
-    result = materialize_partition(_project(project), character, iteration, run_config,
-                                   "flywheel_job" if whole else "training_set_job", start_at)
+    result = _run(_project(project), character, iteration, run_config, "flywheel_job" if whole else "training_set_job",
+                  start_at)
     _report(result)
     if not result.success:
         stops = review_gate_stops(result)
@@ -377,19 +339,20 @@ def versions(asset: str, character: str, iteration: str, project: ProjectOpt = N
 
 
 @app.command()
-def checkout(asset: str, character: str, iteration: str, md5: str, project: ProjectOpt = None) -> None:
+def checkout(asset: str, character: str, iteration: str,
+             md5: Annotated[str, typer.Argument(help="DVC md5 from `flen versions`, or a unique prefix of 8+ hex.")],
+             project: ProjectOpt = None) -> None:
     """Restore an earlier version (by DVC md5, see `flen versions`) of a partition folder."""
-    from flen_resources.lineage import LineageStore
+    from flen_resources.lineage import LineageStore, VersionLookupError
     from flen_resources.storage import DvcStore
 
     proj = _project(project)
-    rows = LineageStore(proj.lineage_dir).rows(
-        "SELECT dvc_file FROM artifacts WHERE asset=$a AND character=$c AND iteration=$i AND dvc_md5 LIKE $m || '%' "
-        "ORDER BY created_at DESC LIMIT 1", {"a": asset, "c": character, "i": iteration, "m": md5})
-    if not rows:
-        _fail(f"no version {md5} of {asset} {character}|{iteration}; see `flen versions {asset} {character} {iteration}`")
-    path = DvcStore(proj).restore(asset, character, iteration, rows[0]["dvc_file"])
-    typer.echo(f"restored {path} to {md5}")
+    try:
+        version = LineageStore(proj.lineage_dir).find_version(asset, character, iteration, md5)
+    except VersionLookupError as exc:
+        _fail(str(exc))
+    path = DvcStore(proj).restore(asset, character, iteration, version.dvc_file)
+    typer.echo(f"restored {path} to {version.dvc_md5}")
 
 
 WORKSPACE_YAML = """\
@@ -417,18 +380,11 @@ def _workspace_file(project: Project) -> Path:
 def ui(host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the UI local.")] = "127.0.0.1", port: int = 3000, project: ProjectOpt = None) -> None:
     """Serve the Dagster UI on this project's instance (binds 127.0.0.1 unless told otherwise)."""
     proj = _project(project)
-    init_project(proj)
+    init_project(proj, log=typer.echo)
     exe = Path(sys.executable).with_name("dagster-webserver")
     args = [str(exe), "-w", str(_workspace_file(proj)), "-h", host, "-p", str(port)]
     typer.echo(f"Dagster UI on http://{host}:{port}  (DAGSTER_HOME={proj.dagster_home})")
     os.execv(args[0], args)
-
-
-def latest_iteration(project: Project, character: str, asset: str = "synthetic_batch") -> int:
-    """The highest N whose `asset` partition is published for `character` (0 when none)."""
-    folder = project.data_dir / asset / character
-    numbers = [int(p.name[1:-4]) for p in folder.glob("v*.dvc")] if folder.is_dir() else []
-    return max(numbers, default=0)
 
 
 def iterate_character(project: Project, character: str, run_config: dict | None = None):
@@ -438,7 +394,7 @@ def iterate_character(project: Project, character: str, run_config: dict | None 
         _fail(f"{character} has no complete iteration yet: run `flen materialize {character} v1 --all` first")
     nxt = f"v{done + 1}"
     typer.echo(f"{character}: v{done} is complete (synthetic batch published); launching {nxt}")
-    return nxt, materialize_partition(project, character, nxt, run_config, "flywheel_job")
+    return nxt, _run(project, character, nxt, run_config, "flywheel_job")
 
 
 @app.command()
@@ -516,7 +472,7 @@ def demo(project: ProjectOpt = None, character: str = "astronaut",
         typer.echo(f"\n== {character}|v{n} ==")
         # vN explicitly (not `flen iterate`), so running the demo again re-materializes the same
         # partitions, which reproduces the same versions, instead of adding v3.
-        result = materialize_partition(proj, character, f"v{n}", DEMO_RUN_CONFIG, "flywheel_job")
+        result = _run(proj, character, f"v{n}", DEMO_RUN_CONFIG, "flywheel_job")
         _report(result)
         if not result.success:
             stops = review_gate_stops(result)

@@ -6,7 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +17,14 @@ import yaml
 from filelock import FileLock
 
 from flen_assets.project import Project
+from flen_resources.disk import DiskFullError, disk_full_message, first_full_disk, folder_size, is_disk_full, require_space
+from flen_resources.processes import ProcessRef
 
 
 # The DVC of this interpreter, whatever PATH says.
 DVC = [sys.executable, "-m", "dvc"]
+# A staging folder whose owner is unknown (written before owners were named) is surely abandoned after a day.
+_UNOWNED_STAGING_MAX_AGE_S = 24 * 3600
 
 
 class DvcError(RuntimeError):
@@ -79,46 +86,95 @@ class DvcStore:
                 _run([*DVC, "remote", "add", "-d", "local", remote], root)
 
     # -- staging and publishing ---------------------------------------------------------------
+    def _process_staging(self) -> Path:
+        """This process's staging folder: named after the process, so a dead owner's leftovers can be told apart."""
+        return self.project.staging_dir / ProcessRef.current().encode()
+
     def stage(self, asset: str, character: str, iteration: str) -> Path:
         """A fresh empty folder to build a partition in, on the same filesystem as data/."""
         self.project.partition_dir(asset, character, iteration)  # validates the names
-        folder = self.project.staging_dir / f"{asset}-{character}-{iteration}-{uuid.uuid4().hex[:8]}"
+        self.clean_staging()
+        folder = self._process_staging() / f"{asset}-{character}-{iteration}-{uuid.uuid4().hex[:8]}"
         folder.mkdir(parents=True)
         return folder
 
+    def clean_staging(self) -> list[Path]:
+        """Remove the staging folders of processes that died (killed runs); returns what was removed."""
+        removed = []
+        staging = self.project.staging_dir
+        for entry in sorted(staging.iterdir()) if staging.is_dir() else []:
+            owner = ProcessRef.decode(entry.name)
+            if owner is not None:
+                stale = owner.is_dead()
+            else:  # left by a version that did not name the owner: stale once nobody can still be writing it
+                stale = time.time() - entry.lstat().st_mtime > _UNOWNED_STAGING_MAX_AGE_S
+            if stale:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        return removed
+
     def publish(self, staged: Path, asset: str, character: str, iteration: str) -> PublishedFolder:
         """Swap `staged` in as data/<asset>/<character>/<iteration>, `dvc add` and push it."""
+        with self.publishing(staged, asset, character, iteration) as published:
+            return published
+
+    @contextmanager
+    def publishing(self, staged: Path, asset: str, character: str, iteration: str) -> Iterator[PublishedFolder]:
+        """Publish `staged` (swap in, `dvc add`, push); the body records it elsewhere (lineage).
+
+        All or nothing: when anything fails, here or in the body, the previous version is put back
+        (folder and .dvc pointer) and the new one is nowhere visible; a full disk is reported as one
+        line naming the disk, before anything changes when the space can be known ahead.
+        """
         target = self.project.partition_dir(asset, character, iteration)
         target.parent.mkdir(parents=True, exist_ok=True)
+        pointer = target.with_name(target.name + ".dvc")
+        size = folder_size(staged)
+        # The blobs land in the workspace (a rename), the DVC cache and, for a local remote, the remote.
+        require_space({self.project.root / ".dvc": size, self.project.dvc_remote_dir: size,
+                       self.project.dagster_home: 0})
         with self._lock:
+            old_pointer = pointer.read_text() if pointer.is_file() else None
             trash = None
             if target.exists():
-                trash = self.project.staging_dir / f".trash-{uuid.uuid4().hex[:8]}"
+                trash = staged.parent / f".trash-{uuid.uuid4().hex[:8]}"
                 target.rename(trash)
             staged.rename(target)  # readers see the old folder or the new one, never a mix
+            try:
+                self._dvc(["add", "-q", str(target)])
+                self._dvc(["push", "-q", str(pointer)])
+                text = pointer.read_text()
+                out = yaml.safe_load(text)["outs"][0]
+                yield PublishedFolder(path=target, dvc_md5=out["md5"], dvc_file=text,
+                                      n_files=int(out.get("nfiles", 0)), size_bytes=int(out.get("size", 0)))
+            except BaseException as exc:
+                self._roll_back(target, trash, pointer, old_pointer)
+                if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+                    raise DiskFullError(disk_full_message(first_full_disk(
+                        [self.project.data_dir, self.project.root / ".dvc", self.project.dvc_remote_dir,
+                         self.project.lineage_dir]))) from exc
+                raise
             if trash is not None:
                 shutil.rmtree(trash, ignore_errors=True)
-            dvc_file = target.with_name(target.name + ".dvc")
-            self._dvc(["add", "-q", str(target)])
-            self._dvc(["push", "-q", str(dvc_file)])
-            text = dvc_file.read_text()
-        out = yaml.safe_load(text)["outs"][0]
-        return PublishedFolder(
-            path=target,
-            dvc_md5=out["md5"],
-            dvc_file=text,
-            n_files=int(out.get("nfiles", 0)),
-            size_bytes=int(out.get("size", 0)),
-        )
+        _remove_if_empty(staged.parent)
+
+    @staticmethod
+    def _roll_back(target: Path, trash: Path | None, pointer: Path, old_pointer: str | None) -> None:
+        """Put the previous version of a partition back: its folder and its .dvc pointer."""
+        shutil.rmtree(target, ignore_errors=True)
+        if trash is not None:
+            trash.rename(target)
+        if old_pointer is None:
+            pointer.unlink(missing_ok=True)
+        else:
+            write_text_atomic(pointer, old_pointer)
 
     def restore(self, asset: str, character: str, iteration: str, dvc_file: str) -> Path:
         """Bring back an earlier version of a partition from its recorded .dvc text."""
         target = self.project.partition_dir(asset, character, iteration)
         pointer = target.with_name(target.name + ".dvc")
         with self._lock:
-            tmp = pointer.with_name(f".{pointer.name}.{uuid.uuid4().hex[:6]}.tmp")
-            tmp.write_text(dvc_file)
-            tmp.replace(pointer)
+            write_text_atomic(pointer, dvc_file)
             try:
                 self._dvc(["checkout", "-q", "--force", str(pointer)])
             except DvcError:
@@ -136,3 +192,17 @@ class DvcStore:
         if check and proc.returncode != 0:
             raise DvcError(f"`dvc {' '.join(args)}` failed:\n{proc.stdout}{proc.stderr}".strip())
         return proc.stdout
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temp name beside `path`, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty: another partition of this process is being staged there
+        pass

@@ -138,18 +138,25 @@ def publish(run: PartitionRun, project: ProjectResource, staged: Path, *, params
         img = contact_sheet(sheet)
         save_sheet(img, staged / "contact_sheet.png")
         meta["contact_sheet"] = dg.MetadataValue.md(markdown_thumbnail(img))
-    published = project.dvc.publish(staged, run.asset, run.character, run.iteration)
-    now = utcnow()
-    run.lineage.append("artifacts", [run.stamp(path=run.project.relative(published.path), dvc_md5=published.dvc_md5,
-                                               n_files=published.n_files, size_bytes=published.size_bytes,
-                                               dvc_file=published.dvc_file, created_at=now)])
     if run.cross_inputs:
         params = {**params, "previous_iteration_inputs": run.cross_inputs}
         meta["previous_iteration_inputs"] = dg.MetadataValue.json(run.cross_inputs)
-    run.lineage.append("runs", [run.stamp(code_version=CODE_VERSION, params=to_json(params),
-                                          models=to_json(models or {}), status="success",
-                                          started_at=run.started_at, finished_at=now,
-                                          host_pid=f"{socket.gethostname()}:{os.getpid()}")])
+    # The lineage rows are written inside the publish: when one fails, the DVC version is rolled back
+    # too, and the files written so far are removed, so lineage never names a version DVC lacks.
+    with project.dvc.publishing(staged, run.asset, run.character, run.iteration) as published:
+        now = utcnow()
+        written: list[Path] = []
+        try:
+            written.append(run.lineage.append("artifacts", [run.stamp(
+                path=run.project.relative(published.path), dvc_md5=published.dvc_md5, n_files=published.n_files,
+                size_bytes=published.size_bytes, dvc_file=published.dvc_file, created_at=now)]))
+            written.append(run.lineage.append("runs", [run.stamp(
+                code_version=CODE_VERSION, params=to_json(params), models=to_json(models or {}), status="success",
+                started_at=run.started_at, finished_at=now, host_pid=f"{socket.gethostname()}:{os.getpid()}")]))
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
     if sheet:
         meta["contact_sheet_path"] = dg.MetadataValue.path(str(published.path / "contact_sheet.png"))
     meta.update({

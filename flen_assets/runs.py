@@ -1,0 +1,194 @@
+"""Run services the CLI and the demo share: create a project, materialize a partition, iterate a character.
+
+A run executes on a worker thread of this process while this thread watches it: it says which run
+holds a pool slot the run waits for, releases slots of runs whose process died, and on Ctrl-C or
+SIGTERM marks the run canceled and frees its slots, so nothing is left holding a pool.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import dagster as dg
+from dagster._core.utils import make_new_run_id
+
+from flen_assets.instance import RUN_PROCESS_TAG, describe_run, get_instance, release_dead_runs, slot_holders
+from flen_assets.project import Project
+from flen_resources.processes import ProcessRef
+
+Log = Callable[[str], None]
+
+# The embedded defaults are sized for a CPU: tiny models, small images, few steps.
+DEMO_RUN_CONFIG = {"ops": {
+    "enriched_images": {"config": {"recipe": "demo"}},
+    "flux_lora": {"config": {"steps": 20, "resolution": 64, "rank": 8, "learning_rate": 1e-3, "checkpoint_every": 10}},
+    "lora_eval": {"config": {"size": 64, "steps": 2, "seeds": [1, 2]}},
+    "synthetic_batch": {"config": {"size": 64, "steps": 2, "seeds": [11]}},
+    "qwen_adapter": {"config": {"steps": 4, "resolution": 64, "rank": 4}},
+}}
+
+_WATCH_INTERVAL_S = 1.0  # how often the watcher looks at the pools
+_RELEASE_INTERVAL_S = 5.0  # how often, while waiting for a slot, it looks for dead holders
+
+
+class RunInterrupted(Exception):
+    """The user stopped a run (Ctrl-C or SIGTERM); it was marked canceled and its slots freed."""
+
+    def __init__(self, run_id: str):
+        super().__init__(f"run {run_id} interrupted")
+        self.run_id = run_id
+
+
+def init_project(project: Project, log: Log | None = None) -> dg.DagsterInstance:
+    """Create the project's folders, git + DVC with a local remote, lineage tables and Dagster home."""
+    from flen_resources.lineage import LineageStore
+    from flen_resources.storage import DvcStore
+
+    for folder in (project.data_dir, project.inbox_dir, project.state_dir, project.staging_dir, project.locks_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    DvcStore(project).ensure_repo()
+    LineageStore(project.lineage_dir).ensure()
+    DvcStore(project).clean_staging()
+    return get_instance(project, log)
+
+
+def downstream_of(asset: str, job_name: str) -> list[dg.AssetKey]:
+    """`asset` and every asset of the job downstream of it (what changes when `asset` changes)."""
+    import typer
+
+    from flen_assets.definitions import defs
+    from flen_assets.jobs import TRAINING_SET_ASSETS
+
+    graph = defs.resolve_asset_graph()
+    if dg.AssetKey(asset) not in graph.get_all_asset_keys():
+        raise typer.BadParameter(f"no asset named {asset!r}", param_hint="--from")
+    keys = dg.AssetSelection.assets(asset).downstream().resolve(graph)
+    if job_name == "training_set_job":
+        keys &= {dg.AssetKey(a) for a in TRAINING_SET_ASSETS}
+        if not keys:
+            raise typer.BadParameter(f"{asset} is not part of the training-set chain; add --all", param_hint="--from")
+    return sorted(keys, key=lambda k: k.to_user_string())
+
+
+def materialize_partition(project: Project, character: str, iteration: str, run_config: dict | None = None,
+                          job_name: str = "training_set_job", start_at: str | None = None,
+                          log: Log = print) -> dg.ExecuteInProcessResult:
+    """Run a job for one partition on the project's Dagster instance (the run shows in the UI);
+    with `start_at`, only that asset and what is downstream of it in the job."""
+    from flen_assets.definitions import defs
+    from flen_assets.partitions import add_partitions
+
+    selection = downstream_of(start_at, job_name) if start_at else None
+    instance = init_project(project, log)
+    key = add_partitions(instance, character, iteration)
+    job = defs.resolve_job_def(job_name)
+    ops = (run_config or {}).get("ops", {})
+    if selection is not None:  # config of assets outside the selection would be rejected
+        wanted = {k.to_python_identifier() for k in selection}
+        run_config = {**(run_config or {}), "ops": {k: v for k, v in ops.items() if k in wanted}}
+    config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}, **(run_config or {})}
+    return execute_watched(job, instance, log, partition_key=str(key), run_config=config, asset_selection=selection)
+
+
+def execute_watched(job: dg.JobDefinition, instance: dg.DagsterInstance, log: Log,
+                    **kwargs: Any) -> dg.ExecuteInProcessResult:
+    """`job.execute_in_process` on a worker thread, watched from this one (slot waits, dead holders, Ctrl-C)."""
+    run_id = make_new_run_id()
+    tags = {RUN_PROCESS_TAG: ProcessRef.current().encode()}
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = job.execute_in_process(instance=instance, run_id=run_id, tags=tags,
+                                                       raise_on_error=False, **kwargs)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    # A daemon thread: after Ctrl-C the process may exit while the step still computes (its writes
+    # are staged and atomic, so stopping it anywhere loses nothing).
+    worker = threading.Thread(target=work, name=f"run-{run_id[:8]}", daemon=True)
+    with _sigterm_as_interrupt():
+        worker.start()
+        try:
+            _watch(worker, run_id, log)
+        except KeyboardInterrupt:
+            cancel_run(run_id, "stopped by the user (Ctrl-C or SIGTERM)")
+            raise RunInterrupted(run_id) from None
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _watch(worker: threading.Thread, run_id: str, log: Log) -> None:
+    """Until the worker ends: say when the run waits for a pool slot and who holds it; free dead holders."""
+    monitor = dg.DagsterInstance.get()  # its own connections: the worker thread uses the other instance
+    said: dict[str, tuple] = {}
+    last_release = 0.0
+    while worker.is_alive():
+        worker.join(_WATCH_INTERVAL_S)
+        if not worker.is_alive():
+            break
+        waiting = slot_holders(monitor, run_id)
+        for pool, holders in waiting.items():
+            if said.get(pool) != tuple(holders):
+                said[pool] = tuple(holders)
+                log(f"  … waiting for a slot in pool '{pool}': {_holders_text(monitor, holders)}; "
+                    "it starts when that run ends (Ctrl-C to stop)")
+        if waiting and time.monotonic() - last_release > _RELEASE_INTERVAL_S:
+            last_release = time.monotonic()
+            release_dead_runs(monitor, log)
+        for pool in set(said) - set(waiting):
+            del said[pool]
+            log(f"  … got the slot in pool '{pool}'")
+
+
+def _holders_text(instance: dg.DagsterInstance, holders: list[tuple[str, str]]) -> str:
+    """'held by run 1a2b3c4d (flywheel_job kc|v1, step flux_lora)' for each holder."""
+    if not holders:
+        return "all its slots are taken"
+    parts = []
+    for holder_id, step in holders:
+        run = instance.get_run_by_id(holder_id)
+        what = describe_run(run) if run else "unknown run"
+        parts.append(f"run {holder_id[:8]} ({what}, step {step})")
+    return "held by " + ", ".join(parts)
+
+
+def cancel_run(run_id: str, why: str) -> None:
+    """Mark a run of this process canceled and free its pool slots."""
+    instance = dg.DagsterInstance.get()
+    run = instance.get_run_by_id(run_id)
+    if run is not None and not run.is_finished:
+        instance.report_run_canceled(run, why)
+    if instance.event_log_storage.supports_global_concurrency_limits:
+        instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in this (the main) thread, so `kill` stops a run as cleanly as Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signo: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def latest_iteration(project: Project, character: str, asset: str = "synthetic_batch") -> int:
+    """The highest N whose `asset` partition is published for `character` (0 when none)."""
+    folder = project.data_dir / asset / character
+    numbers = [int(p.name[1:-4]) for p in folder.glob("v*.dvc")] if folder.is_dir() else []
+    return max(numbers, default=0)
+
