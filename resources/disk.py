@@ -8,7 +8,8 @@ import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-# Room left beside a publish for what follows it: lineage files, Dagster's event log, DVC's index.
+# Room to leave on the project's disk beside a publish, for what follows it: lineage files,
+# Dagster's event log, DVC's index.
 HEADROOM_BYTES = 32 * 1024 * 1024
 
 # How a full disk reads in the messages of the libraries that write for us (SQLite says "disk I/O
@@ -61,10 +62,10 @@ def require_space(needs: Mapping[Path, int]) -> None:
         mount = mount_point(path)
         first, total = by_disk.get(mount, (path, 0))
         by_disk[mount] = (first, total + size)
-    for mount, (path, size) in by_disk.items():
-        wanted = size + HEADROOM_BYTES
-        if shutil.disk_usage(mount).free < wanted:
-            raise DiskFullError(disk_full_message(path, wanted - shutil.disk_usage(mount).free))
+    for mount, (path, wanted) in by_disk.items():
+        free = shutil.disk_usage(mount).free
+        if free < wanted:
+            raise DiskFullError(disk_full_message(path, wanted - free))
 
 
 def folder_size(folder: Path) -> int:
@@ -92,6 +93,11 @@ def looks_like_disk_full(message: str) -> bool:
     return any(word in lowered for word in _FULL_WORDS)
 
 
+def free_bytes(path: Path) -> int:
+    """Free bytes on the disk holding `path`."""
+    return shutil.disk_usage(mount_point(path)).free
+
+
 def first_full_disk(paths: Iterable[Path]) -> Path:
     """Of `paths`, the one on the disk with the least free space (where a write most likely failed)."""
-    return min(paths, key=lambda p: shutil.disk_usage(mount_point(p)).free)
+    return min(paths, key=free_bytes)

@@ -17,7 +17,8 @@ import yaml
 from filelock import FileLock
 
 from flen_assets.project import Project
-from flen_resources.disk import DiskFullError, disk_full_message, first_full_disk, folder_size, is_disk_full, require_space
+from flen_resources.disk import (HEADROOM_BYTES, DiskFullError, disk_full_message, first_full_disk, folder_size,
+                                 free_bytes, is_disk_full, require_space)
 from flen_resources.processes import ProcessRef
 
 
@@ -131,8 +132,9 @@ class DvcStore:
         pointer = target.with_name(target.name + ".dvc")
         size = folder_size(staged)
         # The blobs land in the workspace (a rename), the DVC cache and, for a local remote, the remote.
-        require_space({self.project.root / ".dvc": size, self.project.dvc_remote_dir: size,
-                       self.project.dagster_home: 0})
+        remote = self.local_remote()
+        require_space({self.project.root / ".dvc": size, **({remote: size} if remote else {}),
+                       self.project.dagster_home: HEADROOM_BYTES})
         with self._lock:
             old_pointer = pointer.read_text() if pointer.is_file() else None
             trash = None
@@ -149,14 +151,31 @@ class DvcStore:
                                       n_files=int(out.get("nfiles", 0)), size_bytes=int(out.get("size", 0)))
             except BaseException as exc:
                 self._roll_back(target, trash, pointer, old_pointer)
-                if is_disk_full(exc) and not isinstance(exc, DiskFullError):
-                    raise DiskFullError(disk_full_message(first_full_disk(
-                        [self.project.data_dir, self.project.root / ".dvc", self.project.dvc_remote_dir,
-                         self.project.lineage_dir]))) from exc
+                disks = [self.project.data_dir, self.project.root / ".dvc", self.project.lineage_dir,
+                         *([remote] if remote else [])]
+                fullest = first_full_disk(disks)
+                # DVC reports a failed upload without its cause: a disk left with less than the
+                # partition's size is taken as the cause.
+                full = is_disk_full(exc) or (isinstance(exc, DvcError) and free_bytes(fullest) < max(size, 1 << 20))
+                if full and not isinstance(exc, DiskFullError):
+                    raise DiskFullError(disk_full_message(fullest)) from exc
                 raise
             if trash is not None:
                 shutil.rmtree(trash, ignore_errors=True)
         _remove_if_empty(staged.parent)
+
+    def local_remote(self) -> Path | None:
+        """The default DVC remote's folder when it is a local path (None for a cloud remote or none)."""
+        import configparser
+
+        config = configparser.ConfigParser()
+        dvc_dir = self.project.root / ".dvc"
+        config.read([dvc_dir / "config", dvc_dir / "config.local"])  # config.local overrides, as in DVC
+        name = config.get("core", "remote", fallback=None)
+        url = config.get(f"'remote \"{name}\"'", "url", fallback=None) if name else None
+        if not url or "://" in url:
+            return None
+        return (dvc_dir / url).resolve()  # DVC resolves a relative url against .dvc/
 
     @staticmethod
     def _roll_back(target: Path, trash: Path | None, pointer: Path, old_pointer: str | None) -> None:
