@@ -47,7 +47,7 @@ def _fail(message: str) -> NoReturn:
 def _run(project: Project, character: str, iteration: str, run_config: dict | None, job_name: str,
          start_at: str | None = None):
     """materialize_partition for a command: Ctrl-C and a full disk end it with one line, not a trace."""
-    from flen_resources.disk import disk_full_message, first_full_disk, is_disk_full
+    from flen_resources.disk import DiskFullError, disk_full_message, first_full_disk, is_disk_full
 
     try:
         return materialize_partition(project, character, iteration, run_config, job_name, start_at, log=typer.echo)
@@ -58,6 +58,8 @@ def _run(project: Project, character: str, iteration: str, run_config: dict | No
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)  # the run's worker thread may still be inside a step: stop it here, as the shell expects
+    except DiskFullError as exc:  # said before the run started
+        _fail(str(exc))
     except Exception as exc:
         if not is_disk_full(exc):
             raise
@@ -207,7 +209,7 @@ def _report(result) -> None:
                 typer.secho(f"  ⏸ {check.asset_key.to_user_string():20s} review gate: "
                             f"{pending.value if pending else '?'} image(s) await human review", fg=typer.colors.YELLOW)
         elif event.event_type_value == "STEP_FAILURE":
-            message = event.event_specific_data.error.message.strip()
+            message = root_cause(event.event_specific_data.error)
             if "blocking asset check failed" in message and any(c in message for c in REVIEW_CHECKS):
                 continue  # said above, as the review gate
             if looks_like_disk_full(message) and "disk full:" not in message:
@@ -216,6 +218,13 @@ def _report(result) -> None:
 
 
 REVIEW_CHECKS = ("review_complete", "synthetic_review_complete")
+
+
+def root_cause(error) -> str:
+    """The first line of the innermost error of a step failure: what the user can act on, not Dagster's wrapper."""
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    return error.message.strip().splitlines()[0] if error.message.strip() else error.cls_name
 
 
 def review_gate_stops(result) -> list[tuple[str, int]]:

@@ -83,7 +83,11 @@ def materialize_partition(project: Project, character: str, iteration: str, run_
     from flen_assets.definitions import defs
     from flen_assets.partitions import add_partitions
 
+    from flen_resources.disk import HEADROOM_BYTES, require_space
+
     selection = downstream_of(start_at, job_name) if start_at else None
+    # A run on a full disk would die inside SQLite with a page of trace: say it before starting.
+    require_space({project.state_dir: HEADROOM_BYTES})
     instance = init_project(project, log)
     key = add_partitions(instance, character, iteration)
     job = defs.resolve_job_def(job_name)

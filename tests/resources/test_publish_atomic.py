@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -193,3 +194,59 @@ def test_remote_running_out_of_space_mid_push_rolls_back(project, tmp_path):
 
 def test_mount_point_of_a_missing_path_is_its_disk(tmp_path):
     assert mount_point(tmp_path / "not" / "yet") == mount_point(tmp_path)
+
+
+@pytest.mark.slow
+def test_flen_materialize_on_a_full_disk_says_so_in_one_line_and_the_rerun_completes(tmp_path):
+    """The whole command on a project whose disk fills up: before the run, and inside a step's publish."""
+    from flen_assets.demo_data import write_sample_inbox
+    from flen_resources.lineage import LineageStore
+
+    photos = tmp_path / "photos"
+    write_sample_inbox(photos)
+    with _tmpfs(tmp_path / "disk", "160m") as disk:
+        root = disk / "project"
+        config = disk / "small.yaml"
+        config.write_text("ops:\n  enriched_images: {config: {recipe: classic, max_entries: 1}}\n")
+        env = {**os.environ, "FLEN_PROJECT_DIR": str(root), "DAGSTER_HOME": str(root / ".flen" / "dagster"),
+               "PYTHONWARNINGS": "ignore"}
+
+        def flen(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "flen_assets", *args], env=env, capture_output=True,
+                                  text=True, timeout=600)
+
+        inbox = root / "inbox" / "kc"
+        inbox.mkdir(parents=True)
+        for name in ("portrait.jpg", "closeup.png", "side_light.jpg"):
+            shutil.copyfile(photos / name, inbox / name)
+        first = flen("materialize", "kc", "v1", "--config", str(config))
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        pointer = root / "data" / "source_images" / "kc" / "v1.dvc"
+        version_a = pointer.read_text()
+
+        def current_md5() -> str:
+            rows = LineageStore(root / ".flen" / "lineage").rows(
+                "SELECT dvc_md5 FROM latest_artifacts WHERE asset='source_images' AND character='kc'")
+            return rows[0]["dvc_md5"]
+
+        md5_a = current_md5()
+        shutil.copyfile(photos / "print_cmyk.jpg", inbox / "print_cmyk.jpg")  # the next version has 4 photos
+
+        filler = _fill(disk, leave=512 * 1024)  # too little to start a run
+        full = flen("materialize", "kc", "v1", "--config", str(config))
+        assert full.returncode == 1
+        assert full.stdout == "" and full.stderr.startswith(f"error: disk full: {disk}"), full.stderr
+        assert full.stderr.count("\n") == 1 and "Traceback" not in full.stderr
+        filler.unlink()
+
+        filler = _fill(disk, leave=33 * 1024 * 1024)  # the run starts, the publish of source_images cannot fit
+        mid = flen("materialize", "kc", "v1", "--config", str(config))
+        assert mid.returncode == 1
+        summary = [line for line in mid.stdout.splitlines() if line.startswith("  ✗ source_images:")]
+        assert len(summary) == 1 and f"disk full: {disk}" in summary[0] and "more is needed" in summary[0], mid.stdout
+        assert pointer.read_text() == version_a and current_md5() == md5_a, "the previous version stays current"
+        filler.unlink()
+
+        rerun = flen("materialize", "kc", "v1", "--config", str(config))
+        assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+        assert current_md5() != md5_a and "'accepted': 4" in rerun.stdout
