@@ -578,7 +578,8 @@ def train_flux(
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
     quantization: Annotated[Literal["none", "nf4"], typer.Option(help="nf4 (QLoRA) needs a CUDA GPU.")] = "nf4",
     optimizer: Annotated[Literal["adamw", "adamw8bit"], typer.Option()] = "adamw8bit",
-    checkpoint_every: Annotated[int, typer.Option(min=1)] = 250,
+    checkpoint_every: Annotated[Optional[int], typer.Option(
+        min=1, help="Steps between checkpoints (default: 250, or a quarter of --steps when fewer).")] = None,
     seed: int = 0,
     compile: Annotated[bool, typer.Option(help="torch.compile the transformer blocks (GPU only).")] = True,
     attention: Annotated[Literal["auto", "cudnn", "flash"], typer.Option(
@@ -590,14 +591,15 @@ def train_flux(
 ) -> None:
     """Train a FLUX.1-dev LoRA on DATASET; rerun the same command to resume from the last checkpoint."""
     from flen_resources.models.sources import ModelFolderError, ModelNotAvailable
-    from flen_resources.trainers.common import LoraTrainConfig, TrainingError
+    from flen_resources.trainers.common import LoraTrainConfig, TrainingError, checkpoint_interval
     from flen_resources.trainers.flux_lora import FluxLoraTrainer
 
     if not dataset.is_dir():
         _fail(f"{dataset} is not a folder")
     items, md5 = _dataset_items(dataset)
     config = LoraTrainConfig(max_steps=steps, resolution=resolution, rank=rank, alpha=float(rank), learning_rate=lr,
-                             quantization=quantization, optimizer=optimizer, checkpoint_every=checkpoint_every,
+                             quantization=quantization, optimizer=optimizer,
+                             checkpoint_every=checkpoint_interval(steps, checkpoint_every),
                              seed=seed, compile=compile, attention=attention)
     trainer = FluxLoraTrainer(model=model, work_dir=out, log=typer.echo)
     try:

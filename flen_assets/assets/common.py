@@ -93,7 +93,7 @@ class LoraAssetConfig(dg.Config):
     resolution: int = 1024
     quantization: str = "auto"  # auto: nf4 on a GPU, none on the CPU
     seed: int = 0
-    checkpoint_every: int = 250
+    checkpoint_every: int = 0  # 0: every 250 steps, or a quarter of a shorter run (checkpoint_interval)
     compile: bool = True  # torch.compile the transformer blocks on a GPU: ~1.2x faster steps after a warm-up
     attention: str = "auto"  # on a GPU: "cudnn" (trainers/attention.py), "flash", or "auto" (cuDNN on Hopper+)
 
@@ -101,14 +101,14 @@ class LoraAssetConfig(dg.Config):
         """The trainer's LoraTrainConfig: nf4 and 8-bit AdamW on a GPU, plain on the CPU."""
         import torch
 
-        from flen_resources.trainers.common import LoraTrainConfig
+        from flen_resources.trainers.common import LoraTrainConfig, checkpoint_interval
 
         gpu = torch.cuda.is_available()
         quantization = self.quantization if self.quantization != "auto" else ("nf4" if gpu else "none")
         return LoraTrainConfig(max_steps=self.steps, rank=self.rank, alpha=float(self.rank),
                                learning_rate=self.learning_rate, resolution=self.resolution,
                                quantization=quantization, optimizer="adamw8bit" if gpu else "adamw", seed=self.seed,
-                               checkpoint_every=max(1, min(self.checkpoint_every, self.steps)),
+                               checkpoint_every=checkpoint_interval(self.steps, self.checkpoint_every),
                                lr_warmup_steps=min(50, self.steps // 10), sample_every=0,
                                compile=self.compile and gpu, attention=self.attention, **overrides)
 

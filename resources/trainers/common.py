@@ -39,6 +39,15 @@ class TrainingError(ValueError):
     """Training cannot start or go on; the message says why."""
 
 
+DEFAULT_CHECKPOINT_EVERY = 250
+
+
+def checkpoint_interval(steps: int, every: int | None = None) -> int:
+    """Steps between checkpoints: `every`, else 250 or a quarter of a shorter run, so a killed run always resumes."""
+    chosen = every if every else min(DEFAULT_CHECKPOINT_EVERY, max(1, steps // 4))
+    return max(1, min(chosen, steps))
+
+
 @dataclass
 class LoraTrainConfig:
     """Every knob of a LoRA run. Defaults suit a character LoRA on a 24 GB card."""
@@ -63,7 +72,7 @@ class LoraTrainConfig:
     logit_mean: float = 0.0  # logit-normal timestep sampling
     logit_std: float = 1.0
     guidance: float = 1.0  # FLUX.1-dev's distilled guidance embedding during training
-    checkpoint_every: int = 250
+    checkpoint_every: int = 250  # see checkpoint_interval() for the default a short run gets
     keep_checkpoints: int = 2
     sample_every: int = 250  # 0: no previews
     sample_prompts: list[str] = field(default_factory=list)

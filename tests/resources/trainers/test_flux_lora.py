@@ -126,8 +126,8 @@ def test_lora_loads_into_flux_pipeline_and_unloads(trained):
 
 # -- (c) exact resume after SIGKILL ---------------------------------------------------------------
 def _train_cmd(dataset: Path, out: Path) -> list[str]:
-    return [*FLEN, "train", "flux", str(dataset), "--out", str(out), "--steps", "40", "--checkpoint-every", "5",
-            "--name", "k", *TRAIN_ARGS]
+    # No --checkpoint-every: the README's example relies on the default (a quarter of a short run).
+    return [*FLEN, "train", "flux", str(dataset), "--out", str(out), "--steps", "40", "--name", "k", *TRAIN_ARGS]
 
 
 def _complete_steps(checkpoints: Path) -> list[int]:
@@ -242,6 +242,13 @@ def test_bad_input_raises_training_error(tmp_path: Path):
     with pytest.raises(TrainingError, match="no caption"):
         trainer.train([TrainItem(p) for p in paths], _config(), default_caption="")
     assert not (tmp_path / "run").exists(), "a refused run must not create its folder"
+
+
+def test_checkpoint_interval_lets_every_run_resume():
+    from flen_resources.trainers.common import checkpoint_interval
+
+    assert checkpoint_interval(1500) == 250 and checkpoint_interval(40) == 10 and checkpoint_interval(3) == 1
+    assert checkpoint_interval(40, 5) == 5 and checkpoint_interval(40, 100) == 40 and checkpoint_interval(1) == 1
 
 
 def test_cli_reads_flat_folder_and_fails_cleanly(tmp_path: Path):
