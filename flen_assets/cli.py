@@ -45,12 +45,13 @@ def _fail(message: str) -> NoReturn:
 
 
 def _run(project: Project, character: str, iteration: str, run_config: dict | None, job_name: str,
-         start_at: str | None = None):
+         start_at: str | None = None, restart: bool = False):
     """materialize_partition for a command: Ctrl-C and a full disk end it with one line, not a trace."""
     from flen_resources.disk import DiskFullError, disk_full_message, first_full_disk, is_disk_full
 
     try:
-        return materialize_partition(project, character, iteration, run_config, job_name, start_at, log=typer.echo)
+        return materialize_partition(project, character, iteration, run_config, job_name, start_at, log=typer.echo,
+                                     restart=restart)
     except RunInterrupted as exc:
         typer.secho(f"interrupted: run {exc.run_id} is marked canceled and holds no pool slot; run the same "
                     "command again to resume (finished assets and training checkpoints are kept)",
@@ -268,6 +269,10 @@ def materialize(character: str, iteration: Annotated[str, typer.Argument(help="I
                 start_at: Annotated[Optional[str], typer.Option(
                     "--from", help="Only this asset and what is downstream of it, e.g. filtered_images after a "
                                    "review (the edits are not made again).")] = None,
+                restart: Annotated[bool, typer.Option(
+                    "--restart", help="Rebuild every asset even when the last run of this command died or was "
+                                      "stopped midway (by default it resumes after the assets that run finished).")]
+                = False,
                 ) -> None:
     """Materialize sources -> training set (or, with --all, the whole iteration) for CHARACTER ITERATION."""
     import yaml
@@ -279,7 +284,7 @@ def materialize(character: str, iteration: Annotated[str, typer.Argument(help="I
         _fail(str(exc))
     run_config = yaml.safe_load(config.read_text()) if config else None
     result = _run(_project(project), character, iteration, run_config, "flywheel_job" if whole else "training_set_job",
-                  start_at)
+                  start_at, restart)
     _report(result)
     if not result.success:
         stops = review_gate_stops(result)

@@ -23,6 +23,8 @@ from flen_resources.processes import ProcessRef
 # The process that executes a run: set by `flen` on the runs it executes in process; runs launched
 # by the daemon are known by the pid of their run worker's first engine event.
 RUN_PROCESS_TAG = "flen/process"
+# Set on a run that died or was stopped midway (how, in words): the same command resumes it.
+STOPPED_TAG = "flen/stopped"
 
 # Pools: `gpu` (one big model on the card at a time). Run monitoring asks FlenRunLauncher whether a
 # run's worker still lives and fails the run when not; the slots of ended runs are freed soon after.
@@ -121,6 +123,7 @@ def release_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] |
         message = (f"the process of this run (pid {process.pid} on {process.host}) is gone: killed, out of memory "
                    "or the machine stopped. Marked failed by flen; its pool slots are freed. Launch it again to "
                    "resume (finished assets and training checkpoints are kept).")
+        instance.add_run_tags(run.run_id, {STOPPED_TAG: f"died in {current_step(instance, run) or 'its start'}"})
         if run.status == DagsterRunStatus.CANCELING:
             instance.report_run_canceled(run, message)
         else:
@@ -142,6 +145,13 @@ def _free_slots_of_ended_runs(instance: dg.DagsterInstance) -> None:
         return
     for record in instance.get_run_records(RunsFilter(run_ids=list(holders), statuses=list(FINISHED_STATUSES))):
         storage.free_concurrency_slots_for_run(record.dagster_run.run_id)
+
+
+def current_step(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
+    """The step a run had started last (where it was when it stopped)."""
+    started = instance.get_records_for_run(run.run_id, of_type=DagsterEventType.STEP_START, limit=1,
+                                           ascending=False).records
+    return started[0].event_log_entry.step_key if started else None
 
 
 def describe_run(run: dg.DagsterRun) -> str:
@@ -173,6 +183,8 @@ class FlenRunLauncher(DefaultRunLauncher):
         if process is None:  # run monitoring fails a run on anything but RUNNING: not known yet is alive
             return CheckRunHealthResult(WorkerStatus.RUNNING, "no process recorded yet")
         if process.is_dead():
+            step = current_step(self._instance, run) or "its start"
+            self._instance.add_run_tags(run.run_id, {STOPPED_TAG: f"died in {step}"})
             return CheckRunHealthResult(WorkerStatus.FAILED,
                                         f"run worker pid {process.pid} on {process.host} is gone (killed or crashed)")
         return CheckRunHealthResult(WorkerStatus.RUNNING, f"pid {process.pid} on {process.host}")

@@ -7,17 +7,21 @@ SIGTERM marks the run canceled and frees its slots, so nothing is left holding a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
 from dagster._core.utils import make_new_run_id
 
-from flen_assets.instance import RUN_PROCESS_TAG, describe_run, get_instance, release_dead_runs, slot_holders
+from flen_assets.instance import (RUN_PROCESS_TAG, STOPPED_TAG, describe_run, get_instance, release_dead_runs,
+                                  slot_holders)
 from flen_assets.project import Project
 from flen_resources.processes import ProcessRef
 
@@ -34,6 +38,8 @@ DEMO_RUN_CONFIG = {"ops": {
 
 _WATCH_INTERVAL_S = 1.0  # how often the watcher looks at the pools
 _RELEASE_INTERVAL_S = 5.0  # how often, while waiting for a slot, it looks for dead holders
+# What the user asked for, as a digest: a rerun of the same request may resume a stopped run.
+REQUEST_TAG = "flen/request"
 
 
 class RunInterrupted(Exception):
@@ -77,12 +83,12 @@ def downstream_of(asset: str, job_name: str) -> list[dg.AssetKey]:
 
 def materialize_partition(project: Project, character: str, iteration: str, run_config: dict | None = None,
                           job_name: str = "training_set_job", start_at: str | None = None,
-                          log: Log = print) -> dg.ExecuteInProcessResult:
+                          log: Log = print, restart: bool = False) -> dg.ExecuteInProcessResult:
     """Run a job for one partition on the project's Dagster instance (the run shows in the UI);
-    with `start_at`, only that asset and what is downstream of it in the job."""
+    with `start_at`, only that asset and what is downstream of it in the job. When the same
+    command's last run died or was stopped, only the assets it had not finished run (unless `restart`)."""
     from flen_assets.definitions import defs
     from flen_assets.partitions import add_partitions
-
     from flen_resources.disk import HEADROOM_BYTES, require_space
 
     selection = downstream_of(start_at, job_name) if start_at else None
@@ -91,19 +97,62 @@ def materialize_partition(project: Project, character: str, iteration: str, run_
     instance = init_project(project, log)
     key = add_partitions(instance, character, iteration)
     job = defs.resolve_job_def(job_name)
+    request = request_tag(job_name, str(key), selection, run_config)
+    resumed = None if restart else find_resumable(instance, job, str(key), request)
+    if resumed is not None:
+        selection = resumed.remaining
+        log(f"resuming run {resumed.run_id[:8]}, which {resumed.how}: {', '.join(resumed.kept)} "
+            "are kept from it (--restart rebuilds everything)")
     ops = (run_config or {}).get("ops", {})
     if selection is not None:  # config of assets outside the selection would be rejected
         wanted = {k.to_python_identifier() for k in selection}
         run_config = {**(run_config or {}), "ops": {k: v for k, v in ops.items() if k in wanted}}
     config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}, **(run_config or {})}
-    return execute_watched(job, instance, log, partition_key=str(key), run_config=config, asset_selection=selection)
+    tags = {REQUEST_TAG: request, **({"flen/resumes": resumed.run_id} if resumed else {})}
+    return execute_watched(job, instance, log, tags, partition_key=str(key), run_config=config,
+                           asset_selection=selection)
 
 
-def execute_watched(job: dg.JobDefinition, instance: dg.DagsterInstance, log: Log,
+@dataclass(frozen=True)
+class Resumable:
+    """A dead or stopped run of the same request: which assets it finished and which remain."""
+
+    run_id: str
+    how: str
+    kept: list[str]
+    remaining: list[dg.AssetKey]
+
+
+def request_tag(job_name: str, partition: str, selection: list[dg.AssetKey] | None, run_config: dict | None) -> str:
+    """A digest of what the user asked for (job, partition, selection, config): equal requests may resume."""
+    text = json.dumps([job_name, partition, sorted(k.to_user_string() for k in selection or []), run_config or {}],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def find_resumable(instance: dg.DagsterInstance, job: dg.JobDefinition, partition: str,
+                   request: str) -> Resumable | None:
+    """The last run of this partition, when it was the same request and died or was stopped midway."""
+    from dagster._core.storage.dagster_run import RunsFilter
+
+    last = instance.get_runs(filters=RunsFilter(job_name=job.name, tags={"dagster/partition": partition}), limit=1)
+    if not last or last[0].tags.get(STOPPED_TAG) is None or last[0].tags.get(REQUEST_TAG) != request:
+        return None
+    run = last[0]
+    planned = run.asset_selection or job.asset_layer.selected_asset_keys
+    done = {e.step_key for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS)}
+    kept = sorted(k.to_user_string() for k in planned if k.to_python_identifier() in done)
+    remaining = sorted((k for k in planned if k.to_python_identifier() not in done), key=lambda k: k.to_user_string())
+    if not kept or not remaining:
+        return None
+    return Resumable(run.run_id, run.tags[STOPPED_TAG], kept, remaining)
+
+
+def execute_watched(job: dg.JobDefinition, instance: dg.DagsterInstance, log: Log, tags: dict[str, str],
                     **kwargs: Any) -> dg.ExecuteInProcessResult:
     """`job.execute_in_process` on a worker thread, watched from this one (slot waits, dead holders, Ctrl-C)."""
     run_id = make_new_run_id()
-    tags = {RUN_PROCESS_TAG: ProcessRef.current().encode()}
+    tags = {**tags, RUN_PROCESS_TAG: ProcessRef.current().encode()}
     outcome: dict[str, Any] = {}
 
     def work() -> None:
@@ -168,6 +217,7 @@ def cancel_run(run_id: str, why: str) -> None:
     instance = dg.DagsterInstance.get()
     run = instance.get_run_by_id(run_id)
     if run is not None and not run.is_finished:
+        instance.add_run_tags(run_id, {STOPPED_TAG: "was stopped"})
         instance.report_run_canceled(run, why)
     if instance.event_log_storage.supports_global_concurrency_limits:
         instance.event_log_storage.free_concurrency_slots_for_run(run_id)

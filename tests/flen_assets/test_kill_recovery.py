@@ -17,7 +17,7 @@ from flen_assets.demo_data import write_sample_inbox
 from flen_assets.runs import init_project
 from flen_resources.lineage import LineageStore
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 FLEN = [sys.executable, "-m", "flen_assets"]
 GPU_ASSETS = ("enriched_images", "qwen_adapter", "flux_lora", "lora_eval", "synthetic_batch")  # in run order
 # Small but complete: every asset runs; the trainers checkpoint often enough for a kill to land between.
@@ -69,11 +69,22 @@ def _started_steps(instance: dg.DagsterInstance, run_id: str, kind: dg.DagsterEv
     return {e.step_key for e in instance.all_logs(run_id, of_type=kind)}
 
 
-def _kill_inside(root, instance: dg.DagsterInstance, asset: str, known: set[str]) -> tuple[str, float]:
-    """Start the command, kill -9 its process group once `asset`'s step has started; (run id, seconds to first step)."""
+def _inside(root, asset: str) -> bool:
+    """Far enough into `asset` for the kill to test something: a trainer has written a checkpoint."""
+    if asset not in ("flux_lora", "qwen_adapter"):
+        time.sleep(1.0)  # into the model load or the generations
+        return True
+    return any((root / ".flen" / "runs").glob(f"{asset}-kc-v1-*/checkpoints/step-*/state.json"))
+
+
+def _kill_inside(root, instance: dg.DagsterInstance, asset: str, known: set[str]) -> tuple[str, float, str]:
+    """Start the command, kill -9 its process group once `asset`'s step has started; (run id, seconds to
+    its first step, its output)."""
     launched = time.monotonic()
-    proc = subprocess.Popen(_command(root), env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = root / f"killed-in-{asset}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_command(root), env=_env(root), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     run, first_step = None, None
     deadline = time.monotonic() + 600
     try:
@@ -83,9 +94,7 @@ def _kill_inside(root, instance: dg.DagsterInstance, asset: str, known: set[str]
                 started = _started_steps(instance, run.run_id, dg.DagsterEventType.STEP_START)
                 if started and first_step is None:
                     first_step = time.monotonic() - launched
-                if asset in started:
-                    # Give the step a moment to get into its work (model load, training), then kill.
-                    time.sleep(1.5)
+                if asset in started and _inside(root, asset):
                     os.killpg(proc.pid, signal.SIGKILL)
                     break
             time.sleep(0.2)
@@ -96,7 +105,7 @@ def _kill_inside(root, instance: dg.DagsterInstance, asset: str, known: set[str]
     assert run is not None and first_step is not None, f"{asset}: the run never started"
     done = _started_steps(instance, run.run_id, dg.DagsterEventType.STEP_SUCCESS)
     assert asset not in done, f"the kill landed after {asset} had finished: not a kill inside the step"
-    return run.run_id, first_step
+    return run.run_id, first_step, log.read_text()
 
 
 def test_kill_inside_each_gpu_asset_then_rerun(tmp_path):
@@ -108,22 +117,25 @@ def test_kill_inside_each_gpu_asset_then_rerun(tmp_path):
 
     project, instance = _new_project(tmp_path, "killed")
     killed: list[str] = []
+    outputs = []
     for asset in GPU_ASSETS:
-        run_id, first_step = _kill_inside(project.root, instance, asset, set(killed))
+        run_id, first_step, output = _kill_inside(project.root, instance, asset, set(killed))
+        if killed:
+            # The dead run held the gpu slot: the rerun released it, and resumed after what the dead run finished.
+            assert f"run {killed[-1][:8]} (flywheel_job kc|v1) had died" in output, output[-3000:]
+            assert f"resuming run {killed[-1][:8]}, which died in" in output, output[-3000:]
+            blocked = [e.message for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
+                       if "blocked by limit for pool" in (e.message or "")]
+            assert not blocked, f"the run after a kill waited for a slot: {blocked}"
+            assert first_step < 120, f"the rerun after a kill took {first_step:.0f}s to start a step"
         killed.append(run_id)
-        # Each rerun after the first finds the dead run holding the gpu slot: it never waits for it.
-        blocked = [e.message for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
-                   if "blocked by limit for pool" in (e.message or "")]
-        assert not blocked, f"the run after a kill waited for a slot: {blocked}"
-        assert first_step < 120, f"the rerun after a kill in {asset} took {first_step:.0f}s to start a step"
-    staging = project.staging_dir
+        outputs.append(output)
     final = subprocess.run(_command(project.root), env=_env(project.root), capture_output=True, text=True, timeout=900)
     assert final.returncode == 0, final.stdout[-4000:] + final.stderr[-4000:]
-    assert "had died: marked failed, its slots freed" in final.stdout
+    assert f"resuming run {killed[-1][:8]}, which died in synthetic_batch" in final.stdout
     for run_id in killed:
         assert instance.get_run_by_id(run_id).status == DagsterRunStatus.FAILURE
     assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
-    assert "resumed from checkpoint" in final.stdout + final.stderr, "the trainers resumed from their checkpoints"
-    assert not [p for p in staging.iterdir()], "the killed runs' staging folders were cleaned"
+    assert "resumed from step-" in "".join(outputs), "a trainer resumed from its checkpoint"
+    assert not list(project.staging_dir.iterdir()), "the killed runs' staging folders were cleaned"
     assert _md5s(project) == expected, "same versions as the uninterrupted run"
-
