@@ -139,10 +139,11 @@ def find_resumable(instance: dg.DagsterInstance, job: dg.JobDefinition, partitio
     if not last or last[0].tags.get(STOPPED_TAG) is None or last[0].tags.get(REQUEST_TAG) != request:
         return None
     run = last[0]
-    planned = run.asset_selection or job.asset_layer.selected_asset_keys
+    everything = job.asset_layer.selected_asset_keys
+    planned = run.asset_selection or everything  # a resumed run planned only what its parent left
     done = {e.step_key for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS)}
-    kept = sorted(k.to_user_string() for k in planned if k.to_python_identifier() in done)
     remaining = sorted((k for k in planned if k.to_python_identifier() not in done), key=lambda k: k.to_user_string())
+    kept = sorted(k.to_user_string() for k in everything if k not in remaining)
     if not kept or not remaining:
         return None
     return Resumable(run.run_id, run.tags[STOPPED_TAG], kept, remaining)
