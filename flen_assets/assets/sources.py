@@ -1,9 +1,13 @@
 """Source photos and the identity reference built from them."""
 
 
+import hashlib
 import json
+import re
 import shutil
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -15,9 +19,9 @@ from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder
 from flen_resources.dagster_resources import FaceResource, ProjectResource
 from flen_resources.faces import DLIB_SAME_PERSON_DISTANCE, face_distance
-from flen_resources.imaging import (DEFAULT_MAX_PIXELS, ImageRejected, color_hash, decode_image,
-                                     is_near_duplicate, perceptual_hash, resize_max_side, save_png, sha256_file,
-                                     sharpness)
+from flen_resources.imaging import (DEFAULT_MAX_PIXELS, ImageRejected, color_hash, decode_bytes, file_size_limit,
+                                     is_near_duplicate, perceptual_hash, resize_max_side, save_png, sharpness)
+from flen_resources.intake import IntakeError, PhotoFolder, Refused, open_photo_folder, refused_entry_id
 from flen_resources.lineage import utcnow
 
 GROUP = "sources"
@@ -27,21 +31,33 @@ class SourceConfig(dg.Config):
     """How inbox photos are ingested."""
 
     max_side: int = 1024  # normalized copies are at most this many pixels on the longer side
-    max_pixels: int = DEFAULT_MAX_PIXELS  # larger files are refused (decompression-bomb guard)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # bigger JPEGs decode at reduced scale, other files are refused
     min_face_px: int = 40  # shorter side of the face box, in normalized pixels
     near_duplicate_distance: int = 4  # pHash Hamming distance that flags a near-duplicate
 
 
-def inbox_files(inbox: Path) -> list[Path]:
-    """Regular, non-hidden files under `inbox`, sorted; links that leave the inbox are skipped."""
-    root = inbox.resolve()
-    files = []
-    for path in sorted(inbox.rglob("*")):
-        if any(part.startswith(".") for part in path.relative_to(inbox).parts):
-            continue
-        if path.is_file() and path.resolve().is_relative_to(root):
-            files.append(path)
-    return files
+@contextmanager
+def open_inbox(inbox: Path) -> Iterator[PhotoFolder]:
+    """inbox/<character>, scanned: its regular files, and every other entry refused (now or by `character add`)."""
+    try:
+        with open_photo_folder(inbox, follow=False, with_record=True) as folder:
+            yield folder
+    except IntakeError as exc:  # a link in place of the inbox folder: nothing in it is read
+        raise dg.Failure(str(exc)) from exc
+
+
+def new_row(name: str, iteration: str, **values) -> dict:
+    """A manifest row for `name`, rejected until analysis says otherwise."""
+    return dict(original_id=None, original_name=name, original_path=None, image_id=None,
+                image_path=None, status="rejected", reason_code=None, reason=None, format=None,
+                original_mode=None, width=None, height=None, exif_transposed=None, phash=None, colorhash=None,
+                n_faces=None, face_box=None, face_size=None, embedding=None, sharpness=None,
+                near_duplicate_of=None, ingested_in=iteration) | values
+
+
+def original_suffix(name: str) -> str:
+    """The extension an original keeps in the partition: lower case, letters and digits only, short."""
+    return re.sub(r"[^a-z0-9.]", "", Path(name).suffix.lower())[:10]
 
 
 @partition_asset(
@@ -71,6 +87,8 @@ def source_images(context: dg.AssetExecutionContext, config: SourceConfig, proje
     previous = run.previous("source_images")  # v1: None; vN: fails fast when v(N-1) is missing
     rows: list[dict] = []
     for row in previous.rows() if previous else []:  # files already ingested: keep their analysis and blobs
+        if not row.get("original_path"):  # a refused entry, never read: reported again below if still there
+            continue
         for key in ("original_path", "image_path"):
             if row.get(key):
                 shutil.copy2(previous.path / row[key], staged / row[key])
@@ -79,69 +97,85 @@ def source_images(context: dg.AssetExecutionContext, config: SourceConfig, proje
     accepted_hashes = [(r["phash"], r["colorhash"], r["original_name"]) for r in rows if r["status"] == "accepted"]
 
     carried_shas = set(seen_sha)
-    new_files = [(p, sha) for p in inbox_files(inbox) if (sha := sha256_file(p)) not in carried_shas]
     part_rel = run.project.relative(run.project.partition_dir(run.asset, run.character, run.iteration))
     image_rows, edge_rows, decision_rows, tiles = [], [], [], []
-    for path, sha in tqdm(new_files, desc=f"ingest {run.character}/{run.iteration}", unit="img"):
-        name = path.relative_to(inbox).as_posix()
-        original_rel = f"originals/{sha}{path.suffix.lower()[:10]}"
-        if not (staged / original_rel).exists():
-            shutil.copyfile(path, staged / original_rel)  # byte-exact; the inbox file is never touched
-        row = dict(original_id=sha, original_name=name, original_path=original_rel, image_id=None,
-                   image_path=None, status="rejected", reason_code=None, reason=None, format=None,
-                   original_mode=None, width=None, height=None, exif_transposed=None, phash=None, colorhash=None,
-                   n_faces=None, face_box=None, face_size=None, embedding=None, sharpness=None,
-                   near_duplicate_of=None, ingested_in=run.iteration)
-        shown = None
-        try:
-            if sha in seen_sha:
-                raise ImageRejected(path, "duplicate", f"exact duplicate of {seen_sha[sha]}")
-            seen_sha[sha] = name
-            decoded = decode_image(path, max_pixels=config.max_pixels)
-            img = resize_max_side(decoded.image, config.max_side)
-            shown = img
-            image_id, png = save_png(img, staged / "images")
-            found = faces.analyzer.analyze(img)
-            row.update(image_id=image_id, image_path=f"images/{png.name}", format=decoded.format,
-                       original_mode=decoded.original_mode, width=img.width, height=img.height,
-                       exif_transposed=decoded.exif_transposed, phash=perceptual_hash(img), colorhash=color_hash(img),
-                       n_faces=len(found), sharpness=sharpness(img, found[0].box if found else None))
-            if image_id != sha:  # a PNG already in normal form keeps its id: no step to record
-                edge_rows.append(run.stamp(
-                    child_id=image_id, parent_id=sha, operation="normalize", model="pillow", created_at=utcnow(),
-                    params=json_col({"exif_transposed": decoded.exif_transposed, "max_side": config.max_side,
-                                     "original_mode": decoded.original_mode, "original_size": decoded.original_size})))
-            if found:
-                row.update(face_box=json_col(found[0].box), face_size=found[0].size,
-                           embedding=[float(v) for v in found[0].embedding])
-            if not found:
-                raise ImageRejected(path, "no_face", "no face found")
-            if len(found) > 1:
-                raise ImageRejected(path, "several_faces", f"{len(found)} faces found; a source must show one person")
-            if found[0].size < config.min_face_px:
-                raise ImageRejected(path, "face_too_small",
-                                    f"face is {found[0].size}px, below the {config.min_face_px}px minimum")
-            near = [n for h, c, n in accepted_hashes
-                    if is_near_duplicate(h, c, row["phash"], row["colorhash"], config.near_duplicate_distance)]
-            row["near_duplicate_of"] = near[0] if near else None
-            row.update(status="accepted", reason_code="ok",
-                       reason="accepted" + (f" (near-duplicate of {near[0]})" if near else ""))
-            accepted_hashes.append((row["phash"], row["colorhash"], name))
-        except ImageRejected as exc:
-            row.update(reason_code=exc.code, reason=str(exc))
-            context.log.warning(f"rejected {exc}")
-        rows.append(row)
-        tiles.append(Tile(shown, name, row["status"] == "accepted"))
-        image_rows.append(run.stamp(image_id=sha, path=f"{part_rel}/{original_rel}",
-                                    original_name=name, status=row["status"], reason=row["reason"], created_at=utcnow()))
-        if row["image_id"]:
-            image_rows.append(run.stamp(image_id=row["image_id"], path=f"{part_rel}/{row['image_path']}",
-                                        original_name=name, width=row["width"], height=row["height"],
-                                        phash=row["phash"], n_faces=row["n_faces"], face_boxes=row["face_box"],
-                                        embedding=row["embedding"], status=row["status"], reason=row["reason"],
-                                        created_at=utcnow()))
-        decision_rows.append(run.stamp(image_id=row["image_id"] or sha, gate="source",
-                                       passed=row["status"] == "accepted", reason=row["reason"],
+    new_files = 0
+    with open_inbox(inbox) as folder:
+        for name in tqdm(folder.files, desc=f"ingest {run.character}/{run.iteration}", unit="img"):
+            try:  # one read from one O_NOFOLLOW fd: the bytes hashed are the bytes stored and decoded
+                data = folder.read(name, max_bytes=file_size_limit(config.max_pixels))
+            except ImageRejected as exc:  # swapped for a link or a pipe since the scan, unreadable, or too big
+                folder.refused.append(Refused(name, exc.code, exc.detail))
+                continue
+            sha = hashlib.sha256(data).hexdigest()
+            if sha in carried_shas:
+                continue
+            new_files += 1
+            original_rel = f"originals/{sha}{original_suffix(name)}"
+            if not (staged / original_rel).exists():
+                (staged / original_rel).write_bytes(data)  # byte-exact; the inbox file is never touched
+            row = new_row(name, run.iteration, original_id=sha, original_path=original_rel)
+            shown = None
+            try:
+                if sha in seen_sha:
+                    raise ImageRejected(name, "duplicate", f"exact duplicate of {seen_sha[sha]}")
+                seen_sha[sha] = name
+                decoded = decode_bytes(data, name, max_pixels=config.max_pixels)
+                img = resize_max_side(decoded.image, config.max_side)
+                shown = img
+                image_id, png = save_png(img, staged / "images")
+                found = faces.analyzer.analyze(img)
+                row.update(image_id=image_id, image_path=f"images/{png.name}", format=decoded.format,
+                           original_mode=decoded.original_mode, width=img.width, height=img.height,
+                           exif_transposed=decoded.exif_transposed, phash=perceptual_hash(img), colorhash=color_hash(img),
+                           n_faces=len(found), sharpness=sharpness(img, found[0].box if found else None))
+                if image_id != sha:  # a PNG already in normal form keeps its id: no step to record
+                    edge_rows.append(run.stamp(
+                        child_id=image_id, parent_id=sha, operation="normalize", model="pillow", created_at=utcnow(),
+                        params=json_col({"exif_transposed": decoded.exif_transposed, "max_side": config.max_side,
+                                         "original_mode": decoded.original_mode, "original_size": decoded.original_size}
+                                        | ({"decoded_scale": decoded.scale} if decoded.scale > 1 else {}))))
+                if found:
+                    row.update(face_box=json_col(found[0].box), face_size=found[0].size,
+                               embedding=[float(v) for v in found[0].embedding])
+                if not found:
+                    raise ImageRejected(name, "no_face", "no face found")
+                if len(found) > 1:
+                    raise ImageRejected(name, "several_faces", f"{len(found)} faces found; a source must show one person")
+                if found[0].size < config.min_face_px:
+                    raise ImageRejected(name, "face_too_small",
+                                        f"face is {found[0].size}px, below the {config.min_face_px}px minimum")
+                near = [n for h, c, n in accepted_hashes
+                        if is_near_duplicate(h, c, row["phash"], row["colorhash"], config.near_duplicate_distance)]
+                row["near_duplicate_of"] = near[0] if near else None
+                row.update(status="accepted", reason_code="ok",
+                           reason="accepted" + (f" (near-duplicate of {near[0]})" if near else ""))
+                accepted_hashes.append((row["phash"], row["colorhash"], name))
+            except ImageRejected as exc:
+                row.update(reason_code=exc.code, reason=str(exc))
+                context.log.warning(f"rejected {exc}")
+            rows.append(row)
+            tiles.append(Tile(shown, name, row["status"] == "accepted"))
+            image_rows.append(run.stamp(image_id=sha, path=f"{part_rel}/{original_rel}",
+                                        original_name=name, status=row["status"], reason=row["reason"], created_at=utcnow()))
+            if row["image_id"]:
+                image_rows.append(run.stamp(image_id=row["image_id"], path=f"{part_rel}/{row['image_path']}",
+                                            original_name=name, width=row["width"], height=row["height"],
+                                            phash=row["phash"], n_faces=row["n_faces"], face_boxes=row["face_box"],
+                                            embedding=row["embedding"], status=row["status"], reason=row["reason"],
+                                            created_at=utcnow()))
+            decision_rows.append(run.stamp(image_id=row["image_id"] or sha, gate="source",
+                                           passed=row["status"] == "accepted", reason=row["reason"],
+                                           source="gate", decided_at=utcnow()))
+        refused = folder.refused
+    for refusal in refused:  # never read: no content id, no original, only the name and why
+        entry_id = refused_entry_id(refusal.name)
+        rows.append(new_row(refusal.name, run.iteration, reason_code=refusal.code, reason=refusal.message))
+        context.log.warning(f"rejected {refusal.message}")
+        tiles.append(Tile(None, refusal.name, False))
+        image_rows.append(run.stamp(image_id=entry_id, path=None, original_name=refusal.name, status="rejected",
+                                    reason=refusal.message, created_at=utcnow()))
+        decision_rows.append(run.stamp(image_id=entry_id, gate="source", passed=False, reason=refusal.message,
                                        source="gate", decided_at=utcnow()))
 
     write_manifest(rows, staged)
@@ -156,7 +190,7 @@ def source_images(context: dg.AssetExecutionContext, config: SourceConfig, proje
                              [f"| {r['original_name']} | {r['reason']} |" for r in rejected]) if rejected else "none"
     yield publish(run, project, staged,
                   params=config.model_dump(), models={"faces": f"face_recognition/{faces.model}"},
-                  metadata={"files": len(rows), "new_files": len(new_files), "accepted": len(accepted),
+                  metadata={"files": len(rows), "new_files": new_files, "accepted": len(accepted),
                             "rejected": len(rejected), "rejected_by_reason": dict(reasons),
                             "rejected_files": dg.MetadataValue.md(reject_table)},
                   sheet=tiles)

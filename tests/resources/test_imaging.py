@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +264,167 @@ def test_save_png_different_pixels_different_id(tmp_path, portrait):
     b_id, _ = save_png(portrait.transpose(Image.FLIP_LEFT_RIGHT), tmp_path)
     assert a_id != b_id
     assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+# -- only the formats a photographer sends, judged by their bytes -----------------------------------
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, kw", [("PNG", {}), ("WEBP", {"lossless": True}), ("TIFF", {}),
+                                     ("TIFF", {"compression": "tiff_lzw"})])
+def test_allowed_formats_decode(tmp_path, portrait, fmt, kw):
+    path = _write(tmp_path / f"photo.{fmt.lower()}", _encoded(portrait, fmt, **kw))
+    decoded = decode_image(path)
+    assert decoded.format == fmt
+    assert decoded.image.size == portrait.size
+
+
+def test_mpo_multi_picture_jpeg_decodes(tmp_path, portrait):
+    data = _encoded(portrait, "MPO", save_all=True, append_images=[portrait.transpose(Image.FLIP_LEFT_RIGHT)])
+    decoded = decode_image(_write(tmp_path / "stereo.jpg", data))
+    assert decoded.format == "MPO"
+    assert decoded.image.size == portrait.size
+
+
+@pytest.mark.parametrize("fmt, kind", [("GIF", "GIF"), ("BMP", "BMP"), ("ICO", "ICO"), ("PDF", "PDF"),
+                                       ("EPS", "EPS"), ("PSD", "PSD")])
+def test_other_formats_are_unsupported_whatever_their_name(tmp_path, fmt, kind):
+    if fmt == "PSD":  # Pillow reads PSD but cannot write it: the signature is what counts
+        data = b"8BPS\x00\x01" + bytes(20)
+    else:
+        data = _encoded(Image.new("RGB", (32, 32), (200, 30, 40)), fmt)
+    exc = _rejected(_write(tmp_path / "photo.jpg", data))  # the name claims JPEG; the bytes decide
+    assert exc.code == "unsupported_format"
+    assert str(exc).startswith(f"photo.jpg: {kind} file")
+    assert "JPEG, PNG, WEBP, TIFF" in exc.detail
+
+
+def test_format_comes_from_the_bytes_not_the_name(tmp_path, portrait):
+    decoded = decode_image(_write(tmp_path / "really_a_png.jpg", _encoded(portrait, "PNG")))
+    assert decoded.format == "PNG"
+
+
+def test_eps_is_refused_without_running_ghostscript(tmp_path):
+    """A fake `gs` first in PATH logs every call: plain Pillow runs it for an EPS, decode_image never does."""
+    import subprocess
+    import sys
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "gs_calls.log"
+    gs = bindir / "gs"
+    gs.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\nexit 1\n")
+    gs.chmod(0o755)
+    eps = _write(tmp_path / "photo.jpg", _encoded(Image.new("RGB", (16, 16), (1, 2, 3)), "EPS"))
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+
+    def run(code: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", code, str(eps)], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    out = run("import sys\nfrom flen_resources.imaging import ImageRejected, decode_image\n"
+              "try:\n    decode_image(sys.argv[1])\nexcept ImageRejected as exc:\n    print(exc.code)")
+    assert out == "unsupported_format"
+    assert not calls.exists(), "Ghostscript was started for a refused EPS"
+    # The control: the same file through Pillow's open-anything path does reach Ghostscript.
+    run("import sys\nfrom PIL import Image\ntry:\n    Image.open(sys.argv[1]).load()\nexcept Exception:\n    pass")
+    assert calls.exists()
+
+
+# -- the pixel limit: JPEGs decode at reduced scale, everything else over it is refused --------------
+
+def test_default_pixel_limit_is_40_mp():
+    from flen_resources.imaging import DEFAULT_MAX_PIXELS
+
+    assert DEFAULT_MAX_PIXELS == 40_000_000
+
+
+def test_big_jpeg_decodes_in_draft_mode_under_the_limit(tmp_path, portrait):
+    big = portrait.resize((3000, 2000), Image.BILINEAR)  # 6 MP against a 1 MP limit
+    decoded = decode_image(_write(tmp_path / "big.jpg", _jpeg_bytes(big)), max_pixels=1_000_000)
+    assert decoded.scale == 4  # 1/2 would still be 1.5 MP
+    assert decoded.image.size == (750, 500)
+    assert decoded.image.width * decoded.image.height <= 1_000_000
+    assert decoded.original_size == (3000, 2000)
+    reference = np.asarray(big.resize((750, 500), Image.BOX), dtype=float)
+    assert np.abs(np.asarray(decoded.image, dtype=float) - reference).mean() < 8  # the same picture, smaller
+
+
+def test_big_cmyk_jpeg_with_exif_rotation_decodes_in_draft_mode(tmp_path, portrait):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    big = portrait.resize((2400, 1600)).convert("CMYK")
+    decoded = decode_image(_write(tmp_path / "big.jpg", _jpeg_bytes(big, exif=exif.tobytes())), max_pixels=1_000_000)
+    assert (decoded.scale, decoded.original_mode, decoded.exif_transposed) == (2, "CMYK", True)
+    assert decoded.image.size == (800, 1200) and decoded.image.mode == "RGB"
+
+
+def test_jpeg_beyond_what_draft_mode_can_shrink_is_too_large(tmp_path):
+    # 1/8 per side is the most libjpeg can skip: 90,000 px / 64 is still over a 1,000 px limit.
+    exc = _rejected(_write(tmp_path / "huge.jpg", _jpeg_bytes(Image.new("RGB", (300, 300)))), max_pixels=1_000)
+    assert exc.code == "too_large"
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "TIFF", "PNG"])
+def test_other_formats_over_the_limit_are_too_large(tmp_path, fmt):
+    path = _write(tmp_path / f"big.{fmt.lower()}", _encoded(Image.new("RGB", (1100, 1000), (9, 9, 9)), fmt))
+    exc = _rejected(path, max_pixels=1_000_000)
+    assert exc.code == "too_large"
+
+
+_PEAK_SCRIPT = """
+import re, sys
+from flen_resources.imaging import decode_image
+def peak_mb():  # VmHWM: this process's peak resident memory (ru_maxrss would include the parent's, via vfork)
+    with open("/proc/self/status") as fh:
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", fh.read()).group(1)) // 1024
+before = peak_mb()
+decoded = decode_image(sys.argv[1], max_pixels=int(sys.argv[2]))
+print(decoded.image.width, decoded.image.height, peak_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak RSS from Linux's /proc")
+def test_big_jpeg_decodes_with_bounded_memory(tmp_path):
+    """Peak memory (in a fresh process) of a 48 MP JPEG under a 4 MP limit vs. decoding it whole."""
+    import subprocess
+    import sys
+
+    big = Image.linear_gradient("L").resize((8000, 6000)).convert("RGB")  # 48 MP: 192 MB once decoded
+    path = tmp_path / "big.jpg"
+    big.save(path, quality=85)
+    del big
+
+    def peak(max_pixels: int) -> tuple[int, int, int]:
+        proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path), str(max_pixels)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        width, height, grown_mb = map(int, proc.stdout.split())
+        return width, height, grown_mb
+
+    width, height, drafted_mb = peak(4_000_000)
+    assert (width, height) == (2000, 1500)  # 1/4 scale: 3 MP
+    _, _, whole_mb = peak(60_000_000)  # the control: under a 60 MP limit it decodes whole
+    assert whole_mb >= 192, whole_mb  # the measure sees a full decode (48 MP x 4 bytes)...
+    assert drafted_mb < 96, drafted_mb  # ...and the drafted one stays near 3 MP x 4 bytes x a few copies
+
+
+# -- files that are not files -----------------------------------------------------------------------
+
+def test_decode_image_does_not_follow_a_symlink(tmp_path, portrait):
+    target = _write(tmp_path / "real.jpg", _jpeg_bytes(portrait))
+    os.symlink(target, tmp_path / "link.jpg")
+    exc = _rejected(tmp_path / "link.jpg")
+    assert exc.code == "symlink"
+
+
+def test_decode_image_refuses_a_fifo_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")
+    exc = _rejected(tmp_path / "pipe.jpg")  # no writer: a blocking open would hang here
+    assert exc.code == "not_regular_file"
