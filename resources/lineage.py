@@ -10,12 +10,16 @@ never see half a file) and readers open an in-memory DuckDB whose views glob tho
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import re
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 _TS = pa.timestamp("us", tz="UTC")
+
+# lineage.duckdb is written in this storage format, not the writing library's default: duckdb 2.x
+# writes format 69 by default, which the DuckDB CLI on PyPI (duckdb-cli 1.4/1.5) cannot open.
+# v1.0.0 is read by every DuckDB since 1.0.
+CLI_STORAGE_VERSION = "v1.0.0"
+# Bump when the CLI database changes in a way its view SQL does not show, so old files are rewritten.
+CLI_DATABASE_FORMAT = 2
 
 SCHEMAS: dict[str, pa.Schema] = {
     # One row per asset materialization (or CLI action) that wrote lineage.
@@ -142,6 +153,34 @@ def to_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def _sql_literal(text: str) -> str:
+    """A SQL string literal (paths may hold quotes)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+# What `flen versions` prints (32 hex + '.dir' for a folder) or a prefix of its hex part.
+_MD5 = re.compile(r"(?P<hex>[0-9a-f]{32})(?:\.dir)?|(?P<prefix>[0-9a-f]{8,31})")
+
+
+class VersionLookupError(ValueError):
+    """An md5 given to look up a partition version is malformed, unknown or ambiguous."""
+
+
+@dataclass(frozen=True)
+class Version:
+    """One published version of a partition: its DVC md5 and the .dvc text that restores it."""
+
+    dvc_md5: str
+    dvc_file: str
+    created_at: datetime
+
+
+def md5_prefix(md5: str) -> str | None:
+    """The lower-case hex that a typed md5 must start a DVC md5 with, or None when it is not one."""
+    match = _MD5.fullmatch(md5.lower())
+    return None if match is None else match["hex"] or match["prefix"]
+
+
 class LineageStore:
     """Append-only lineage events under `root`, queried with DuckDB."""
 
@@ -200,15 +239,26 @@ class LineageStore:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def _define_views(self, con: duckdb.DuckDBPyConnection) -> None:
+    def cli_base(self) -> Path:
+        """The folder lineage.duckdb's paths are relative to: the project root for <project>/.flen/lineage."""
+        return self.root.parent.parent if self.root.parent.name == ".flen" else self.root
+
+    def _view_statements(self, relative_to: Path | None = None) -> list[str]:
+        """CREATE VIEW statements for every view; table globs are absolute, or relative to `relative_to`."""
+        statements = []
         for table in SCHEMAS:
-            glob = (self.table_dir(table) / "*.parquet").as_posix()
-            con.execute(
-                f"CREATE OR REPLACE VIEW {table} AS "
-                f"SELECT * FROM read_parquet('{glob}', union_by_name = true)"
-            )
-        for name, sql in DERIVED_VIEWS.items():
-            con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+            folder = self.table_dir(table)
+            if relative_to is not None:
+                folder = Path(os.path.relpath(folder, relative_to))
+            glob = (folder / "*.parquet").as_posix()
+            statements.append(f"CREATE OR REPLACE VIEW {table} AS "
+                              f"SELECT * FROM read_parquet({_sql_literal(glob)}, union_by_name = true)")
+        statements += [f"CREATE OR REPLACE VIEW {name} AS {sql}" for name, sql in DERIVED_VIEWS.items()]
+        return statements
+
+    def _define_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        for statement in self._view_statements():
+            con.execute(statement)
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -266,6 +316,27 @@ class LineageStore:
         """Every member of a partition with each of its ancestors, nearest first."""
         return self.rows(TRACE_SQL, {"asset": asset, "character": character, "iteration": iteration})
 
+    def find_version(self, asset: str, character: str, iteration: str, md5: str) -> Version:
+        """The published version whose DVC md5 is `md5` (32 hex, '.dir' optional) or starts with its 8+ hex."""
+        versions_cmd = f"`flen versions {asset} {character} {iteration}`"
+        prefix = md5_prefix(md5)
+        if prefix is None:
+            raise VersionLookupError(f"md5 {md5!r} is not a DVC md5: give the full 32-hex md5 or a unique prefix "
+                                     f"of 8+ hex characters from {versions_cmd}")
+        # starts_with on validated hex, never LIKE: '%' or '_' in user input would match anything.
+        rows = self.rows(
+            "SELECT dvc_md5, arg_max(dvc_file, created_at) AS dvc_file, max(created_at) AS created_at FROM artifacts "
+            "WHERE asset = $a AND character = $c AND iteration = $i AND starts_with(lower(dvc_md5), $p) "
+            "GROUP BY dvc_md5 ORDER BY created_at DESC",
+            {"a": asset, "c": character, "i": iteration, "p": prefix})
+        if not rows:
+            raise VersionLookupError(f"no version {md5} of {asset} {character}|{iteration}; see {versions_cmd}")
+        if len(rows) > 1:
+            found = ", ".join(f"{r['dvc_md5']} ({r['created_at']:%Y-%m-%d %H:%M:%S})" for r in rows)
+            raise VersionLookupError(f"md5 prefix {md5!r} matches {len(rows)} versions of {asset} "
+                                     f"{character}|{iteration}: {found}; give more characters")
+        return Version(**rows[0])
+
     # -- maintenance --------------------------------------------------------------------------
     def compact(self, tables: Sequence[str] | None = None) -> dict[str, int]:
         """Merge each table's event files into one (every table, or `tables`); returns files merged per table."""
@@ -286,22 +357,76 @@ class LineageStore:
                 merged[table] = len(files)
         return merged
 
+    @staticmethod
+    def _cli_fingerprint(statements: Sequence[str]) -> str:
+        """What lineage.duckdb must have been written with to be current."""
+        text = "\n".join([str(CLI_DATABASE_FORMAT), CLI_STORAGE_VERSION, *statements])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @staticmethod
+    def _cli_database_current(path: Path, marker: Path, fingerprint: str) -> bool:
+        """Whether lineage.duckdb exists and its marker says it was written with `fingerprint`."""
+        try:
+            return path.is_file() and marker.read_text().strip() == fingerprint
+        except FileNotFoundError:
+            return False
+
     def _write_cli_database(self) -> None:
-        """lineage.duckdb holds only view definitions, for `duckdb .flen/lineage/lineage.duckdb`."""
-        path = self.root / "lineage.duckdb"
-        if path.exists():
+        """lineage.duckdb holds only view definitions, for the duckdb CLI run from the project root.
+
+        Its paths are relative to `cli_base()`, so a moved or copied project reads its own files; it is
+        (re)written, atomically, when missing or when its definitions are not this code's (the marker)."""
+        path, marker = self.root / "lineage.duckdb", self.root / ".cli-db.version"
+        base = self.cli_base()
+        statements = self._view_statements(relative_to=base)
+        fingerprint = self._cli_fingerprint(statements)
+        if self._cli_database_current(path, marker, fingerprint):
             return
         with open(self.root / ".cli-db.lock", "a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
-                if path.exists():
+                if self._cli_database_current(path, marker, fingerprint):
                     return
                 tmp = self.root / f".lineage-{uuid.uuid4().hex[:6]}.duckdb"
-                con = duckdb.connect(str(tmp))
                 try:
-                    self._define_views(con)
+                    self._write_views_file(tmp, base, statements)
+                    os.replace(tmp, path)
                 finally:
-                    con.close()
-                os.replace(tmp, path)
+                    tmp.unlink(missing_ok=True)
+                    tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
+                # The marker goes last: a crash in between leaves it stale, and the next call rewrites.
+                marker_tmp = marker.with_name(f"{marker.name}.{uuid.uuid4().hex[:6]}.tmp")
+                marker_tmp.write_text(fingerprint + "\n")
+                os.replace(marker_tmp, marker)
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _write_views_file(file: Path, base: Path, statements: Sequence[str]) -> None:
+        """A new DuckDB file in CLI_STORAGE_VERSION holding `statements`, bound with relative paths from `base`."""
+        con = duckdb.connect(":memory:")
+        try:
+            with _searchable(base.absolute()) as search_path:
+                # CREATE VIEW binds its globs now: the relative paths resolve through file_search_path,
+                # not the current directory (a process-wide setting other threads rely on).
+                con.execute(f"SET file_search_path = {_sql_literal(search_path)}")
+                con.execute(f"ATTACH {_sql_literal(str(file.absolute()))} AS cli (STORAGE_VERSION '{CLI_STORAGE_VERSION}')")
+                con.execute("USE cli")
+                for statement in statements:
+                    con.execute(statement)
+                con.execute("USE memory")
+                con.execute("DETACH cli")  # checkpoints: the file is complete, with no WAL beside it
+        finally:
+            con.close()
+
+
+@contextmanager
+def _searchable(base: Path) -> Iterator[str]:
+    """A path to `base` that fits DuckDB's comma-separated file_search_path (a symlink when it holds a comma)."""
+    if "," not in str(base):
+        yield str(base)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        link = Path(tmp) / "base"
+        link.symlink_to(base.resolve(), target_is_directory=True)
+        yield str(link)

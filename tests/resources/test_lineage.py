@@ -14,7 +14,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from flen_resources.lineage import SCHEMAS, LineageStore
+from flen_resources.lineage import SCHEMAS, LineageStore, Version, VersionLookupError, md5_prefix
 
 # Rows each append writes, per table: several rows into several tables at once.
 ROWS_PER_APPEND = {"images": 3, "edges": 2, "decisions": 4, "members": 1}
@@ -230,9 +230,12 @@ def test_trace_walks_member_to_original_and_latest_members_picks_latest_run(tmp_
 
 
 # -- (d) the CLI database opens read-only elsewhere and agrees ---------------------------------------
-def test_cli_database_opens_read_only_with_the_same_counts(tmp_path: Path):
-    root = tmp_path / "lineage"
+def test_cli_database_opens_read_only_with_the_same_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    project = tmp_path / "project"
+    root = project / ".flen" / "lineage"
     store = LineageStore(root)
+    store.ensure()
+    monkeypatch.chdir(project)  # its paths are relative to the project root, where the CLI is run
     for i in range(3):
         for table in ROWS_PER_APPEND:
             store.append(table, _rows(table, i, i))
@@ -253,7 +256,8 @@ def test_cli_database_opens_read_only_with_the_same_counts(tmp_path: Path):
     # from another process too, as `duckdb .flen/lineage/lineage.duckdb` would
     script = ("import duckdb, json, sys; con = duckdb.connect(sys.argv[1], read_only=True); "
               "print(json.dumps({v: con.execute(f'SELECT count(*) FROM {v}').fetchone()[0] for v in sys.argv[2:]}))")
-    proc = subprocess.run([sys.executable, "-c", script, str(db), *views], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script, str(db), *views], capture_output=True, text=True, timeout=120,
+                          cwd=project)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == expected
     # two readers at the same time at the same time, while the store keeps appending
@@ -265,3 +269,145 @@ def test_cli_database_opens_read_only_with_the_same_counts(tmp_path: Path):
     finally:
         con1.close()
         con2.close()
+
+
+# -- (e) the real duckdb CLI opens lineage.duckdb of a project copied elsewhere ---------------------
+def _duckdb_cli() -> str:
+    """The `duckdb` CLI of the dev extras (duckdb-cli on PyPI), next to this interpreter or on PATH."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "duckdb"
+    found = str(beside) if beside.is_file() else shutil.which("duckdb")
+    if found is None:
+        pytest.fail("the duckdb CLI is missing: pip install -e '.[dev]' (duckdb-cli)")
+    return found
+
+
+def _cli_count(db: str, view: str, cwd: Path, *cmd: str) -> int:
+    """count(*) of a view, as the duckdb CLI reports it, run read-only from `cwd`."""
+    proc = subprocess.run([_duckdb_cli(), "-readonly", *cmd, "-noheader", "-csv", db, "-c",
+                           f"SELECT count(*) FROM {view}"], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and not proc.stderr, f"duckdb CLI failed ({proc.returncode}): {proc.stderr}"
+    return int(proc.stdout.strip())
+
+
+def _storage_number(db: Path) -> int:
+    """The storage version number in a DuckDB file's header ('DUCK' magic at byte 8, the number after)."""
+    head = db.read_bytes()[:20]
+    assert head[8:12] == b"DUCK"
+    return int.from_bytes(head[12:20], "little")
+
+
+def _fill(store: LineageStore, writers: int = 3) -> None:
+    for w in range(writers):
+        for table in ROWS_PER_APPEND:
+            store.append(table, _rows(table, w, w))
+
+
+def test_duckdb_cli_opens_lineage_of_a_copied_project(tmp_path: Path):
+    import shutil
+
+    first = tmp_path / "first" / "project"
+    _fill(LineageStore(first / ".flen" / "lineage"))
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(first, copy)
+    shutil.rmtree(tmp_path / "first")  # nothing may still point at the old folder
+
+    db = copy / ".flen" / "lineage" / "lineage.duckdb"
+    assert _storage_number(db) == 64, "written in storage v1.0.0, which every DuckDB since 1.0 reads"
+    images = 3 * ROWS_PER_APPEND["images"]
+    # README's command, from the project root
+    assert _cli_count(".flen/lineage/lineage.duckdb", "images", copy) == images
+    assert _cli_count(".flen/lineage/lineage.duckdb", "image_edges", copy) == 3 * ROWS_PER_APPEND["edges"]
+    # README's command from anywhere: the project root on DuckDB's file_search_path
+    assert _cli_count(str(db), "latest_decisions", tmp_path, "-cmd",
+                      f"SET file_search_path = '{copy}'") == 3 * ROWS_PER_APPEND["decisions"]
+
+    # the Python store keeps working on the copy, and the CLI sees what it appends
+    store = LineageStore(copy / ".flen" / "lineage")
+    before = db.stat()
+    assert store.rows("SELECT count(*) AS n FROM images")[0]["n"] == images
+    store.append("images", _rows("images", 7, 7))
+    assert store.rows("SELECT count(*) AS n FROM image_facts")[0]["n"] == images + ROWS_PER_APPEND["images"]
+    assert _cli_count(".flen/lineage/lineage.duckdb", "images", copy) == images + ROWS_PER_APPEND["images"]
+    after = db.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "a current file is not rewritten"
+
+
+def test_outdated_cli_database_is_rewritten(tmp_path: Path):
+    project = tmp_path / "project"
+    root = project / ".flen" / "lineage"
+    store = LineageStore(root)
+    _fill(store, writers=1)
+    db, marker = root / "lineage.duckdb", root / ".cli-db.version"
+    current = marker.read_text()
+    # What earlier versions wrote: the library's default storage format, absolute paths, no marker.
+    db.unlink()
+    marker.unlink()
+    con = duckdb.connect(str(db))
+    con.execute(f"CREATE VIEW images AS SELECT * FROM read_parquet('{root.as_posix()}/images/*.parquet')")
+    con.close()
+    store.ensure()
+    assert marker.read_text() == current and _storage_number(db) == 64
+    assert _cli_count(".flen/lineage/lineage.duckdb", "image_facts", project) == ROWS_PER_APPEND["images"]
+    # A marker of other definitions (older code) is rewritten too, and no temp file is left behind.
+    marker.write_text("0000000000000000\n")
+    inode = db.stat().st_ino
+    LineageStore(root).ensure()
+    assert marker.read_text() == current and db.stat().st_ino != inode
+    assert not list(root.glob(".lineage-*")) and not list(root.glob("*.tmp"))
+    assert _cli_count(".flen/lineage/lineage.duckdb", "members", project) == ROWS_PER_APPEND["members"]
+
+
+def test_cli_database_in_a_folder_with_a_comma_and_quote(tmp_path: Path):
+    project = tmp_path / "shots, Bob's" / "project"
+    _fill(LineageStore(project / ".flen" / "lineage"), writers=2)
+    assert _cli_count(".flen/lineage/lineage.duckdb", "images", project) == 2 * ROWS_PER_APPEND["images"]
+
+
+# -- (f) finding a partition version by DVC md5 -------------------------------------------------------
+A_MD5 = "0123456789abcdef0123456789abcdef.dir"
+B_MD5 = "01234567ffffffffffffffffffffffff.dir"  # shares its first 8 hex with A
+C_MD5 = "fedcba9876543210fedcba9876543210.dir"
+
+
+@pytest.mark.parametrize("typed, prefix", [
+    (A_MD5, A_MD5[:32]), (A_MD5[:32], A_MD5[:32]), (A_MD5.upper(), A_MD5[:32]), ("0123456789AB", "0123456789ab"),
+    ("01234567", "01234567"),
+    ("", None), ("%", None), ("5_8", None), ("0123456", None), ("0123456%", None), ("________", None),
+    ("0123456789abcdef.dir", None), (A_MD5[:32] + "0", None), (" 01234567", None), ("01234567\n", None),
+    ("g1234567", None), (A_MD5 + "x", None),
+])
+def test_md5_prefix_takes_full_md5_or_8_plus_hex(typed: str, prefix: str | None):
+    assert md5_prefix(typed) == prefix
+
+
+def _artifact(md5: str, minutes: int, dvc_file: str, iteration: str = "v1") -> dict:
+    return dict(run_id=f"r{minutes}", asset="training_set", character="alice", iteration=iteration, dvc_md5=md5,
+                dvc_file=dvc_file, created_at=datetime(2025, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=minutes))
+
+
+def test_find_version_matches_exactly_or_by_unique_prefix(tmp_path: Path):
+    store = LineageStore(tmp_path / "lineage")
+    store.append("artifacts", [_artifact(A_MD5, 0, "a-old"), _artifact(B_MD5, 1, "b"), _artifact(C_MD5, 2, "c"),
+                               _artifact(A_MD5, 3, "a-new"),  # the same content published again
+                               _artifact("0123456789abcdef0000000000000000.dir", 4, "other", iteration="v2")])
+    find = store.find_version
+    assert find("training_set", "alice", "v1", A_MD5).dvc_file == "a-new"
+    assert find("training_set", "alice", "v1", A_MD5[:32].upper()).dvc_file == "a-new"
+    assert find("training_set", "alice", "v1", "0123456789").dvc_md5 == A_MD5  # unique in v1 (v2 does not count)
+    assert find("training_set", "alice", "v1", "FEDCBA98") == Version(C_MD5, "c", datetime(2025, 1, 1, 0, 2, tzinfo=timezone.utc))
+    with pytest.raises(VersionLookupError, match=r"md5 prefix '01234567' matches 2 versions of training_set alice\|v1: "
+                                                 rf"{A_MD5} \(2025-01-01 00:03:00\), {B_MD5} \(2025-01-01 00:01:00\); "
+                                                 r"give more characters"):
+        find("training_set", "alice", "v1", "01234567")
+    with pytest.raises(VersionLookupError, match=r"no version aaaaaaaa of training_set alice\|v1; "
+                                                 r"see `flen versions training_set alice v1`"):
+        find("training_set", "alice", "v1", "aaaaaaaa")
+    with pytest.raises(VersionLookupError, match="no version"):
+        find("training_set", "bob", "v1", A_MD5)
+    for bad in ("", "%", "5_8", "0123456", "01234567%"):
+        with pytest.raises(VersionLookupError) as err:
+            find("training_set", "alice", "v1", bad)
+        assert str(err.value) == (f"md5 {bad!r} is not a DVC md5: give the full 32-hex md5 or a unique prefix of 8+ "
+                                  "hex characters from `flen versions training_set alice v1`")
