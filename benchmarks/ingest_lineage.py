@@ -156,7 +156,7 @@ from flen_assets.cli import init_project
 from flen_assets.demo_data import write_sample_inbox
 from flen_assets.definitions import defs
 from flen_assets.partitions import add_partitions
-from flen_assets.project import Project
+from flen_resources.project import Project
 project = Project.discover()
 instance = init_project(project)
 files = write_sample_inbox(project.inbox_for("astronaut"))

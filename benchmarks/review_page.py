@@ -240,7 +240,7 @@ def many_decision_figures(server: ReviewServer, session: requests.Session, done:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     helpers = load_helpers()
-    from flen_assets.project import Project
+    from flen_resources.project import Project
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="flen-review-bench-")) / "project"
     root.mkdir(parents=True, exist_ok=True)

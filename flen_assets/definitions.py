@@ -10,7 +10,7 @@ from flen_assets.assets import curation, edit_model, enrichment, lora, sources
 from flen_assets.jobs import flywheel_job, training_set_job
 from flen_assets.sensors import inbox_sensor, next_iteration_sensor
 from flen_io_managers.partition_folder import PartitionFolderIOManager
-from flen_resources.dagster_resources import (EditorResource, FaceResource, GeneratorResource, ProjectResource,
+from flen_assets.dagster_resources import (EditorResource, FaceResource, GeneratorResource, ProjectResource,
                                               TrainerResource)
 
 defs = dg.Definitions(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from flen_assets.project import validate_iteration, validate_slug
+from flen_resources.project import validate_iteration, validate_slug
 
 character_partitions = dg.DynamicPartitionsDefinition(name="character")
 iteration_partitions = dg.DynamicPartitionsDefinition(name="iteration")

@@ -22,7 +22,7 @@ from dagster._core.utils import make_new_run_id
 
 from flen_assets.instance import (RUN_PROCESS_TAG, STOPPED_TAG, describe_run, get_instance, release_dead_runs,
                                   slot_holders)
-from flen_assets.project import Project
+from flen_resources.project import Project
 from flen_resources.processes import ProcessRef
 
 Log = Callable[[str], None]

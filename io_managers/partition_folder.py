@@ -14,7 +14,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flen_assets.project import Project
+from flen_resources.project import Project, split_partition_key
 
 MANIFEST = "manifest.parquet"
 
@@ -39,13 +39,11 @@ class PartitionFolder:
 
 def partition_keys(context: dg.InputContext | dg.OutputContext | dg.AssetExecutionContext) -> tuple[str, str]:
     """(character, iteration) of the current partition."""
-    from flen_assets.partitions import character_iteration
-
     key = context.partition_key
-    if not isinstance(key, dg.MultiPartitionKey):  # a plain 'alice|v1' string
-        key = character_iteration.get_partition_key_from_str(key)
-    dims = key.keys_by_dimension
-    return dims["character"], dims["iteration"]
+    if isinstance(key, dg.MultiPartitionKey):
+        dims = key.keys_by_dimension
+        return dims["character"], dims["iteration"]
+    return split_partition_key(key)  # a plain 'alice|v1' string
 
 
 class PartitionFolderIOManager(dg.ConfigurableIOManager):

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from filelock import FileLock
 
-from flen_assets.project import Project
+from flen_resources.project import Project
 from flen_resources.disk import (HEADROOM_BYTES, DiskFullError, disk_full_message, first_full_disk, folder_size,
                                  free_bytes, is_disk_full, require_space)
 from flen_resources.processes import ProcessRef

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flen_assets.project import Project
+from flen_resources.project import Project
 
 FLEN = [sys.executable, "-m", "flen_assets"]
 

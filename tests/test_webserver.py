@@ -25,7 +25,7 @@ import requests
 import yaml
 
 from flen_assets.partitions import partition_key
-from flen_assets.project import Project
+from flen_resources.project import Project
 
 FLEN = [sys.executable, "-m", "flen_assets"]
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from flen_assets.project import Project
+    from flen_resources.project import Project
 
 
 def folder_digest(folder: Path) -> dict[str, str]:

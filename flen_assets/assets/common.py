@@ -16,10 +16,10 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flen_assets.project import Project, iteration_number
+from flen_resources.project import Project, iteration_number
 from flen_assets.visuals import Tile, contact_sheet, markdown_thumbnail, save_sheet
 from flen_io_managers.partition_folder import MANIFEST, PartitionFolder, partition_keys
-from flen_resources.dagster_resources import ProjectResource
+from flen_assets.dagster_resources import ProjectResource
 from flen_resources.lineage import LineageStore, to_json, utcnow
 
 CODE_VERSION = "0.1.0"

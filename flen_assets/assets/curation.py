@@ -17,7 +17,7 @@ from flen_assets.review.gate import PASSED, human_decisions, review_check, revie
 from flen_assets.review.policy import POLICIES, character_policy
 from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
-from flen_resources.dagster_resources import FaceResource, ProjectResource
+from flen_assets.dagster_resources import FaceResource, ProjectResource
 from flen_resources.faces import face_distance
 from flen_resources.imaging import color_hash, is_near_duplicate, perceptual_hash, sharpness
 from flen_resources.lineage import utcnow

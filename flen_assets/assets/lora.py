@@ -16,7 +16,7 @@ from flen_assets.partitions import character_iteration
 from flen_assets.review.gate import PASSED, human_decisions, review_check, review_metadata, verdict
 from flen_assets.visuals import Tile, markdown_thumbnail
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
-from flen_resources.dagster_resources import FaceResource, GeneratorResource, ProjectResource, TrainerResource
+from flen_assets.dagster_resources import FaceResource, GeneratorResource, ProjectResource, TrainerResource
 from flen_resources.faces import face_distance
 from flen_resources.lineage import utcnow
 

@@ -11,7 +11,7 @@ import warnings
 
 import dagster as dg
 
-from flen_assets.project import Project
+from flen_resources.project import Project
 from flen_assets.review.policy import ReviewPolicy
 from flen_assets.review.store import Partition, ReviewStore, review_command, review_url, status_of
 from flen_resources.lineage import LineageStore

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from flen_assets.project import Project, validate_slug
+from flen_resources.project import Project, validate_slug
 
 POLICIES = ("auto", "required", "mixed")
 DEFAULT_MARGIN = 0.05

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flen_assets.project import InvalidNameError, Project, iteration_number, validate_iteration, validate_slug
+from flen_resources.project import InvalidNameError, Project, iteration_number, validate_iteration, validate_slug
 from flen_resources.lineage import LineageStore, utcnow
 
 REVIEWABLE = ("filtered_images", "synthetic_batch")

@@ -21,7 +21,7 @@ import pytest
 from conftest import shared_project
 from safetensors import safe_open
 
-from flen_assets.project import Project
+from flen_resources.project import Project
 from flen_resources.lineage import LineageStore
 
 CHARACTER = "alice"

@@ -41,7 +41,7 @@ def _command(root) -> list[str]:
 
 
 def _new_project(tmp_path, name: str):
-    from flen_assets.project import Project
+    from flen_resources.project import Project
 
     project = Project(tmp_path / name)
     project.root.mkdir()

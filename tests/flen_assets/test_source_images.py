@@ -21,7 +21,7 @@ import skimage.data
 from PIL import Image
 
 from conftest import run_flen
-from flen_assets.project import Project
+from flen_resources.project import Project
 
 CHARACTER, ITERATION = "alice", "v1"
 MAX_PIXELS = 1_000_000  # lowered through run config so a 4 MP file stands for a decompression bomb

@@ -21,7 +21,7 @@ import skimage.data
 from conftest import shared_project
 from PIL import Image
 
-from flen_assets.project import Project
+from flen_resources.project import Project
 
 CHARACTER = "alice"
 MARKER = b"FLEN-E2E-SECRET-MARKER-51c0de"  # in a file outside the project, reached only through links

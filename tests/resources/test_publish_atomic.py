@@ -156,7 +156,7 @@ def test_require_space_names_the_disk_and_the_space_needed(small_disk):
 
 
 def test_full_disk_before_publish_changes_nothing_and_the_rerun_completes(small_disk):
-    from flen_assets.project import Project
+    from flen_resources.project import Project
 
     store = DvcStore(Project(small_disk / "project"))
     store.ensure_repo()

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from flen_assets.project import Project
+from flen_resources.project import Project
 from tests_helpers import build_review_partition, running_server
 
 

@@ -29,7 +29,7 @@ def test_demo_with_required_review_stops_at_the_gate(tmp_path):
     assert "flen review astronaut --iteration v1" in out
     assert "http://127.0.0.1:8765/review/astronaut/v1/filtered_images" in out
     assert not (root / "data" / "training_set").exists()
-    from flen_assets.project import Project
+    from flen_resources.project import Project
 
     store = ReviewStore(Project(root))
     items = store.items(Partition.of("filtered_images", "astronaut", "v1"))

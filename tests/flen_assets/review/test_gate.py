@@ -16,7 +16,7 @@ from flen_assets.instance import get_instance
 from flen_assets.partitions import character_partitions, iteration_partitions
 from flen_assets.review.policy import ReviewPolicy, set_character_policy
 from flen_assets.review.store import Partition, ReviewStore
-from flen_resources.dagster_resources import ProjectResource
+from flen_assets.dagster_resources import ProjectResource
 from flen_resources.lineage import LineageStore
 from tests_helpers import build_review_partition, review_session, running_server
 

@@ -6,7 +6,7 @@ import multiprocessing
 
 import pytest
 
-from flen_assets.project import InvalidNameError, Project
+from flen_resources.project import InvalidNameError, Project
 from flen_assets.review.policy import ReviewPolicy, character_policy, load_policies, set_character_policy
 
 

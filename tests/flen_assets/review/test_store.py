@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flen_assets.project import InvalidNameError, Project
+from flen_resources.project import InvalidNameError, Project
 from flen_assets.review.store import Partition, ReviewStore, UnknownImage
 from flen_resources.lineage import LineageStore, utcnow
 from tests_helpers import build_review_partition

@@ -8,7 +8,7 @@ from typing import Literal
 import dagster as dg
 from pydantic import PrivateAttr
 
-from flen_assets.project import Project
+from flen_resources.project import Project
 from flen_resources.editors import Editor, get_editor
 from flen_resources.faces import FaceAnalyzer
 from flen_resources.lineage import LineageStore

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flen_assets.project import (InvalidNameError, Project, iteration_number, validate_iteration,
+from flen_resources.project import (InvalidNameError, Project, iteration_number, validate_iteration,
                                  validate_slug)
 
 
@@ -90,3 +90,14 @@ def test_partition_dir_allows_data_folder_itself_to_be_a_link(tmp_path):
 def test_inbox_for_refuses_bad_names(tmp_path, name):
     with pytest.raises(InvalidNameError):
         Project(tmp_path).inbox_for(name)
+
+
+def test_split_partition_key_validates_both_parts():
+    import pytest
+
+    from flen_resources.project import InvalidNameError, split_partition_key
+
+    assert split_partition_key("alice|v1") == ("alice", "v1")
+    for bad in ("alice", "alice|", "|v1", "Alice|v1", "alice|1", "../x|v1", "alice|v1|v2"):
+        with pytest.raises(InvalidNameError):
+            split_partition_key(bad)

@@ -40,6 +40,14 @@ def iteration_number(iteration: str) -> int:
     return int(validate_iteration(iteration)[1:])
 
 
+def split_partition_key(key: str) -> tuple[str, str]:
+    """'alice|v1' (a character x iteration key as Dagster prints it) -> ('alice', 'v1'), validated."""
+    character, sep, iteration = key.partition("|")
+    if not sep:
+        raise InvalidNameError(f"invalid partition key {key!r}: expected CHARACTER|ITERATION, e.g. alice|v1")
+    return validate_slug(character), validate_iteration(iteration)
+
+
 def find_project_root(start: Path | None = None) -> Path:
     """The project root: $FLEN_PROJECT_DIR, else the nearest folder up from `start` holding workspace.yaml."""
     env = os.environ.get(PROJECT_ENV)
