@@ -36,6 +36,27 @@ DEMO_RUN_CONFIG = {"ops": {
     "qwen_adapter": {"config": {"steps": 4, "resolution": 64, "rank": 4}},
 }}
 
+def _patch_busy_slot_wait() -> None:
+    """Make a run blocked on a pool sleep until its next claim check instead of spinning.
+
+    Dagster 1.13's InstanceConcurrencyContext returns min(0, ...) as the time to the next claim
+    check, so the in-process executor sleeps 0 s and a waiting run spins at 100% CPU, holding the
+    GIL the watcher thread needs (dagster-io/dagster PR 20367, closed unmerged). Remove this once
+    Dagster returns max(0, ...) itself.
+    """
+    from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
+
+    def interval_to_next_pending_claim_check(self: InstanceConcurrencyContext) -> float:
+        if not self._pending_claims or not self._pending_timeouts:
+            return 0.0
+        now = time.time()
+        return max(0.0, min(ready_at - now for ready_at in self._pending_timeouts.values()))
+
+    InstanceConcurrencyContext.interval_to_next_pending_claim_check = interval_to_next_pending_claim_check
+
+
+_patch_busy_slot_wait()
+
 _WATCH_INTERVAL_S = 1.0  # how often the watcher looks at the pools
 _RELEASE_INTERVAL_S = 5.0  # how often, while waiting for a slot, it looks for dead holders
 # What the user asked for, as a digest: a rerun of the same request may resume a stopped run.

@@ -9,6 +9,10 @@ Safety rules the routes follow:
   * POSTs must be JSON, carry this server's random session token (X-Flen-Token, embedded in the
     page it serves, so only a page this server served can decide) and, when the browser sends an
     Origin, come from the page's own origin;
+  * a POST body is never buffered past MAX_BODY (413: by its Content-Length before a byte is read,
+    or as soon as a chunked body passes the limit); malformed or too deeply nested JSON gets 400;
+  * image files are decoded with the safe decoder before they are served or thumbnailed: a file
+    that is not a decodable image (a text file named .png, a truncated JPEG) gets 415, never 500;
   * static files come from a fixed table, not from the URL.
 """
 
@@ -17,13 +21,18 @@ from __future__ import annotations
 import hmac
 import html
 import json
+import math
+import os
 import secrets
+import threading
+from functools import lru_cache
 from importlib import resources
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -31,13 +40,16 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from flen_assets.project import InvalidNameError, Project
+from flen_resources.project import InvalidNameError, Project
 from flen_assets.review.store import STATUSES, Partition, ReviewStore, UnknownImage, review_command
+from flen_resources.imaging import ImageRejected, decode_image
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 TOKEN_HEADER = "X-Flen-Token"
 MAX_PAGE = 500
 MAX_IDS = 10_000
+MAX_BODY = 2_000_000  # bytes of a decision POST: 10,000 ids of 64 hex characters fit with room to spare
+THUMB_SIDE = 256
 STATIC = {"review.js": "text/javascript; charset=utf-8", "review.css": "text/css; charset=utf-8"}
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -63,6 +75,114 @@ class Refused(Exception):
     def __init__(self, response: Response):
         super().__init__(response.status_code)
         self.response = response
+
+
+class BadBody(ValueError):
+    """A POST body refused: `status` is 400 (malformed), 413 (too large) or 415 (not JSON)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _declared_length(request: Request) -> int | None:
+    """The body length the client declared in Content-Length; None for a chunked body."""
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return None
+    if not raw.strip().isdigit():  # uvicorn refuses these first; a bare ASGI server might not
+        raise BadBody("malformed Content-Length")
+    return int(raw)
+
+
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The request body, never buffered past `limit`: 413 from the Content-Length before a byte is
+    read, and for a chunked body as soon as the bytes received pass the limit."""
+    declared = _declared_length(request)
+    if declared is not None and declared > limit:
+        raise BadBody(f"request body over {limit} bytes", 413)
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise BadBody(f"request body over {limit} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_object(body: bytes) -> dict:
+    """The JSON object `body` holds (empty: {}); BadBody (400) for anything else."""
+    try:
+        data = json.loads(body or b"{}")
+    except RecursionError:  # '[' * 100_000: the parser recurses once per level
+        raise BadBody("JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, bad UTF-8, an integer with too many digits
+        raise BadBody(f"malformed JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadBody("expected a JSON object")
+    return data
+
+
+def _score(value: Any) -> float:
+    """A bulk decision's distance: a finite JSON number (not a string, bool or 1e400)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("score must be a number")
+    try:
+        score = float(value)
+    except OverflowError:  # a JSON integer too large for a float
+        raise ValueError("score must be a finite number") from None
+    if not math.isfinite(score):
+        raise ValueError("score must be a finite number")
+    return score
+
+
+def _media_type(image_format: str) -> str:
+    """The Content-Type of a Pillow format (read after decoding: Pillow fills Image.MIME lazily)."""
+    if image_format == "MPO":  # a camera JPEG with a second frame: browsers know it as a JPEG
+        return "image/jpeg"
+    return Image.MIME.get(image_format, "application/octet-stream")
+
+
+@lru_cache(maxsize=8192)
+def _image_verdict(path: str, size: int, mtime_ns: int) -> tuple[str, str]:
+    """(media type, "") of a decodable image file, ("", rejection code) otherwise. Cached per file
+    version so a page going back and forth decodes each image once (codes, not exceptions: a cached
+    traceback would keep the file's bytes alive)."""
+    try:
+        decoded = decode_image(Path(path))
+    except ImageRejected as exc:
+        return "", exc.code
+    return _media_type(decoded.format), ""
+
+
+def checked_image(path: Path) -> str:
+    """The media type of `path` once the safe decoder has read it; ImageRejected when it cannot."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ImageRejected(path, "unreadable", f"cannot read file ({exc.strerror})") from None
+    media_type, code = _image_verdict(str(path), st.st_size, st.st_mtime_ns)
+    if code:
+        raise ImageRejected(path, code, "not a decodable image")
+    return media_type
+
+
+def thumbnail(store: ReviewStore, image_id: str, side: int = THUMB_SIDE) -> Path:
+    """A cached JPEG thumbnail of a known image, made from what the safe decoder reads (EXIF turned,
+    alpha flattened); UnknownImage or ImageRejected when there is none to make."""
+    source = store.image_path(image_id)
+    folder = store.project.state_dir / "cache" / "thumbs" / str(side)
+    thumb = folder / f"{image_id}.jpg"
+    if thumb.is_file():  # ids are content hashes: a cached thumbnail is never stale
+        return thumb
+    img = decode_image(source).image
+    img.thumbnail((side, side), Image.Resampling.LANCZOS)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{image_id}.{os.getpid()}.{threading.get_ident()}.tmp"
+    img.save(tmp, format="JPEG", quality=85)
+    os.replace(tmp, thumb)  # atomic: a concurrent request sees the old state or the whole file
+    return thumb
 
 
 def _partition(request: Request) -> Partition:
@@ -115,15 +235,10 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
         return urlsplit(origin).netloc == request.headers.get("host", "")
 
     async def read_json(request: Request) -> dict:
+        """The JSON object a POST carries; BadBody says why not (415, 413 or 400)."""
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-            raise ValueError("send application/json")
-        body = await request.body()
-        if len(body) > 2_000_000:
-            raise ValueError("request too large")
-        data = json.loads(body or b"{}")
-        if not isinstance(data, dict):
-            raise ValueError("expected a JSON object")
-        return data
+            raise BadBody("send application/json", 415)
+        return parse_object(await read_body(request))
 
     def published(request: Request) -> Partition:
         """The request's partition when it is valid and materialized; Refused (404) otherwise, the
@@ -145,9 +260,8 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
             raise Refused(json_response({"error": "missing or wrong session token: reload the page"}, 403))
         try:
             return part, await read_json(request)
-        except ValueError as exc:  # JSONDecodeError is a ValueError
-            status = 415 if "application/json" in str(exc) else 400
-            raise Refused(json_response({"error": str(exc)}, status)) from None
+        except BadBody as exc:
+            raise Refused(json_response({"error": str(exc)}, exc.status)) from None
 
     def index(request: Request) -> Response:
         rows = []
@@ -240,9 +354,9 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
             return refused.response
         try:
             decision, side, scope = data.get("decision"), data.get("side"), data.get("scope", "pending")
-            score = float(data.get("score"))
             if decision not in ("accept", "reject") or side not in ("below", "above") or scope not in ("pending", "all"):
                 raise ValueError("decision accept|reject, side below|above, scope pending|all")
+            score = _score(data.get("score"))
         except (TypeError, ValueError) as exc:
             return json_response({"error": str(exc)}, 400)
         from starlette.concurrency import run_in_threadpool
@@ -250,18 +364,30 @@ def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
         previous = await run_in_threadpool(store.bulk, part, decision, side, score, scope)
         return await run_in_threadpool(_decided, part, [p["id"] for p in previous], previous)
 
-    def image_file(lookup: Callable[[str], Path], media_type: str) -> Callable[[Request], Response]:
-        """A route serving the file `lookup(image_id)` finds (the store resolves ids, never the request)."""
+    def image_file(lookup: Callable[[str], tuple[Path, str]]) -> Callable[[Request], Response]:
+        """A route serving the file and media type `lookup(image_id)` finds (the store resolves ids,
+        never the request): 404 for an unknown id, 415 for a file that is not a decodable image."""
         def route(request: Request) -> Response:
             try:
-                path = lookup(request.path_params["image_id"])
+                path, media_type = lookup(request.path_params["image_id"])
             except UnknownImage:
                 return _not_found("unknown image")
+            except ImageRejected as exc:  # the message would name the file: the code is enough here
+                return json_response({"error": f"not a decodable image ({exc.code})"}, 415)
             return FileResponse(path, media_type=media_type, headers={**SECURITY_HEADERS, **IMMUTABLE})
         return route
 
-    image = image_file(store.image_path, "image/png")
-    thumb = image_file(store.thumbnail, "image/jpeg")
+    def full_image(image_id: str) -> tuple[Path, str]:
+        """The image's own file, served only once it decodes, with its real media type."""
+        path = store.image_path(image_id)
+        return path, checked_image(path)
+
+    def thumb_image(image_id: str) -> tuple[Path, str]:
+        """The image's cached JPEG thumbnail."""
+        return thumbnail(store, image_id), "image/jpeg"
+
+    image = image_file(full_image)
+    thumb = image_file(thumb_image)
 
     def static(request: Request) -> Response:
         name = request.path_params["name"]

@@ -161,6 +161,8 @@ def test_waiting_command_names_the_holder_and_stops_on_ctrl_c(project, tmp_path)
         out = console.wait_for("waiting for a slot in pool 'gpu'", timeout=240)
         assert f"held by run {holder_run[:8]} (flywheel_job kc|v1, step enriched_images)" in out
         assert "Ctrl-C" in out
+        # Waiting sleeps between claim checks (Dagster's own wait spins at 100% CPU: see runs._patch_busy_slot_wait).
+        assert psutil.Process(proc.pid).cpu_percent(interval=5) < 30
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
         rest = console.finish(timeout=30)
