@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, NoReturn, Optional
 import typer
 
 from flen_resources.project import InvalidNameError, Project, validate_iteration, validate_slug
-from flen_assets.runs import DEMO_RUN_CONFIG, RunInterrupted, init_project, latest_iteration, materialize_partition
+from flen_assets.runs import DEMO_RUN_CONFIG, RunInterrupted, init_project, materialize_partition
 
 __all__ = ["DEMO_RUN_CONFIG", "app", "init_project", "materialize_partition"]  # run services, re-exported
 
@@ -403,7 +403,7 @@ def ui(host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keep
 
 def iterate_character(project: Project, character: str, run_config: dict | None = None):
     """Add v(N+1) after the last complete iteration N and run the whole flywheel for it."""
-    done = latest_iteration(project, character)
+    done = project.latest_iteration(character)
     if done == 0:
         _fail(f"{character} has no complete iteration yet: run `flen materialize {character} v1 --all` first")
     nxt = f"v{done + 1}"

@@ -260,11 +260,3 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def latest_iteration(project: Project, character: str, asset: str = "synthetic_batch") -> int:
-    """The highest N whose `asset` partition is published for `character` (0 when none)."""
-    folder = project.data_dir / asset / character
-    numbers = [int(p.name[1:-4]) for p in folder.glob("v*.dvc")] if folder.is_dir() else []
-    return max(numbers, default=0)
-

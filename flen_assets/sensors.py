@@ -48,8 +48,7 @@ def next_iteration_sensor(context: dg.SensorEvaluationContext, project: ProjectR
     iterations = set(context.instance.get_dynamic_partitions(iteration_partitions.name))
     requests, new_iterations, waiting = [], set(), []
     for character in context.instance.get_dynamic_partitions(character_partitions.name):
-        folder = proj.data_dir / "synthetic_batch" / character
-        done = max((int(p.name[1:-4]) for p in folder.glob("v*.dvc")), default=0) if folder.is_dir() else 0
+        done = proj.latest_iteration(character)
         if done == 0 or (proj.data_dir / "training_set" / character / f"v{done + 1}.dvc").exists():
             continue
         # Under review policy `required` or `mixed`, v{done}'s synthetic images wait for a human on the

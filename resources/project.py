@@ -119,3 +119,9 @@ class Project:
     def relative(self, path: Path) -> str:
         """A path as stored in lineage: relative to the project root, POSIX style."""
         return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+
+    def latest_iteration(self, character: str, asset: str = "synthetic_batch") -> int:
+        """The highest N whose `asset` partition is published for `character` (0 when none)."""
+        folder = self.data_dir / validate_slug(asset, "asset name") / validate_slug(character)
+        numbers = [int(p.name[1:-4]) for p in folder.glob("v*.dvc") if ITERATION_RE.match(p.name[:-4])]
+        return max(numbers, default=0)

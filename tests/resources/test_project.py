@@ -101,3 +101,16 @@ def test_split_partition_key_validates_both_parts():
     for bad in ("alice", "alice|", "|v1", "Alice|v1", "alice|1", "../x|v1", "alice|v1|v2"):
         with pytest.raises(InvalidNameError):
             split_partition_key(bad)
+
+
+def test_latest_iteration_reads_the_published_pointers(tmp_path):
+    from flen_resources.project import Project
+
+    project = Project(tmp_path)
+    assert project.latest_iteration("alice") == 0
+    folder = tmp_path / "data" / "synthetic_batch" / "alice"
+    folder.mkdir(parents=True)
+    for name in ("v1.dvc", "v2.dvc", "v10.dvc", "v3.dvc.tmp", "vx.dvc", "v02.dvc"):
+        (folder / name).write_text("outs: []\n")
+    assert project.latest_iteration("alice") == 10
+    assert project.latest_iteration("alice", asset="training_set") == 0
