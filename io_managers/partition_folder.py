@@ -14,9 +14,9 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flen_resources.project import Project, split_partition_key
+from flen_resources.project import MANIFEST, Project, split_partition_key
+from flen_resources.storage import DvcStore
 
-MANIFEST = "manifest.parquet"
 
 
 @dataclass(frozen=True)
@@ -63,19 +63,5 @@ class PartitionFolderIOManager(dg.ConfigurableIOManager):
     def load_input(self, context: dg.InputContext) -> PartitionFolder:
         asset = context.asset_key.path[-1]
         character, iteration = partition_keys(context)
-        project = self._project()
-        path = project.partition_dir(asset, character, iteration)
-        pointer = path.with_name(path.name + ".dvc")
-        if not (path / MANIFEST).is_file():
-            if not pointer.is_file():
-                raise FileNotFoundError(
-                    f"{asset} has no data for {character}|{iteration}: materialize {asset} "
-                    f"for partition {character}|{iteration} first"
-                )
-            from flen_resources.storage import DvcStore
-
-            DvcStore(project).restore(asset, character, iteration, pointer.read_text())
-        import yaml
-
-        md5 = yaml.safe_load(pointer.read_text())["outs"][0]["md5"] if pointer.is_file() else ""
+        path, md5 = DvcStore(self._project()).published(asset, character, iteration)
         return PartitionFolder(asset, character, iteration, path, md5)

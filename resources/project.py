@@ -12,6 +12,7 @@ from pathlib import Path
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")  # \Z: `$` would let a trailing newline in
 ITERATION_RE = re.compile(r"^v([1-9][0-9]{0,3})\Z")
 PROJECT_ENV = "FLEN_PROJECT_DIR"
+MANIFEST = "manifest.parquet"  # every partition folder's table of what it holds
 
 
 class InvalidNameError(ValueError):

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from filelock import FileLock
 
-from flen_resources.project import Project
+from flen_resources.project import MANIFEST, Project
 from flen_resources.disk import (HEADROOM_BYTES, DiskFullError, disk_full_message, first_full_disk, folder_size,
                                  free_bytes, is_disk_full, require_space)
 from flen_resources.processes import ProcessRef
@@ -30,6 +30,15 @@ _UNOWNED_STAGING_MAX_AGE_S = 24 * 3600
 
 class DvcError(RuntimeError):
     """A DVC command failed; the message carries DVC's own words."""
+
+
+class PartitionMissing(FileNotFoundError):
+    """A partition that was never published; the message says what to materialize."""
+
+
+def pointer_md5(text: str) -> str:
+    """The md5 a .dvc pointer's text records for its one output."""
+    return yaml.safe_load(text)["outs"][0]["md5"]
 
 
 @dataclass(frozen=True)
@@ -146,7 +155,7 @@ class DvcStore:
                 self._dvc(["add", "-q", str(target)])
                 self._dvc(["push", "-q", str(pointer)])
                 text = pointer.read_text()
-                out = yaml.safe_load(text)["outs"][0]
+                out = yaml.safe_load(text)["outs"][0]  # md5 and the counts DVC adds
                 yield PublishedFolder(path=target, dvc_md5=out["md5"], dvc_file=text,
                                       n_files=int(out.get("nfiles", 0)), size_bytes=int(out.get("size", 0)))
             except BaseException as exc:
@@ -187,6 +196,18 @@ class DvcStore:
             pointer.unlink(missing_ok=True)
         else:
             write_text_atomic(pointer, old_pointer)
+
+    def published(self, asset: str, character: str, iteration: str) -> tuple[Path, str]:
+        """(folder, DVC md5) of a published partition, restoring a missing folder from the DVC cache or remote."""
+        path = self.project.partition_dir(asset, character, iteration)
+        pointer = path.with_name(path.name + ".dvc")
+        if not pointer.is_file():
+            raise PartitionMissing(f"{asset} has no data for {character}|{iteration}: materialize {asset} "
+                                   f"for partition {character}|{iteration} first")
+        text = pointer.read_text()
+        if not (path / MANIFEST).is_file():
+            self.restore(asset, character, iteration, text)
+        return path, pointer_md5(text)
 
     def restore(self, asset: str, character: str, iteration: str, dvc_file: str) -> Path:
         """Bring back an earlier version of a partition from its recorded .dvc text."""

@@ -18,9 +18,11 @@ import pyarrow.parquet as pq
 
 from flen_resources.project import Project, iteration_number
 from flen_assets.visuals import Tile, contact_sheet, markdown_thumbnail, save_sheet
-from flen_io_managers.partition_folder import MANIFEST, PartitionFolder, partition_keys
+from flen_io_managers.partition_folder import PartitionFolder, partition_keys
 from flen_assets.dagster_resources import ProjectResource
 from flen_resources.lineage import LineageStore, to_json, utcnow
+from flen_resources.project import MANIFEST
+from flen_resources.storage import DvcStore, PartitionMissing
 
 CODE_VERSION = "0.1.0"
 
@@ -72,14 +74,10 @@ class PartitionRun:
         prev = self.previous_iteration()
         if prev is None:
             return None
-        path = self.project.partition_dir(asset, self.character, prev)
-        pointer = path.with_name(path.name + ".dvc")
-        if not (path / MANIFEST).is_file() or not pointer.is_file():
-            raise dg.Failure(f"{self.asset} {self.character}|{self.iteration} reads {asset} of {prev}, which is not "
-                             f"materialized: materialize {asset} for partition {self.character}|{prev} first")
-        import yaml
-
-        md5 = yaml.safe_load(pointer.read_text())["outs"][0]["md5"]
+        try:
+            path, md5 = DvcStore(self.project).published(asset, self.character, prev)
+        except PartitionMissing as exc:
+            raise dg.Failure(f"{self.asset} {self.character}|{self.iteration} reads {asset} of {prev}: {exc}") from exc
         self.cross_inputs.append({"asset": asset, "iteration": prev, "dvc_md5": md5})
         return PartitionFolder(asset, self.character, prev, path, md5)
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flen_resources.project import InvalidNameError, Project, iteration_number, validate_iteration, validate_slug
+from flen_resources.project import (MANIFEST, InvalidNameError, Project, iteration_number, validate_iteration,
+                                    validate_slug)
 from flen_resources.lineage import LineageStore, utcnow
 
 REVIEWABLE = ("filtered_images", "synthetic_batch")
@@ -33,7 +34,6 @@ DECISIONS = {"accept": True, "reject": False, "clear": None}
 IMAGE_ID_RE = re.compile(r"^[0-9a-f]{64}\Z")
 DEFAULT_PORT = 8765
 PORT_ENV = "FLEN_REVIEW_PORT"
-MANIFEST = "manifest.parquet"
 
 
 class UnknownImage(KeyError):
