@@ -109,8 +109,15 @@ def write_samples(folder: Path, n: int) -> list[Path]:
 def bench_ingest(work: Path, args: argparse.Namespace) -> dict:
     """The per-file work of source_images: hash, decode, normalize, save, pHash; then faces + embedding."""
     from flen_resources.faces import FaceAnalyzer
-    from flen_resources.imaging import (color_hash, decode_image, perceptual_hash, resize_max_side, save_png,
-                                         sha256_file, sharpness)
+    from flen_resources.imaging import (
+        color_hash,
+        decode_image,
+        perceptual_hash,
+        resize_max_side,
+        save_png,
+        sha256_file,
+        sharpness,
+    )
 
     paths = write_samples(work / "inbox", args.images)
     out = work / "normalized"

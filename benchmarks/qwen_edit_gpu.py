@@ -451,7 +451,7 @@ def measure_baseline(args: argparse.Namespace, variant: str, device: torch.devic
         kwargs = baseline_inputs(model.config, args.res, args.baseline_text_tokens, device)
         reset_peak(device)
         with torch.no_grad():
-            times = time_calls(lambda: model(**kwargs), args.baseline_warmup, args.baseline_reps, device)
+            times = time_calls(lambda: model(**kwargs), args.baseline_warmup, args.baseline_reps, device)  # noqa: F821 (del in finally)
         peak = memory(device)
     finally:
         del model

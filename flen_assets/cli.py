@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Literal, NoReturn, Optional
 
 import typer
 
-from flen_resources.project import InvalidNameError, Project, validate_iteration, validate_slug
 from flen_assets.runs import DEMO_RUN_CONFIG, RunInterrupted, init_project, materialize_partition
+from flen_resources.project import InvalidNameError, Project, validate_iteration, validate_slug
 
 __all__ = ["DEMO_RUN_CONFIG", "app", "init_project", "materialize_partition"]  # run services, re-exported
 

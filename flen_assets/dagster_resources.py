@@ -8,10 +8,10 @@ from typing import Literal
 import dagster as dg
 from pydantic import PrivateAttr
 
-from flen_resources.project import Project
 from flen_resources.editors import Editor, get_editor
 from flen_resources.faces import FaceAnalyzer
 from flen_resources.lineage import LineageStore
+from flen_resources.project import Project
 from flen_resources.storage import DvcStore
 
 

@@ -7,11 +7,16 @@ import os
 import dagster as dg
 
 from flen_assets.assets import curation, edit_model, enrichment, lora, sources
+from flen_assets.dagster_resources import (
+                                              EditorResource,
+                                              FaceResource,
+                                              GeneratorResource,
+                                              ProjectResource,
+                                              TrainerResource,
+)
 from flen_assets.jobs import flywheel_job, training_set_job
 from flen_assets.sensors import inbox_sensor, next_iteration_sensor
 from flen_io_managers.partition_folder import PartitionFolderIOManager
-from flen_assets.dagster_resources import (EditorResource, FaceResource, GeneratorResource, ProjectResource,
-                                              TrainerResource)
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([sources, enrichment, curation, lora, edit_model]),

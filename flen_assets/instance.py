@@ -17,8 +17,8 @@ from dagster._core.events import DagsterEventType
 from dagster._core.launcher import CheckRunHealthResult, DefaultRunLauncher, WorkerStatus
 from dagster._core.storage.dagster_run import FINISHED_STATUSES, DagsterRunStatus, RunsFilter
 
-from flen_resources.project import Project
 from flen_resources.processes import ProcessRef
+from flen_resources.project import Project
 
 # The process that executes a run: set by `flen` on the runs it executes in process; runs launched
 # by the daemon are known by the pid of their run worker's first engine event.

@@ -20,10 +20,16 @@ from typing import Any
 import dagster as dg
 from dagster._core.utils import make_new_run_id
 
-from flen_assets.instance import (RUN_PROCESS_TAG, STOPPED_TAG, describe_run, get_instance, release_dead_runs,
-                                  slot_holders)
-from flen_resources.project import Project
+from flen_assets.instance import (
+    RUN_PROCESS_TAG,
+    STOPPED_TAG,
+    describe_run,
+    get_instance,
+    release_dead_runs,
+    slot_holders,
+)
 from flen_resources.processes import ProcessRef
+from flen_resources.project import Project
 
 Log = Callable[[str], None]
 

@@ -3,11 +3,11 @@
 
 import dagster as dg
 
+from flen_assets.dagster_resources import ProjectResource
 from flen_assets.jobs import flywheel_job, training_set_job
 from flen_assets.partitions import character_partitions, iteration_partitions, partition_key
-from flen_resources.project import InvalidNameError, validate_slug
 from flen_assets.review.store import Partition, ReviewStore, review_command
-from flen_assets.dagster_resources import ProjectResource
+from flen_resources.project import InvalidNameError, validate_slug
 
 
 @dg.sensor(job=training_set_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,

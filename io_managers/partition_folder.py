@@ -18,7 +18,6 @@ from flen_resources.project import MANIFEST, Project, split_partition_key
 from flen_resources.storage import DvcStore
 
 
-
 @dataclass(frozen=True)
 class PartitionFolder:
     """A published partition: its folder, its DVC md5 and its manifest table."""

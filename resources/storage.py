@@ -16,11 +16,18 @@ from pathlib import Path
 import yaml
 from filelock import FileLock
 
-from flen_resources.project import MANIFEST, Project
-from flen_resources.disk import (HEADROOM_BYTES, DiskFullError, disk_full_message, first_full_disk, folder_size,
-                                 free_bytes, is_disk_full, require_space)
+from flen_resources.disk import (
+    HEADROOM_BYTES,
+    DiskFullError,
+    disk_full_message,
+    first_full_disk,
+    folder_size,
+    free_bytes,
+    is_disk_full,
+    require_space,
+)
 from flen_resources.processes import ProcessRef
-
+from flen_resources.project import MANIFEST, Project
 
 # The DVC of this interpreter, whatever PATH says.
 DVC = [sys.executable, "-m", "dvc"]

@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/setup-browser.sh
+.venv/bin/ruff check --quiet .  # the lint rules in pyproject.toml: a finding fails the run like a test
 exec .venv/bin/python -m pytest "$@"

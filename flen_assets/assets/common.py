@@ -16,12 +16,11 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flen_resources.project import Project, iteration_number
+from flen_assets.dagster_resources import ProjectResource
 from flen_assets.visuals import Tile, contact_sheet, markdown_thumbnail, save_sheet
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
-from flen_assets.dagster_resources import ProjectResource
 from flen_resources.lineage import LineageStore, to_json, utcnow
-from flen_resources.project import MANIFEST
+from flen_resources.project import MANIFEST, Project, iteration_number
 from flen_resources.storage import DvcStore, PartitionMissing
 
 CODE_VERSION = "0.1.0"

@@ -12,12 +12,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from flen_assets.assets.common import PartitionRun, json_col, partition_asset, publish, write_manifest
+from flen_assets.dagster_resources import FaceResource, ProjectResource
 from flen_assets.partitions import character_iteration
 from flen_assets.review.gate import PASSED, human_decisions, review_check, review_metadata, reviewed_statuses, verdict
 from flen_assets.review.policy import POLICIES, character_policy
 from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
-from flen_assets.dagster_resources import FaceResource, ProjectResource
 from flen_resources.faces import face_distance
 from flen_resources.imaging import color_hash, is_near_duplicate, perceptual_hash, sharpness
 from flen_resources.lineage import utcnow

@@ -15,10 +15,10 @@ import pyarrow as pa
 from PIL import Image
 
 from flen_assets.assets.common import LoraAssetConfig, PartitionRun, partition_asset, publish, write_manifest
+from flen_assets.dagster_resources import ProjectResource, TrainerResource
 from flen_assets.review.gate import human_decisions, reviewed_statuses
 from flen_assets.visuals import Tile, markdown_thumbnail
 from flen_io_managers.partition_folder import PartitionFolder
-from flen_assets.dagster_resources import ProjectResource, TrainerResource
 from flen_resources.lineage import utcnow
 
 GROUP = "edit_model"

@@ -10,10 +10,10 @@ from tqdm import tqdm
 
 from flen_assets.assets.common import PartitionRun, json_col, partition_asset, publish, write_manifest
 from flen_assets.assets.edit_model import adapter_file
+from flen_assets.dagster_resources import EditorResource, ProjectResource
 from flen_assets.recipe import load_recipe
 from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder
-from flen_assets.dagster_resources import EditorResource, ProjectResource
 from flen_resources.imaging import save_png
 from flen_resources.lineage import utcnow
 

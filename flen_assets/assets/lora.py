@@ -9,14 +9,13 @@ import dagster as dg
 import numpy as np
 from PIL import Image
 
-from flen_assets.assets.common import (LoraAssetConfig, PartitionRun, json_col, partition_asset, publish,
-                                      write_manifest)
+from flen_assets.assets.common import LoraAssetConfig, PartitionRun, json_col, partition_asset, publish, write_manifest
 from flen_assets.assets.curation import FilterConfig, gate_image
+from flen_assets.dagster_resources import FaceResource, GeneratorResource, ProjectResource, TrainerResource
 from flen_assets.partitions import character_iteration
 from flen_assets.review.gate import PASSED, human_decisions, review_check, review_metadata, verdict
 from flen_assets.visuals import Tile, markdown_thumbnail
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
-from flen_assets.dagster_resources import FaceResource, GeneratorResource, ProjectResource, TrainerResource
 from flen_resources.faces import face_distance
 from flen_resources.lineage import utcnow
 

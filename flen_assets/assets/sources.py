@@ -15,12 +15,22 @@ import numpy as np
 from tqdm import tqdm
 
 from flen_assets.assets.common import PartitionRun, json_col, partition_asset, publish, write_manifest
+from flen_assets.dagster_resources import FaceResource, ProjectResource
 from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder
-from flen_assets.dagster_resources import FaceResource, ProjectResource
 from flen_resources.faces import DLIB_SAME_PERSON_DISTANCE, face_distance
-from flen_resources.imaging import (DEFAULT_MAX_PIXELS, ImageRejected, color_hash, decode_bytes, file_size_limit,
-                                     is_near_duplicate, perceptual_hash, resize_max_side, save_png, sharpness)
+from flen_resources.imaging import (
+    DEFAULT_MAX_PIXELS,
+    ImageRejected,
+    color_hash,
+    decode_bytes,
+    file_size_limit,
+    is_near_duplicate,
+    perceptual_hash,
+    resize_max_side,
+    save_png,
+    sharpness,
+)
 from flen_resources.intake import IntakeError, PhotoFolder, Refused, open_photo_folder, refused_entry_id
 from flen_resources.lineage import utcnow
 

@@ -3,18 +3,18 @@ and the link from a partition's Dagster metadata to its review page."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import warnings
-
 import dagster as dg
 
-from flen_resources.project import Project
 from flen_assets.review.policy import ReviewPolicy
 from flen_assets.review.store import Partition, ReviewStore, review_command, review_url, status_of
 from flen_resources.lineage import LineageStore
+from flen_resources.project import Project
+
 
 # The review checks (@asset_check in assets/curation.py and assets/lora.py) are partitioned like their
 # assets, one status per character x iteration in the UI; partitions on asset checks are a Dagster

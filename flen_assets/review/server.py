@@ -25,9 +25,9 @@ import math
 import os
 import secrets
 import threading
+from collections.abc import Callable
 from functools import lru_cache
 from importlib import resources
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,9 +40,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from flen_resources.project import InvalidNameError, Project
 from flen_assets.review.store import STATUSES, Partition, ReviewStore, UnknownImage, review_command
 from flen_resources.imaging import ImageRejected, decode_image
+from flen_resources.project import InvalidNameError, Project
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 TOKEN_HEADER = "X-Flen-Token"

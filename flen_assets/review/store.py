@@ -24,9 +24,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flen_resources.project import (MANIFEST, InvalidNameError, Project, iteration_number, validate_iteration,
-                                    validate_slug)
 from flen_resources.lineage import LineageStore, utcnow
+from flen_resources.project import (
+    MANIFEST,
+    InvalidNameError,
+    Project,
+    iteration_number,
+    validate_iteration,
+    validate_slug,
+)
 
 REVIEWABLE = ("filtered_images", "synthetic_batch")
 STATUSES = ("pending", "accepted", "rejected")

@@ -39,10 +39,21 @@ from tqdm import tqdm
 from flen_resources.models.pipelines import pick_dtype
 from flen_resources.models.sources import ResolvedModel, resolve_model
 from flen_resources.trainers.cache import FeatureCache, content_key
-from flen_resources.trainers.common import (LoraTrainConfig, TrainingError, TrainResult, buckets,
-                                            check_training_set, fit_image, free_memory, logit_normal_sigmas,
-                                            lora_transformer, nearest_bucket, pick_device, run_training_loop,
-                                            write_outputs)
+from flen_resources.trainers.common import (
+    LoraTrainConfig,
+    TrainingError,
+    TrainResult,
+    buckets,
+    check_training_set,
+    fit_image,
+    free_memory,
+    logit_normal_sigmas,
+    lora_transformer,
+    nearest_bucket,
+    pick_device,
+    run_training_loop,
+    write_outputs,
+)
 
 __all__ = ["MODEL_KEY", "MAX_CONTROLS", "QwenEditLoraTrainer", "LoraTrainConfig", "Triplet", "TrainResult",
            "TrainingError"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from conftest import shared_project
 from typer.testing import CliRunner
 
-from conftest import shared_project
 from flen_assets.cli import app
-from flen_resources.project import Project
 from flen_resources.lineage import LineageStore, utcnow
+from flen_resources.project import Project
 from flen_resources.storage import DvcStore, PublishedFolder
 from tests_helpers import folder_digest
 

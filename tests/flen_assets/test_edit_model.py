@@ -21,8 +21,8 @@ import pytest
 from conftest import shared_project
 from safetensors import safe_open
 
-from flen_resources.project import Project
 from flen_resources.lineage import LineageStore
+from flen_resources.project import Project
 
 CHARACTER = "alice"
 SAMPLES = ("portrait.jpg", "closeup.png", "side_light.jpg", "print_cmyk.jpg")  # the same person, 4 framings

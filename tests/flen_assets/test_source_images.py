@@ -16,11 +16,10 @@ import dagster as dg
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import shared_project
 import skimage.data
+from conftest import run_flen, shared_project
 from PIL import Image
 
-from conftest import run_flen
 from flen_resources.project import Project
 
 CHARACTER, ITERATION = "alice", "v1"

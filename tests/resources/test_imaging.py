@@ -12,8 +12,15 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from flen_resources.imaging import (ImageRejected, color_hash, decode_image, is_near_duplicate, perceptual_hash,
-                                     save_png, sha256_file)
+from flen_resources.imaging import (
+    ImageRejected,
+    color_hash,
+    decode_image,
+    is_near_duplicate,
+    perceptual_hash,
+    save_png,
+    sha256_file,
+)
 
 
 @pytest.fixture(scope="module")

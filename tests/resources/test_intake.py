@@ -17,8 +17,15 @@ from pathlib import Path
 import pytest
 
 from flen_resources.imaging import ImageRejected, open_regular, read_regular
-from flen_resources.intake import (REFUSED_RECORD, IntakeError, Refused, add_photos, load_record, open_photo_folder,
-                                   printable_name)
+from flen_resources.intake import (
+    REFUSED_RECORD,
+    IntakeError,
+    Refused,
+    add_photos,
+    load_record,
+    open_photo_folder,
+    printable_name,
+)
 
 MARKER = b"FLEN-SECRET-MARKER-7f3a9c"
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flen_resources.project import (InvalidNameError, Project, iteration_number, validate_iteration,
-                                 validate_slug)
+from flen_resources.project import InvalidNameError, Project, iteration_number, validate_iteration, validate_slug
 
 
 @pytest.mark.parametrize("name", ["alice", "a", "bob-2", "eileen_collins", "0day", "x" * 64])

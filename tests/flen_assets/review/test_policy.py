@@ -6,8 +6,8 @@ import multiprocessing
 
 import pytest
 
-from flen_resources.project import InvalidNameError, Project
 from flen_assets.review.policy import ReviewPolicy, character_policy, load_policies, set_character_policy
+from flen_resources.project import InvalidNameError, Project
 
 
 @pytest.mark.parametrize("failed, distance, auto, required, mixed", [

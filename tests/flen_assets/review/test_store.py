@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from flen_resources.project import InvalidNameError, Project
 from flen_assets.review.store import Partition, ReviewStore, UnknownImage
 from flen_resources.lineage import LineageStore, utcnow
+from flen_resources.project import InvalidNameError, Project
 from tests_helpers import build_review_partition
 
 PART = Partition.of("filtered_images", "bench", "v1")

@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from flen_assets.recipe import RecipeError, load_recipe
-from flen_resources.editors import EditRequest
-from flen_resources.editors import qwen_edit
+from flen_resources.editors import EditRequest, qwen_edit
 from flen_resources.editors.qwen_edit import EditInputError, QwenEditEditor, check_inputs
 from flen_resources.models.registry import ANGLE_PRESETS
 
