@@ -18,7 +18,7 @@ from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus
 from dagster._core.utils import make_new_run_id
 
 from flen_assets.demo_data import write_sample_inbox
-from flen_assets.instance import RUN_PROCESS_TAG, FlenRunLauncher, release_dead_runs, slot_holders
+from flen_assets.instance import RUN_PROCESS_TAG, FlenRunLauncher, get_instance, release_dead_runs, slot_holders
 from flen_assets.runs import init_project
 from flen_resources.processes import ProcessRef, this_host
 
@@ -51,7 +51,7 @@ def _gpu_holders(instance: dg.DagsterInstance) -> set[str]:
 
 
 def test_release_fails_dead_runs_and_frees_their_slots(project):
-    instance = init_project(project)
+    instance = get_instance(project)  # the Dagster instance alone: no git or DVC needed
     dead_ref, _ = _process(alive=False)
     live_ref, live = _process(alive=True)
     try:
@@ -73,7 +73,7 @@ def test_release_fails_dead_runs_and_frees_their_slots(project):
 
 
 def test_launcher_health_check_tells_dead_from_alive(project):
-    instance = init_project(project)
+    instance = get_instance(project)  # the Dagster instance alone: no git or DVC needed
     assert isinstance(instance.run_launcher, FlenRunLauncher), "dagster.yaml names flen's launcher"
     dead_ref, _ = _process(alive=False)
     live_ref, live = _process(alive=True)
@@ -90,7 +90,7 @@ def test_launcher_health_check_tells_dead_from_alive(project):
 
 def test_a_daemon_run_worker_is_known_by_its_engine_event(project):
     # Runs launched by the daemon carry no flen tag: their worker's pid comes from Dagster's own event.
-    instance = init_project(project)
+    instance = get_instance(project)  # the Dagster instance alone: no git or DVC needed
     ref, _ = _process(alive=False)
     run = instance.add_run(DagsterRun(job_name="flywheel_job", run_id=make_new_run_id(),
                                       status=DagsterRunStatus.STARTED))
@@ -204,7 +204,7 @@ def test_waiting_command_goes_on_when_the_holder_dies(project):
 
 @pytest.mark.slow
 def test_the_daemon_fails_a_dead_run_and_frees_its_slot(project):
-    instance = init_project(project)
+    instance = get_instance(project)  # the Dagster instance alone: no git or DVC needed
     dead_ref, _ = _process(alive=False)
     dead = _started_run_holding_gpu(instance, dead_ref)
     workspace = Path(__file__).resolve().parents[2] / "workspace.yaml"
