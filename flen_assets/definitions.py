@@ -15,7 +15,7 @@ from flen_assets.dagster_resources import (
                                               TrainerResource,
 )
 from flen_assets.jobs import flywheel_job, training_set_job
-from flen_assets.sensors import inbox_sensor, next_iteration_sensor
+from flen_assets.sensors import dead_runs_sensor, inbox_sensor, next_iteration_sensor
 from flen_io_managers.partition_folder import PartitionFolderIOManager
 
 defs = dg.Definitions(
@@ -23,7 +23,7 @@ defs = dg.Definitions(
     # The review gates (blocking checks on filtered_images and synthetic_batch) are @asset_check functions.
     asset_checks=dg.load_asset_checks_from_modules([curation, lora]),
     jobs=[training_set_job, flywheel_job],
-    sensors=[inbox_sensor, next_iteration_sensor],
+    sensors=[inbox_sensor, next_iteration_sensor, dead_runs_sensor],
     resources={
         "project": ProjectResource(),
         "faces": FaceResource(),

@@ -27,7 +27,9 @@ RUN_PROCESS_TAG = "flen/process"
 STOPPED_TAG = "flen/stopped"
 
 # Pools: `gpu` (one big model on the card at a time). Run monitoring asks FlenRunLauncher whether a
-# run's worker still lives and fails the run when not; the slots of ended runs are freed soon after.
+# run's worker still lives and fails the run when not; dead_runs_sensor stops the step processes a
+# killed worker left and frees the slots of ended runs within seconds; the daemon's own freeing of
+# slots (60 s after a run ends) is the backstop.
 DAGSTER_YAML = """\
 # Written by flen; edit freely, flen only creates it when missing.
 telemetry:
@@ -39,7 +41,7 @@ run_monitoring:
   enabled: true
   poll_interval_seconds: 10
   max_resume_run_attempts: 0
-  free_slots_after_run_end_seconds: 5
+  free_slots_after_run_end_seconds: 60
 concurrency:
   pools:
     default_limit: 1
@@ -123,7 +125,7 @@ def release_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] |
         message = (f"the process of this run (pid {process.pid} on {process.host}) is gone: killed, out of memory "
                    "or the machine stopped. Marked failed by flen; its pool slots are freed. Launch it again to "
                    "resume (finished assets and training checkpoints are kept).")
-        instance.add_run_tags(run.run_id, {STOPPED_TAG: f"died in {current_step(instance, run) or 'its start'}"})
+        instance.add_run_tags(run.run_id, {STOPPED_TAG: _where_it_stopped(instance, run)})
         if run.status == DagsterRunStatus.CANCELING:
             instance.report_run_canceled(run, message)
         else:
@@ -131,12 +133,12 @@ def release_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] |
         released.append(run.run_id)
         if log:
             log(f"run {run.run_id[:8]} ({describe_run(run)}) had died: marked failed, its slots freed")
-    _free_slots_of_ended_runs(instance)
+    _free_slots_of_ended_runs(instance, log)
     return released
 
 
-def _free_slots_of_ended_runs(instance: dg.DagsterInstance) -> None:
-    """Free the pool slots still held by runs that have ended (Dagster's own delay is for the daemon)."""
+def _free_slots_of_ended_runs(instance: dg.DagsterInstance, log: Callable[[str], None] | None = None) -> None:
+    """Free the pool slots still held by ended runs, once the step processes they left are stopped."""
     storage = instance.event_log_storage
     if not storage.supports_global_concurrency_limits:
         return
@@ -144,14 +146,64 @@ def _free_slots_of_ended_runs(instance: dg.DagsterInstance) -> None:
     if not holders:
         return
     for record in instance.get_run_records(RunsFilter(run_ids=list(holders), statuses=list(FINISHED_STATUSES))):
-        storage.free_concurrency_slots_for_run(record.dagster_run.run_id)
+        run = record.dagster_run
+        # A killed run worker leaves its step processes running: they would keep the card the slot stands for.
+        orphans = stop_orphaned_steps(instance, run)
+        if orphans and log:
+            log(f"run {run.run_id[:8]} had left step processes running (pid {', '.join(map(str, orphans))}): stopped")
+        storage.free_concurrency_slots_for_run(run.run_id)
 
 
-def current_step(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
-    """The step a run had started last (where it was when it stopped)."""
-    started = instance.get_records_for_run(run.run_id, of_type=DagsterEventType.STEP_START, limit=1,
-                                           ascending=False).records
-    return started[0].event_log_entry.step_key if started else None
+def unfinished_steps(instance: dg.DagsterInstance, run: dg.DagsterRun) -> list[str]:
+    """The steps a run had started and not finished (where it was when it stopped)."""
+    started, ended = [], set()
+    ends = {DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE, DagsterEventType.STEP_SKIPPED}
+    for record in instance.get_records_for_run(run.run_id, of_type={DagsterEventType.STEP_START, *ends}).records:
+        entry = record.event_log_entry
+        if entry.dagster_event.event_type == DagsterEventType.STEP_START:
+            started.append(entry.step_key)
+        else:
+            ended.add(entry.step_key)
+    return [step for step in started if step not in ended]
+
+
+def _where_it_stopped(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
+    steps = unfinished_steps(instance, run)
+    return f"died in {', '.join(steps)}" if steps else "died between steps"
+
+
+def step_processes(instance: dg.DagsterInstance, run: dg.DagsterRun) -> list[ProcessRef]:
+    """The processes a run started for its steps (the multiprocess executor logs each one's pid)."""
+    from flen_resources.processes import this_host
+
+    worker = run_process(instance, run)
+    found = []
+    for record in instance.get_records_for_run(run.run_id, of_type=DagsterEventType.ENGINE_EVENT).records:
+        entry = record.event_log_entry
+        data = entry.dagster_event.engine_event_data if entry.dagster_event else None
+        pid = data.metadata.get("pid") if data else None
+        if pid is not None and (worker is None or int(pid.value) != worker.pid):
+            found.append(ProcessRef(this_host(), int(pid.value), entry.timestamp))
+    return found
+
+
+def stop_orphaned_steps(instance: dg.DagsterInstance, run: dg.DagsterRun) -> list[int]:
+    """Kill the step processes an ended run left behind (its worker was killed; they would keep the GPU)."""
+    import psutil
+
+    killed = []
+    for ref in step_processes(instance, run):
+        if ref.is_dead():
+            continue
+        try:
+            proc = psutil.Process(ref.pid)
+            for child in proc.children(recursive=True):
+                child.kill()
+            proc.kill()
+            killed.append(ref.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return killed
 
 
 def describe_run(run: dg.DagsterRun) -> str:
@@ -183,8 +235,8 @@ class FlenRunLauncher(DefaultRunLauncher):
         if process is None:  # run monitoring fails a run on anything but RUNNING: not known yet is alive
             return CheckRunHealthResult(WorkerStatus.RUNNING, "no process recorded yet")
         if process.is_dead():
-            step = current_step(self._instance, run) or "its start"
-            self._instance.add_run_tags(run.run_id, {STOPPED_TAG: f"died in {step}"})
+            self._instance.add_run_tags(run.run_id, {STOPPED_TAG: _where_it_stopped(self._instance, run)})
+            stop_orphaned_steps(self._instance, run)
             return CheckRunHealthResult(WorkerStatus.FAILED,
                                         f"run worker pid {process.pid} on {process.host} is gone (killed or crashed)")
         return CheckRunHealthResult(WorkerStatus.RUNNING, f"pid {process.pid} on {process.host}")

@@ -4,6 +4,7 @@
 import dagster as dg
 
 from flen_assets.dagster_resources import ProjectResource
+from flen_assets.instance import release_dead_runs
 from flen_assets.jobs import flywheel_job, training_set_job
 from flen_assets.partitions import character_partitions, iteration_partitions, partition_key
 from flen_assets.review.store import Partition, ReviewStore, review_command
@@ -68,3 +69,11 @@ def next_iteration_sensor(context: dg.SensorEvaluationContext, project: ProjectR
                              "no character has a finished iteration waiting for the next one")
     return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=(
         [iteration_partitions.build_add_request(sorted(new_iterations))] if new_iterations else []))
+
+
+@dg.sensor(minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Fails runs whose process died, stops the step processes a killed run worker left "
+                       "running, and frees their pool slots (flen commands do the same when they start).")
+def dead_runs_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    released = release_dead_runs(context.instance, context.log.info)
+    return dg.SkipReason(f"released {len(released)} dead run(s)" if released else "no dead run holds anything")

@@ -98,6 +98,38 @@ def test_a_daemon_run_worker_is_known_by_its_engine_event(project):
     assert release_dead_runs(instance) == [run.run_id]
 
 
+def test_step_processes_a_killed_worker_left_are_stopped_before_the_slot_is_freed(project):
+    # The multiprocess executor (runs launched from the UI) starts a process per step; when its run
+    # worker is killed they keep running, and would keep the GPU the freed slot stands for.
+    instance = get_instance(project)
+    worker, _ = _process(alive=False)
+    step, step_proc = _process(alive=True)
+    run_id = _started_run_holding_gpu(instance, worker, step="enriched_images")
+    run = instance.get_run_by_id(run_id)
+    instance.report_engine_event("Launching subprocess for enriched_images", run,
+                                 EngineEventData.multiprocess(step.pid), step_key="enriched_images")
+    instance.report_engine_event("Executing step enriched_images in subprocess", run,
+                                 EngineEventData(metadata={"step_key": dg.MetadataValue.text("enriched_images")}),
+                                 step_key="enriched_images")
+    instance.report_run_failed(run, "marked failed from outside (the code server saw its worker die)")
+    said = []
+    release_dead_runs(instance, said.append)
+    assert step_proc.wait(timeout=10) == -signal.SIGKILL, "the orphaned step process was stopped"
+    assert not _gpu_holders(instance)
+    assert any(f"pid {step.pid}" in line and "stopped" in line for line in said), said
+
+
+def test_the_sensor_releases_dead_runs(project):
+    from flen_assets.sensors import dead_runs_sensor
+
+    instance = get_instance(project)
+    dead_ref, _ = _process(alive=False)
+    dead = _started_run_holding_gpu(instance, dead_ref)
+    result = dead_runs_sensor(dg.build_sensor_context(instance=instance))
+    assert "released 1 dead run" in result.skip_message
+    assert instance.get_run_by_id(dead).status == DagsterRunStatus.FAILURE and not _gpu_holders(instance)
+
+
 def test_old_instance_config_is_upgraded(project):
     from flen_assets.instance import _OLD_DAGSTER_YAMLS, DAGSTER_YAML, ensure_dagster_home
 

@@ -17,7 +17,7 @@ def test_defs_validate_and_resolve_everything():
     assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ASSETS
     for job in ("training_set_job", "flywheel_job"):
         assert defs.resolve_job_def(job).name == job
-    for sensor in ("inbox_sensor", "next_iteration_sensor"):
+    for sensor in ("inbox_sensor", "next_iteration_sensor", "dead_runs_sensor"):
         assert defs.resolve_sensor_def(sensor).name == sensor
     checks = {k.name for k in graph.asset_check_keys}
     assert {"review_complete", "synthetic_review_complete", "all_inbox_files_usable", "enough_sources"} <= checks
