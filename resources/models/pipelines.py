@@ -36,15 +36,12 @@ def nf4_config(pipeline: str, components: list[str] | None = None) -> Any:
     """A diffusers PipelineQuantizationConfig that loads the big components in bitsandbytes nf4."""
     from diffusers.quantizers import PipelineQuantizationConfig
 
-    return PipelineQuantizationConfig(
-        quant_backend="bitsandbytes_4bit",
-        quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16,
-                      "bnb_4bit_use_double_quant": False},
-        components_to_quantize=components or QUANTIZABLE[pipeline],
-    )
+    return PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit", quant_kwargs=nf4_kwargs(),
+                                      components_to_quantize=components or QUANTIZABLE[pipeline])
 
 
-def _bnb_kwargs() -> dict[str, Any]:
+def nf4_kwargs() -> dict[str, Any]:
+    """The one nf4 setting (bitsandbytes 4-bit NormalFloat, bf16 compute) for inference and training alike."""
     return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16,
             "bnb_4bit_use_double_quant": False}
 
@@ -66,9 +63,9 @@ def load_nf4_components(model: ResolvedModel, pipeline: str, dtype: torch.dtype)
     for name in QUANTIZABLE[pipeline]:
         library, class_name = index[name]
         if library == "diffusers":
-            cls, config = getattr(diffusers, class_name), diffusers.BitsAndBytesConfig(**_bnb_kwargs())
+            cls, config = getattr(diffusers, class_name), diffusers.BitsAndBytesConfig(**nf4_kwargs())
         else:
-            cls, config = getattr(transformers, class_name), transformers.BitsAndBytesConfig(**_bnb_kwargs())
+            cls, config = getattr(transformers, class_name), transformers.BitsAndBytesConfig(**nf4_kwargs())
         component = cls.from_pretrained(str(model.path / name), quantization_config=config, dtype=dtype,
                                         use_safetensors=True)
         component.to("cpu")

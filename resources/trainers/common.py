@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from flen_resources.models.pipelines import nf4_kwargs
 from flen_resources.trainers.attention import training_attention, use_attention
 
 TRAINER_VERSION = "1"
@@ -212,12 +213,6 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def make_optimizer(params: list[torch.nn.Parameter], config: LoraTrainConfig, device: torch.device):
     """8-bit AdamW (bitsandbytes) on a GPU, torch AdamW otherwise."""
     if config.optimizer == "adamw8bit" and device.type == "cuda":
@@ -243,8 +238,7 @@ def lora_transformer(model_cls, folder: Path, config: LoraTrainConfig, device: t
     if config.quantization == "nf4":
         if device.type != "cuda":
             raise TrainingError("nf4 (QLoRA) needs a CUDA GPU; use quantization 'none' on the CPU")
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["quantization_config"] = BitsAndBytesConfig(**nf4_kwargs())
         kwargs["device_map"] = {"": str(device)}  # quantized straight onto the GPU
     transformer = model_cls.from_pretrained(str(folder), **kwargs)
     if config.quantization != "nf4":

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from flen_resources.models.pipelines import pick_dtype
+from flen_resources.models.pipelines import pick_device, pick_dtype
 from flen_resources.models.sources import ResolvedModel, resolve_model
 from flen_resources.trainers.cache import FeatureCache, content_key
 from flen_resources.trainers.common import (
@@ -31,7 +31,6 @@ from flen_resources.trainers.common import (
     logit_normal_sigmas,
     lora_transformer,
     nearest_bucket,
-    pick_device,
     run_training_loop,
     write_outputs,
 )
