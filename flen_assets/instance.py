@@ -108,20 +108,14 @@ def run_process(instance: dg.DagsterInstance, run: dg.DagsterRun) -> ProcessRef 
     return None
 
 
-def worker_is_dead(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
-    """True when the run's process is known and gone."""
-    process = run_process(instance, run)
-    return process is not None and process.is_dead()
-
-
 def release_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] | None = None) -> list[str]:
     """Fail the live-looking runs whose process died and free every pool slot of an ended run; returns run ids."""
     released = []
     for record in instance.get_run_records(RunsFilter(statuses=_LIVE_STATUSES)):
         run = record.dagster_run
-        if not worker_is_dead(instance, run):
-            continue
         process = run_process(instance, run)
+        if process is None or not process.is_dead():
+            continue
         message = (f"the process of this run (pid {process.pid} on {process.host}) is gone: killed, out of memory "
                    "or the machine stopped. Marked failed by flen; its pool slots are freed. Launch it again to "
                    "resume (finished assets and training checkpoints are kept).")
