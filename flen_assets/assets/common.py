@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import warnings
@@ -165,8 +164,3 @@ def publish(run: PartitionRun, project: ProjectResource, staged: Path, *, params
     })
     folder = PartitionFolder(run.asset, run.character, run.iteration, published.path, published.dvc_md5)
     return dg.Output(folder, data_version=dg.DataVersion(published.dvc_md5), metadata=meta)
-
-
-def json_col(value: Any) -> str:
-    """A JSON string column for manifests."""
-    return json.dumps(value, sort_keys=True, default=str)

@@ -1,86 +1,40 @@
 """Curation: gate every candidate image, then assemble the captioned training set."""
 
 
-import json
 import shutil
 from collections import Counter
-from dataclasses import dataclass
 
 import dagster as dg
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from flen_assets.assets.common import PartitionRun, json_col, partition_asset, publish, write_manifest
+from flen_assets.assets.common import PartitionRun, partition_asset, publish, write_manifest
+from flen_assets.assets.gating import ImageJudge, Judged, review_policy
 from flen_assets.dagster_resources import FaceResource, ProjectResource
 from flen_assets.partitions import character_iteration
-from flen_assets.review.gate import PASSED, human_decisions, review_check, review_metadata, reviewed_statuses, verdict
-from flen_assets.review.policy import POLICIES, character_policy
+from flen_assets.review.gate import human_decisions, review_check, review_metadata, reviewed_statuses
 from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
-from flen_resources.faces import face_distance
-from flen_resources.imaging import color_hash, is_near_duplicate, perceptual_hash, sharpness
+from flen_resources.identity import GateSettings, KeptImages, Reference
 from flen_resources.lineage import utcnow
 
 GROUP = "curation"
 
 
 class FilterConfig(dg.Config):
-    """Gate thresholds. The identity threshold comes from identity_reference."""
+    """Gate thresholds (flen_resources.identity.GateSettings). The identity threshold comes from identity_reference."""
 
-    min_face_px: int = 40
-    min_face_sharpness: float = 20.0  # variance of the Laplacian inside the face box
-    near_duplicate_distance: int = 4  # pHash Hamming distance (with matching colours) to a kept image
+    min_face_px: int = GateSettings.min_face_px
+    min_face_sharpness: float = GateSettings.min_face_sharpness  # variance of the Laplacian inside the face box
+    near_duplicate_distance: int = GateSettings.near_duplicate_distance  # pHash Hamming distance to a kept image
     # Review policy: '' takes the character's own (`flen character policy NAME ...`, default auto);
     # auto | required | mixed override it for this run. See flen_assets/review/policy.py.
     review_policy: str = ""
     review_margin: float = -1.0  # mixed: borderline band around the identity threshold; < 0: the character's
 
-    def policy(self, project, character: str):
-        """The ReviewPolicy for `character` under this config."""
-        if self.review_policy and self.review_policy not in POLICIES:
-            raise dg.Failure(f"unknown review_policy {self.review_policy!r}: use one of {', '.join(POLICIES)} "
-                             "(or leave it empty for the character's own)")
-        return character_policy(project, character, self.review_policy,
-                                None if self.review_margin < 0 else self.review_margin)
-
-
-@dataclass
-class GateResult:
-    gate: str
-    passed: bool
-    value: float | None
-    threshold: float | None
-    reason: str
-
-
-def gate_image(img: Image.Image, analyzer, reference: np.ndarray, threshold: float,
-               kept_hashes: list[tuple[str, str, str]],
-               config: FilterConfig) -> tuple[list[GateResult], dict]:
-    """Run every gate on one image; returns the per-gate results and the measurements."""
-    faces = analyzer.analyze(img)
-    face = faces[0] if faces else None
-    phash, colors = perceptual_hash(img), color_hash(img)
-    results = [GateResult("one_face", len(faces) == 1, float(len(faces)), 1.0,
-                          "one face" if len(faces) == 1 else ("no face found" if not faces else f"{len(faces)} faces found"))]
-    dist = face_distance(face.embedding, reference) if face else None
-    results.append(GateResult("identity", dist is not None and dist <= threshold, dist, threshold,
-                              "no face to compare" if dist is None else
-                              (f"same person (distance {dist:.3f} <= {threshold:.3f})" if dist <= threshold
-                               else f"identity drift: distance {dist:.3f} > {threshold:.3f}")))
-    size = face.size if face else 0
-    results.append(GateResult("face_size", size >= config.min_face_px, float(size), float(config.min_face_px),
-                              f"face {size}px" + ("" if size >= config.min_face_px else f" < {config.min_face_px}px")))
-    sharp = sharpness(img, face.box) if face else 0.0
-    results.append(GateResult("sharpness", sharp >= config.min_face_sharpness, sharp, config.min_face_sharpness,
-                              f"face sharpness {sharp:.1f}" + ("" if sharp >= config.min_face_sharpness else " too blurry")))
-    dup = next((name for h, c, name in kept_hashes
-                if is_near_duplicate(h, c, phash, colors, config.near_duplicate_distance)), None)
-    results.append(GateResult("duplicate", dup is None, None, float(config.near_duplicate_distance),
-                              "unique" if dup is None else f"near-duplicate of {dup}"))
-    measures = dict(n_faces=len(faces), identity_distance=dist, face_size=size, face_sharpness=sharp, phash=phash, colorhash=colors,
-                    duplicate_of=dup, face_box=json_col(face.box) if face else None)
-    return results, measures
+    def gate_settings(self) -> GateSettings:
+        return GateSettings(self.min_face_px, self.min_face_sharpness, self.near_duplicate_distance)
 
 
 @partition_asset(GROUP)
@@ -91,51 +45,24 @@ def filtered_images(context: dg.AssetExecutionContext, config: FilterConfig, pro
     size, face sharpness and near-duplicates, then the review decision. Each image gets a decision
     and the reason for it, in gates.parquet (the manifest) and in lineage."""
     run = PartitionRun.start(context, project)
-    ref = json.loads((identity_reference.path / "reference.json").read_text())
-    reference, threshold = np.array(ref["embedding"]), float(ref["threshold"])
-    kept_hashes = [(r["phash"], r["colorhash"], r["original_name"])
-                   for r in source_images.rows() if r["status"] == "accepted"]
+    reference = Reference.load(identity_reference.path)
+    sources = KeptImages([(r["phash"], r["colorhash"], r["original_name"])
+                          for r in source_images.rows() if r["status"] == "accepted"])
+    policy = review_policy(run, config.review_policy, config.review_margin)
+    judge = ImageJudge(faces.analyzer, reference, config.gate_settings(), policy,
+                       human_decisions(run.project, run.lineage, run.asset, run.character, run.iteration),
+                       run.stamp, kept=sources)
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
-
-    policy = config.policy(run.project, run.character)
-    humans = human_decisions(run.project, run.lineage, run.asset, run.character, run.iteration)
-    rows, decision_rows, tiles, verdicts = [], [], [], []
+    rows, decision_rows, tiles = [], [], []
     for cand in tqdm(enriched_images.rows(), desc=f"gate {run.character}/{run.iteration}", unit="img"):
         img = Image.open(enriched_images.path / cand["image_path"]).convert("RGB")
-        results, measures = gate_image(img, faces.analyzer, reference, threshold, kept_hashes, config)
-        failed = [g for g in results if not g.passed]
-        decided = verdict(policy, [g.gate for g in failed], measures["identity_distance"], threshold,
-                          humans.get(cand["image_id"]))
-        verdicts.append(decided)
-        accepted = decided.accepted
         label = f"{cand['recipe_id']} · {cand['parent_name']}"
-        if not failed:  # passed the automatic gates: later near-duplicates of it are duplicates, whatever review says
-            kept_hashes.append((measures["phash"], measures["colorhash"], label))
-        gate_reason = "passed all gates" if not failed else "; ".join(g.reason for g in failed)
-        reason = {"accepted": gate_reason, "rejected": gate_reason, "pending": "awaiting human review"}[decided.status]
-        if decided.decided_by == "human":
-            reason = f"{decided.status} by a human ({gate_reason})"
+        judged = judge.judge(cand["image_id"], img, label)
         rows.append(dict(image_id=cand["image_id"], image_path=cand["image_path"], parent_id=cand["parent_id"],
                          parent_name=cand["parent_name"], recipe_id=cand["recipe_id"], caption=cand["caption"],
-                         accepted=accepted, reason=reason, gate_reason=gate_reason,
-                         failed_gates=",".join(g.gate for g in failed),
-                         review=decided.review_text, review_status=decided.status,
-                         policy_status=decided.policy_status, policy_reason=decided.policy_reason,
-                         review_source=decided.decided_by,
-                         identity_threshold=threshold, **measures))
-        now = utcnow()
-        decision_rows += [run.stamp(image_id=cand["image_id"], gate=g.gate, passed=g.passed, value=g.value,
-                                    threshold=g.threshold, reason=g.reason, source="gate", decided_at=now)
-                          for g in results]
-        # The policy's own verdict (passed NULL: pending); human decisions are rows of their own.
-        decision_rows.append(run.stamp(image_id=cand["image_id"], gate="policy", passed=PASSED[decided.policy_status],
-                                       value=measures["identity_distance"], threshold=threshold,
-                                       reason=decided.policy_reason, source="policy", decided_at=now))
-        decision_rows.append(run.stamp(image_id=cand["image_id"], gate="final", passed=PASSED[decided.status],
-                                       reason=reason, source="gate", decided_at=now))
-        tag = "" if accepted else ("[pending] " if decided.status == "pending" else
-                                   f"[{failed[0].gate if failed else 'review'}] ")
-        tiles.append(Tile(img, tag + label, accepted))
+                         **judged.review_columns(reference.threshold), **judged.gate.measures))
+        decision_rows += judged.decision_rows
+        tiles.append(Tile(img, tile_tag(judged) + label, judged.accepted))
     write_manifest(rows, staged)
     run.lineage.append("decisions", decision_rows)
     n_ok = sum(r["accepted"] for r in rows)
@@ -152,12 +79,21 @@ def filtered_images(context: dg.AssetExecutionContext, config: FilterConfig, pro
                    models={"faces": f"face_recognition/{faces.model}"},
                    metadata={"candidates": len(rows), "accepted": n_ok, "rejected": len(rows) - n_ok - n_pending,
                              "pending": n_pending,
-                             **review_metadata(run.asset, run.character, run.iteration, verdicts, policy),
+                             **review_metadata(run.asset, run.character, run.iteration, judge.verdicts, policy),
                              "acceptance_rate": round(n_ok / len(rows), 3) if rows else 0.0,
-                             "failed_by_gate": dict(fails), "identity_threshold": threshold,
+                             "failed_by_gate": dict(fails), "identity_threshold": reference.threshold,
                              "identity_distance_mean": round(float(np.mean(dists)), 4) if dists else None,
                              "identity_distance_max": round(float(np.max(dists)), 4) if dists else None},
                    sheet=tiles)
+
+
+def tile_tag(judged: Judged) -> str:
+    """The contact-sheet prefix of a filtered image: empty when accepted, else why not."""
+    if judged.accepted:
+        return ""
+    if judged.verdict.status == "pending":
+        return "[pending] "
+    return f"[{judged.gate.failed_names[0] if judged.gate.failed else 'review'}] "
 
 
 @dg.asset_check(asset=filtered_images, blocking=True, partitions_def=character_iteration,

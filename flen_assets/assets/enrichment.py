@@ -8,14 +8,14 @@ import dagster as dg
 from PIL import Image
 from tqdm import tqdm
 
-from flen_assets.assets.common import PartitionRun, json_col, partition_asset, publish, write_manifest
+from flen_assets.assets.common import PartitionRun, partition_asset, publish, write_manifest
 from flen_assets.assets.edit_model import adapter_file
 from flen_assets.dagster_resources import EditorResource, ProjectResource
 from flen_assets.recipe import load_recipe
 from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder
 from flen_resources.imaging import save_png
-from flen_resources.lineage import utcnow
+from flen_resources.lineage import to_json, utcnow
 
 GROUP = "enrichment"
 ADAPTER_LORA = "qwen-adapter"  # the LoRA name of qwen_adapter v(N-1) in the editor's stack
@@ -91,15 +91,15 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
         image_id, png = save_png(result.image, staged / "images")
         rows.append(dict(image_id=image_id, image_path=f"images/{png.name}", parent_id=source["image_id"],
                          parent_name=source["original_name"], recipe=recipe.name, recipe_version=recipe.version,
-                         recipe_id=entry.id, operation=result.operation, params=json_col(result.params),
+                         recipe_id=entry.id, operation=result.operation, params=to_json(result.params),
                          prompt=result.prompt, seed=result.seed, model=result.model,
-                         adapters=json_col(result.adapters), caption=entry.caption))
+                         adapters=to_json(result.adapters), caption=entry.caption))
         image_rows.append(run.stamp(image_id=image_id, path=f"{part_rel}/images/{png.name}",
                                     width=result.image.width, height=result.image.height, status="generated",
                                     created_at=utcnow()))
         edge_params = {**result.params, **({"loras": result.adapters} if result.adapters else {})}
         edge_rows.append(run.stamp(child_id=image_id, parent_id=source["image_id"], operation=result.operation,
-                                   params=json_col(edge_params), prompt=result.prompt, seed=result.seed,
+                                   params=to_json(edge_params), prompt=result.prompt, seed=result.seed,
                                    model=result.model, created_at=utcnow()))
         tiles.append(Tile(result.image, f"{entry.id} · {source['original_name']}"))
     models = sorted({r["model"] for r in rows})

@@ -2,33 +2,28 @@
 
 import json
 import shutil
-from itertools import combinations
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 from PIL import Image
 
-from flen_assets.assets.common import LoraAssetConfig, PartitionRun, json_col, partition_asset, publish, write_manifest
-from flen_assets.assets.curation import FilterConfig, gate_image
+from flen_assets.assets.common import LoraAssetConfig, PartitionRun, partition_asset, publish, write_manifest
+from flen_assets.assets.gating import ImageJudge, review_policy
 from flen_assets.dagster_resources import FaceResource, GeneratorResource, ProjectResource, TrainerResource
 from flen_assets.partitions import character_iteration
-from flen_assets.review.gate import PASSED, human_decisions, review_check, review_metadata, verdict
+from flen_assets.review.gate import human_decisions, review_check, review_metadata
 from flen_assets.visuals import Tile, markdown_thumbnail
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
-from flen_resources.faces import face_distance
-from flen_resources.lineage import utcnow
+from flen_resources.atomic import write_text_atomic
+from flen_resources.identity import GateSettings, Reference, score_generations
+from flen_resources.imaging import save_png
+from flen_resources.lineage import to_json, utcnow
 
 GROUP = "lora"
 
 
 class FluxLoraConfig(LoraAssetConfig):
     """FLUX LoRA training knobs (defaults: a character LoRA, ~1500 steps, r16, lr 1e-4)."""
-
-
-def _reference(identity_reference: PartitionFolder) -> tuple[np.ndarray, float]:
-    ref = json.loads((identity_reference.path / "reference.json").read_text())
-    return np.array(ref["embedding"]), float(ref["threshold"])
 
 
 @partition_asset(GROUP, pool="gpu")
@@ -91,24 +86,6 @@ def _trigger(training_set_rows: list[dict], character: str) -> str:
     return caption.removeprefix("photo of ").split(",")[0] or f"{character}_flen"
 
 
-def _score(images: list[Image.Image], analyzer, reference: np.ndarray, threshold: float) -> tuple[dict, list[dict]]:
-    """Identity metrics of generated images against the reference."""
-    rows, embeddings = [], []
-    for img in images:
-        faces = analyzer.analyze(img)
-        dist = face_distance(faces[0].embedding, reference) if faces else None
-        rows.append({"face": bool(faces), "distance": dist, "same_person": dist is not None and dist <= threshold})
-        if faces:
-            embeddings.append(faces[0].embedding)
-    n = len(rows) or 1
-    dists = [r["distance"] for r in rows if r["distance"] is not None]
-    pairs = [face_distance(a, b) for a, b in combinations(embeddings, 2)]
-    return {"identity_consistency": sum(r["same_person"] for r in rows) / n,
-            "face_detected_rate": sum(r["face"] for r in rows) / n,
-            "mean_distance": float(np.mean(dists)) if dists else float("nan"),
-            "diversity": float(np.mean(pairs)) if pairs else float("nan")}, rows
-
-
 @partition_asset(GROUP, pool="gpu", check_specs=[
     dg.AssetCheckSpec("not_worse_than_previous", asset="lora_eval",
                       description="Identity consistency of vN is at least that of v(N-1)."),
@@ -122,7 +99,7 @@ def lora_eval(context: dg.AssetExecutionContext, config: EvalConfig, project: Pr
     whose face matches the reference within the threshold), face-detected rate, mean distance and
     diversity, a contact sheet, and the metrics of every iteration so far as a plot."""
     run = PartitionRun.start(context, project)
-    reference, threshold = _reference(identity_reference)
+    reference = Reference.load(identity_reference.path)
     trigger = _trigger(training_set.rows(), run.character)
     gen = generator.get()
     images, rows, tiles = [], [], []
@@ -133,7 +110,7 @@ def lora_eval(context: dg.AssetExecutionContext, config: EvalConfig, project: Pr
                                 steps=config.steps):
             images.append(out.image)
             rows.append({"prompt": prompt, "seed": out.seed, "model": out.model, "lora_weight": config.lora_weight})
-    metrics, scored = _score(images, faces.analyzer, reference, threshold)
+    metrics, scored = score_generations(images, faces.analyzer, reference)
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
     (staged / "images").mkdir()
     for i, (img, row, score) in enumerate(zip(images, rows, scored)):
@@ -153,7 +130,7 @@ def lora_eval(context: dg.AssetExecutionContext, config: EvalConfig, project: Pr
     consistency = metrics["identity_consistency"]
     yield publish(run, project, staged, params=config.model_dump(), models={"generator": gen.model_id()},
                   metadata={**{k: round(v, 4) for k, v in metrics.items()}, "images": len(images),
-                            "threshold": threshold, "history": dg.MetadataValue.md(markdown_thumbnail(
+                            "threshold": reference.threshold, "history": dg.MetadataValue.md(markdown_thumbnail(
                                 Image.open(staged / "history.png"), alt="metrics across iterations"))},
                   sheet=tiles)
     prev_value = previous[-1]["identity_consistency"] if previous else None
@@ -178,12 +155,9 @@ def _history(run: PartitionRun, current: dict) -> list[dict]:
     table[run.iteration] = {"iteration": run.iteration, **current}
     history = sorted(table.values(), key=lambda h: int(h["iteration"][1:]))
     report = run.project.data_dir / "reports" / f"eval_history-{run.character}.csv"
-    report.parent.mkdir(parents=True, exist_ok=True)
     keys = ["iteration", "identity_consistency", "face_detected_rate", "mean_distance", "diversity"]
     lines = [",".join(keys)] + [",".join(str(h.get(k, "")) for k in keys) for h in history]
-    tmp = report.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(report)
+    write_text_atomic(report, "\n".join(lines) + "\n")
     return history
 
 
@@ -229,63 +203,41 @@ def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, 
     """Images generated with LoRA vN, each gated like an enriched image (one face, identity, size,
     sharpness, duplicates) with a review decision; the accepted ones feed training set v(N+1)."""
     run = PartitionRun.start(context, project)
-    reference, threshold = _reference(identity_reference)
+    reference = Reference.load(identity_reference.path)
     trigger = _trigger(training_set.rows(), run.character)
     gen = generator.get()
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
     (staged / "images").mkdir()
     part_rel = run.project.relative(run.project.partition_dir(run.asset, run.character, run.iteration))
     lora_id = f"flux_lora:{flux_lora.dvc_md5}"
+    policy = review_policy(run, config.review_policy, config.review_margin)
+    judge = ImageJudge(faces.analyzer, reference, GateSettings(), policy,
+                       human_decisions(run.project, run.lineage, run.asset, run.character, run.iteration), run.stamp)
     rows, tiles, image_rows, edge_rows, decision_rows = [], [], [], [], []
-    kept: list[tuple[str, str, str]] = []
-    gate_config = FilterConfig(review_policy=config.review_policy, review_margin=config.review_margin)
-    policy = gate_config.policy(run.project, run.character)
-    humans = human_decisions(run.project, run.lineage, run.asset, run.character, run.iteration)
-    verdicts = []
-    from flen_resources.imaging import save_png
-
     for template in config.prompts:
         prompt = template.format(trigger=trigger)
         for out in gen.generate(prompt, config.seeds, lora=flux_lora.path / "lora.safetensors",
                                 lora_weight=config.lora_weight, width=config.size, height=config.size,
                                 steps=config.steps):
             image_id, png = save_png(out.image, staged / "images")
-            results, measures = gate_image(out.image, faces.analyzer, reference, threshold, kept, gate_config)
-            failed = [g for g in results if not g.passed]
-            decided = verdict(policy, [g.gate for g in failed], measures["identity_distance"], threshold,
-                              humans.get(image_id))
-            verdicts.append(decided)
-            accepted = decided.accepted
-            if not failed:
-                kept.append((measures["phash"], measures["colorhash"], image_id[:12]))
-            gate_reason = "passed all gates" if not failed else "; ".join(g.reason for g in failed)
-            reason = (f"{decided.status} by a human ({gate_reason})" if decided.decided_by == "human" else
-                      "awaiting human review" if decided.status == "pending" else gate_reason)
+            judged = judge.judge(image_id, out.image, image_id[:12])
             caption_hint = prompt.removeprefix("photo of ").replace(trigger, "").strip(" ,")
+            # Generated images have no face_box column (their manifest predates it; its md5 stays).
+            measures = {k: v for k, v in judged.gate.measures.items() if k != "face_box"}
             rows.append(dict(image_id=image_id, image_path=f"images/{png.name}", prompt=prompt, seed=out.seed,
-                             model=out.model, adapters=json_col(out.adapters), accepted=accepted, reason=reason,
-                             gate_reason=gate_reason, failed_gates=",".join(g.gate for g in failed), review=decided.review_text,
-                             review_status=decided.status, policy_status=decided.policy_status,
-                             policy_reason=decided.policy_reason,
-                             review_source=decided.decided_by, identity_threshold=threshold,
-                             caption=caption_hint, **{k: v for k, v in measures.items() if k != "face_box"}))
+                             model=out.model, adapters=to_json(out.adapters),
+                             **judged.review_columns(reference.threshold), caption=caption_hint, **measures))
             now = utcnow()
             image_rows.append(run.stamp(image_id=image_id, path=f"{part_rel}/images/{png.name}", width=out.image.width,
                                         height=out.image.height, status="generated", created_at=now))
             edge_rows.append(run.stamp(child_id=image_id, parent_id=lora_id, operation="generate", prompt=prompt,
-                                       seed=out.seed, model=out.model, params=json_col({**out.params,
-                                                                                        "loras": out.adapters}),
-                                       created_at=now))
-            decision_rows += [run.stamp(image_id=image_id, gate=g.gate, passed=g.passed, value=g.value,
-                                        threshold=g.threshold, reason=g.reason, source="gate", decided_at=now)
-                              for g in results]
-            decision_rows.append(run.stamp(image_id=image_id, gate="policy", passed=PASSED[decided.policy_status],
-                                           value=measures["identity_distance"], threshold=threshold,
-                                           reason=decided.policy_reason, source="policy", decided_at=now))
-            decision_rows.append(run.stamp(image_id=image_id, gate="final", passed=PASSED[decided.status],
-                                           reason=reason, source="gate", decided_at=now))
-            tiles.append(Tile(out.image, f"s{out.seed} " + ("ok" if accepted else decided.status if not failed
-                                                            else failed[0].gate), accepted))
+                                       seed=out.seed, model=out.model,
+                                       params=to_json({**out.params, "loras": out.adapters}), created_at=now))
+            decision_rows += judged.decision_rows
+            failed = judged.gate.failed_names
+            tiles.append(Tile(out.image, f"s{out.seed} " + ("ok" if judged.accepted else
+                                                            failed[0] if failed else judged.verdict.status),
+                              judged.accepted))
     write_manifest(rows, staged)
     run.lineage.append("images", image_rows)
     run.lineage.append("edges", edge_rows)
@@ -299,7 +251,7 @@ def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, 
     return publish(run, project, staged, params=config.model_dump(), models={"generator": gen.model_id()},
                    metadata={"generated": len(rows), "accepted": n_ok, "rejected": len(rows) - n_ok - n_pending,
                              "pending": n_pending, "lora_md5": flux_lora.dvc_md5,
-                             **review_metadata(run.asset, run.character, run.iteration, verdicts, policy),
+                             **review_metadata(run.asset, run.character, run.iteration, judge.verdicts, policy),
                              **({"note": note} if note else {})},
                    sheet=tiles)
 

@@ -2,7 +2,6 @@
 
 
 import hashlib
-import json
 import re
 import shutil
 from collections import Counter
@@ -14,11 +13,11 @@ import dagster as dg
 import numpy as np
 from tqdm import tqdm
 
-from flen_assets.assets.common import PartitionRun, json_col, partition_asset, publish, write_manifest
+from flen_assets.assets.common import PartitionRun, partition_asset, publish, write_manifest
 from flen_assets.dagster_resources import FaceResource, ProjectResource
 from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder
-from flen_resources.faces import DLIB_SAME_PERSON_DISTANCE, face_distance
+from flen_resources.identity import Calibration, build_reference
 from flen_resources.imaging import (
     DEFAULT_MAX_PIXELS,
     ImageRejected,
@@ -32,7 +31,7 @@ from flen_resources.imaging import (
     sharpness,
 )
 from flen_resources.intake import IntakeError, PhotoFolder, Refused, open_photo_folder, refused_entry_id
-from flen_resources.lineage import utcnow
+from flen_resources.lineage import to_json, utcnow
 
 GROUP = "sources"
 
@@ -142,11 +141,11 @@ def source_images(context: dg.AssetExecutionContext, config: SourceConfig, proje
                 if image_id != sha:  # a PNG already in normal form keeps its id: no step to record
                     edge_rows.append(run.stamp(
                         child_id=image_id, parent_id=sha, operation="normalize", model="pillow", created_at=utcnow(),
-                        params=json_col({"exif_transposed": decoded.exif_transposed, "max_side": config.max_side,
+                        params=to_json({"exif_transposed": decoded.exif_transposed, "max_side": config.max_side,
                                          "original_mode": decoded.original_mode, "original_size": decoded.original_size}
                                         | ({"decoded_scale": decoded.scale} if decoded.scale > 1 else {}))))
                 if found:
-                    row.update(face_box=json_col(found[0].box), face_size=found[0].size,
+                    row.update(face_box=to_json(found[0].box), face_size=found[0].size,
                                embedding=[float(v) for v in found[0].embedding])
                 if not found:
                     raise ImageRejected(name, "no_face", "no face found")
@@ -213,30 +212,15 @@ def source_images(context: dg.AssetExecutionContext, config: SourceConfig, proje
 
 
 class IdentityConfig(dg.Config):
-    """How the identity threshold is calibrated (see calibrate_threshold)."""
+    """How the identity threshold is calibrated (flen_resources.identity.calibrate_threshold)."""
 
-    default_threshold: float = DLIB_SAME_PERSON_DISTANCE
-    min_threshold: float = 0.40
-    margin: float = 1.25
-    outlier_distance: float = DLIB_SAME_PERSON_DISTANCE
+    default_threshold: float = Calibration.default_threshold
+    min_threshold: float = Calibration.min_threshold
+    margin: float = Calibration.margin
+    outlier_distance: float = Calibration.outlier_distance
 
-
-def leave_one_out_distances(embeddings: np.ndarray) -> np.ndarray:
-    """Distance of each embedding to the mean of all the others."""
-    n = len(embeddings)
-    total = embeddings.sum(axis=0)
-    return np.array([face_distance(embeddings[i], (total - embeddings[i]) / (n - 1)) for i in range(n)])
-
-
-def calibrate_threshold(loo: np.ndarray, config: IdentityConfig) -> tuple[float, str]:
-    """The identity rule: with >= 3 sources, clip(margin x max leave-one-out distance, min, default);
-    with fewer, dlib's default 0.6. Returns (threshold, rule in words)."""
-    if len(loo) < 3:
-        return config.default_threshold, f"fewer than 3 sources: dlib default {config.default_threshold}"
-    raw = config.margin * float(loo.max())
-    threshold = float(min(max(raw, config.min_threshold), config.default_threshold))
-    return threshold, (f"clip({config.margin} x max leave-one-out distance {loo.max():.3f}, "
-                       f"{config.min_threshold}, {config.default_threshold}) over {len(loo)} sources")
+    def calibration(self) -> Calibration:
+        return Calibration(self.default_threshold, self.min_threshold, self.margin, self.outlier_distance)
 
 
 @partition_asset(
@@ -256,22 +240,13 @@ def identity_reference(context: dg.AssetExecutionContext, config: IdentityConfig
     if not sources:
         raise dg.Failure(f"no usable source photo for {run.character}|{run.iteration}: "
                          "see source_images' rejected_files metadata")
-    emb = np.array([r["embedding"] for r in sources], dtype=np.float64)
-    inlier = np.ones(len(sources), dtype=bool)
-    if len(sources) >= 3:
-        loo_all = leave_one_out_distances(emb)
-        inlier = loo_all <= config.outlier_distance
-        if inlier.sum() < 2:  # no majority to trust: keep everyone, the check will say so
-            inlier[:] = True
-    reference = emb[inlier].mean(axis=0)
-    loo = leave_one_out_distances(emb[inlier]) if inlier.sum() >= 3 else np.zeros(0)
-    threshold, rule = calibrate_threshold(loo, config)
-    rows = [dict(image_id=r["image_id"], original_name=r["original_name"], inlier=bool(ok),
-                 distance=face_distance(e, reference)) for r, e, ok in zip(sources, emb, inlier)]
+    reference, fits = build_reference(np.array([r["embedding"] for r in sources], dtype=np.float64),
+                                      [r["original_name"] for r in sources], config.calibration())
+    threshold, rule = reference.threshold, reference.rule
+    rows = [dict(image_id=r["image_id"], original_name=fit.name, inlier=fit.inlier, distance=fit.distance)
+            for r, fit in zip(sources, fits)]
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
-    (staged / "reference.json").write_text(json.dumps(
-        {"embedding": reference.tolist(), "threshold": threshold, "rule": rule, "n_sources": int(inlier.sum()),
-         "outliers": [r["original_name"] for r in rows if not r["inlier"]]}, indent=1))
+    reference.save(staged)
     write_manifest(rows, staged)
     run.lineage.append("metrics", [run.stamp(name="identity_threshold", value=threshold, recorded_at=utcnow())])
     run.lineage.append("decisions", [run.stamp(image_id=r["image_id"], gate="identity_reference", passed=r["inlier"],
@@ -283,7 +258,7 @@ def identity_reference(context: dg.AssetExecutionContext, config: IdentityConfig
     table = "\n".join(["| source | distance | in reference |", "|---|---|---|"] +
                       [f"| {r['original_name']} | {r['distance']:.3f} | {'yes' if r['inlier'] else 'no (outlier)'} |" for r in rows])
     yield publish(run, project, staged, params=config.model_dump(),
-                  metadata={"threshold": threshold, "rule": rule, "sources_used": int(inlier.sum()),
+                  metadata={"threshold": threshold, "rule": rule, "sources_used": reference.n_sources,
                             "outliers": len(outliers), "distances": dg.MetadataValue.md(table)})
     yield dg.AssetCheckResult(check_name="sources_agree_with_reference", passed=not outliers and not far,
                               severity=dg.AssetCheckSeverity.WARN,
