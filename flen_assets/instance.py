@@ -17,6 +17,7 @@ from dagster._core.events import DagsterEventType
 from dagster._core.launcher import CheckRunHealthResult, DefaultRunLauncher, WorkerStatus
 from dagster._core.storage.dagster_run import FINISHED_STATUSES, DagsterRunStatus, RunsFilter
 
+from flen_resources.atomic import write_text_atomic
 from flen_resources.processes import ProcessRef
 from flen_resources.project import Project
 
@@ -75,9 +76,7 @@ def ensure_dagster_home(project: Project) -> str:
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists() or config.read_text() in _OLD_DAGSTER_YAMLS:
-        tmp = config.with_suffix(".yaml.tmp")
-        tmp.write_text(DAGSTER_YAML)
-        tmp.replace(config)
+        write_text_atomic(config, DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ.setdefault("FLEN_PROJECT_DIR", str(project.root))
     return str(home)

@@ -8,7 +8,6 @@ import hashlib
 import io
 import os
 import stat
-import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from flen_resources.atomic import write_bytes_atomic
 
 # 40 MP: one decoded image stays near 160 MB (Pillow holds RGB as 4 bytes per pixel). JPEGs above it (45-61 MP
 # camera bodies, phones' 48 MP modes) are decoded at reduced scale (see decode_bytes); other formats are refused.
@@ -341,17 +342,6 @@ def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False, compress_level=6)
     return buf.getvalue()
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp name in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def save_png(img: Image.Image, folder: Path) -> tuple[str, Path]:

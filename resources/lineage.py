@@ -28,6 +28,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flen_resources.atomic import atomic_path, write_text_atomic
+
 _TS = pa.timestamp("us", tz="UTC")
 
 # lineage.duckdb is written in this storage format, not the writing library's default: duckdb 2.x
@@ -221,11 +223,8 @@ class LineageStore:
 
     @staticmethod
     def _write_atomic(data: pa.Table, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-        pq.write_table(data, tmp, compression="zstd")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            pq.write_table(data, tmp, compression="zstd")
 
     # -- reading ------------------------------------------------------------------------------
     @contextmanager
@@ -395,9 +394,7 @@ class LineageStore:
                     tmp.unlink(missing_ok=True)
                     tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
                 # The marker goes last: a crash in between leaves it stale, and the next call rewrites.
-                marker_tmp = marker.with_name(f"{marker.name}.{uuid.uuid4().hex[:6]}.tmp")
-                marker_tmp.write_text(fingerprint + "\n")
-                os.replace(marker_tmp, marker)
+                write_text_atomic(marker, fingerprint + "\n")
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from filelock import FileLock
 
+from flen_resources.atomic import write_text_atomic
 from flen_resources.disk import (
     HEADROOM_BYTES,
     DiskFullError,
@@ -239,13 +240,6 @@ class DvcStore:
         if check and proc.returncode != 0:
             raise DvcError(f"`dvc {' '.join(args)}` failed:\n{proc.stdout}{proc.stderr}".strip())
         return proc.stdout
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temp name beside `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _remove_if_empty(folder: Path) -> None:

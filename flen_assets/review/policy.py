@@ -12,14 +12,13 @@ to the data it governs; an asset's config may override it for one run.
 from __future__ import annotations
 
 import fcntl
-import os
 import tomllib
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from flen_resources.atomic import write_text_atomic
 from flen_resources.project import Project, validate_slug
 
 POLICIES = ("auto", "required", "mixed")
@@ -98,9 +97,7 @@ def set_character_policy(project: Project, character: str, policy: ReviewPolicy)
             lines = ["# Review policy per character: auto | required | mixed (written by `flen character policy`)."]
             for name in sorted(policies):
                 lines += ["", f"[{name}]", f'policy = "{policies[name].policy}"', f"margin = {policies[name].margin!r}"]
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-            tmp.write_text("\n".join(lines) + "\n")
-            os.replace(tmp, path)
+            write_text_atomic(path, "\n".join(lines) + "\n")
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return path
