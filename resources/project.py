@@ -13,6 +13,14 @@ SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")  # \Z: `$` would let a trai
 ITERATION_RE = re.compile(r"^v([1-9][0-9]{0,3})\Z")
 PROJECT_ENV = "FLEN_PROJECT_DIR"
 MANIFEST = "manifest.parquet"  # every partition folder's table of what it holds
+CONTACT_SHEET = "contact_sheet.png"  # the partition's images at a glance (most assets)
+LOSS_CURVE = "loss_curve.png"  # flux_lora, qwen_adapter
+# The LoRA files users load: diffusers keys, and the same weights with ComfyUI keys. Their names
+# are part of the published data (DVC hashes, exports, ComfyUI workflows): never rename them.
+FLUX_LORA_FILE = "lora.safetensors"
+FLUX_LORA_COMFYUI_FILE = "lora_comfyui.safetensors"
+QWEN_ADAPTER_FILE = "qwen_adapter.safetensors"
+QWEN_ADAPTER_COMFYUI_FILE = "qwen_adapter_comfyui.safetensors"
 
 
 class InvalidNameError(ValueError):

@@ -19,7 +19,7 @@ from flen_assets.dagster_resources import ProjectResource
 from flen_assets.visuals import Tile, contact_sheet, markdown_thumbnail, save_sheet
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
 from flen_resources.lineage import LineageStore, to_json, utcnow
-from flen_resources.project import MANIFEST, Project, iteration_number
+from flen_resources.project import CONTACT_SHEET, MANIFEST, Project, iteration_number
 from flen_resources.storage import DvcStore, PartitionMissing
 
 CODE_VERSION = "0.1.0"
@@ -97,7 +97,7 @@ class LoraAssetConfig(dg.Config):
         """The trainer's LoraTrainConfig: nf4 and 8-bit AdamW on a GPU, plain on the CPU."""
         import torch
 
-        from flen_resources.trainers.common import LoraTrainConfig, checkpoint_interval
+        from flen_resources.trainers.config import LoraTrainConfig, checkpoint_interval
 
         gpu = torch.cuda.is_available()
         quantization = self.quantization if self.quantization != "auto" else ("nf4" if gpu else "none")
@@ -132,7 +132,7 @@ def publish(run: PartitionRun, project: ProjectResource, staged: Path, *, params
     meta: dict[str, Any] = dict(metadata or {})
     if sheet:
         img = contact_sheet(sheet)
-        save_sheet(img, staged / "contact_sheet.png")
+        save_sheet(img, staged / CONTACT_SHEET)
         meta["contact_sheet"] = dg.MetadataValue.md(markdown_thumbnail(img))
     if run.cross_inputs:
         params = {**params, "previous_iteration_inputs": run.cross_inputs}
@@ -154,7 +154,7 @@ def publish(run: PartitionRun, project: ProjectResource, staged: Path, *, params
                 path.unlink(missing_ok=True)
             raise
     if sheet:
-        meta["contact_sheet_path"] = dg.MetadataValue.path(str(published.path / "contact_sheet.png"))
+        meta["contact_sheet_path"] = dg.MetadataValue.path(str(published.path / CONTACT_SHEET))
     meta.update({
         "dvc_md5": published.dvc_md5,
         "path": dg.MetadataValue.path(str(published.path)),

@@ -20,10 +20,9 @@ from flen_assets.review.gate import human_decisions, reviewed_statuses
 from flen_assets.visuals import Tile, markdown_thumbnail
 from flen_io_managers.partition_folder import PartitionFolder
 from flen_resources.lineage import utcnow
+from flen_resources.project import LOSS_CURVE, QWEN_ADAPTER_COMFYUI_FILE, QWEN_ADAPTER_FILE
 
 GROUP = "edit_model"
-ADAPTER_FILE = "qwen_adapter.safetensors"
-ADAPTER_COMFYUI_FILE = "qwen_adapter_comfyui.safetensors"
 
 TRIPLET_SCHEMA = pa.schema([
     ("before_id", pa.string()), ("after_id", pa.string()), ("before_path", pa.string()), ("after_path", pa.string()),
@@ -202,16 +201,16 @@ def qwen_adapter(context: dg.AssetExecutionContext, config: QwenAdapterConfig, p
         triplets, train_config, name=f"{run.character}_{run.iteration}_qwen_adapter",
         dataset_md5=edit_triplets.dvc_md5)
 
-    shutil.copyfile(result.lora_path, staged / ADAPTER_FILE)
-    shutil.copyfile(result.loss_curve, staged / "loss_curve.png")
+    shutil.copyfile(result.lora_path, staged / QWEN_ADAPTER_FILE)
+    shutil.copyfile(result.loss_curve, staged / LOSS_CURVE)
     final_loss = result.losses[-1][1] if result.losses else float("nan")
     trained = {**columns, "status": "trained", "base_model": result.metadata.get("flenwheel.base_model"),
                "steps": result.steps, "config": train_config.to_json(), "final_loss": final_loss,
                "eval_loss_start": result.eval_loss_start, "eval_loss_end": result.eval_loss_end}
-    rows = [{**trained, "file": ADAPTER_FILE, "key_style": "diffusers"}]
+    rows = [{**trained, "file": QWEN_ADAPTER_FILE, "key_style": "diffusers"}]
     if result.comfyui_path and result.comfyui_path.is_file():
-        shutil.copyfile(result.comfyui_path, staged / ADAPTER_COMFYUI_FILE)
-        rows.append({**trained, "file": ADAPTER_COMFYUI_FILE, "key_style": "comfyui"})
+        shutil.copyfile(result.comfyui_path, staged / QWEN_ADAPTER_COMFYUI_FILE)
+        rows.append({**trained, "file": QWEN_ADAPTER_COMFYUI_FILE, "key_style": "comfyui"})
     write_manifest(rows, staged, ADAPTER_SCHEMA)
     run.lineage.append("metrics", [run.stamp(name=n, value=float(v), recorded_at=utcnow()) for n, v in
                                    [("triplets", len(triplet_rows)), ("final_loss", final_loss),

@@ -18,6 +18,7 @@ from flen_resources.atomic import write_text_atomic
 from flen_resources.identity import GateSettings, Reference, score_generations
 from flen_resources.imaging import save_png
 from flen_resources.lineage import to_json, utcnow
+from flen_resources.project import FLUX_LORA_COMFYUI_FILE, FLUX_LORA_FILE, LOSS_CURVE
 
 GROUP = "lora"
 
@@ -41,15 +42,15 @@ def flux_lora(context: dg.AssetExecutionContext, config: FluxLoraConfig, project
     result = trainer.flux(work, log=context.log.info).train(items, train_config, name=f"{run.character}_{run.iteration}",
                                                             dataset_md5=training_set.dvc_md5)
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
-    shutil.copyfile(result.lora_path, staged / "lora.safetensors")
-    shutil.copyfile(result.comfyui_path, staged / "lora_comfyui.safetensors")
-    shutil.copyfile(result.loss_curve, staged / "loss_curve.png")
+    shutil.copyfile(result.lora_path, staged / FLUX_LORA_FILE)
+    shutil.copyfile(result.comfyui_path, staged / FLUX_LORA_COMFYUI_FILE)
+    shutil.copyfile(result.loss_curve, staged / LOSS_CURVE)
     final_loss = result.losses[-1][1] if result.losses else float("nan")
     shared = {"base_model": result.metadata.get("flenwheel.base_model"), "dataset_md5": training_set.dvc_md5,
               "steps": result.steps, "config": train_config.to_json(), "final_loss": final_loss,
               "eval_loss_start": result.eval_loss_start, "eval_loss_end": result.eval_loss_end}
-    write_manifest([{"file": "lora.safetensors", "key_style": "diffusers", **shared},
-                    {"file": "lora_comfyui.safetensors", "key_style": "comfyui", **shared}], staged)
+    write_manifest([{"file": FLUX_LORA_FILE, "key_style": "diffusers", **shared},
+                    {"file": FLUX_LORA_COMFYUI_FILE, "key_style": "comfyui", **shared}], staged)
     run.lineage.append("metrics", [run.stamp(name=n, value=float(v), recorded_at=utcnow()) for n, v in
                                    [("final_loss", final_loss), ("eval_loss_start", result.eval_loss_start),
                                     ("eval_loss_end", result.eval_loss_end), ("train_seconds", result.seconds)]])
@@ -105,7 +106,7 @@ def lora_eval(context: dg.AssetExecutionContext, config: EvalConfig, project: Pr
     images, rows, tiles = [], [], []
     for template in config.prompts:
         prompt = template.format(trigger=trigger)
-        for out in gen.generate(prompt, config.seeds, lora=flux_lora.path / "lora.safetensors",
+        for out in gen.generate(prompt, config.seeds, lora=flux_lora.path / FLUX_LORA_FILE,
                                 lora_weight=config.lora_weight, width=config.size, height=config.size,
                                 steps=config.steps):
             images.append(out.image)
@@ -216,7 +217,7 @@ def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, 
     rows, tiles, image_rows, edge_rows, decision_rows = [], [], [], [], []
     for template in config.prompts:
         prompt = template.format(trigger=trigger)
-        for out in gen.generate(prompt, config.seeds, lora=flux_lora.path / "lora.safetensors",
+        for out in gen.generate(prompt, config.seeds, lora=flux_lora.path / FLUX_LORA_FILE,
                                 lora_weight=config.lora_weight, width=config.size, height=config.size,
                                 steps=config.steps):
             image_id, png = save_png(out.image, staged / "images")
