@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import PrivateAttr
@@ -49,17 +49,29 @@ class FaceResource(dg.ConfigurableResource):
         return self._analyzer
 
 
+class ModelsResource(dg.ConfigurableResource):
+    """The one source of model settings: which models the editor, the generator and both trainers
+    load, how their base weights are quantized, and on which device.
+
+    Sources: a hub id (`org/name`), a local folder, or the embedded tiny pack (`tiny`, the
+    default). definitions.py reads each field from its FLEN_* variable with dg.EnvVar when set.
+    """
+
+    flux_model: str = "tiny"  # FLUX.1-dev: the generator and the FLUX LoRA trainer
+    qwen_edit_model: str = "tiny"  # Qwen-Image-Edit-2509: the editor and the edit-model trainer
+    # auto: nf4 on a CUDA GPU, none on the CPU (flen_resources.models.pipelines.pick_quantization)
+    quantization: Literal["auto", "none", "nf4"] = "auto"
+    device: str = "auto"  # auto: the CUDA GPU when there is one
+
+
 class EditorResource(dg.ConfigurableResource):
     """The editor backends enrichment can use, and how the Qwen-Image-Edit one loads.
 
-    Model and LoRA sources: a hub id (`org/name`, LoRAs `org/repo/file.safetensors`), a local
-    path, or the embedded tiny pack (`tiny`, `tiny:<lora>`). The defaults run the tiny pack;
-    set FLEN_QWEN_EDIT_MODEL (or this resource's config) to Qwen/Qwen-Image-Edit-2509 for real edits.
+    The model, its quantization and the device come from `models` (FLEN_QWEN_EDIT_MODEL, ...).
+    LoRA sources: a hub file (`org/repo/file.safetensors`), a local path, or the tiny pack's (`tiny:<lora>`).
     """
 
-    qwen_model: str = "tiny"
-    qwen_quantization: Literal["none", "nf4"] = "none"  # nf4: transformer + text encoder in 4 bit (GPU)
-    device: str = "auto"  # auto: the GPU when there is one
+    models: ModelsResource
     qwen_output_area: int = 0  # pixels of an edit; 0: 1024x1024, or 256x256 on the tiny pack
     qwen_loras: dict[str, str] = {"angles": "tiny:angles", "lightning-8step": "tiny:lightning-8step",
                                   "lightning-4step": "tiny:lightning-4step"}
@@ -71,9 +83,10 @@ class EditorResource(dg.ConfigurableResource):
             if backend == "qwen_edit":
                 from flen_resources.editors.qwen_edit import QwenEditEditor
 
-                area = self.qwen_output_area or (256 * 256 if self.qwen_model == "tiny" else 1024 * 1024)
-                self._editors[backend] = QwenEditEditor(model=self.qwen_model, quantization=self.qwen_quantization,
-                                                        device=self.device, loras=self.qwen_loras, output_area=area)
+                m = self.models
+                area = self.qwen_output_area or (256 * 256 if m.qwen_edit_model == "tiny" else 1024 * 1024)
+                self._editors[backend] = QwenEditEditor(model=m.qwen_edit_model, quantization=m.quantization,
+                                                        device=m.device, loras=self.qwen_loras, output_area=area)
             else:
                 self._editors[backend] = get_editor(backend)
         return self._editors[backend]
@@ -82,9 +95,7 @@ class EditorResource(dg.ConfigurableResource):
 class GeneratorResource(dg.ConfigurableResource):
     """FLUX.1-dev text-to-image with the character LoRA (used by evaluation and synthetic batches)."""
 
-    flux_model: str = "tiny"
-    flux_quantization: Literal["none", "nf4"] = "none"
-    device: str = "auto"
+    models: ModelsResource
     _generator: object = PrivateAttr(default=None)
 
     def get(self):
@@ -92,7 +103,8 @@ class GeneratorResource(dg.ConfigurableResource):
         if self._generator is None:
             from flen_resources.generators.flux import FluxGenerator
 
-            self._generator = FluxGenerator(model=self.flux_model, quantization=self.flux_quantization, device=self.device)
+            m = self.models
+            self._generator = FluxGenerator(model=m.flux_model, quantization=m.quantization, device=m.device)
         return self._generator
 
 
@@ -103,17 +115,22 @@ class TrainerResource(dg.ConfigurableResource):
     materialization resumes from its last checkpoint when it is launched again.
     """
 
-    flux_model: str = "tiny"
-    qwen_model: str = "tiny"
+    models: ModelsResource
 
     def flux(self, work_dir: Path, log=print):
         """A FluxLoraTrainer for one run folder."""
         from flen_resources.trainers.flux_lora import FluxLoraTrainer
 
-        return FluxLoraTrainer(model=self.flux_model, work_dir=work_dir, log=log)
+        return FluxLoraTrainer(model=self.models.flux_model, work_dir=work_dir, log=log)
 
     def qwen_edit(self, work_dir: Path, log=print):
         """A QwenEditLoraTrainer for one run folder."""
         from flen_resources.trainers.qwen_edit_lora import QwenEditLoraTrainer
 
-        return QwenEditLoraTrainer(model=self.qwen_model, work_dir=work_dir, log=log)
+        return QwenEditLoraTrainer(model=self.models.qwen_edit_model, work_dir=work_dir, log=log)
+
+    def train_config(self, knobs: dict[str, Any]):
+        """The trainer's LoraTrainConfig: the knobs of an asset's config, with the models' quantization and device."""
+        from flen_resources.trainers.config import LoraTrainConfig
+
+        return LoraTrainConfig(**knobs, quantization=self.models.quantization, device=self.models.device)

@@ -8,15 +8,41 @@ import dagster as dg
 
 from flen_assets.assets import curation, edit_model, enrichment, lora, sources
 from flen_assets.dagster_resources import (
-                                              EditorResource,
-                                              FaceResource,
-                                              GeneratorResource,
-                                              ProjectResource,
-                                              TrainerResource,
+    EditorResource,
+    FaceResource,
+    GeneratorResource,
+    ModelsResource,
+    ProjectResource,
+    TrainerResource,
 )
 from flen_assets.jobs import flywheel_job, training_set_job
 from flen_assets.sensors import dead_runs_sensor, inbox_sensor, next_iteration_sensor
 from flen_io_managers.partition_folder import PartitionFolderIOManager
+
+# Each model setting's environment variable. Set, it reaches ModelsResource through dg.EnvVar (the
+# launchpad shows the variable, and it is read when a run starts); unset, the field's default holds.
+MODEL_SETTINGS_ENV = {"flux_model": "FLEN_FLUX_MODEL", "qwen_edit_model": "FLEN_QWEN_EDIT_MODEL",
+                      "quantization": "FLEN_QUANTIZATION", "device": "FLEN_DEVICE"}
+
+
+def model_settings() -> ModelsResource:
+    """ModelsResource with an EnvVar for each FLEN_* variable that is set."""
+    return ModelsResource(**{field: dg.EnvVar(var) for field, var in MODEL_SETTINGS_ENV.items() if var in os.environ})
+
+
+def local_resources() -> dict[str, object]:
+    """The embedded set: a project folder, dlib faces, models from ModelsResource (the tiny pack by default)."""
+    models = model_settings()
+    return {
+        "project": ProjectResource(),
+        "faces": FaceResource(),
+        "models": models,
+        "editor": EditorResource(models=models),
+        "generator": GeneratorResource(models=models),
+        "trainer": TrainerResource(models=models),
+        "partition_io_manager": PartitionFolderIOManager(),
+    }
+
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([sources, enrichment, curation, lora, edit_model]),
@@ -24,17 +50,5 @@ defs = dg.Definitions(
     asset_checks=dg.load_asset_checks_from_modules([curation, lora]),
     jobs=[training_set_job, flywheel_job],
     sensors=[inbox_sensor, next_iteration_sensor, dead_runs_sensor],
-    resources={
-        "project": ProjectResource(),
-        "faces": FaceResource(),
-        # The embedded tiny pack unless FLEN_QWEN_EDIT_MODEL / FLEN_FLUX_MODEL name real models
-        # (a hub id such as Qwen/Qwen-Image-Edit-2509, or a local folder).
-        "editor": EditorResource(qwen_model=os.environ.get("FLEN_QWEN_EDIT_MODEL", "tiny"),
-                                 qwen_quantization=os.environ.get("FLEN_QUANTIZATION", "none")),
-        "generator": GeneratorResource(flux_model=os.environ.get("FLEN_FLUX_MODEL", "tiny"),
-                                       flux_quantization=os.environ.get("FLEN_QUANTIZATION", "none")),
-        "trainer": TrainerResource(flux_model=os.environ.get("FLEN_FLUX_MODEL", "tiny"),
-                                   qwen_model=os.environ.get("FLEN_QWEN_EDIT_MODEL", "tiny")),
-        "partition_io_manager": PartitionFolderIOManager(),
-    },
+    resources=local_resources(),
 )

@@ -18,7 +18,7 @@ from PIL import Image
 from flen_resources.editors.base import EditRequest, EditResult
 from flen_resources.imaging import sha256_file
 from flen_resources.models.loras import LoraFile, resolve_lora
-from flen_resources.models.pipelines import Quantization, load_pipeline
+from flen_resources.models.pipelines import QuantizationSetting, load_pipeline, pick_device, pick_quantization
 from flen_resources.models.registry import lightning_steps
 from flen_resources.models.sources import ResolvedModel, resolve_model
 
@@ -70,11 +70,12 @@ class QwenEditEditor:
 
     name = "qwen_edit"
 
-    def __init__(self, model: str = "tiny", quantization: Quantization = "none", device: str = "auto",
+    def __init__(self, model: str = "tiny", quantization: QuantizationSetting = "auto", device: str = "auto",
                  dtype: str = "auto", loras: Mapping[str, str] | None = None, output_area: int = 1024 * 1024,
                  default_steps: int = 40, default_true_cfg: float = 4.0, negative_prompt: str = " "):
         self.model_source = model
-        self.quantization = quantization
+        # Decided here, not at load: the params every output records name what actually ran.
+        self.quantization = pick_quantization(quantization, pick_device(device))
         self.device = device
         self.dtype = dtype
         self.lora_sources = dict(DEFAULT_LORAS if loras is None else loras)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from flen_resources.models.loras import LoraError, LoraFile, resolve_lora
-from flen_resources.models.pipelines import Quantization, load_pipeline
+from flen_resources.models.pipelines import QuantizationSetting, load_pipeline, pick_device, pick_quantization
 from flen_resources.models.sources import ResolvedModel, resolve_model
 
 MODEL_KEY = "flux.1-dev"
@@ -32,10 +32,11 @@ class Generated:
 class FluxGenerator:
     """FluxPipeline loaded once; the character LoRA is swapped in when it changes."""
 
-    def __init__(self, model: str = "tiny", quantization: Quantization = "none", device: str = "auto",
+    def __init__(self, model: str = "tiny", quantization: QuantizationSetting = "auto", device: str = "auto",
                  dtype: str = "auto"):
         self.model_source = model
-        self.quantization = quantization
+        # Decided here, not at load: the params every output records name what actually ran.
+        self.quantization = pick_quantization(quantization, pick_device(device))
         self.device = device
         self.dtype = dtype
         self._resolved: ResolvedModel | None = None

@@ -10,6 +10,7 @@ import torch
 from flen_resources.models.sources import ResolvedModel
 
 Quantization = Literal["none", "nf4"]
+QuantizationSetting = Literal["auto", "none", "nf4"]
 log = logging.getLogger(__name__)
 
 # The large components of each pipeline: what nf4 quantizes.
@@ -22,6 +23,15 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def pick_quantization(setting: str, device: torch.device) -> Quantization:
+    """`auto`: nf4 on a CUDA GPU (FLUX and Qwen-Image-Edit fit a 24 GB card only in 4 bit), none on the CPU."""
+    if setting == "auto":
+        return "nf4" if device.type == "cuda" else "none"
+    if setting not in ("none", "nf4"):
+        raise ValueError(f"quantization {setting!r} is not one of auto, none, nf4 (FLEN_QUANTIZATION or --quantization)")
+    return setting  # type: ignore[return-value]
 
 
 def pick_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
@@ -74,7 +84,7 @@ def load_nf4_components(model: ResolvedModel, pipeline: str, dtype: torch.dtype)
     return components
 
 
-def load_pipeline(model: ResolvedModel, pipeline: str, *, quantization: Quantization = "none", device: str = "auto",
+def load_pipeline(model: ResolvedModel, pipeline: str, *, quantization: QuantizationSetting = "auto", device: str = "auto",
                   dtype: str = "auto", offload: Literal["auto", "none", "model", "sequential"] = "auto") -> Any:
     """`<pipeline>.from_pretrained` on a checked folder: safetensors only, no remote code.
 
@@ -89,6 +99,7 @@ def load_pipeline(model: ResolvedModel, pipeline: str, *, quantization: Quantiza
 
         patch_qwen2vl_processor_without_torchvision()
     target = pick_device(device)
+    quantization = pick_quantization(quantization, target)
     torch_dtype = pick_dtype(target, dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True}
     mode = ("model" if target.type == "cuda" else "none") if offload == "auto" else offload
