@@ -212,7 +212,7 @@ def enriched_images(args: argparse.Namespace) -> dict:
 
 
 def train_config(args: argparse.Namespace, steps: int):
-    from flen_resources.trainers.common import LoraTrainConfig
+    from flen_resources.trainers.config import LoraTrainConfig
 
     cuda = args.device == "cuda"
     return LoraTrainConfig(max_steps=steps, rank=16, alpha=16.0, resolution=args.res, quantization=args.quantization,

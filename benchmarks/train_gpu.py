@@ -217,7 +217,9 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
     else:
         from flen_resources.models.sources import ResolvedModel
         from flen_resources.trainers.attention import training_attention
-        from flen_resources.trainers.common import LoraTrainConfig, make_optimizer, step_generator
+        from flen_resources.trainers.batching import step_generator
+        from flen_resources.trainers.config import LoraTrainConfig
+        from flen_resources.trainers.loop import make_optimizer
 
         if model == "flux":
             from flen_resources.trainers.flux_lora import FluxLoraTrainer as Trainer

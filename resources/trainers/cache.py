@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from flen_resources.trainers.common import write_atomic
+from flen_resources.atomic import write_bytes_atomic
 
 
 def content_key(*parts: object) -> str:
@@ -34,12 +34,12 @@ class FeatureCache:
         self.misses = 0
 
     def get(self, kind: str, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The tensors stored under kind/key, computed and stored first on a miss (CPU, detached)."""
         path = self.root / kind / f"{key}.safetensors"
         if path.is_file():
             self.hits += 1
             return load_file(str(path))
         self.misses += 1
         tensors = {k: v.detach().contiguous().cpu() for k, v in compute().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, save(tensors))
+        write_bytes_atomic(path, save(tensors))  # a killed run never leaves a truncated entry to hit
         return tensors

@@ -9,10 +9,11 @@ LoRA does not target get zero blocks, so diffusers' kohya converter splits it ba
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from flen_resources.trainers.common import save_lora_file
+from flen_resources.trainers.lora_files import save_lora_file
 
 # BFL module -> the diffusers modules it fuses, in order.
 DOUBLE = {
@@ -34,16 +35,17 @@ SINGLE = {
 }
 
 
-def _out_dims(config, bfl: str) -> list[int]:
+def _out_dims(config: Any, bfl: str) -> list[int]:
+    """Output sizes of the diffusers modules a BFL module fuses (their up matrices' rows)."""
     inner = config.num_attention_heads * config.attention_head_dim
     if bfl == "linear1":
         return [inner, inner, inner, inner * 4]
     return [inner] * len(SINGLE.get(bfl, DOUBLE.get(bfl, [])))
 
 
-def export_flux_comfyui(state: dict[str, torch.Tensor], config, alpha: float, path: Path,
+def export_flux_comfyui(state: dict[str, torch.Tensor], config: Any, alpha: float, path: Path,
                         metadata: dict[str, str]) -> Path:
-    """Write `state` (keys `transformer.<module>.lora_A/B.weight`) as a kohya/ComfyUI LoRA."""
+    """Write `state` (keys `transformer.<module>.lora_A/B.weight`) as a kohya/ComfyUI LoRA; `config`: the transformer's."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         module, _, kind = key.removeprefix("transformer.").rpartition(".lora_")

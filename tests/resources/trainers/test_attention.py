@@ -102,7 +102,8 @@ def test_full_width_flux_blocks_train_with_cudnn_as_with_flash():
     from peft import LoraConfig
 
     from flen_resources.models.architectures import FLUX_TRANSFORMER
-    from flen_resources.trainers.common import LoraTrainConfig, step_generator
+    from flen_resources.trainers.batching import step_generator
+    from flen_resources.trainers.config import LoraTrainConfig
     from flen_resources.trainers.flux_lora import FluxLoraTrainer
 
     config = LoraTrainConfig(resolution=1024, device="cuda")
@@ -136,7 +137,7 @@ def test_full_width_flux_blocks_train_with_cudnn_as_with_flash():
 
 
 def test_an_unknown_attention_kernel_is_refused_by_name():
-    from flen_resources.trainers.common import LoraTrainConfig, TrainingError
+    from flen_resources.trainers.config import LoraTrainConfig, TrainingError
 
     with pytest.raises(TrainingError, match="'sdpa'"):
         LoraTrainConfig(attention="sdpa")

@@ -22,10 +22,16 @@ from safetensors.torch import load_file
 
 from flen_resources.models.sources import resolve_model
 from flen_resources.models.tiny_pack import ensure_tiny_pack
-from flen_resources.trainers import common
 from flen_resources.trainers.comfy import export_flux_comfyui
-from flen_resources.trainers.common import LoraTrainConfig, TrainingError, save_lora_file
+from flen_resources.trainers.config import (
+    OPTIMIZERS,
+    TRAINER_VERSION,
+    LoraTrainConfig,
+    TrainingError,
+    checkpoint_interval,
+)
 from flen_resources.trainers.flux_lora import FluxLoraTrainer, TrainItem
+from flen_resources.trainers.lora_files import save_lora_file
 
 FLEN = [sys.executable, "-m", "flen_assets"]
 # One torch thread: the tiny model gains nothing from more, and on a shared 2-core machine spinning
@@ -117,7 +123,7 @@ def test_lora_loads_into_flux_pipeline_and_unloads(trained):
     assert meta["flenwheel.dataset_md5"] == "abc123"
     assert json.loads(meta["flenwheel.config"])["rank"] == 8
     assert meta["flenwheel.step"] == "30"
-    assert meta["flenwheel.trainer_version"] == common.TRAINER_VERSION
+    assert meta["flenwheel.trainer_version"] == TRAINER_VERSION
     assert meta["flenwheel.key_style"] == "diffusers"
     with safe_open(str(trained.comfyui_path), framework="pt") as fh:
         assert fh.metadata()["flenwheel.key_style"] == "comfyui"
@@ -245,10 +251,14 @@ def test_bad_input_raises_training_error(tmp_path: Path):
 
 
 def test_checkpoint_interval_lets_every_run_resume():
-    from flen_resources.trainers.common import checkpoint_interval
-
     assert checkpoint_interval(1500) == 250 and checkpoint_interval(40) == 10 and checkpoint_interval(3) == 1
     assert checkpoint_interval(40, 5) == 5 and checkpoint_interval(40, 100) == 40 and checkpoint_interval(1) == 1
+
+
+def test_an_unknown_optimizer_is_refused_by_name():
+    assert OPTIMIZERS == ("adamw8bit", "adamw")
+    with pytest.raises(TrainingError, match="optimizer must be one of adamw8bit, adamw, not 'sgd'"):
+        LoraTrainConfig(optimizer="sgd")
 
 
 def test_cli_reads_flat_folder_and_fails_cleanly(tmp_path: Path):
@@ -290,34 +300,15 @@ def test_failed_write_keeps_previous_lora(tmp_path: Path, monkeypatch: pytest.Mo
         with pytest.raises(RuntimeError, match="serialisation"):
             save_lora_file(path, new, {"flenwheel.step": "20"})
 
-    real_open = open
+    real_write_bytes = Path.write_bytes
 
-    class HalfWriter:
-        """A file that takes half the bytes and then fails as a full disk does."""
+    def half_write(self: Path, data: bytes) -> int:
+        """Half the bytes land, then the write fails as a full disk does."""
+        real_write_bytes(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-        def __init__(self, fh):
-            self.fh = fh
-
-        def write(self, data: bytes) -> int:
-            self.fh.write(data[: len(data) // 2])
-            self.fh.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.fh, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-    def half_open(file, mode="r", *args, **kwargs):
-        fh = real_open(file, mode, *args, **kwargs)
-        return HalfWriter(fh) if "w" in mode else fh
-
-    with monkeypatch.context() as m:
-        m.setattr(common, "open", half_open, raising=False)
+    with monkeypatch.context() as m:  # save_lora_file writes through flen_resources.atomic (Path.write_bytes)
+        m.setattr(Path, "write_bytes", half_write)
         with pytest.raises(OSError, match="No space"):
             save_lora_file(path, new, {"flenwheel.step": "20"})
 

@@ -17,8 +17,8 @@ from skimage import data
 
 from flen_resources.models.sources import resolve_model
 from flen_resources.models.tiny_pack import ensure_tiny_pack
-from flen_resources.trainers import common
-from flen_resources.trainers.common import LoraTrainConfig, TrainingError
+from flen_resources.trainers.checkpoints import load_checkpoint, save_checkpoint
+from flen_resources.trainers.config import TRAINER_VERSION, LoraTrainConfig, TrainingError
 from flen_resources.trainers.qwen_edit_lora import MODEL_KEY, QwenEditLoraTrainer, Triplet
 
 PROMPT = "mirror the image left to right"
@@ -84,7 +84,7 @@ def test_lora_file_keys_and_metadata(trained):
     assert meta["flenwheel.base_model"].startswith(f"tiny/{MODEL_KEY}@")
     assert meta["flenwheel.dataset_md5"] == "abc123"
     assert meta["flenwheel.step"] == "20"
-    assert meta["flenwheel.trainer_version"] == common.TRAINER_VERSION
+    assert meta["flenwheel.trainer_version"] == TRAINER_VERSION
     assert meta["flenwheel.key_style"] == "diffusers"
     assert json.loads(meta["flenwheel.config"])["rank"] == 8
     comfy = load_file(str(trained.comfyui_path))
@@ -205,9 +205,9 @@ def test_checkpoint_round_trips_nested_optimizer_state(tmp_path: Path):
         def load_state_dict(self, state):
             self.loaded = state
 
-    saved = common.save_checkpoint(tmp_path, 7, {"a.lora_A.weight": torch.ones(2, 2)}, Nested(), Scheduler(), {}, 2)
+    saved = save_checkpoint(tmp_path, 7, {"a.lora_A.weight": torch.ones(2, 2)}, Nested(), Scheduler(), {}, 2)
     optimizer = Nested()
-    step, lora, _ = common.load_checkpoint(saved, optimizer, Scheduler(), torch.device("cpu"))
+    step, lora, _ = load_checkpoint(saved, optimizer, Scheduler(), torch.device("cpu"))
     assert step == 7 and torch.equal(lora["a.lora_A.weight"], torch.ones(2, 2))
     quant = optimizer.loaded["state"][0]["quant"]
     assert torch.equal(quant["state1"], torch.arange(4.0)) and torch.equal(quant["qmap1"], torch.linspace(-1, 1, 5))

@@ -1,0 +1,207 @@
+"""LoraTrainer: one LoRA run, the same for every model; a subclass holds only what its model needs.
+
+`train()` runs, top to bottom:
+
+1. check the inputs (`_check`);
+2. encode every example once through the feature cache, loading the model's encoders only on a
+   cache miss and freeing them before the transformer loads (`_load_encoders`, `_encode`);
+3. load the frozen transformer (nf4 on CUDA, or plain) and add a fresh fp32 peft LoRA
+   (`_transformer_class`);
+4. the training loop with checkpoints and resume (loop.py), the model giving its loss for one
+   batch (`_loss`) and, every config.sample_every steps, previews (`_preview_pipeline`, `_preview`);
+5. write the LoRA, its ComfyUI-key twin (`_export_comfyui`) and the loss curve (lora_files.py).
+
+The hooks in parentheses are what FluxLoraTrainer and QwenEditLoraTrainer implement.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+from PIL import Image
+
+from flen_resources.models.pipelines import nf4_kwargs, pick_device, pick_dtype
+from flen_resources.models.sources import ResolvedModel, resolve_model
+from flen_resources.trainers.attention import use_attention
+from flen_resources.trainers.cache import FeatureCache
+from flen_resources.trainers.config import LoraTrainConfig, TrainingError, TrainResult
+from flen_resources.trainers.loop import free_memory, peak_gib, run_training_loop
+from flen_resources.trainers.lora_files import write_outputs
+
+Input = TypeVar("Input")  # one training example as the caller gives it (TrainItem, Triplet)
+
+
+def distilled_guidance(transformer: Any, config: LoraTrainConfig, batch: int, device: torch.device,
+                       dtype: torch.dtype) -> torch.Tensor | None:
+    """config.guidance per example for a guidance-distilled transformer (FLUX.1-dev), None for others."""
+    if not transformer.config.guidance_embeds:
+        return None
+    return torch.full((batch,), config.guidance, device=device, dtype=dtype)
+
+
+class LoraTrainer(Generic[Input]):
+    """Trains a LoRA on one model; one instance per run folder (cache, checkpoints, output, samples)."""
+
+    model_key: ClassVar[str]  # the models/sources.py key of the base model
+    default_work_dir: ClassVar[Path]
+    default_name: ClassVar[str]  # the LoRA's file name when train() gets none
+    title: ClassVar[str]  # in the loss curve's title
+    encoded: ClassVar[str]  # what the log says was cached, after the count
+    group_key: ClassVar[str] = "bucket"  # the example field a batch must share (tensor shapes)
+
+    def __init__(self, model: str = "tiny", work_dir: Path | None = None, cache_dir: Path | None = None,
+                 log: Callable[[str], None] = print):
+        self.model_source = model
+        self.work_dir = Path(work_dir if work_dir is not None else self.default_work_dir)
+        self.cache = FeatureCache(cache_dir or self.work_dir / "cache")
+        self.log = log
+
+    # -- the run --------------------------------------------------------------------------------
+    def train(self, inputs: Sequence[Input], config: LoraTrainConfig, name: str | None = None,
+              dataset_md5: str = "") -> TrainResult:
+        """Train (or resume) to config.max_steps; returns the LoRA files, loss curve and samples."""
+        name = self.default_name if name is None else name
+        self._check(inputs, config)  # before anything is loaded or written
+        started = time.time()
+        device = pick_device(config.device)
+        dtype = pick_dtype(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        resolved = resolve_model(self.model_key, self.model_source)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+
+        examples, samples = self._encode_once(resolved, inputs, config, device, dtype)
+        self.log(f"cached {len(examples)} {self.encoded} ({self.cache.hits} hits, {self.cache.misses} computed); "
+                 f"encoders freed")
+        transformer = self._transformer(resolved, config, device, dtype)
+        run = run_training_loop(
+            transformer, examples, config, self.work_dir, name, device,
+            loss=lambda batch, generator: self._loss(transformer, batch, generator, config, device, dtype),
+            log=self.log, group_key=self.group_key,
+            previews=lambda step: self._samples(resolved, transformer, samples, config, step, device, dtype))
+
+        files = write_outputs(transformer, run.losses, resolved.ref, config, dataset_md5, self.work_dir / "output",
+                              name, self.title, lambda state, path, metadata: self._export_comfyui(
+                                  state, transformer, config, path, metadata))
+        return TrainResult(lora_path=files.lora, comfyui_path=files.comfyui, loss_curve=files.loss_curve,
+                           samples=run.samples, losses=run.losses, steps=config.max_steps,
+                           resumed_from=run.resumed_from, seconds=time.time() - started, peak_gib=peak_gib(device),
+                           cache_hits=self.cache.hits, cache_misses=self.cache.misses,
+                           eval_loss_start=run.eval_loss_start, eval_loss_end=run.eval_loss_end,
+                           metadata=files.metadata)
+
+    # -- phase 1: encode everything once, then free the encoders --------------------------------
+    def _encode_once(self, resolved: ResolvedModel, inputs: Sequence[Input], config: LoraTrainConfig,
+                     device: torch.device, dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
+        """(training examples, preview inputs) from `_encode`, with the encoders loaded on first use only."""
+        pipe = None
+
+        def encoders() -> Any:
+            nonlocal pipe
+            if pipe is None:  # a warm cache never loads them
+                pipe = self._load_encoders(resolved, device, dtype)
+            return pipe
+
+        examples, samples = self._encode(encoders, resolved, inputs, config, device, dtype)
+        pipe = None  # the encoders go before the transformer comes
+        free_memory(device)
+        return examples, samples
+
+    # -- phase 2: the transformer with a LoRA ---------------------------------------------------
+    def _transformer(self, resolved: ResolvedModel, config: LoraTrainConfig, device: torch.device,
+                     dtype: torch.dtype) -> Any:
+        """The frozen transformer (nf4 on CUDA, or plain) with a fresh peft LoRA in fp32, ready to train."""
+        from diffusers import BitsAndBytesConfig
+        from peft import LoraConfig
+
+        kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True}
+        if config.quantization == "nf4":
+            if device.type != "cuda":
+                raise TrainingError("nf4 (QLoRA) needs a CUDA GPU; use quantization 'none' on the CPU")
+            kwargs["quantization_config"] = BitsAndBytesConfig(**nf4_kwargs())
+            kwargs["device_map"] = {"": str(device)}  # quantized straight onto the GPU
+        transformer = self._transformer_class().from_pretrained(str(resolved.path / "transformer"), **kwargs)
+        if config.quantization != "nf4":
+            transformer.to(device)
+        transformer.requires_grad_(False)
+        torch.manual_seed(config.seed)  # the LoRA's initial weights: the one draw from the global RNG
+        transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                                           target_modules=config.target_modules))
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
+        use_attention(transformer, config.attention, device)
+        if config.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        if config.compile and device.type == "cuda":
+            for block in [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]:
+                block.compile()
+        transformer.train()
+        return transformer
+
+    # -- previews -------------------------------------------------------------------------------
+    def _samples(self, resolved: ResolvedModel, transformer: Any, samples: list[dict], config: LoraTrainConfig,
+                 step: int, device: torch.device, dtype: torch.dtype) -> list[Path]:
+        """Previews with the LoRA as trained so far: samples/step-NNNNNN-p<prompt>-s<seed>.png per sample and seed."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if not samples:
+            return []
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(resolved.path / "scheduler"))
+        pipe = self._preview_pipeline(resolved, transformer, scheduler, device, dtype)
+        pipe.set_progress_bar_config(disable=True)
+        transformer.eval()
+        paths = []
+        with torch.no_grad():
+            for i, sample in enumerate(samples):
+                for seed in config.sample_seeds:
+                    image = self._preview(pipe, sample, seed, config, device, dtype)
+                    path = self.work_dir / "samples" / f"step-{step:06d}-p{i}-s{seed}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    image.save(path)
+                    paths.append(path)
+        transformer.train()
+        return paths
+
+    # -- what a model implements ----------------------------------------------------------------
+    def _check(self, inputs: Sequence[Input], config: LoraTrainConfig) -> None:
+        """Raise TrainingError for inputs this model cannot train on."""
+        raise NotImplementedError
+
+    def _load_encoders(self, resolved: ResolvedModel, device: torch.device, dtype: torch.dtype) -> Any:
+        """The model's pipeline without its transformer: VAE and text encoder(s)."""
+        raise NotImplementedError
+
+    def _encode(self, encoders: Callable[[], Any], resolved: ResolvedModel, inputs: Sequence[Input],
+                config: LoraTrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
+        """(one dict of cached tensors per example, one per preview prompt); `encoders()` loads them on a miss."""
+        raise NotImplementedError
+
+    def _transformer_class(self) -> Any:
+        """The diffusers transformer class of the model."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _loss(transformer: Any, batch: list[dict], generator: torch.Generator, config: LoraTrainConfig,
+              device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The flow-matching loss of one batch; every random draw from `generator` (exact resume)."""
+        raise NotImplementedError
+
+    def _preview_pipeline(self, resolved: ResolvedModel, transformer: Any, scheduler: Any, device: torch.device,
+                          dtype: torch.dtype) -> Any:
+        """A pipeline around the training transformer that renders from cached prompt embeddings."""
+        raise NotImplementedError
+
+    def _preview(self, pipe: Any, sample: dict, seed: int, config: LoraTrainConfig, device: torch.device,
+                 dtype: torch.dtype) -> Image.Image:
+        """One preview image of `sample` (from `_encode`) at `seed`."""
+        raise NotImplementedError
+
+    def _export_comfyui(self, state: dict[str, torch.Tensor], transformer: Any, config: LoraTrainConfig, path: Path,
+                        metadata: dict[str, str]) -> Path:
+        """Write the LoRA `state` (diffusers keys) with ComfyUI's keys to `path` (trainers/comfy.py)."""
+        raise NotImplementedError

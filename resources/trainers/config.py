@@ -1,0 +1,103 @@
+"""What a LoRA run is asked for and what it gives back: the config, the result, the error, and the
+checkpoint cadence. Shared by both trainers.
+
+The config's JSON goes into every LoRA file's metadata (`flenwheel.config`), so a field added or
+renamed here changes the bytes (and DVC md5) of every LoRA trained after it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+# In every LoRA file's metadata: bump it when the same config and data would train a different LoRA.
+TRAINER_VERSION = "1"
+
+Optimizer = Literal["adamw8bit", "adamw"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)  # adamw8bit needs CUDA (bitsandbytes); the CPU runs adamw
+Attention = Literal["auto", "cudnn", "flash"]
+ATTENTION_KERNELS: tuple[str, ...] = get_args(Attention)
+
+DEFAULT_CHECKPOINT_EVERY = 250
+
+
+class TrainingError(ValueError):
+    """Training cannot start or go on; the message says why."""
+
+
+def checkpoint_interval(steps: int, every: int | None = None) -> int:
+    """Steps between checkpoints: `every`, else 250 or a quarter of a shorter run, so a killed run always resumes."""
+    chosen = every if every else min(DEFAULT_CHECKPOINT_EVERY, max(1, steps // 4))
+    return max(1, min(chosen, steps))
+
+
+@dataclass
+class LoraTrainConfig:
+    """Every knob of a LoRA run. Defaults suit a character LoRA on a 24 GB card."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                                               "add_k_proj", "add_v_proj", "to_add_out"])
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant_with_warmup"  # a diffusers.optimization.get_scheduler name
+    lr_warmup_steps: int = 50
+    max_steps: int = 1500
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    resolution: int = 1024  # bucket area = resolution^2
+    seed: int = 0
+    quantization: Literal["none", "nf4"] = "nf4"
+    gradient_checkpointing: bool = True
+    optimizer: Optimizer = "adamw8bit"  # see OPTIMIZERS
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    logit_mean: float = 0.0  # logit-normal timestep sampling
+    logit_std: float = 1.0
+    guidance: float = 1.0  # FLUX.1-dev's distilled guidance embedding during training
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # see checkpoint_interval() for the default a short run gets
+    keep_checkpoints: int = 2
+    sample_every: int = 250  # 0: no previews
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_seeds: list[int] = field(default_factory=lambda: [1, 2])
+    sample_steps: int = 20
+    sample_size: int = 512
+    min_images: int = 4
+    device: str = "auto"
+    compile: bool = True  # torch.compile every transformer block (on a GPU only; the CPU runs eager)
+    # Attention kernel on a GPU: cuDNN's (about 1.7x flash's forward + backward on Hopper, through
+    # trainers/attention.py) or torch's flash SDPA; "auto": cuDNN on Hopper and newer, flash before.
+    # The CPU runs torch's default either way.
+    attention: Attention = "auto"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KERNELS:
+            raise TrainingError(f"attention must be 'auto', 'cudnn' or 'flash', not {self.attention!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainingError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+
+    def to_json(self) -> str:
+        """The config as sorted JSON: what LoRA metadata and checkpoints record."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run gives back (either trainer)."""
+
+    lora_path: Path
+    comfyui_path: Path
+    loss_curve: Path
+    samples: list[Path]
+    losses: list[tuple[int, float]]
+    steps: int
+    resumed_from: int
+    seconds: float
+    peak_gib: float | None
+    cache_hits: int
+    cache_misses: int
+    eval_loss_start: float = float("nan")  # loss on a fixed batch, noise and timesteps: comparable across steps
+    eval_loss_end: float = float("nan")
+    metadata: dict[str, str] = field(default_factory=dict)

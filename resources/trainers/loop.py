@@ -1,0 +1,164 @@
+"""The training loop both trainers run: optimizer, LR schedule, gradient accumulation and clipping,
+checkpoints and resume, previews, and the fixed-batch eval loss.
+
+A trainer hands in its LoRA transformer, its encoded examples and its loss for one batch
+(`LossFn`); everything else happens here, identically for FLUX and Qwen-Image-Edit.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from flen_resources.trainers.attention import training_attention
+from flen_resources.trainers.batching import batch_at, step_generator
+from flen_resources.trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from flen_resources.trainers.config import LoraTrainConfig
+
+# loss(batch, generator) -> scalar: the model's flow-matching loss on one batch, drawing from `generator`
+LossFn = Callable[[list[dict], torch.Generator], torch.Tensor]
+
+
+# -- the optimizer and LR schedule: every option in this one block ---------------------------------
+# From the config: optimizer, learning_rate, weight_decay, lr_scheduler, lr_warmup_steps, max_steps;
+# the loop adds gradient_accumulation micro-batches and clipping to max_grad_norm per step.
+# Adam's moments and epsilon are torch's and bitsandbytes' defaults, spelled out so nothing is implicit.
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: LoraTrainConfig,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """8-bit AdamW (bitsandbytes) on a GPU when config.optimizer asks for it, torch AdamW otherwise."""
+    options = dict(lr=config.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw8bit" and device.type == "cuda":  # bitsandbytes' 8-bit states need CUDA
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **options)
+    return torch.optim.AdamW(params, **options)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: LoraTrainConfig) -> Any:
+    """diffusers' named schedule (config.lr_scheduler) with config.lr_warmup_steps over config.max_steps."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=config.max_steps)
+
+
+# -- the loop -------------------------------------------------------------------------------------
+@dataclass
+class LoopResult:
+    """What the loop gives back: the resumed-from step, every step's loss, the eval losses, previews."""
+
+    resumed_from: int
+    losses: list[tuple[int, float]]
+    eval_loss_start: float
+    eval_loss_end: float
+    samples: list[Path]
+
+
+def run_training_loop(transformer: Any, examples: list[dict], config: LoraTrainConfig, work_dir: Path, name: str,
+                      device: torch.device, loss: LossFn, log: Callable[[str], None], group_key: str = "bucket",
+                      previews: Callable[[int], list[Path]] | None = None) -> LoopResult:
+    """Train (or resume from work_dir/checkpoints) to config.max_steps, with training's attention
+    kernel (see `_training_loop`)."""
+    with training_attention(config.attention, device):
+        return _training_loop(transformer, examples, config, work_dir, name, device, loss, log, group_key, previews)
+
+
+def _training_loop(transformer: Any, examples: list[dict], config: LoraTrainConfig, work_dir: Path, name: str,
+                   device: torch.device, loss: LossFn, log: Callable[[str], None], group_key: str = "bucket",
+                   previews: Callable[[int], list[Path]] | None = None) -> LoopResult:
+    """Train (or resume from work_dir/checkpoints) to config.max_steps.
+
+    Per step: config.gradient_accumulation micro-batches from `batch_at`, gradients clipped to
+    config.max_grad_norm, one optimizer and LR-scheduler step; checkpoints every
+    config.checkpoint_every steps and at the end; `previews(step)` every config.sample_every steps.
+    The fixed-batch eval loss is measured before the first step (fresh runs only) and after the last.
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, config, device)
+    lr_scheduler = make_lr_scheduler(optimizer, config)
+
+    start, losses, eval_start = 0, [], float("nan")
+    checkpoint = latest_checkpoint(work_dir / "checkpoints")
+    if checkpoint is not None:
+        start, lora_state, state = load_checkpoint(checkpoint, optimizer, lr_scheduler, device)
+        set_peft_model_state_dict(transformer, lora_state)
+        losses = [tuple(x) for x in state.get("losses", [])]
+        eval_start = float(state.get("eval_loss_start", "nan"))  # a resumed run reports the fresh run's figure
+        if state.get("config") != json.loads(config.to_json()):
+            log("warning: resuming with a different config than the checkpoint's")
+        log(f"resumed from {checkpoint.name}")
+
+    def eval_loss() -> float:
+        return fixed_batch_loss(transformer, examples, config, loss)
+
+    if start == 0:
+        eval_start = eval_loss()
+    samples: list[Path] = []
+    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=f"train {name}",
+               unit="step")
+    for step in bar:
+        generator = step_generator(config.seed, step)
+        total = 0.0
+        for accum in range(config.gradient_accumulation):
+            batch = batch_at(examples, config, step * config.gradient_accumulation + accum, group_key)
+            value = loss(batch, generator) / config.gradient_accumulation
+            value.backward()
+            total += value.item()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append((step + 1, total))
+        bar.set_postfix(loss=f"{total:.4f}")
+        done = step + 1
+        if done % 10 == 0 or done == config.max_steps:
+            log(f"step {done}/{config.max_steps} loss {total:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e}")
+        if previews is not None and config.sample_every and done % config.sample_every == 0:
+            samples += previews(done)
+        if done % config.checkpoint_every == 0 or done == config.max_steps:
+            save_checkpoint(work_dir / "checkpoints", done, get_peft_model_state_dict(transformer),
+                            optimizer, lr_scheduler, {"losses": losses, "config": json.loads(config.to_json()),
+                                                      "eval_loss_start": eval_start},
+                            config.keep_checkpoints)
+
+    eval_end = eval_loss()
+    log(f"fixed-batch loss {eval_start:.4f} -> {eval_end:.4f}")
+    return LoopResult(resumed_from=start, losses=losses, eval_loss_start=eval_start, eval_loss_end=eval_end,
+                      samples=samples)
+
+
+def fixed_batch_loss(transformer: Any, examples: list[dict], config: LoraTrainConfig, loss: LossFn) -> float:
+    """Mean loss over the first few examples with fixed noise and timesteps (no gradient)."""
+    transformer.eval()
+    losses = []
+    with torch.no_grad():
+        for i, example in enumerate(examples[:8]):
+            losses.append(loss([example], step_generator(config.seed, i, "eval")).item())
+    transformer.train()
+    return sum(losses) / len(losses)
+
+
+# -- memory -----------------------------------------------------------------------------------------
+def free_memory(device: torch.device) -> None:
+    """Collect what was just dropped (the encoders) and hand CUDA's cached blocks back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_gib(device: torch.device) -> float | None:
+    """The run's peak allocated CUDA memory in GiB; None on the CPU."""
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
