@@ -13,6 +13,7 @@ from flen_resources.faces import FaceAnalyzer
 from flen_resources.lineage import LineageStore
 from flen_resources.project import Project
 from flen_resources.storage import DvcStore
+from flen_resources.trainers.config import LoraTrainConfig
 
 
 class ProjectResource(dg.ConfigurableResource):
@@ -129,8 +130,7 @@ class TrainerResource(dg.ConfigurableResource):
 
         return QwenEditLoraTrainer(model=self.models.qwen_edit_model, work_dir=work_dir, log=log)
 
-    def train_config(self, knobs: dict[str, Any]):
-        """The trainer's LoraTrainConfig: the knobs of an asset's config, with the models' quantization and device."""
-        from flen_resources.trainers.config import LoraTrainConfig
-
-        return LoraTrainConfig(**knobs, quantization=self.models.quantization, device=self.models.device)
+    def train_config(self, knobs: dict[str, Any]) -> LoraTrainConfig:
+        """The LoraTrainConfig a run records: an asset's knobs, the models' quantization and device, `auto` decided."""
+        return LoraTrainConfig.from_knobs(**knobs, quantization=self.models.quantization,
+                                          device=self.models.device).resolved()

@@ -21,6 +21,7 @@ from flen_io_managers.partition_folder import PartitionFolder, partition_keys
 from flen_resources.lineage import LineageStore, to_json, utcnow
 from flen_resources.project import CONTACT_SHEET, MANIFEST, Project, iteration_number
 from flen_resources.storage import DvcStore, PartitionMissing
+from flen_resources.trainers.config import LoraTrainConfig
 
 CODE_VERSION = "0.1.0"
 
@@ -81,32 +82,26 @@ class PartitionRun:
 
 
 class LoraAssetConfig(dg.Config):
-    """Training knobs shared by the LoRA assets (defaults: a 24 GB card; the demo lowers them)."""
+    """The LoRA knobs users tune, shown in the launchpad, with `flen train flux`'s defaults (LoraTrainConfig's).
 
-    steps: int = 1500
-    rank: int = 16
-    learning_rate: float = 1e-4
-    resolution: int = 1024
-    quantization: str = "auto"  # auto: nf4 on a GPU, none on the CPU
-    seed: int = 0
+    The base model, its quantization and the device come from the `models` resource.
+    """
+
+    steps: int = LoraTrainConfig.max_steps
+    rank: int = LoraTrainConfig.rank
+    learning_rate: float = LoraTrainConfig.learning_rate
+    resolution: int = LoraTrainConfig.resolution  # bucket area = resolution^2
+    optimizer: str = LoraTrainConfig.optimizer  # auto: 8-bit AdamW on a GPU, AdamW on the CPU; or adamw8bit | adamw
     checkpoint_every: int = 0  # 0: every 250 steps, or a quarter of a shorter run (checkpoint_interval)
-    compile: bool = True  # torch.compile the transformer blocks on a GPU: ~1.2x faster steps after a warm-up
-    attention: str = "auto"  # on a GPU: "cudnn" (trainers/attention.py), "flash", or "auto" (cuDNN on Hopper+)
+    seed: int = LoraTrainConfig.seed
+    compile: bool = LoraTrainConfig.compile  # torch.compile the transformer blocks on a GPU: ~1.2x faster steps
+    attention: str = LoraTrainConfig.attention  # on a GPU: cudnn, flash, or auto (cuDNN on Hopper and newer)
 
-    def train_config(self, **overrides: Any):
-        """The trainer's LoraTrainConfig: nf4 and 8-bit AdamW on a GPU, plain on the CPU."""
-        import torch
-
-        from flen_resources.trainers.config import LoraTrainConfig, checkpoint_interval
-
-        gpu = torch.cuda.is_available()
-        quantization = self.quantization if self.quantization != "auto" else ("nf4" if gpu else "none")
-        return LoraTrainConfig(max_steps=self.steps, rank=self.rank, alpha=float(self.rank),
-                               learning_rate=self.learning_rate, resolution=self.resolution,
-                               quantization=quantization, optimizer="adamw8bit" if gpu else "adamw", seed=self.seed,
-                               checkpoint_every=checkpoint_interval(self.steps, self.checkpoint_every),
-                               lr_warmup_steps=min(50, self.steps // 10), sample_every=0,
-                               compile=self.compile and gpu, attention=self.attention, **overrides)
+    def knobs(self) -> dict[str, Any]:
+        """The knobs as LoraTrainConfig.from_knobs takes them (no previews: the assets publish an evaluation)."""
+        return dict(steps=self.steps, rank=self.rank, learning_rate=self.learning_rate, resolution=self.resolution,
+                    optimizer=self.optimizer, checkpoint_every=self.checkpoint_every, seed=self.seed,
+                    compile=self.compile, attention=self.attention, sample_every=0)
 
 
 def partition_asset(group: str, **kwargs: Any):

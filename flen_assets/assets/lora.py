@@ -35,7 +35,7 @@ def flux_lora(context: dg.AssetExecutionContext, config: FluxLoraConfig, project
     from flen_resources.trainers.flux_lora import TrainItem
 
     run = PartitionRun.start(context, project)
-    train_config = config.train_config()
+    train_config = trainer.train_config(config.knobs())
     items = [TrainItem(training_set.path / r["file"], r["caption"]) for r in training_set.rows()]
     # The run folder is keyed by the dataset version: a rerun on the same data resumes or reuses it.
     work = run.project.state_dir / "runs" / f"flux_lora-{run.character}-{run.iteration}-{training_set.dvc_md5[:12]}"

@@ -65,6 +65,7 @@ class LoraTrainer(Generic[Input]):
               dataset_md5: str = "") -> TrainResult:
         """Train (or resume) to config.max_steps; returns the LoRA files, loss curve and samples."""
         name = self.default_name if name is None else name
+        config = config.resolved()  # `auto` settings decided for the device before anything loads
         self._check(inputs, config)  # before anything is loaded or written
         started = time.time()
         device = pick_device(config.device)

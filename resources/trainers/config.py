@@ -8,15 +8,19 @@ renamed here changes the bytes (and DVC md5) of every LoRA trained after it.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+if TYPE_CHECKING:  # pipelines imports torch: the Dagster definitions import this module without it
+    from flen_resources.models.pipelines import QuantizationSetting
 
 # In every LoRA file's metadata: bump it when the same config and data would train a different LoRA.
 TRAINER_VERSION = "1"
 
-Optimizer = Literal["adamw8bit", "adamw"]
-OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)  # adamw8bit needs CUDA (bitsandbytes); the CPU runs adamw
+# auto: 8-bit AdamW on a CUDA GPU (bitsandbytes' states need CUDA), torch AdamW on the CPU.
+Optimizer = Literal["auto", "adamw8bit", "adamw"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 Attention = Literal["auto", "cudnn", "flash"]
 ATTENTION_KERNELS: tuple[str, ...] = get_args(Attention)
 
@@ -49,9 +53,9 @@ class LoraTrainConfig:
     gradient_accumulation: int = 1
     resolution: int = 1024  # bucket area = resolution^2
     seed: int = 0
-    quantization: Literal["none", "nf4"] = "nf4"
+    quantization: QuantizationSetting = "auto"  # auto: nf4 on a CUDA GPU, none on the CPU (pick_quantization)
     gradient_checkpointing: bool = True
-    optimizer: Optimizer = "adamw8bit"  # see OPTIMIZERS
+    optimizer: Optimizer = "auto"  # see OPTIMIZERS
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     logit_mean: float = 0.0  # logit-normal timestep sampling
@@ -77,6 +81,30 @@ class LoraTrainConfig:
             raise TrainingError(f"attention must be 'auto', 'cudnn' or 'flash', not {self.attention!r}")
         if self.optimizer not in OPTIMIZERS:
             raise TrainingError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+
+    @classmethod
+    def from_knobs(cls, *, steps: int, rank: int, learning_rate: float, resolution: int, optimizer: str,
+                   checkpoint_every: int | None, **rest: Any) -> LoraTrainConfig:
+        """The config from the knobs users tune (`flen train` and the LoRA assets' config), with the same rules for
+        both: alpha = rank, warm-up at most a tenth of the run, checkpoints by checkpoint_interval."""
+        return cls(max_steps=steps, rank=rank, alpha=float(rank), learning_rate=learning_rate, resolution=resolution,
+                   optimizer=optimizer, checkpoint_every=checkpoint_interval(steps, checkpoint_every),
+                   lr_warmup_steps=min(cls.lr_warmup_steps, steps // 10), **rest)
+
+    def resolved(self) -> LoraTrainConfig:
+        """This config with `auto` quantization, optimizer and compile decided for its device (what runs and is recorded)."""
+        from flen_resources.models.pipelines import pick_device, pick_quantization
+
+        device = pick_device(self.device)
+        cuda = device.type == "cuda"
+        try:
+            quantization = pick_quantization(self.quantization, device)
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from exc
+        if quantization == "nf4" and not cuda:
+            raise TrainingError("nf4 (QLoRA) needs a CUDA GPU; use quantization 'none' (or 'auto') on the CPU")
+        optimizer = self.optimizer if self.optimizer != "auto" else ("adamw8bit" if cuda else "adamw")
+        return replace(self, quantization=quantization, optimizer=optimizer, compile=self.compile and cuda)
 
     def to_json(self) -> str:
         """The config as sorted JSON: what LoRA metadata and checkpoints record."""

@@ -37,9 +37,6 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-# The device rule lives in base.py; tests/resources/models/test_pipelines.py checks that the
-# trainers' pick_device is the inference one through this module's name.
-from flen_resources.models.pipelines import pick_device  # noqa: F401
 from flen_resources.models.sources import ResolvedModel
 from flen_resources.trainers.base import LoraTrainer, distilled_guidance
 from flen_resources.trainers.batching import buckets, check_training_set, fit_image, flow_matching_draws, image_bucket

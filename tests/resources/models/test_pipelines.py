@@ -15,8 +15,8 @@ def test_the_pipelines_quantize_with_the_one_nf4_setting():
 
 
 def test_the_trainers_use_the_same_rules():
-    from flen_resources.trainers import flux_lora, qwen_edit_lora
+    from flen_resources.trainers import base
 
-    assert flux_lora.pick_device is pick_device and qwen_edit_lora.pick_device is pick_device
+    assert base.pick_device is pick_device
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert pick_device("auto").type == expected and pick_device("cpu").type == "cpu"
