@@ -159,7 +159,7 @@ def bench_dagster(work: Path) -> dict:
 import json, time
 from pathlib import Path
 import dagster as dg
-from flen_assets.cli import init_project
+from flen_assets.runs import init_project
 from flen_assets.demo_data import write_sample_inbox
 from flen_assets.definitions import defs
 from flen_assets.partitions import add_partitions

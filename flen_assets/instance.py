@@ -71,14 +71,14 @@ _LIVE_STATUSES = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRu
 
 
 def ensure_dagster_home(project: Project) -> str:
-    """Create DAGSTER_HOME with dagster.yaml if missing, point the environment at it, return it."""
+    """Create DAGSTER_HOME with dagster.yaml if missing, point the environment at it, return it.
+    (The project folder reaches runs through run config: flen_assets.runs.project_run_config.)"""
     home = project.dagster_home
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists() or config.read_text() in _OLD_DAGSTER_YAMLS:
         write_text_atomic(config, DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(home)
-    os.environ.setdefault("FLEN_PROJECT_DIR", str(project.root))
     return str(home)
 
 

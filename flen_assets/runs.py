@@ -1,4 +1,8 @@
-"""Run services the CLI and the demo share: create a project, materialize a partition, iterate a character.
+"""Run services the CLI and the demo share: create a project, materialize a partition, iterate a character,
+and read a run's result (why a step failed, which review gates stopped it).
+
+The project is a value: every service takes a Project, and a run gets its folder through run config
+(`project_run_config`), never through the environment.
 
 A run executes on a worker thread of this process while this thread watches it: it says which run
 holds a pool slot the run waits for, releases slots of runs whose process died, and on Ctrl-C or
@@ -77,6 +81,14 @@ class RunInterrupted(Exception):
         self.run_id = run_id
 
 
+class SelectionError(ValueError):
+    """`start_at` names no asset of the job: the message says why (the CLI reports it against --from)."""
+
+
+class NothingToIterate(ValueError):
+    """The character has no complete iteration to continue from."""
+
+
 def init_project(project: Project, log: Log | None = None) -> dg.DagsterInstance:
     """Create the project's folders, git + DVC with a local remote, lineage tables and Dagster home."""
     from flen_resources.lineage import LineageStore
@@ -91,20 +103,19 @@ def init_project(project: Project, log: Log | None = None) -> dg.DagsterInstance
 
 
 def downstream_of(asset: str, job_name: str) -> list[dg.AssetKey]:
-    """`asset` and every asset of the job downstream of it (what changes when `asset` changes)."""
-    import typer
-
+    """`asset` and every asset of the job downstream of it (what changes when `asset` changes);
+    SelectionError when the job has no such asset."""
     from flen_assets.definitions import defs
     from flen_assets.jobs import TRAINING_SET_ASSETS
 
     graph = defs.resolve_asset_graph()
     if dg.AssetKey(asset) not in graph.get_all_asset_keys():
-        raise typer.BadParameter(f"no asset named {asset!r}", param_hint="--from")
+        raise SelectionError(f"no asset named {asset!r}")
     keys = dg.AssetSelection.assets(asset).downstream().resolve(graph)
     if job_name == "training_set_job":
         keys &= {dg.AssetKey(a) for a in TRAINING_SET_ASSETS}
         if not keys:
-            raise typer.BadParameter(f"{asset} is not part of the training-set chain; add --all", param_hint="--from")
+            raise SelectionError(f"{asset} is not part of the training-set chain; add --all")
     return sorted(keys, key=lambda k: k.to_user_string())
 
 
@@ -134,10 +145,63 @@ def materialize_partition(project: Project, character: str, iteration: str, run_
     if selection is not None:  # config of assets outside the selection would be rejected
         wanted = {k.to_python_identifier() for k in selection}
         run_config = {**(run_config or {}), "ops": {k: v for k, v in ops.items() if k in wanted}}
-    config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}, **(run_config or {})}
+    config = project_run_config(project, {"loggers": {"console": {"config": {"log_level": "INFO"}}},
+                                          **(run_config or {})})
     tags = {REQUEST_TAG: request, **({"flen/resumes": resumed.run_id} if resumed else {})}
     return execute_watched(job, instance, log, tags, partition_key=str(key), run_config=config,
                            asset_selection=selection)
+
+
+# The resources that read the project folder; `project_run_config` points each at the run's project.
+PROJECT_RESOURCES = ("project", "partition_io_manager")
+
+
+def project_run_config(project: Project, run_config: dict | None = None) -> dict:
+    """`run_config` with the project folder set on every resource that reads it: how a run of this
+    process knows its project (a run launched by the UI or the daemon finds it in $FLEN_PROJECT_DIR)."""
+    run_config = dict(run_config or {})
+    resources = dict(run_config.get("resources") or {})
+    for name in PROJECT_RESOURCES:
+        entry = dict(resources.get(name) or {})
+        entry["config"] = {**(entry.get("config") or {}), "project_dir": str(project.root)}
+        resources[name] = entry
+    run_config["resources"] = resources
+    return run_config
+
+
+def iterate_character(project: Project, character: str, run_config: dict | None = None,
+                      log: Log = print) -> tuple[str, dg.ExecuteInProcessResult]:
+    """Add v(N+1) after the last complete iteration N and run the whole flywheel for it:
+    (the new iteration, its run's result); NothingToIterate when there is no complete iteration."""
+    done = project.latest_iteration(character)
+    if done == 0:
+        raise NothingToIterate(f"{character} has no complete iteration yet: "
+                               f"run `flen materialize {character} v1 --all` first")
+    nxt = f"v{done + 1}"
+    log(f"{character}: v{done} is complete (synthetic batch published); launching {nxt}")
+    return nxt, materialize_partition(project, character, nxt, run_config, "flywheel_job", log=log)
+
+
+REVIEW_CHECKS = ("review_complete", "synthetic_review_complete")
+
+
+def root_cause(error: Any) -> str:
+    """The first line of the innermost error of a step failure: what the user can act on, not Dagster's wrapper."""
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    return error.message.strip().splitlines()[0] if error.message.strip() else error.cls_name
+
+
+def review_gate_stops(result: dg.ExecuteInProcessResult) -> list[tuple[str, int]]:
+    """(asset, pending) for each review check that failed in a run: the run stopped at the review gate."""
+    stops = []
+    for event in result.all_events:
+        if event.event_type_value == "ASSET_CHECK_EVALUATION":
+            check = event.event_specific_data
+            if check.check_name in REVIEW_CHECKS and not check.passed:
+                pending = check.metadata.get("pending")
+                stops.append((check.asset_key.to_user_string(), int(pending.value) if pending else 0))
+    return stops
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from flen_assets.cli import init_project
 from flen_assets.demo_data import write_sample_inbox
 from flen_assets.jobs import TRAINING_SET_ASSETS
 from flen_assets.partitions import add_partitions
+from flen_assets.runs import init_project
 from flen_resources.lineage import LineageStore
 
 pytestmark = pytest.mark.slow

@@ -56,10 +56,10 @@ class Flow:
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory: pytest.TempPathFactory, one_torch_thread) -> Flow:
-    from flen_assets.cli import init_project
     from flen_assets.definitions import defs
     from flen_assets.demo_data import sample_files
     from flen_assets.partitions import add_partitions
+    from flen_assets.runs import init_project
 
     with shared_project(tmp_path_factory, "edit_model") as project:
         instance = init_project(project)

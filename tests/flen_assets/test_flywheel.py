@@ -58,7 +58,7 @@ def test_rematerializing_a_whole_iteration_reuses_its_content(demo_project, tmp_
     adds no blob to the DVC cache, even after v2 exists."""
     import json
 
-    from flen_assets.cli import DEMO_RUN_CONFIG
+    from flen_assets.runs import DEMO_RUN_CONFIG
 
     def state() -> tuple[dict[str, str], int]:
         rows = LineageStore(demo_project.lineage_dir).rows(

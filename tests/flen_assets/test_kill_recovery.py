@@ -46,7 +46,6 @@ def _new_project(tmp_path, name: str):
     project = Project(tmp_path / name)
     project.root.mkdir()
     (project.root / "small.yaml").write_text(CONFIG)
-    os.environ["FLEN_PROJECT_DIR"] = str(project.root)
     os.environ["DAGSTER_HOME"] = str(project.dagster_home)
     instance = init_project(project)
     write_sample_inbox(project.inbox_for("kc"))

@@ -11,13 +11,13 @@ import pytest
 import yaml
 from conftest import run_flen, shared_project
 
-from flen_assets.cli import DEMO_RUN_CONFIG, init_project
 from flen_assets.definitions import defs
 from flen_assets.demo_data import write_sample_inbox
 from flen_assets.instance import get_instance
 from flen_assets.partitions import add_partitions
 from flen_assets.review.policy import ReviewPolicy, set_character_policy
 from flen_assets.review.store import Partition, ReviewStore
+from flen_assets.runs import DEMO_RUN_CONFIG, init_project
 
 pytestmark = pytest.mark.slow
 CLASSIC = {"ops": {"enriched_images": {"config": {"recipe": "classic"}}}}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-from flen_assets.cli import init_project
 from flen_assets.dagster_resources import ProjectResource
 from flen_assets.partitions import character_partitions, iteration_partitions
+from flen_assets.runs import init_project
 from flen_assets.sensors import inbox_sensor
 
 

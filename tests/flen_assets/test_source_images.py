@@ -112,9 +112,9 @@ class Ingested:
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory: pytest.TempPathFactory) -> Ingested:
     """A fresh project (like conftest's `project`, but shared by the module) after one run."""
-    from flen_assets.cli import init_project
     from flen_assets.definitions import defs
     from flen_assets.partitions import add_partitions
+    from flen_assets.runs import init_project
 
     with shared_project(tmp_path_factory, "sources") as project:
         instance = init_project(project)

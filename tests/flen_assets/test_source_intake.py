@@ -93,9 +93,10 @@ class Intake:
 def intake(tmp_path_factory: pytest.TempPathFactory) -> Intake:
     from typer.testing import CliRunner
 
-    from flen_assets.cli import app, init_project
+    from flen_assets.cli import app
     from flen_assets.definitions import defs
     from flen_assets.partitions import add_partitions
+    from flen_assets.runs import init_project
 
     with shared_project(tmp_path_factory, "intake") as project:
         base = project.root.parent

@@ -10,13 +10,13 @@ import pytest
 import yaml
 from conftest import run_flen, shared_project
 
-from flen_assets.cli import init_project
 from flen_assets.dagster_resources import ProjectResource
 from flen_assets.demo_data import write_sample_inbox
 from flen_assets.instance import get_instance
 from flen_assets.partitions import character_partitions, iteration_partitions
 from flen_assets.review.policy import ReviewPolicy, set_character_policy
 from flen_assets.review.store import Partition, ReviewStore
+from flen_assets.runs import init_project
 from flen_resources.lineage import LineageStore
 from tests_helpers import build_review_partition, review_session, running_server
 

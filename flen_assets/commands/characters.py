@@ -1,0 +1,82 @@
+"""`flen character add | list | policy`: characters, the `character` partition dimension."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from flen_assets.commands.common import ProjectOpt, fail, resolve_project
+from flen_assets.runs import init_project
+from flen_resources.project import InvalidNameError, validate_iteration, validate_slug
+
+app = typer.Typer(help="Characters (the `character` partition dimension).", no_args_is_help=True)
+
+
+@app.command("add")
+def character_add(name: str, from_dir: Annotated[Path, typer.Option("--from", help="Folder of photos to copy in.")],
+                  iteration: str = "v1", project: ProjectOpt = None) -> None:
+    """Copy photos into inbox/NAME (originals untouched) and register the character partition."""
+    from flen_assets.partitions import add_partitions
+    from flen_resources.intake import IntakeError, add_photos
+
+    try:
+        validate_slug(name)
+        validate_iteration(iteration)
+    except InvalidNameError as exc:
+        fail(str(exc))
+    if not from_dir.is_dir():
+        fail(f"{from_dir} is not a folder")
+    proj = resolve_project(project)
+    instance = init_project(proj)
+    dest = proj.inbox_for(name)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:  # regular files only, each read from one O_NOFOLLOW fd; links, pipes, subfolders refused and recorded
+        report = add_photos(from_dir, dest)
+    except IntakeError as exc:
+        fail(str(exc))
+    for refused in report.refused:
+        typer.echo(f"refused {refused.message} [{refused.code}]")
+    key = add_partitions(instance, name, iteration)
+    typer.echo(f"{len(report.copied)} file(s) copied to {dest}; {len(report.refused)} refused; partition {key} registered")
+
+
+@app.command("list")
+def character_list(project: ProjectOpt = None) -> None:
+    """List registered characters and iterations."""
+    from flen_assets.partitions import character_partitions, iteration_partitions
+
+    instance = init_project(resolve_project(project))
+    typer.echo("characters: " + ", ".join(instance.get_dynamic_partitions(character_partitions.name)))
+    typer.echo("iterations: " + ", ".join(instance.get_dynamic_partitions(iteration_partitions.name)))
+
+
+@app.command("policy")
+def character_policy_cmd(
+        name: str,
+        policy: Annotated[Optional[str], typer.Argument(help="auto | required | mixed (omit to show the current one)")]
+        = None,
+        margin: Annotated[Optional[float], typer.Option(help="mixed: borderline band around the identity threshold.")]
+        = None,
+        project: ProjectOpt = None) -> None:
+    """Show or set a character's review policy (auto, required or mixed)."""
+    from flen_assets.review.policy import POLICIES, ReviewPolicy, character_policy, policy_file, set_character_policy
+
+    try:
+        validate_slug(name)
+    except InvalidNameError as exc:
+        fail(str(exc))
+    proj = resolve_project(project)
+    current = character_policy(proj, name)
+    if policy is None and margin is None:
+        typer.echo(f"{name}: {current.policy} (margin {current.margin:g})")
+        return
+    if policy is not None and policy not in POLICIES:
+        fail(f"unknown review policy {policy!r}: use one of {', '.join(POLICIES)}")
+    try:
+        chosen = ReviewPolicy(policy or current.policy, current.margin if margin is None else margin)
+    except ValueError as exc:
+        fail(str(exc))
+    set_character_policy(proj, name, chosen)
+    typer.echo(f"{name}: review policy {chosen.policy} (margin {chosen.margin:g}) in {policy_file(proj)}")

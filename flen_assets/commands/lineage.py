@@ -1,0 +1,114 @@
+"""Lineage and versions: `flen lineage`, `sql`, `versions`, `checkout` and `export`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flen_assets.commands.common import ProjectOpt, fail, resolve_project
+from flen_resources.project import InvalidNameError, validate_iteration, validate_slug
+
+
+def lineage(character: str, iteration: str, asset: str = "training_set", project: ProjectOpt = None,
+            as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows instead of a tree.")] = False) -> None:
+    """Trace every image of a partition back to the source files, with the operations applied."""
+    from flen_resources.lineage import LineageStore
+
+    try:
+        validate_slug(character)
+        validate_iteration(iteration)
+    except InvalidNameError as exc:
+        fail(str(exc))
+    proj = resolve_project(project)
+    rows = LineageStore(proj.lineage_dir).trace(character, iteration, asset)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1, default=str))
+        return
+    if not rows:
+        fail(f"no lineage for {asset} {character}|{iteration}: materialize it first")
+    from flen_assets.lineage_view import render_header, render_tree
+
+    store = LineageStore(proj.lineage_dir)
+    runs = store.rows("SELECT asset, params, models FROM runs WHERE character=$c AND iteration=$i "
+                      "QUALIFY row_number() OVER (PARTITION BY asset ORDER BY finished_at DESC) = 1",
+                      {"c": character, "i": iteration})
+    artifacts = {r["asset"]: r["dvc_md5"] for r in store.rows(
+        "SELECT asset, dvc_md5 FROM latest_artifacts WHERE character=$c AND iteration=$i",
+        {"c": character, "i": iteration})}
+    typer.echo(render_header(runs, artifacts, character, iteration))
+    typer.echo("")
+    typer.echo(render_tree(asset, character, iteration, rows))
+
+
+def sql(query: str, project: ProjectOpt = None) -> None:
+    """Run SQL against the lineage views (runs, artifacts, images, edges, members, decisions, metrics)."""
+    from flen_resources.lineage import LineageStore
+
+    with LineageStore(resolve_project(project).lineage_dir).connect() as con:
+        try:
+            typer.echo(str(con.sql(query)))  # DuckDB's own table rendering
+        except Exception as exc:  # duckdb raises one type per SQL error class
+            fail(f"SQL error: {exc}")
+
+
+def versions(asset: str, character: str, iteration: str, project: ProjectOpt = None) -> None:
+    """List the published versions (DVC md5) of one partition, newest first."""
+    from flen_resources.lineage import LineageStore
+
+    rows = LineageStore(resolve_project(project).lineage_dir).rows(
+        "SELECT created_at, dvc_md5, n_files, run_id FROM artifacts WHERE asset=$a AND character=$c AND iteration=$i "
+        "ORDER BY created_at DESC", {"a": asset, "c": character, "i": iteration})
+    if not rows:
+        fail(f"no published version of {asset} {character}|{iteration}")
+    for r in rows:
+        typer.echo(f"{r['created_at']:%Y-%m-%d %H:%M:%S}  {r['dvc_md5']}  {r['n_files']:5d} files  run {r['run_id'][:8]}")
+
+
+def checkout(asset: str, character: str, iteration: str,
+             md5: Annotated[str, typer.Argument(help="DVC md5 from `flen versions`, or a unique prefix of 8+ hex.")],
+             project: ProjectOpt = None) -> None:
+    """Restore an earlier version (by DVC md5, see `flen versions`) of a partition folder."""
+    from flen_resources.lineage import LineageStore, VersionLookupError
+    from flen_resources.storage import DvcStore
+
+    proj = resolve_project(project)
+    try:
+        version = LineageStore(proj.lineage_dir).find_version(asset, character, iteration, md5)
+    except VersionLookupError as exc:
+        fail(str(exc))
+    path = DvcStore(proj).restore(asset, character, iteration, version.dvc_file)
+    typer.echo(f"restored {path} to {version.dvc_md5}")
+
+
+def export(character: str, iteration: str, dest: Annotated[Path, typer.Option("--to", help="Folder to write.")],
+           project: ProjectOpt = None) -> None:
+    """Write a training folder ai-toolkit and kohya accept (images + same-name .txt) plus the LoRA files."""
+    try:
+        validate_slug(character)
+        validate_iteration(iteration)
+    except InvalidNameError as exc:
+        fail(str(exc))
+    proj = resolve_project(project)
+    training = proj.partition_dir("training_set", character, iteration)
+    if not (training / "manifest.parquet").is_file():
+        fail(f"training_set {character}|{iteration} is not materialized")
+    if dest.exists() and any(dest.iterdir()):
+        fail(f"{dest} exists and is not empty")
+    images = dest / "dataset"
+    images.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for item in sorted((training / "images").iterdir()):
+        shutil.copyfile(item, images / item.name)
+        count += item.suffix == ".png"
+    lora = proj.partition_dir("flux_lora", character, iteration)
+    copied = []
+    for name in ("lora.safetensors", "lora_comfyui.safetensors", "loss_curve.png"):
+        if (lora / name).is_file():
+            target = dest / f"{character}_{iteration}_{name}"
+            shutil.copyfile(lora / name, target)
+            copied.append(target.name)
+    typer.echo(f"{count} images with captions in {images}; LoRA files: {', '.join(copied) or 'none (not trained)'}")

@@ -1,0 +1,86 @@
+"""`flen materialize` and `flen iterate`: run the jobs of a partition on the project's instance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from flen_assets.commands.common import (
+    ProjectOpt,
+    fail,
+    print_review_hint,
+    project_option,
+    report,
+    resolve_project,
+    run_job,
+)
+from flen_assets.runs import (
+    DEMO_RUN_CONFIG,
+    NothingToIterate,
+    iterate_character,
+    materialize_partition,
+    review_gate_stops,
+)
+from flen_resources.project import InvalidNameError, validate_iteration, validate_slug
+
+
+def _run_config(config: Optional[Path]) -> dict | None:
+    """The --config file (JSON or YAML), or None."""
+    import yaml
+
+    return yaml.safe_load(config.read_text()) if config else None
+
+
+def materialize(character: str, iteration: Annotated[str, typer.Argument(help="Iteration, v1, v2, ...")] = "v1",
+                project: ProjectOpt = None,
+                config: Annotated[Optional[Path], typer.Option(help="Run config (JSON or YAML).")] = None,
+                whole: Annotated[bool, typer.Option("--all", help="The whole iteration (flywheel_job): LoRA, "
+                                                    "evaluation, synthetic batch, triplets, qwen adapter.")] = False,
+                start_at: Annotated[Optional[str], typer.Option(
+                    "--from", help="Only this asset and what is downstream of it, e.g. filtered_images after a "
+                                   "review (the edits are not made again).")] = None,
+                restart: Annotated[bool, typer.Option(
+                    "--restart", help="Rebuild every asset even when the last run of this command died or was "
+                                      "stopped midway (by default it resumes after the assets that run finished).")]
+                = False,
+                ) -> None:
+    """Materialize sources -> training set (or, with --all, the whole iteration) for CHARACTER ITERATION."""
+    try:
+        validate_slug(character)
+        validate_iteration(iteration)
+    except InvalidNameError as exc:
+        fail(str(exc))
+    run_config = _run_config(config)
+    proj = resolve_project(project)
+    job_name = "flywheel_job" if whole else "training_set_job"
+    result = run_job(proj, lambda: materialize_partition(proj, character, iteration, run_config, job_name, start_at,
+                                                         log=typer.echo, restart=restart))
+    report(proj, result)
+    if not result.success:
+        stops = review_gate_stops(result)
+        if stops:
+            print_review_hint(character, iteration, stops, project_option(project))
+        fail(f"run {result.run_id} " + ("stopped at the review gate" if stops else "failed"))
+    typer.echo(f"run {result.run_id} succeeded")
+
+
+def iterate(character: str, project: ProjectOpt = None,
+            config: Annotated[Optional[Path], typer.Option(help="Run config (JSON or YAML).")] = None,
+            demo_settings: Annotated[bool, typer.Option(help="Use the demo's CPU-sized settings.")] = False) -> None:
+    """Add the next iteration of CHARACTER (v(N+1) after the last complete vN) and run it."""
+    try:
+        validate_slug(character)
+    except InvalidNameError as exc:
+        fail(str(exc))
+    run_config = DEMO_RUN_CONFIG if demo_settings else _run_config(config)
+    proj = resolve_project(project)
+    try:
+        nxt, result = run_job(proj, lambda: iterate_character(proj, character, run_config, log=typer.echo))
+    except NothingToIterate as exc:
+        fail(str(exc))
+    report(proj, result)
+    if not result.success:
+        fail(f"run {result.run_id} for {character}|{nxt} failed")
+    typer.echo(f"{character}|{nxt} done (run {result.run_id})")

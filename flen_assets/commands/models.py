@@ -1,0 +1,52 @@
+"""`flen models tiny | status`: the embedded tiny pack and which real models are available."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Model weights: the embedded tiny pack and real models.", no_args_is_help=True)
+
+
+@app.command("tiny")
+def models_tiny(force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False) -> None:
+    """Build the embedded tiny model pack offline (random weights, real architectures)."""
+    from flen_resources.models.tiny_pack import ensure_tiny_pack
+
+    started = time.time()
+    path = ensure_tiny_pack(force=force)
+    typer.echo(f"tiny pack at {path} ({time.time() - started:.1f}s)")
+    for item in sorted(path.iterdir()):
+        typer.echo(f"  {item.name}")
+
+
+@app.command("status")
+def models_status() -> None:
+    """Which models and LoRAs are available, from where (never downloads)."""
+    from flen_assets.definitions import defs
+    from flen_resources.models.loras import LoraError, resolve_lora
+    from flen_resources.models.registry import MODELS
+    from flen_resources.models.sources import ModelFolderError, ModelNotAvailable, models_dir, resolve_model
+
+    editor = defs.resources["editor"]
+    generator = defs.resources["generator"]
+    configured = {"qwen-image-edit-2509": editor.qwen_model, "flux.1-dev": generator.flux_model}
+    typer.echo(f"FLENwheel models folder: {models_dir()}")
+    for key, spec in MODELS.items():
+        source = configured[key]
+        try:
+            resolved = resolve_model(key, source, allow_download=False)
+            typer.secho(f"✓ {key:22s} {source:32s} {resolved.kind:6s} {resolved.path}  ({resolved.ref})",
+                        fg=typer.colors.GREEN)
+        except (ModelNotAvailable, ModelFolderError) as exc:
+            typer.secho(f"✗ {key:22s} {source:32s} {str(exc).splitlines()[0]}", fg=typer.colors.RED)
+        if source != spec.hub_id:
+            typer.echo(f"  real model: {spec.hub_id} (set FLEN_{'QWEN_EDIT' if 'qwen' in key else 'FLUX'}_MODEL)")
+    for name, source in editor.qwen_loras.items():
+        try:
+            info = resolve_lora(name, source, "qwen-image-edit-2509", allow_download=False)
+            typer.echo(f"✓ LoRA {name:17s} {source:32s} {info.key_style}, rank {info.rank}, {info.path}")
+        except (LoraError, ModelNotAvailable) as exc:
+            typer.secho(f"✗ LoRA {name:17s} {source:32s} {str(exc).splitlines()[0]}", fg=typer.colors.RED)

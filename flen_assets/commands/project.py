@@ -1,0 +1,119 @@
+"""Project commands: `flen init`, `flen ui` (the Dagster UI) and `flen demo`."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from flen_assets.commands.common import (
+    ProjectOpt,
+    fail,
+    print_review_hint,
+    project_option,
+    report,
+    resolve_project,
+    run_job,
+)
+from flen_assets.runs import DEMO_RUN_CONFIG, init_project, materialize_partition, review_gate_stops
+from flen_resources.project import PROJECT_ENV, Project, validate_slug
+
+
+def init(project: ProjectOpt = None) -> None:
+    """Initialise a project: data/, inbox/, DVC (local remote), lineage, Dagster instance."""
+    proj = resolve_project(project)
+    init_project(proj)
+    typer.echo(f"project ready at {proj.root}\n  DAGSTER_HOME={proj.dagster_home}\n  DVC remote: {proj.dvc_remote_dir}")
+
+
+WORKSPACE_YAML = """\
+# Written by flen for a project folder without its own workspace.yaml.
+load_from:
+  - python_module:
+      module_name: flen_assets.definitions
+      location_name: flenwheel
+"""
+
+
+def workspace_file(project: Project) -> Path:
+    """The project's workspace.yaml, or one written under .flen/ that loads the same code location."""
+    own = project.root / "workspace.yaml"
+    if own.is_file():
+        return own
+    generated = project.state_dir / "workspace.yaml"
+    if not generated.is_file() or generated.read_text() != WORKSPACE_YAML:
+        generated.parent.mkdir(parents=True, exist_ok=True)
+        generated.write_text(WORKSPACE_YAML)
+    return generated
+
+
+def dagster_env(project: Project) -> dict[str, str]:
+    """The environment of a Dagster process for `project` (webserver, daemon, the runs they launch)."""
+    return {**os.environ, PROJECT_ENV: str(project.root), "DAGSTER_HOME": str(project.dagster_home)}
+
+
+def ui(host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the UI local.")] = "127.0.0.1", port: int = 3000, project: ProjectOpt = None) -> None:
+    """Serve the Dagster UI on this project's instance (binds 127.0.0.1 unless told otherwise)."""
+    proj = resolve_project(project)
+    init_project(proj, log=typer.echo)
+    exe = Path(sys.executable).with_name("dagster-webserver")
+    args = [str(exe), "-w", str(workspace_file(proj)), "-h", host, "-p", str(port)]
+    typer.echo(f"Dagster UI on http://{host}:{port}  (DAGSTER_HOME={proj.dagster_home})")
+    os.execve(args[0], args, dagster_env(proj))
+
+
+def demo(project: ProjectOpt = None, character: str = "astronaut",
+         iterations: Annotated[int, typer.Option(min=1, max=5, help="How many flywheel iterations.")] = 2,
+         review: Annotated[Optional[str], typer.Option(
+             help="Set the character's review policy first: auto (gates decide), required (a human reviews every "
+                  "image that passed the gates: the run stops at the review gate) or mixed. Default: leave it.")]
+         = None) -> None:
+    """Build the embedded sample character and run the whole flywheel (v1, v2) on the tiny pack."""
+    from flen_assets.demo_data import write_sample_inbox
+    from flen_assets.review.policy import POLICIES, ReviewPolicy, character_policy, set_character_policy
+
+    proj = resolve_project(project)
+    where = project_option(project)
+    if review is not None and review not in POLICIES:
+        fail(f"unknown review policy {review!r}: use one of {', '.join(POLICIES)}")
+    started = time.time()
+    init_project(proj)
+    if review is not None:
+        current = character_policy(proj, validate_slug(character))
+        set_character_policy(proj, character, ReviewPolicy(review, current.margin))
+    typer.echo(f"review policy of {character}: {character_policy(proj, validate_slug(character)).policy}")
+    files = write_sample_inbox(proj.inbox_for(validate_slug(character)))
+    typer.echo(f"sample inbox: {len(files)} files in {proj.inbox_for(character)} "
+               "(the astronaut photo in several framings and encodings, another person, a face-less photo, "
+               "a duplicate, a truncated JPEG and a text file named .png)")
+    typer.echo("embedded defaults: the tiny model pack (random weights, real architectures) at CPU-sized settings. "
+               "Its Qwen edits and FLUX generations are noise, so the face gate rejects them and the identity "
+               "consistency is 0%: expected — the plumbing is what the demo shows.")
+    for n in range(1, iterations + 1):
+        typer.echo(f"\n== {character}|v{n} ==")
+        # vN explicitly (not `flen iterate`), so running the demo again re-materializes the same
+        # partitions, which reproduces the same versions, instead of adding v3.
+        result = run_job(proj, lambda n=n: materialize_partition(proj, character, f"v{n}", DEMO_RUN_CONFIG,
+                                                                 "flywheel_job", log=typer.echo))
+        report(proj, result)
+        if not result.success:
+            stops = review_gate_stops(result)
+            if not stops:
+                fail(f"demo run {result.run_id} failed")
+            # Not an error: the policy asked for a human, and the run waits for one.
+            print_review_hint(character, f"v{n}", stops, where)
+            typer.echo(f"\nthe demo stopped at {character}|v{n}'s review gate after {time.time() - started:.0f}s; "
+                       "run it again once the images are decided.")
+            return
+    last = f"v{iterations}"
+    typer.echo(f"\n{iterations} iteration(s) of '{character}' in {time.time() - started:.0f}s.")
+    typer.echo(f"  training set:  {proj.partition_dir('training_set', character, last)}")
+    typer.echo(f"  LoRA:          {proj.partition_dir('flux_lora', character, last)}")
+    typer.echo(f"  evaluation:    {proj.partition_dir('lora_eval', character, last)}/contact_sheet.png, history.png")
+    typer.echo(f"  lineage:       flen lineage {character} {last}{where}")
+    typer.echo(f"  export:        flen export {character} {last} --to export/{character}-{last}{where}")
+    typer.echo(f"  Dagster UI:    flen ui{where}   (then open http://127.0.0.1:3000, Assets -> {character}|{last})")

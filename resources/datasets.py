@@ -1,0 +1,39 @@
+"""A folder of captioned images as training items: what `flen train` reads.
+
+Two layouts: a training_set partition folder (images/<id>.png + images/<id>.txt) or a flat folder
+of images with same-name .txt captions. An image without a caption gets None (the trainer's
+default caption). The md5 covers names, bytes and captions, so a changed dataset never resumes
+another one's run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flen_resources.trainers.flux_lora import TrainItem
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def dataset_images(folder: Path) -> list[Path]:
+    """The image files of a dataset folder (its images/ subfolder when it has one), sorted by name; hidden ones skipped."""
+    images_dir = folder / "images" if (folder / "images").is_dir() else folder
+    return sorted(p for p in images_dir.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def dataset_items(folder: Path) -> tuple[list[TrainItem], str]:
+    """The images of `folder` with their captions (stripped; None when absent or empty), and an md5 of them all."""
+    from flen_resources.trainers.flux_lora import TrainItem  # torch: only when a dataset is read
+
+    digest = hashlib.md5()
+    items = []
+    for image in dataset_images(folder):
+        caption_file = image.with_suffix(".txt")
+        caption = caption_file.read_text().strip() if caption_file.is_file() else None
+        digest.update(image.name.encode() + b"\0" + image.read_bytes() + b"\0" + (caption or "").encode() + b"\0")
+        items.append(TrainItem(image, caption or None))
+    return items, digest.hexdigest()
