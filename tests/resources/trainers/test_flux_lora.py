@@ -262,13 +262,13 @@ def test_an_unknown_optimizer_is_refused_by_name():
 
 
 def test_cli_reads_flat_folder_and_fails_cleanly(tmp_path: Path):
-    from flen_assets.cli import _dataset_items
+    from flen_resources.datasets import dataset_items
 
     flat = tmp_path / "flat"
     paths = _write_images(flat, 3, captions=False)
     paths[0].with_suffix(".txt").write_text("photo of bob\n")
     (flat / "notes.md").write_text("not an image")
-    items, md5 = _dataset_items(flat)
+    items, md5 = dataset_items(flat)
     assert [i.image for i in items] == paths and [i.caption for i in items] == ["photo of bob", None, None]
     assert len(md5) == 32
 
