@@ -60,9 +60,18 @@ class ModelsResource(dg.ConfigurableResource):
 
     flux_model: str = "tiny"  # FLUX.1-dev: the generator and the FLUX LoRA trainer
     qwen_edit_model: str = "tiny"  # Qwen-Image-Edit-2509: the editor and the edit-model trainer
-    # auto: nf4 on a CUDA GPU, none on the CPU (flen_resources.models.pipelines.pick_quantization)
-    quantization: Literal["auto", "none", "nf4"] = "auto"
+    # auto | none | nf4; auto: nf4 on a CUDA GPU, none on the CPU (models.pipelines.pick_quantization,
+    # which also refuses other values: a str, not a Literal, so that dg.EnvVar can fill it)
+    quantization: str = "auto"
     device: str = "auto"  # auto: the CUDA GPU when there is one
+
+    def read_now(self) -> ModelsResource:
+        """This resource with its dg.EnvVar fields read from the environment now (for commands outside a run)."""
+        def now(value: str) -> str:
+            return value.get_value() if isinstance(value, dg.EnvVar) else value
+
+        return ModelsResource(flux_model=now(self.flux_model), qwen_edit_model=now(self.qwen_edit_model),
+                              quantization=now(self.quantization), device=now(self.device))
 
 
 class EditorResource(dg.ConfigurableResource):

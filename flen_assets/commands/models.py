@@ -31,9 +31,10 @@ def models_status() -> None:
     from flen_resources.models.sources import ModelFolderError, ModelNotAvailable, models_dir, resolve_model
 
     editor = defs.resources["editor"]
-    generator = defs.resources["generator"]
-    configured = {"qwen-image-edit-2509": editor.qwen_model, "flux.1-dev": generator.flux_model}
+    models = defs.resources["models"].read_now()
+    configured = {"qwen-image-edit-2509": models.qwen_edit_model, "flux.1-dev": models.flux_model}
     typer.echo(f"FLENwheel models folder: {models_dir()}")
+    typer.echo(f"quantization: {models.quantization}, device: {models.device} (FLEN_QUANTIZATION, FLEN_DEVICE)")
     for key, spec in MODELS.items():
         source = configured[key]
         try:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from flen_assets.commands.common import fail
+from flen_resources.models.quantization import QuantizationSetting
+from flen_resources.trainers.config import Attention, LoraTrainConfig, Optimizer
 
 app = typer.Typer(help="Train LoRAs on a folder of captioned images.", no_args_is_help=True)
 
@@ -17,19 +19,25 @@ def train_flux(
     dataset: Annotated[Path, typer.Argument(help="Folder of images with same-name .txt captions (or a training_set "
                                                  "partition folder: images/<id>.png + .txt).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints, cache, output/ (reused to resume).")],
-    steps: Annotated[int, typer.Option(min=1)] = 1500,
-    resolution: Annotated[int, typer.Option(min=64)] = 1024,
-    rank: Annotated[int, typer.Option(min=1)] = 16,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
-    quantization: Annotated[Literal["none", "nf4"], typer.Option(help="nf4 (QLoRA) needs a CUDA GPU.")] = "nf4",
-    optimizer: Annotated[Literal["adamw", "adamw8bit"], typer.Option()] = "adamw8bit",
+    # The same knobs, defaults and rules as the LoRA assets' config (LoraTrainConfig.from_knobs).
+    steps: Annotated[int, typer.Option(min=1)] = LoraTrainConfig.max_steps,
+    resolution: Annotated[int, typer.Option(min=64)] = LoraTrainConfig.resolution,
+    rank: Annotated[int, typer.Option(min=1)] = LoraTrainConfig.rank,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = LoraTrainConfig.learning_rate,
+    quantization: Annotated[QuantizationSetting, typer.Option(
+        envvar="FLEN_QUANTIZATION", help="auto: nf4 (QLoRA) on a CUDA GPU, none on the CPU.")] = "auto",
+    optimizer: Annotated[Optimizer, typer.Option(
+        help="auto: 8-bit AdamW on a CUDA GPU, AdamW on the CPU.")] = LoraTrainConfig.optimizer,
     checkpoint_every: Annotated[Optional[int], typer.Option(
         min=1, help="Steps between checkpoints (default: 250, or a quarter of --steps when fewer).")] = None,
-    seed: int = 0,
-    compile: Annotated[bool, typer.Option(help="torch.compile the transformer blocks (GPU only).")] = True,
-    attention: Annotated[Literal["auto", "cudnn", "flash"], typer.Option(
-        help="Attention kernel on a GPU: cuDNN, torch's flash SDPA, or auto (cuDNN on Hopper and newer).")] = "auto",
+    seed: int = LoraTrainConfig.seed,
+    compile: Annotated[bool, typer.Option(help="torch.compile the transformer blocks (GPU only).")]
+    = LoraTrainConfig.compile,
+    attention: Annotated[Attention, typer.Option(
+        help="Attention kernel on a GPU: cuDNN, torch's flash SDPA, or auto (cuDNN on Hopper and newer).")]
+    = LoraTrainConfig.attention,
     model: Annotated[str, typer.Option(envvar="FLEN_FLUX_MODEL", help="'tiny', a folder or a Hub id.")] = "tiny",
+    device: Annotated[str, typer.Option(envvar="FLEN_DEVICE", help="auto: the CUDA GPU when there is one.")] = "auto",
     name: Annotated[str, typer.Option(help="File name of the LoRA (default: the --out folder's name).")] = "",
     default_caption: Annotated[str, typer.Option(help="Caption of images without a .txt ('' to require one).")]
     = "photo of a person",
@@ -37,16 +45,15 @@ def train_flux(
     """Train a FLUX.1-dev LoRA on DATASET; rerun the same command to resume from the last checkpoint."""
     from flen_resources.datasets import dataset_items
     from flen_resources.models.sources import ModelFolderError, ModelNotAvailable
-    from flen_resources.trainers.config import LoraTrainConfig, TrainingError, checkpoint_interval
+    from flen_resources.trainers.config import TrainingError
     from flen_resources.trainers.flux_lora import FluxLoraTrainer
 
     if not dataset.is_dir():
         fail(f"{dataset} is not a folder")
     items, md5 = dataset_items(dataset)
-    config = LoraTrainConfig(max_steps=steps, resolution=resolution, rank=rank, alpha=float(rank), learning_rate=lr,
-                             quantization=quantization, optimizer=optimizer,
-                             checkpoint_every=checkpoint_interval(steps, checkpoint_every),
-                             seed=seed, compile=compile, attention=attention)
+    config = LoraTrainConfig.from_knobs(steps=steps, rank=rank, learning_rate=lr, resolution=resolution,
+                                        optimizer=optimizer, checkpoint_every=checkpoint_every, seed=seed,
+                                        compile=compile, attention=attention, quantization=quantization, device=device)
     trainer = FluxLoraTrainer(model=model, work_dir=out, log=typer.echo)
     try:
         result = trainer.train(items, config, name=name or out.resolve().name, default_caption=default_caption,

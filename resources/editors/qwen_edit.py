@@ -18,7 +18,8 @@ from PIL import Image
 from flen_resources.editors.base import EditRequest, EditResult
 from flen_resources.imaging import sha256_file
 from flen_resources.models.loras import LoraFile, resolve_lora
-from flen_resources.models.pipelines import QuantizationSetting, load_pipeline, pick_device, pick_quantization
+from flen_resources.models.pipelines import load_pipeline, pick_device
+from flen_resources.models.quantization import QuantizationSetting, pick_quantization
 from flen_resources.models.registry import lightning_steps
 from flen_resources.models.sources import ResolvedModel, resolve_model
 

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from flen_resources.models.loras import LoraError, LoraFile, resolve_lora
-from flen_resources.models.pipelines import QuantizationSetting, load_pipeline, pick_device, pick_quantization
+from flen_resources.models.pipelines import load_pipeline, pick_device
+from flen_resources.models.quantization import QuantizationSetting, pick_quantization
 from flen_resources.models.sources import ResolvedModel, resolve_model
 
 MODEL_KEY = "flux.1-dev"

@@ -7,10 +7,9 @@ from typing import Any, Literal
 
 import torch
 
+from flen_resources.models.quantization import QuantizationSetting, pick_quantization
 from flen_resources.models.sources import ResolvedModel
 
-Quantization = Literal["none", "nf4"]
-QuantizationSetting = Literal["auto", "none", "nf4"]
 log = logging.getLogger(__name__)
 
 # The large components of each pipeline: what nf4 quantizes.
@@ -23,15 +22,6 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def pick_quantization(setting: str, device: torch.device) -> Quantization:
-    """`auto`: nf4 on a CUDA GPU (FLUX and Qwen-Image-Edit fit a 24 GB card only in 4 bit), none on the CPU."""
-    if setting == "auto":
-        return "nf4" if device.type == "cuda" else "none"
-    if setting not in ("none", "nf4"):
-        raise ValueError(f"quantization {setting!r} is not one of auto, none, nf4 (FLEN_QUANTIZATION or --quantization)")
-    return setting  # type: ignore[return-value]
 
 
 def pick_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:  # pipelines imports torch: the Dagster definitions import this module without it
-    from flen_resources.models.pipelines import QuantizationSetting
+    from flen_resources.models.quantization import QuantizationSetting
 
 # In every LoRA file's metadata: bump it when the same config and data would train a different LoRA.
 TRAINER_VERSION = "1"
@@ -93,7 +93,8 @@ class LoraTrainConfig:
 
     def resolved(self) -> LoraTrainConfig:
         """This config with `auto` quantization, optimizer and compile decided for its device (what runs and is recorded)."""
-        from flen_resources.models.pipelines import pick_device, pick_quantization
+        from flen_resources.models.pipelines import pick_device
+        from flen_resources.models.quantization import pick_quantization
 
         device = pick_device(self.device)
         cuda = device.type == "cuda"

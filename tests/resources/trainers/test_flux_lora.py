@@ -256,9 +256,27 @@ def test_checkpoint_interval_lets_every_run_resume():
 
 
 def test_an_unknown_optimizer_is_refused_by_name():
-    assert OPTIMIZERS == ("adamw8bit", "adamw")
-    with pytest.raises(TrainingError, match="optimizer must be one of adamw8bit, adamw, not 'sgd'"):
+    assert OPTIMIZERS == ("auto", "adamw8bit", "adamw")
+    with pytest.raises(TrainingError, match="optimizer must be one of auto, adamw8bit, adamw, not 'sgd'"):
         LoraTrainConfig(optimizer="sgd")
+
+
+def test_auto_settings_are_decided_for_the_device():
+    cpu = LoraTrainConfig(device="cpu").resolved()
+    assert (cpu.quantization, cpu.optimizer, cpu.compile) == ("none", "adamw", False)
+    assert LoraTrainConfig(device="cpu", optimizer="adamw8bit").resolved().optimizer == "adamw8bit"
+    with pytest.raises(TrainingError, match="nf4 .*needs a CUDA GPU"):
+        LoraTrainConfig(device="cpu", quantization="nf4").resolved()
+    with pytest.raises(TrainingError, match="quantization 'int3' is not one of auto, none, nf4"):
+        LoraTrainConfig(device="cpu", quantization="int3").resolved()
+
+
+def test_knobs_give_the_same_config_to_the_cli_and_the_assets():
+    config = LoraTrainConfig.from_knobs(steps=20, rank=8, learning_rate=1e-3, resolution=64, optimizer="auto",
+                                        checkpoint_every=None)
+    assert (config.alpha, config.lr_warmup_steps, config.checkpoint_every) == (8.0, 2, 5)
+    assert LoraTrainConfig.from_knobs(steps=1500, rank=16, learning_rate=1e-4, resolution=1024, optimizer="auto",
+                                      checkpoint_every=None).lr_warmup_steps == LoraTrainConfig.lr_warmup_steps
 
 
 def test_cli_reads_flat_folder_and_fails_cleanly(tmp_path: Path):
