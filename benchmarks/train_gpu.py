@@ -16,7 +16,7 @@ pools each variant's step times, so a slow spell of the card does not favour eit
 Variants:
   naive          gpu_probe: nf4 transformer, peft LoRA r16 on attention, gradient checkpointing, torch AdamW
                  (Qwen: with gpu_probe's all-ones text mask)
-  ours           the trainer's own transformer + loss (trainers/common.lora_transformer and the trainer's
+  ours           the trainer's own transformer + loss (trainers/base.LoraTrainer._transformer and the trainer's
                  _loss: fp32 LoRA weights, logit-normal timesteps, grad clipping, 8-bit AdamW; Qwen drops an
                  all-ones text mask) with its attention (trainers/attention.py, "auto": cuDNN on Hopper+)
   ours-compile   + torch.compile of every transformer block: the trainers' defaults on a GPU
