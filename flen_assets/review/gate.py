@@ -61,7 +61,7 @@ def verdict(policy: ReviewPolicy, failed_gates: Sequence[str], distance: float |
 def human_decisions(project: Project, lineage: LineageStore, asset: str, character: str,
                     iteration: str) -> dict[str, dict]:
     """Latest human decision per image id for a partition (carried over from earlier iterations)."""
-    return ReviewStore(project, lineage).human_decisions(Partition.of(asset, character, iteration))
+    return ReviewStore.shared(project, lineage).human_decisions(Partition.of(asset, character, iteration))
 
 
 def review_metadata(asset: str, character: str, iteration: str, verdicts: Sequence[Verdict],
@@ -81,7 +81,7 @@ def review_check(project: Project, lineage: LineageStore, asset: str, character:
                  iteration: str) -> dg.AssetCheckResult:
     """Passes when no image of the partition waits for a human (decisions made since count too)."""
     part = Partition.of(asset, character, iteration)
-    statuses = ReviewStore(project, lineage).statuses(part)
+    statuses = ReviewStore.shared(project, lineage).statuses(part)
     pending = sum(s == "pending" for s in statuses.values())
     url = review_url(character, iteration, asset)
     return dg.AssetCheckResult(
@@ -97,7 +97,7 @@ def reviewed_statuses(project: Project, lineage: LineageStore, asset: str, chara
                       reader: str) -> dict[str, str]:
     """image id -> status with human decisions applied; dg.Failure when any image is still pending,
     so nothing trains on an unreviewed set (`reader` names who asks, for the message)."""
-    statuses = ReviewStore(project, lineage).statuses(Partition.of(asset, character, iteration))
+    statuses = ReviewStore.shared(project, lineage).statuses(Partition.of(asset, character, iteration))
     pending = sum(s == "pending" for s in statuses.values())
     if pending:
         raise dg.Failure(f"{reader} reads {asset} {character}|{iteration}, where {pending} image(s) await human "

@@ -1,5 +1,10 @@
 """The review page: a small Starlette app over ReviewStore, served by uvicorn on 127.0.0.1.
 
+Where things are: `ReviewApp` holds the route handlers and the guards they share (`has_token`,
+`published`, `post_body`); stateless checks (`same_origin`, `read_json`, `read_body`, `parse_object`,
+`_filters`, `_decision`, `_bulk_decision`) and page builders are module functions; `create_app`
+wires a ReviewApp into Starlette behind the Host check; `serve` runs it with uvicorn.
+
 Safety rules the routes follow:
   * image files are looked up by image id (a sha256 the lineage knows); no request parameter is
     ever joined into a filesystem path, and unknown or malformed ids get 404;
@@ -22,10 +27,8 @@ import hmac
 import html
 import json
 import math
-import os
 import secrets
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -34,6 +37,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
@@ -62,10 +66,12 @@ IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
 
 
 def _asset_text(name: str, folder: str = "static") -> str:
+    """A file shipped in the package (static/ or templates/)."""
     return resources.files("flen_assets.review").joinpath(folder, name).read_text()
 
 
 def _not_found(message: str = "not found") -> JSONResponse:
+    """A JSON 404 with the security headers."""
     return JSONResponse({"error": message}, status_code=404, headers=SECURITY_HEADERS)
 
 
@@ -96,8 +102,8 @@ def _declared_length(request: Request) -> int | None:
 
 
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
-    """The request body, never buffered past `limit`: 413 from the Content-Length before a byte is
-    read, and for a chunked body as soon as the bytes received pass the limit."""
+    """The request body, never buffered past `limit` (BadBody 413 otherwise)."""
+    # Refuse by the declared length before a byte is read; a chunked body declares none, so count as it comes.
     declared = _declared_length(request)
     if declared is not None and declared > limit:
         raise BadBody(f"request body over {limit} bytes", 413)
@@ -146,9 +152,9 @@ def _media_type(image_format: str) -> str:
 
 @lru_cache(maxsize=8192)
 def _image_verdict(path: str, size: int, mtime_ns: int) -> tuple[str, str]:
-    """(media type, "") of a decodable image file, ("", rejection code) otherwise. Cached per file
-    version so a page going back and forth decodes each image once (codes, not exceptions: a cached
-    traceback would keep the file's bytes alive)."""
+    """(media type, "") of a decodable image file, ("", rejection code) otherwise."""
+    # Cached per file version so a page going back and forth decodes each image once; codes, not
+    # exceptions, because a cached traceback would keep the file's bytes alive.
     try:
         decoded = decode_image(Path(path))
     except ImageRejected as exc:
@@ -168,24 +174,8 @@ def checked_image(path: Path) -> str:
     return media_type
 
 
-def thumbnail(store: ReviewStore, image_id: str, side: int = THUMB_SIDE) -> Path:
-    """A cached JPEG thumbnail of a known image, made from what the safe decoder reads (EXIF turned,
-    alpha flattened); UnknownImage or ImageRejected when there is none to make."""
-    source = store.image_path(image_id)
-    folder = store.project.state_dir / "cache" / "thumbs" / str(side)
-    thumb = folder / f"{image_id}.jpg"
-    if thumb.is_file():  # ids are content hashes: a cached thumbnail is never stale
-        return thumb
-    img = decode_image(source).image
-    img.thumbnail((side, side), Image.Resampling.LANCZOS)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{image_id}.{os.getpid()}.{threading.get_ident()}.tmp"
-    img.save(tmp, format="JPEG", quality=85)
-    os.replace(tmp, thumb)  # atomic: a concurrent request sees the old state or the whole file
-    return thumb
-
-
 def _partition(request: Request) -> Partition:
+    """The partition the URL names; InvalidNameError when a part is not a valid name."""
     p = request.path_params
     return Partition.of(p["asset"], p["character"], p["iteration"])
 
@@ -210,227 +200,285 @@ def host_names(*hosts: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
-               store: ReviewStore | None = None, allowed_hosts: tuple[str, ...] | list[str] = (),
-               token: str | None = None) -> Starlette:
-    """The review app for one project. Host headers allowed: loopback names, `host` (the bound
-    interface) and `allowed_hosts`; decision POSTs need `token` (random per app unless given)."""
-    store = store or ReviewStore(project)
-    allowed = host_names(*LOCAL_HOSTS, host, *allowed_hosts)
-    token = token or secrets.token_urlsafe(32)
+# -- request guards that need no app state ------------------------------------------------------
+def json_response(data: Any, status_code: int = 200) -> Response:
+    """A JSON answer that is never cached, with the security headers."""
+    body = json.dumps(data, default=str, separators=(",", ":"))
+    return Response(body, status_code=status_code, media_type="application/json",
+                    headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
 
-    def has_token(request: Request) -> bool:
+
+def same_origin(request: Request) -> bool:
+    """False only when a browser says the request comes from another origin than this page's."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True  # not a browser cross-site request (curl, tests); Host is already checked
+    return urlsplit(origin).netloc == request.headers.get("host", "")
+
+
+async def read_json(request: Request) -> dict:
+    """The JSON object a POST carries; BadBody says why not (415, 413 or 400)."""
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise BadBody("send application/json", 415)
+    return parse_object(await read_body(request))
+
+
+def _filters(query: Mapping[str, str]) -> tuple[str, str, str, int, int]:
+    """(status, gate, sort, offset, limit) of an items query; ValueError with the 400 message."""
+    status = query.get("status", "pending")
+    gate = query.get("gate", "any")
+    sort = query.get("sort", "order")
+    if status not in (*STATUSES, "all") or gate not in ("any", "failed", "passed") \
+            or sort not in ("order", "distance", "-distance"):
+        raise ValueError("bad filter")
+    try:
+        offset = max(0, int(query.get("offset", 0)))
+        limit = min(MAX_PAGE, max(1, int(query.get("limit", 100))))
+    except ValueError:
+        raise ValueError("offset and limit are integers") from None
+    return status, gate, sort, offset, limit
+
+
+def _decision(data: dict) -> tuple[list[str], str, str]:
+    """(ids, decision, reason) of a decide POST; ValueError with the 400 message."""
+    ids = data.get("ids")
+    decision = data.get("decision")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(ids) > MAX_IDS:
+        raise ValueError("ids must be a list of image ids")
+    if decision not in ("accept", "reject", "clear"):
+        raise ValueError("decision must be accept, reject or clear")
+    reason = f"undo: {decision}" if data.get("undo") else ""  # empty: the store's default reason
+    return ids, decision, reason
+
+
+def _bulk_decision(data: dict) -> tuple[str, str, float, str]:
+    """(decision, side, score, scope) of a bulk POST; TypeError or ValueError with the 400 message."""
+    decision, side, scope = data.get("decision"), data.get("side"), data.get("scope", "pending")
+    if decision not in ("accept", "reject") or side not in ("below", "above") or scope not in ("pending", "all"):
+        raise ValueError("decision accept|reject, side below|above, scope pending|all")
+    return decision, side, _score(data.get("score")), scope
+
+
+def _index_html(project: Project, store: ReviewStore) -> str:
+    """The index page: one row per published partition with its counts."""
+    rows = []
+    for part in store.partitions():
+        counts = store.counts(store.items(part))
+        url = f"/review/{part.character}/{part.iteration}/{part.asset}"
+        rows.append(f"<tr><td><a href='{html.escape(url)}'>{html.escape(part.character)}</a></td>"
+                    f"<td>{part.iteration}</td><td>{part.asset}</td><td class='num pending'>{counts['pending']}</td>"
+                    f"<td class='num'>{counts['accepted']}</td><td class='num'>{counts['rejected']}</td>"
+                    f"<td class='num'>{counts['all']}</td></tr>")
+    table = ("<table class='index'><tr><th>character</th><th>iteration</th><th>asset</th><th>pending</th>"
+             "<th>accepted</th><th>rejected</th><th>all</th></tr>" + "".join(rows) + "</table>") if rows else \
+        "<p>Nothing to review yet: materialize filtered_images or synthetic_batch first.</p>"
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>FLENwheel review</title>"
+            f"<link rel='stylesheet' href='/static/review.css'></head><body class='index-page'>"
+            f"<header><h1>FLENwheel review</h1><span class='where'>{html.escape(str(project.root))}</span></header>"
+            f"<main class='index-main'>{table}</main></body></html>")
+
+
+def _review_html(part: Partition, token: str) -> str:
+    """One partition's review page, its config (and this server's token) embedded for review.js."""
+    config = {"character": part.character, "iteration": part.iteration, "asset": part.asset,
+              "api": f"/api/review/{part.character}/{part.iteration}/{part.asset}",
+              "command": review_command(part.character, part.iteration, part.asset), "token": token}
+    # Inside <script type=application/json>: escape '<' so no value can close the element.
+    blob = json.dumps(config).replace("<", "\\u003c")
+    return _asset_text("review.html", "templates").replace("__CONFIG__", blob).replace(
+        "__TITLE__", html.escape(f"{part.character} {part.iteration} · {part.asset}"))
+
+
+class ReviewApp:
+    """One project's route handlers and the guards they share (token, partition, decision POST)."""
+
+    def __init__(self, project: Project, store: ReviewStore, token: str):
+        self.project = project
+        self.store = store
+        self.token = token
+
+    def routes(self) -> list[Route]:
+        """Every URL the app answers; anything else is a 404."""
+        return [
+            Route("/", self.index),
+            Route("/healthz", self.health),
+            Route("/favicon.ico", self.favicon),
+            Route("/review/{character}/{iteration}/{asset}", self.review_page),
+            Route("/api/review/{character}/{iteration}/{asset}/items", self.items),
+            Route("/api/review/{character}/{iteration}/{asset}/decide", self.decide, methods=["POST"]),
+            Route("/api/review/{character}/{iteration}/{asset}/bulk", self.bulk, methods=["POST"]),
+            Route("/image/{image_id}", self.image),
+            Route("/thumb/{image_id}", self.thumb),
+            Route("/static/{name}", self.static),
+        ]
+
+    # -- guards ---------------------------------------------------------------------------------
+    def has_token(self, request: Request) -> bool:
+        """Whether the request carries this server's session token (compared in constant time)."""
         sent = request.headers.get(TOKEN_HEADER, "")
-        return hmac.compare_digest(sent.encode(), token.encode())
+        return hmac.compare_digest(sent.encode(), self.token.encode())
 
-    def json_response(data: Any, status_code: int = 200) -> Response:
-        body = json.dumps(data, default=str, separators=(",", ":"))
-        return Response(body, status_code=status_code, media_type="application/json",
-                        headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
-
-    def same_origin(request: Request) -> bool:
-        origin = request.headers.get("origin")
-        if origin is None:
-            return True  # not a browser cross-site request (curl, tests); Host is already checked
-        return urlsplit(origin).netloc == request.headers.get("host", "")
-
-    async def read_json(request: Request) -> dict:
-        """The JSON object a POST carries; BadBody says why not (415, 413 or 400)."""
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-            raise BadBody("send application/json", 415)
-        return parse_object(await read_body(request))
-
-    def published(request: Request) -> Partition:
-        """The request's partition when it is valid and materialized; Refused (404) otherwise, the
-        same answer the page route gives."""
+    def published(self, request: Request) -> Partition:
+        """The request's valid, materialized partition; Refused (404, as for the page) otherwise."""
         try:
             part = _partition(request)
         except InvalidNameError:
             raise Refused(_not_found("unknown partition")) from None
-        if not store.manifest_path(part).is_file():
+        if not self.store.manifest_path(part).is_file():
             raise Refused(_not_found(f"{part.asset} {part.character}|{part.iteration} is not materialized"))
         return part
 
-    async def post_body(request: Request) -> tuple[Partition, dict]:
+    async def post_body(self, request: Request) -> tuple[Partition, dict]:
         """The partition and JSON body of a decision POST; Refused carries the error response."""
-        part = published(request)
+        part = self.published(request)
         if not same_origin(request):
             raise Refused(json_response({"error": "cross-origin request refused"}, 403))
-        if not has_token(request):
+        if not self.has_token(request):
             raise Refused(json_response({"error": "missing or wrong session token: reload the page"}, 403))
         try:
             return part, await read_json(request)
         except BadBody as exc:
             raise Refused(json_response({"error": str(exc)}, exc.status)) from None
 
-    def index(request: Request) -> Response:
-        rows = []
-        for part in store.partitions():
-            counts = store.counts(store.items(part))
-            url = f"/review/{part.character}/{part.iteration}/{part.asset}"
-            rows.append(f"<tr><td><a href='{html.escape(url)}'>{html.escape(part.character)}</a></td>"
-                        f"<td>{part.iteration}</td><td>{part.asset}</td><td class='num pending'>{counts['pending']}</td>"
-                        f"<td class='num'>{counts['accepted']}</td><td class='num'>{counts['rejected']}</td>"
-                        f"<td class='num'>{counts['all']}</td></tr>")
-        table = ("<table class='index'><tr><th>character</th><th>iteration</th><th>asset</th><th>pending</th>"
-                 "<th>accepted</th><th>rejected</th><th>all</th></tr>" + "".join(rows) + "</table>") if rows else \
-            "<p>Nothing to review yet: materialize filtered_images or synthetic_batch first.</p>"
-        page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>FLENwheel review</title>"
-                f"<link rel='stylesheet' href='/static/review.css'></head><body class='index-page'>"
-                f"<header><h1>FLENwheel review</h1><span class='where'>{html.escape(str(project.root))}</span></header>"
-                f"<main class='index-main'>{table}</main></body></html>")
-        return HTMLResponse(page, headers=SECURITY_HEADERS)
+    # -- pages ----------------------------------------------------------------------------------
+    def index(self, request: Request) -> Response:
+        """The list of partitions to review."""
+        return HTMLResponse(_index_html(self.project, self.store), headers=SECURITY_HEADERS)
 
-    def review_page(request: Request) -> Response:
+    def review_page(self, request: Request) -> Response:
+        """One partition's review page."""
         try:
-            part = published(request)
+            part = self.published(request)
         except Refused as refused:
             return refused.response
-        config = {"character": part.character, "iteration": part.iteration, "asset": part.asset,
-                  "api": f"/api/review/{part.character}/{part.iteration}/{part.asset}",
-                  "command": review_command(part.character, part.iteration, part.asset), "token": token}
-        # Inside <script type=application/json>: escape '<' so no value can close the element.
-        blob = json.dumps(config).replace("<", "\\u003c")
-        page = _asset_text("review.html", "templates").replace("__CONFIG__", blob).replace(
-            "__TITLE__", html.escape(f"{part.character} {part.iteration} · {part.asset}"))
-        return HTMLResponse(page, headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
+        return HTMLResponse(_review_html(part, self.token), headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
 
-    def items(request: Request) -> Response:
-        try:
-            part = published(request)
-        except Refused as refused:
-            return refused.response
-        q = request.query_params
-        status = q.get("status", "pending")
-        gate = q.get("gate", "any")
-        sort = q.get("sort", "order")
-        if status not in (*STATUSES, "all") or gate not in ("any", "failed", "passed") \
-                or sort not in ("order", "distance", "-distance"):
-            return json_response({"error": "bad filter"}, 400)
-        try:
-            offset = max(0, int(q.get("offset", 0)))
-            limit = min(MAX_PAGE, max(1, int(q.get("limit", 100))))
-        except ValueError:
-            return json_response({"error": "offset and limit are integers"}, 400)
-        all_items = store.items(part)
-        page, total = _page(all_items, status, gate, sort, offset, limit)
-        return json_response({"counts": store.counts(all_items), "total": total, "offset": offset, "limit": limit,
-                              "items": page})
-
-    async def decide(request: Request) -> Response:
-        try:
-            part, data = await post_body(request)
-        except Refused as refused:
-            return refused.response
-        try:
-            ids = data.get("ids")
-            decision = data.get("decision")
-            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(ids) > MAX_IDS:
-                raise ValueError("ids must be a list of image ids")
-            if decision not in ("accept", "reject", "clear"):
-                raise ValueError("decision must be accept, reject or clear")
-            reason = f"undo: {decision}" if data.get("undo") else ""  # empty: the store's default reason
-        except ValueError as exc:
-            return json_response({"error": str(exc)}, 400)
-        from starlette.concurrency import run_in_threadpool
-
-        try:
-            previous = await run_in_threadpool(store.decide, part, ids, decision, reason)
-        except UnknownImage as exc:
-            return json_response({"error": str(exc)}, 404)
-        return await run_in_threadpool(_decided, part, ids, previous)
-
-    def _decided(part: Partition, ids: list[str], previous: list[dict]) -> Response:
-        all_items = store.items(part)
-        wanted = set(ids)
-        changed = [{k: i[k] for k in ("id", "status", "human", "decided_by", "decided_at")}
-                   for i in all_items if i["id"] in wanted]
-        return json_response({"counts": store.counts(all_items), "items": changed, "previous": previous})
-
-    async def bulk(request: Request) -> Response:
-        try:
-            part, data = await post_body(request)
-        except Refused as refused:
-            return refused.response
-        try:
-            decision, side, scope = data.get("decision"), data.get("side"), data.get("scope", "pending")
-            if decision not in ("accept", "reject") or side not in ("below", "above") or scope not in ("pending", "all"):
-                raise ValueError("decision accept|reject, side below|above, scope pending|all")
-            score = _score(data.get("score"))
-        except (TypeError, ValueError) as exc:
-            return json_response({"error": str(exc)}, 400)
-        from starlette.concurrency import run_in_threadpool
-
-        previous = await run_in_threadpool(store.bulk, part, decision, side, score, scope)
-        return await run_in_threadpool(_decided, part, [p["id"] for p in previous], previous)
-
-    def image_file(lookup: Callable[[str], tuple[Path, str]]) -> Callable[[Request], Response]:
-        """A route serving the file and media type `lookup(image_id)` finds (the store resolves ids,
-        never the request): 404 for an unknown id, 415 for a file that is not a decodable image."""
-        def route(request: Request) -> Response:
-            try:
-                path, media_type = lookup(request.path_params["image_id"])
-            except UnknownImage:
-                return _not_found("unknown image")
-            except ImageRejected as exc:  # the message would name the file: the code is enough here
-                return json_response({"error": f"not a decodable image ({exc.code})"}, 415)
-            return FileResponse(path, media_type=media_type, headers={**SECURITY_HEADERS, **IMMUTABLE})
-        return route
-
-    def full_image(image_id: str) -> tuple[Path, str]:
-        """The image's own file, served only once it decodes, with its real media type."""
-        path = store.image_path(image_id)
-        return path, checked_image(path)
-
-    def thumb_image(image_id: str) -> tuple[Path, str]:
-        """The image's cached JPEG thumbnail."""
-        return thumbnail(store, image_id), "image/jpeg"
-
-    image = image_file(full_image)
-    thumb = image_file(thumb_image)
-
-    def static(request: Request) -> Response:
+    def static(self, request: Request) -> Response:
+        """review.js or review.css, from the fixed STATIC table (the URL names a key, never a path)."""
         name = request.path_params["name"]
         if name not in STATIC:
             return _not_found()
         return Response(_asset_text(name), media_type=STATIC[name],
                         headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
 
-    def favicon(request: Request) -> Response:
+    def favicon(self, request: Request) -> Response:
+        """No icon (a 204 keeps browsers from logging a 404)."""
         return Response(status_code=204)
 
-    def health(request: Request) -> Response:
-        return json_response({"ok": True, "project": str(project.root)})
+    def health(self, request: Request) -> Response:
+        """Liveness, and which project this server reviews."""
+        return json_response({"ok": True, "project": str(self.project.root)})
 
-    routes = [
-        Route("/", index),
-        Route("/healthz", health),
-        Route("/favicon.ico", favicon),
-        Route("/review/{character}/{iteration}/{asset}", review_page),
-        Route("/api/review/{character}/{iteration}/{asset}/items", items),
-        Route("/api/review/{character}/{iteration}/{asset}/decide", decide, methods=["POST"]),
-        Route("/api/review/{character}/{iteration}/{asset}/bulk", bulk, methods=["POST"]),
-        Route("/image/{image_id}", image),
-        Route("/thumb/{image_id}", thumb),
-        Route("/static/{name}", static),
-    ]
+    # -- API ------------------------------------------------------------------------------------
+    def items(self, request: Request) -> Response:
+        """A page of a partition's items, filtered and sorted as the query asks, with its counts."""
+        try:
+            part = self.published(request)
+        except Refused as refused:
+            return refused.response
+        try:
+            status, gate, sort, offset, limit = _filters(request.query_params)
+        except ValueError as exc:
+            return json_response({"error": str(exc)}, 400)
+        all_items = self.store.items(part)
+        page, total = _page(all_items, status, gate, sort, offset, limit)
+        return json_response({"counts": self.store.counts(all_items), "total": total, "offset": offset,
+                              "limit": limit, "items": page})
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return _not_found()
+    async def decide(self, request: Request) -> Response:
+        """Accept, reject or clear a list of images."""
+        try:
+            part, data = await self.post_body(request)
+        except Refused as refused:
+            return refused.response
+        try:
+            ids, decision, reason = _decision(data)
+        except ValueError as exc:
+            return json_response({"error": str(exc)}, 400)
+        try:
+            previous = await run_in_threadpool(self.store.decide, part, ids, decision, reason)
+        except UnknownImage as exc:
+            return json_response({"error": str(exc)}, 404)
+        return await run_in_threadpool(self._decided, part, ids, previous)
 
-    app = Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed)],
-                    exception_handlers={404: not_found})
-    app.state.store = store
-    app.state.token = token
+    async def bulk(self, request: Request) -> Response:
+        """Accept or reject every image below or above an identity distance."""
+        try:
+            part, data = await self.post_body(request)
+        except Refused as refused:
+            return refused.response
+        try:
+            decision, side, score, scope = _bulk_decision(data)
+        except (TypeError, ValueError) as exc:
+            return json_response({"error": str(exc)}, 400)
+        previous = await run_in_threadpool(self.store.bulk, part, decision, side, score, scope)
+        return await run_in_threadpool(self._decided, part, [p["id"] for p in previous], previous)
+
+    def _decided(self, part: Partition, ids: list[str], previous: list[dict]) -> Response:
+        """The answer to a decision: new counts, the changed items, and what they were (for undo)."""
+        all_items = self.store.items(part)
+        wanted = set(ids)
+        changed = [{k: i[k] for k in ("id", "status", "human", "decided_by", "decided_at")}
+                   for i in all_items if i["id"] in wanted]
+        return json_response({"counts": self.store.counts(all_items), "items": changed, "previous": previous})
+
+    # -- image files ----------------------------------------------------------------------------
+    def image(self, request: Request) -> Response:
+        """An image's own file, served only once it decodes, with its real media type."""
+        return self._image_file(request, self._full_image)
+
+    def thumb(self, request: Request) -> Response:
+        """An image's cached JPEG thumbnail."""
+        return self._image_file(request, self._thumb_image)
+
+    def _full_image(self, image_id: str) -> tuple[Path, str]:
+        """The image's own file and its media type, once the safe decoder has read it."""
+        path = self.store.image_path(image_id)
+        return path, checked_image(path)
+
+    def _thumb_image(self, image_id: str) -> tuple[Path, str]:
+        """The image's cached JPEG thumbnail."""
+        return self.store.thumbnail(image_id, THUMB_SIDE), "image/jpeg"
+
+    def _image_file(self, request: Request, lookup: Callable[[str], tuple[Path, str]]) -> Response:
+        """The file `lookup(image_id)` finds: 404 for an unknown id, 415 for an undecodable file."""
+        # The store resolves ids to files: nothing from the request is ever joined into a path.
+        try:
+            path, media_type = lookup(request.path_params["image_id"])
+        except UnknownImage:
+            return _not_found("unknown image")
+        except ImageRejected as exc:  # the message would name the file: the code is enough here
+            return json_response({"error": f"not a decodable image ({exc.code})"}, 415)
+        return FileResponse(path, media_type=media_type, headers={**SECURITY_HEADERS, **IMMUTABLE})
+
+
+async def _not_found_handler(request: Request, exc: Exception) -> Response:
+    """Every unrouted URL: the same JSON 404, with the security headers."""
+    return _not_found()
+
+
+def create_app(project: Project, *, host: str = "127.0.0.1", port: int = 8765,
+               store: ReviewStore | None = None, allowed_hosts: tuple[str, ...] | list[str] = (),
+               token: str | None = None) -> Starlette:
+    """The review app for one project, answering Host loopback, `host` and `allowed_hosts` only."""
+    # Decision POSTs need `token`: random per app unless a test gives one.
+    review = ReviewApp(project, store or ReviewStore(project), token or secrets.token_urlsafe(32))
+    # Never "any host", even when bound to 0.0.0.0: a rebinding DNS name must not reach the API.
+    allowed = host_names(*LOCAL_HOSTS, host, *allowed_hosts)
+    app = Starlette(routes=review.routes(), middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed)],
+                    exception_handlers={404: _not_found_handler})
+    app.state.store = review.store
+    app.state.token = review.token
     return app
 
 
 def serve(project: Project, host: str = "127.0.0.1", port: int = 8765,
           allowed_hosts: tuple[str, ...] | list[str] = ()) -> None:
-    """Run the review page until interrupted. The lineage is compacted first: a table of thousands of
-    one-decision files would make the first request slow (the store compacts again every 500 decisions)."""
+    """Run the review page until interrupted."""
     import uvicorn
 
+    # Compact first: a table of thousands of one-decision files would make the first request slow
+    # (the store compacts again every 500 decisions).
     ReviewStore(project).lineage.compact()
     app = create_app(project, host=host, port=port, allowed_hosts=allowed_hosts)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

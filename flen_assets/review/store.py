@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flen_resources.atomic import atomic_path
 from flen_resources.lineage import LineageStore, utcnow
 from flen_resources.project import (
     MANIFEST,
@@ -92,6 +93,7 @@ class Partition:
 
 
 COMPACT_EVERY = 500  # decisions a store makes before it compacts the decisions table
+SHARED_STORES = 16  # projects one process keeps a shared store for; the least recently used goes first
 
 
 def _file_key(path: Path) -> tuple[int, int, int] | None:
@@ -114,6 +116,10 @@ def status_of(human: dict | None, policy_status: str) -> tuple[str, str]:
 class ReviewStore:
     """Reads candidates and records human decisions for the review page, the gate and the sensor."""
 
+    # (project root, lineage folder) -> this process's shared store; see shared().
+    _shared: OrderedDict[tuple[Path, Path], ReviewStore] = OrderedDict()
+    _shared_lock = threading.Lock()
+
     def __init__(self, project: Project, lineage: LineageStore | None = None, session: str = "",
                  compact_every: int = COMPACT_EVERY):
         self.project = project
@@ -133,6 +139,29 @@ class ReviewStore:
         self._paths: dict[str, Path] = {}
         self._last_decided: datetime | None = None
 
+    @classmethod
+    def shared(cls, project: Project, lineage: LineageStore | None = None) -> ReviewStore:
+        """This process's one store for (project root, lineage folder), made on first use."""
+        # Sharing is safe because no cached view is used unchecked: candidates are keyed by the
+        # manifest's file version, and every read first rechecks the images/edges/decisions folders
+        # (_unchanged), so rows that another process or LineageStore appended are read before answering.
+        lineage = lineage or LineageStore(project.lineage_dir)
+        key = (project.root.resolve(), lineage.root.resolve())
+        with cls._shared_lock:
+            store = cls._shared.get(key)
+            if store is None:
+                store = cls._shared[key] = cls(project, lineage)
+            cls._shared.move_to_end(key)
+            while len(cls._shared) > SHARED_STORES:
+                cls._shared.popitem(last=False)
+            return store
+
+    @classmethod
+    def _forget_shared(cls) -> None:
+        """Start a forked child with no shared store (a parent thread may hold a store's lock)."""
+        cls._shared_lock = threading.Lock()
+        cls._shared = OrderedDict()
+
     def _unchanged(self, table: str) -> bool:
         """True when `table`'s folder surely has no file this store has not listed: its mtime is the
         one seen before the last listing, and that listing began well after that mtime (a file added
@@ -144,7 +173,10 @@ class ReviewStore:
             mtime = self.lineage.table_dir(table).stat().st_mtime_ns
         except FileNotFoundError:
             return False
-        return mtime == seen[0] and seen[1] - seen[0] > 100_000_000
+        # A whole-second mtime hints at a coarse file system (1 s, or 2 s on FAT): a file added in
+        # the same tick would leave the mtime as it was, so the listing must start after that tick.
+        slack = 2_000_000_000 if mtime % 1_000_000_000 == 0 else 100_000_000
+        return mtime == seen[0] and seen[1] - seen[0] > slack
 
     def _listing(self, table: str) -> None:
         """Note the folder's mtime and the wall clock just before listing `table`."""
@@ -362,6 +394,11 @@ class ReviewStore:
 
     def human_decisions(self, part: Partition) -> dict[str, dict]:
         """The latest human decision per image of this partition's character and asset, up to its iteration."""
+        with self._lock:  # a copy: later refreshes patch the cached dict, and a shared store outlives the caller
+            return dict(self._human_decisions(part))
+
+    def _human_decisions(self, part: Partition) -> dict[str, dict]:
+        """human_decisions, as the cached dict that refreshes patch in place."""
         with self._lock:
             self._refresh_decisions()
             cached = self._humans.get(part.key())
@@ -379,7 +416,7 @@ class ReviewStore:
         Cached while the candidates do not change; new decisions patch only the items they touch."""
         candidates = self.candidates(part)
         with self._lock:
-            humans = self.human_decisions(part)
+            humans = self._human_decisions(part)
             cached = self._items.get(part.key())
             if cached and cached[0] is candidates:
                 return cached[1]
@@ -485,20 +522,21 @@ class ReviewStore:
         raise UnknownImage(image_id)
 
     def thumbnail(self, image_id: str, size: int = 256) -> Path:
-        """A cached JPEG thumbnail of a known image (content-addressed: never stale)."""
-        source = self.image_path(image_id)
-        folder = self.project.state_dir / "cache" / "thumbs" / str(size)
-        thumb = folder / f"{image_id}.jpg"
-        if thumb.is_file():
-            return thumb
+        """A cached JPEG thumbnail of a known image; UnknownImage, or ImageRejected when it does not decode."""
         from PIL import Image
 
-        folder.mkdir(parents=True, exist_ok=True)
-        with Image.open(source) as img:
-            img = img.convert("RGB")
-            img.thumbnail((size, size), Image.LANCZOS)
-            tmp = folder / f".{image_id}.{os.getpid()}.{threading.get_ident()}.tmp"
+        from flen_resources.imaging import decode_image
+
+        source = self.image_path(image_id)
+        thumb = self.project.state_dir / "cache" / "thumbs" / str(size) / f"{image_id}.jpg"
+        if thumb.is_file():  # ids are content hashes: a cached thumbnail is never stale
+            return thumb
+        # The safe decoder, not Image.open: the source is untrusted (EXIF turned, alpha flattened too).
+        img = decode_image(source).image
+        img.thumbnail((size, size), Image.Resampling.LANCZOS)
+        with atomic_path(thumb) as tmp:  # a concurrent request sees no thumbnail or the whole file
             img.save(tmp, format="JPEG", quality=85)
-        os.replace(tmp, thumb)
         return thumb
 
+
+os.register_at_fork(after_in_child=ReviewStore._forget_shared)
