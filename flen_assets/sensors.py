@@ -54,7 +54,7 @@ def next_iteration_sensor(context: dg.SensorEvaluationContext, project: ProjectR
             continue
         # Under review policy `required` or `mixed`, v{done}'s synthetic images wait for a human on the
         # review page: training set v{done + 1} must not read an unreviewed batch.
-        pending = ReviewStore(proj, project.lineage).pending(Partition.of("synthetic_batch", character, f"v{done}"))
+        pending = ReviewStore.shared(proj, project.lineage).pending(Partition.of("synthetic_batch", character, f"v{done}"))
         if pending:
             waiting.append(f"{character}|v{done}: {pending} synthetic image(s) await review "
                            f"({review_command(character, f'v{done}', 'synthetic_batch')})")
