@@ -10,28 +10,80 @@ comes first (a command, `flen ui`, the daemon) frees the slots.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import dagster as dg
 from dagster._core.events import DagsterEventType
 from dagster._core.launcher import CheckRunHealthResult, DefaultRunLauncher, WorkerStatus
+from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
 from dagster._core.storage.dagster_run import FINISHED_STATUSES, DagsterRunStatus, RunsFilter
+from dagster._core.storage.tags import PARTITION_NAME_TAG, PRIORITY_TAG
 
 from flen_resources.atomic import write_text_atomic
 from flen_resources.processes import ProcessRef
-from flen_resources.project import Project
+from flen_resources.project import Project, iteration_number, split_partition_key
 
 # The process that executes a run: set by `flen` on the runs it executes in process; runs launched
 # by the daemon are known by the pid of their run worker's first engine event.
 RUN_PROCESS_TAG = "flen/process"
 # Set on a run that died or was stopped midway (how, in words): the same command resumes it.
 STOPPED_TAG = "flen/stopped"
+# The character of a partition's run, set on every run (FlenRunCoordinator, runs.materialize_partition):
+# dagster.yaml's tag_concurrency_limits start one run per character at a time, so vN never runs beside v(N-1).
+CHARACTER_TAG = "flen/character"
 
+# Iterations in order: FlenRunCoordinator tags each queued run with its character and priority -N, the
+# tag limit on flen/character lets one run per character out of the queue at a time, and among the
+# queued runs of a character the lowest iteration goes first (then the oldest).
 # Pools: `gpu` (one big model on the card at a time). Run monitoring asks FlenRunLauncher whether a
 # run's worker still lives and fails the run when not; dead_runs_sensor stops the step processes a
 # killed worker left and frees the slots of ended runs within seconds; the daemon's own freeing of
 # slots (60 s after a run ends) is the backstop.
 DAGSTER_YAML = """\
+# Written by flen; edit freely, flen only creates it when missing.
+telemetry:
+  enabled: false
+run_launcher:
+  module: flen_assets.instance
+  class: FlenRunLauncher
+run_coordinator:
+  module: flen_assets.instance
+  class: FlenRunCoordinator
+  config:
+    dequeue_interval_seconds: 2
+run_monitoring:
+  enabled: true
+  poll_interval_seconds: 10
+  max_resume_run_attempts: 0
+  free_slots_after_run_end_seconds: 60
+concurrency:
+  pools:
+    default_limit: 1
+    granularity: op
+  runs:
+    max_concurrent_runs: 4
+    tag_concurrency_limits:
+      - key: flen/character
+        value:
+          applyLimitPerUniqueValue: true
+        limit: 1
+"""
+
+# What earlier versions wrote; a project still holding one of these exact texts gets today's.
+_OLD_DAGSTER_YAMLS = ("""\
+# Written by flen; edit freely, flen only creates it when missing.
+telemetry:
+  enabled: false
+run_monitoring:
+  enabled: true
+  free_slots_after_run_end_seconds: 60
+concurrency:
+  pools:
+    default_limit: 1
+    granularity: op
+  runs:
+    max_concurrent_runs: 4
+""", """\
 # Written by flen; edit freely, flen only creates it when missing.
 telemetry:
   enabled: false
@@ -49,23 +101,7 @@ concurrency:
     granularity: op
   runs:
     max_concurrent_runs: 4
-"""
-
-# What earlier versions wrote; a project still holding one of these exact texts gets today's.
-_OLD_DAGSTER_YAMLS = ("""\
-# Written by flen; edit freely, flen only creates it when missing.
-telemetry:
-  enabled: false
-run_monitoring:
-  enabled: true
-  free_slots_after_run_end_seconds: 60
-concurrency:
-  pools:
-    default_limit: 1
-    granularity: op
-  runs:
-    max_concurrent_runs: 4
-""",)
+""")
 
 _LIVE_STATUSES = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 
@@ -233,3 +269,83 @@ class FlenRunLauncher(DefaultRunLauncher):
             return CheckRunHealthResult(WorkerStatus.FAILED,
                                         f"run worker pid {process.pid} on {process.host} is gone (killed or crashed)")
         return CheckRunHealthResult(WorkerStatus.RUNNING, f"pid {process.pid} on {process.host}")
+
+
+# -- iterations in order ------------------------------------------------------------------------------
+
+# Runs that are on their way or running: a run of the same character must not start beside them.
+_QUEUED_OR_LIVE = [DagsterRunStatus.QUEUED, *_LIVE_STATUSES]
+
+
+def partition_of(tags: Mapping[str, str]) -> tuple[str, int] | None:
+    """(character, iteration number) of a run's `dagster/partition` tag ('alice|v2'); None when the run
+    is not for one character x iteration partition."""
+    key = tags.get(PARTITION_NAME_TAG)
+    if not key:
+        return None
+    try:
+        character, iteration = split_partition_key(key)
+        return character, iteration_number(iteration)
+    except ValueError:  # another partitions definition, or an iteration that is not vN
+        return None
+
+
+def order_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """The tags that order a partition's run: its character (for the per-character run limit) and, unless
+    set, `dagster/priority` = -N (the queue starts higher priorities first: v1 before v2, v9 before v10)."""
+    found = partition_of(tags)
+    if found is None:
+        return {}
+    character, number = found
+    extra = {CHARACTER_TAG: character}
+    if PRIORITY_TAG not in tags:
+        extra[PRIORITY_TAG] = str(-number)
+    return {k: v for k, v in extra.items() if tags.get(k) != v}
+
+
+class FlenRunCoordinator(QueuedRunCoordinator):
+    """Dagster's run queue, with each run tagged by its character and iteration (order_tags) before it is
+    queued: a run from the UI, a backfill, a sensor or a schedule alike."""
+
+    def submit_run(self, context: SubmitRunContext) -> dg.DagsterRun:
+        run = context.dagster_run
+        extra = order_tags(run.tags)
+        if extra and run.status == DagsterRunStatus.NOT_STARTED:
+            self._instance.add_run_tags(run.run_id, extra)
+            context = SubmitRunContext(self._instance.get_run_by_id(run.run_id) or run, context.workspace)
+        return super().submit_run(context)
+
+
+def runs_ahead(instance: dg.DagsterInstance, character: str, number: int, exclude: str | None = None, *,
+               any_live: bool = False) -> list[dg.DagsterRun]:
+    """The runs of `character` that a run of iteration `number` comes after: those of a lower iteration
+    that are queued or running, and with `any_live` every running one (one run per character at a time).
+    A run whose process is dead does not count (release_dead_runs marks it failed)."""
+    found = []
+    for record in instance.get_run_records(RunsFilter(statuses=_QUEUED_OR_LIVE)):
+        run = record.dagster_run
+        where = partition_of(run.tags)
+        if run.run_id == exclude or where is None or where[0] != character:
+            continue
+        live = run.status != DagsterRunStatus.QUEUED
+        if not (where[1] < number or (any_live and live)):
+            continue
+        if live:
+            process = run_process(instance, run)
+            if process is not None and process.is_dead():
+                continue
+        found.append(run)
+    return sorted(found, key=lambda r: partition_of(r.tags)[1])
+
+
+def run_state(run: dg.DagsterRun) -> str:
+    """'queued' or 'running' (starting, started or canceling), for messages."""
+    return "queued" if run.status == DagsterRunStatus.QUEUED else "running"
+
+
+def daemon_is_running(instance: dg.DagsterInstance, within_s: float = 60.0) -> bool:
+    """Whether a dagster-daemon dequeues this instance's runs (its run-queue heartbeat is recent)."""
+    import time
+
+    beat = instance.get_daemon_heartbeats().get("QUEUED_RUN_COORDINATOR")
+    return beat is not None and time.time() - beat.timestamp < within_s

@@ -25,15 +25,19 @@ import dagster as dg
 from dagster._core.utils import make_new_run_id
 
 from flen_assets.instance import (
+    CHARACTER_TAG,
     RUN_PROCESS_TAG,
     STOPPED_TAG,
+    daemon_is_running,
     describe_run,
     get_instance,
     release_dead_runs,
+    run_state,
+    runs_ahead,
     slot_holders,
 )
 from flen_resources.processes import ProcessRef
-from flen_resources.project import Project
+from flen_resources.project import Project, iteration_number
 
 Log = Callable[[str], None]
 
@@ -89,6 +93,10 @@ class NothingToIterate(ValueError):
     """The character has no complete iteration to continue from."""
 
 
+class OutOfTurn(ValueError):
+    """A run must wait for another run of its character that nothing will start (or the wait was stopped)."""
+
+
 def init_project(project: Project, log: Log | None = None) -> dg.DagsterInstance:
     """Create the project's folders, git + DVC with a local remote, lineage tables and Dagster home."""
     from flen_resources.lineage import LineageStore
@@ -134,6 +142,7 @@ def materialize_partition(project: Project, character: str, iteration: str, run_
     require_space({project.state_dir: HEADROOM_BYTES})
     instance = init_project(project, log)
     key = add_partitions(instance, character, iteration)
+    wait_for_turn(instance, character, iteration_number(iteration), log)
     job = defs.resolve_job_def(job_name)
     request = request_tag(job_name, str(key), selection, run_config)
     resumed = None if restart else find_resumable(instance, job, str(key), request)
@@ -147,7 +156,7 @@ def materialize_partition(project: Project, character: str, iteration: str, run_
         run_config = {**(run_config or {}), "ops": {k: v for k, v in ops.items() if k in wanted}}
     config = project_run_config(project, {"loggers": {"console": {"config": {"log_level": "INFO"}}},
                                           **(run_config or {})})
-    tags = {REQUEST_TAG: request, **({"flen/resumes": resumed.run_id} if resumed else {})}
+    tags = {REQUEST_TAG: request, CHARACTER_TAG: character, **({"flen/resumes": resumed.run_id} if resumed else {})}
     return execute_watched(job, instance, log, tags, partition_key=str(key), run_config=config,
                            asset_selection=selection)
 
@@ -173,6 +182,8 @@ def iterate_character(project: Project, character: str, run_config: dict | None 
                       log: Log = print) -> tuple[str, dg.ExecuteInProcessResult]:
     """Add v(N+1) after the last complete iteration N and run the whole flywheel for it:
     (the new iteration, its run's result); NothingToIterate when there is no complete iteration."""
+    # What runs of this character are queued or running come first: the last complete one is known after them.
+    wait_for_turn(get_instance(project, log), character, _AFTER_ALL, log)
     done = project.latest_iteration(character)
     if done == 0:
         raise NothingToIterate(f"{character} has no complete iteration yet: "
@@ -180,6 +191,39 @@ def iterate_character(project: Project, character: str, run_config: dict | None 
     nxt = f"v{done + 1}"
     log(f"{character}: v{done} is complete (synthetic batch published); launching {nxt}")
     return nxt, materialize_partition(project, character, nxt, run_config, "flywheel_job", log=log)
+
+
+_AFTER_ALL = 10**9  # an iteration number after every queued one
+_TURN_INTERVAL_S = 1.0  # how often a run waiting for its turn looks again
+
+
+def wait_for_turn(instance: dg.DagsterInstance, character: str, number: int, log: Log) -> None:
+    """Wait until no run of `character` is running and none of an iteration below `number` is queued:
+    one run per character at a time, iterations in order (the run queue's rule, for runs this process
+    executes). OutOfTurn when a queued run comes first and no daemon runs to start it, or on Ctrl-C."""
+    said: tuple = ()
+    last_release = time.monotonic()
+    try:
+        with _sigterm_as_interrupt():
+            while ahead := runs_ahead(instance, character, number, any_live=True):
+                queued = [run for run in ahead if run_state(run) == "queued"]
+                if queued and not daemon_is_running(instance):
+                    raise OutOfTurn(f"run {queued[0].run_id[:8]} ({describe_run(queued[0])}) is queued and comes first, "
+                                    "but no dagster-daemon runs to start it: start `flen ui` (it runs the daemon) "
+                                    "and let it finish, or terminate it in the UI, then run this again")
+                if tuple(run.run_id for run in ahead) != said:
+                    said = tuple(run.run_id for run in ahead)
+                    runs = ", ".join(f"run {run.run_id[:8]} ({describe_run(run)}, {run_state(run)})" for run in ahead)
+                    log(f"  … waiting for {runs}: one run of {character} at a time, iterations in order; "
+                        "this one starts after (Ctrl-C to stop)")
+                time.sleep(_TURN_INTERVAL_S)
+                if time.monotonic() - last_release > _RELEASE_INTERVAL_S:
+                    last_release = time.monotonic()
+                    release_dead_runs(instance, log)
+    except KeyboardInterrupt:
+        raise OutOfTurn(f"stopped while waiting for its turn: nothing of {character} was started") from None
+    if said:
+        log(f"  … {character}'s turn: starting")
 
 
 REVIEW_CHECKS = ("review_complete", "synthetic_review_complete")

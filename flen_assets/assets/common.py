@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flen_assets.dagster_resources import ProjectResource
+from flen_assets.instance import describe_run, run_state, runs_ahead
 from flen_assets.visuals import Tile, contact_sheet, markdown_thumbnail, save_sheet
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
 from flen_resources.lineage import LineageStore, to_json, utcnow
@@ -73,12 +74,27 @@ class PartitionRun:
         prev = self.previous_iteration()
         if prev is None:
             return None
+        self.refuse_when_previous_unfinished(asset)
         try:
             path, md5 = DvcStore(self.project).published(asset, self.character, prev)
         except PartitionMissing as exc:
             raise dg.Failure(f"{self.asset} {self.character}|{self.iteration} reads {asset} of {prev}: {exc}") from exc
         self.cross_inputs.append({"asset": asset, "iteration": prev, "dvc_md5": md5})
         return PartitionFolder(asset, self.character, prev, path, md5)
+
+    def refuse_when_previous_unfinished(self, asset: str) -> None:
+        """Fail fast when a run of an earlier iteration of this character is queued or running: what this
+        run would read of v(N-1) is about to change. (The run queue already starts one run per character
+        at a time, lowest iteration first, and `flen materialize` waits its turn: this is the backstop.)"""
+        if self.context is None:
+            return
+        ahead = runs_ahead(self.context.instance, self.character, self.number, exclude=self.run_id)
+        if ahead:
+            run = ahead[-1]
+            raise dg.Failure(f"{self.asset} {self.character}|{self.iteration} reads {asset} of "
+                             f"{self.previous_iteration()}, but run {run.run_id[:8]} ({describe_run(run)}) is "
+                             f"{run_state(run)}: iterations of one character run in order; launch "
+                             f"{self.character}|{self.iteration} again once it has finished")
 
 
 class LoraAssetConfig(dg.Config):

@@ -19,6 +19,7 @@ from flen_assets.commands.common import (
 from flen_assets.runs import (
     DEMO_RUN_CONFIG,
     NothingToIterate,
+    OutOfTurn,
     iterate_character,
     materialize_partition,
     review_gate_stops,
@@ -55,8 +56,11 @@ def materialize(character: str, iteration: Annotated[str, typer.Argument(help="I
     run_config = _run_config(config)
     proj = resolve_project(project)
     job_name = "flywheel_job" if whole else "training_set_job"
-    result = run_job(proj, lambda: materialize_partition(proj, character, iteration, run_config, job_name, start_at,
-                                                         log=typer.echo, restart=restart))
+    try:
+        result = run_job(proj, lambda: materialize_partition(proj, character, iteration, run_config, job_name,
+                                                             start_at, log=typer.echo, restart=restart))
+    except OutOfTurn as exc:
+        fail(str(exc))
     report(proj, result)
     if not result.success:
         stops = review_gate_stops(result)
@@ -78,7 +82,7 @@ def iterate(character: str, project: ProjectOpt = None,
     proj = resolve_project(project)
     try:
         nxt, result = run_job(proj, lambda: iterate_character(proj, character, run_config, log=typer.echo))
-    except NothingToIterate as exc:
+    except (NothingToIterate, OutOfTurn) as exc:
         fail(str(exc))
     report(proj, result)
     if not result.success:

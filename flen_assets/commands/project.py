@@ -57,13 +57,65 @@ def dagster_env(project: Project) -> dict[str, str]:
 
 
 def ui(host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the UI local.")] = "127.0.0.1", port: int = 3000, project: ProjectOpt = None) -> None:
-    """Serve the Dagster UI on this project's instance (binds 127.0.0.1 unless told otherwise)."""
+    """Serve the Dagster UI and run the daemon on this project's instance, as `dagster dev` does: what
+    the UI launches runs (queued runs, backfills, sensors, schedules). Binds 127.0.0.1 unless told
+    otherwise; Ctrl+C stops both."""
+    import signal
+
+    from flen_resources.supervisor import ServiceExited, Services, signals_as_interrupt
+
     proj = resolve_project(project)
-    init_project(proj, log=typer.echo)
-    exe = Path(sys.executable).with_name("dagster-webserver")
-    args = [str(exe), "-w", str(workspace_file(proj)), "-h", host, "-p", str(port)]
-    typer.echo(f"Dagster UI on http://{host}:{port}  (DAGSTER_HOME={proj.dagster_home})")
-    os.execve(args[0], args, dagster_env(proj))
+    instance = init_project(proj, log=typer.echo)
+    ordered = _iterations_ordered(instance)
+    instance.dispose()
+    workspace = str(workspace_file(proj))
+    bin_dir = Path(sys.executable).parent
+    webserver = [str(bin_dir / "dagster-webserver"), "-w", workspace, "-h", host, "-p", str(port)]
+    daemon = [str(bin_dir / "dagster-daemon"), "run", "-w", workspace]
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    typer.echo(f"Dagster UI on {url}  (DAGSTER_HOME={proj.dagster_home})")
+    typer.echo("dagster-daemon runs beside it: queued runs, backfills, sensors and schedules run while this is "
+               "open. Ctrl+C stops both.")
+    if not ordered:
+        typer.secho(f"warning: {proj.dagster_home / 'dagster.yaml'} has no run limit on the tag flen/character "
+                    "(edited by hand?): runs of one character may leave the queue together; they then fail fast "
+                    "instead of reading an unfinished iteration. flen_assets/instance.py DAGSTER_YAML has the limit.",
+                    fg=typer.colors.YELLOW, err=True)
+
+    def on_line(name: str, line: str) -> None:
+        if name == "webserver" and "Serving dagster-webserver on" in line:
+            services.say(f"ready: open {url}")
+
+    services = Services(dagster_env(proj), cwd=str(proj.root), on_line=on_line)
+    code = 0
+    with signals_as_interrupt(signal.SIGTERM, signal.SIGHUP):
+        try:
+            services.start("daemon", daemon)
+            services.start("webserver", webserver)
+            services.watch()
+        except KeyboardInterrupt:
+            services.say("stopping the webserver and the daemon ...")
+        except ServiceExited as exc:
+            other = "the daemon" if exc.name == "webserver" else "the webserver"
+            typer.secho(f"error: dagster-{exc.name} stopped by itself ({exc.how}); stopping {other}. Its last lines:",
+                        fg=typer.colors.RED, err=True)
+            for line in exc.tail[-12:]:
+                typer.echo(f"  {exc.name} | {line}", err=True)
+            code = 1
+        finally:
+            services.stop()
+    typer.echo("stopped the Dagster UI and daemon")
+    raise typer.Exit(code)
+
+
+def _iterations_ordered(instance) -> bool:
+    """Whether the instance's run queue lets one run per character out at a time (dagster.yaml's limit)."""
+    from flen_assets.instance import CHARACTER_TAG
+
+    queue = instance.get_concurrency_config().run_queue_config
+    limits = queue.tag_concurrency_limits if queue else []
+    return any(limit.get("key") == CHARACTER_TAG and limit.get("limit") == 1
+               and (limit.get("value") or {}).get("applyLimitPerUniqueValue") for limit in limits)
 
 
 def demo(project: ProjectOpt = None, character: str = "astronaut",
