@@ -7,6 +7,7 @@ import os
 import dagster as dg
 
 from flen_assets.assets import curation, edit_model, enrichment, lora, sources
+from flen_assets.console import CONSOLE_LOGGER, flen_console_logger
 from flen_assets.dagster_resources import (
     EditorResource,
     FaceResource,
@@ -46,9 +47,11 @@ def local_resources() -> dict[str, object]:
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([sources, enrichment, curation, lora, edit_model]),
-    # The review gates (blocking checks on filtered_images and synthetic_batch) are @asset_check functions.
-    asset_checks=dg.load_asset_checks_from_modules([curation, lora]),
+    # The review gates (blocking checks on identity_reference, filtered_images, synthetic_batch) are @asset_check functions.
+    asset_checks=dg.load_asset_checks_from_modules([sources, curation, lora]),
     jobs=[training_set_job, flywheel_job],
     sensors=[inbox_sensor, next_iteration_sensor, dead_runs_sensor],
     resources=local_resources(),
+    # Dagster's console logger, and the one `flen` runs use (it leaves the stack traces out unless --debug).
+    loggers={"console": dg.colored_console_logger, CONSOLE_LOGGER: flen_console_logger},
 )

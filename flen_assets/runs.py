@@ -24,6 +24,7 @@ from typing import Any
 import dagster as dg
 from dagster._core.utils import make_new_run_id
 
+from flen_assets.console import console_loggers
 from flen_assets.instance import (
     CHARACTER_TAG,
     RUN_PROCESS_TAG,
@@ -134,13 +135,14 @@ def materialize_partition(project: Project, character: str, iteration: str, run_
     with `start_at`, only that asset and what is downstream of it in the job. When the same
     command's last run died or was stopped, only the assets it had not finished run (unless `restart`)."""
     from flen_assets.definitions import defs
-    from flen_assets.partitions import add_partitions
+    from flen_assets.partitions import add_partitions, check_new_partition
     from flen_resources.disk import HEADROOM_BYTES, require_space
 
     selection = downstream_of(start_at, job_name) if start_at else None
     # A run on a full disk would die inside SQLite with a page of trace: say it before starting.
     require_space({project.state_dir: HEADROOM_BYTES})
     instance = init_project(project, log)
+    check_new_partition(project, instance, character, iteration)  # PartitionRefused: nothing registered
     key = add_partitions(instance, character, iteration)
     wait_for_turn(instance, character, iteration_number(iteration), log)
     job = defs.resolve_job_def(job_name)
@@ -154,8 +156,7 @@ def materialize_partition(project: Project, character: str, iteration: str, run_
     if selection is not None:  # config of assets outside the selection would be rejected
         wanted = {k.to_python_identifier() for k in selection}
         run_config = {**(run_config or {}), "ops": {k: v for k, v in ops.items() if k in wanted}}
-    config = project_run_config(project, {"loggers": {"console": {"config": {"log_level": "INFO"}}},
-                                          **(run_config or {})})
+    config = project_run_config(project, {"loggers": console_loggers(), **(run_config or {})})
     tags = {REQUEST_TAG: request, CHARACTER_TAG: character, **({"flen/resumes": resumed.run_id} if resumed else {})}
     return execute_watched(job, instance, log, tags, partition_key=str(key), run_config=config,
                            asset_selection=selection)
@@ -226,14 +227,49 @@ def wait_for_turn(instance: dg.DagsterInstance, character: str, number: int, log
         log(f"  … {character}'s turn: starting")
 
 
-REVIEW_CHECKS = ("review_complete", "synthetic_review_complete")
+REVIEW_CHECKS = ("review_complete", "synthetic_review_complete", "sources_review_complete")
+
+
+def user_error(error: Any) -> Any:
+    """The error the step's code raised, under Dagster's wrappers (DagsterExecutionStepExecutionError,
+    DagsterResourceFunctionError, ...): walks `cause` while the error is Dagster's own, and stops at the
+    first other one, which names its own cause (ModelNotAvailable from the hub's LocalEntryNotFoundError)."""
+    while getattr(error, "cause", None) is not None and error.cls_name.startswith("Dagster"):
+        error = error.cause
+    return error
 
 
 def root_cause(error: Any) -> str:
-    """The first line of the innermost error of a step failure: what the user can act on, not Dagster's wrapper."""
-    while getattr(error, "cause", None) is not None:
-        error = error.cause
-    return error.message.strip().splitlines()[0] if error.message.strip() else error.cls_name
+    """One line a user can act on: the first line of the step's own error, without Dagster's wrapper.
+
+    FLENwheel's errors (and dg.Failure) carry the cause and the fix in their first line, so their class
+    name is left out; another error keeps its short class name (`KeyError: 'x'`)."""
+    error = user_error(error)
+    lines = error.message.strip().splitlines()
+    if not lines:
+        return error.cls_name
+    first = lines[0].strip()
+    qualified, sep, rest = first.partition(": ")
+    if sep and qualified.split(".")[-1] == error.cls_name:
+        module = qualified.rpartition(".")[0]
+        first = rest if module.startswith(("flen_", "dagster")) else f"{error.cls_name}: {rest}"
+    elif first in (error.cls_name, f"{error.cls_name}:"):
+        first = error.cls_name
+    return first
+
+
+def failed_steps(result: dg.ExecuteInProcessResult) -> list[tuple[str, str]]:
+    """(step, cause) for each step that failed in a run, in order, or ("run", cause) when the run failed
+    before any step (a resource that could not start)."""
+    steps = [(e.step_key, root_cause(e.event_specific_data.error)) for e in result.all_events
+             if e.event_type_value == "STEP_FAILURE"]
+    if steps or result.success:
+        return steps
+    for event in result.all_events:
+        error = getattr(event.event_specific_data, "error", None)
+        if event.event_type_value in ("RUN_FAILURE", "ENGINE_EVENT") and error is not None:
+            return [("run", root_cause(error))]
+    return []
 
 
 def review_gate_stops(result: dg.ExecuteInProcessResult) -> list[tuple[str, int]]:

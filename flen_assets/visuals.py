@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageOps
 ACCEPT = (46, 160, 67)
 REJECT = (207, 34, 46)
 NEUTRAL = (110, 110, 110)
+FLAGGED = (230, 140, 0)  # amber: kept out until a person decides (an identity outlier among the sources)
 
 
 @dataclass
@@ -22,10 +23,11 @@ class Tile:
     image: Image.Image | None  # None for files that could not be decoded
     label: str
     accepted: bool | None = None  # None: no verdict (neutral border)
+    flagged: bool = False  # amber border, whatever `accepted` says
 
 
 def contact_sheet(tiles: Sequence[Tile], thumb: int = 160, columns: int = 6) -> Image.Image:
-    """A grid of thumbnails with green (accepted) / red (rejected) borders and labels."""
+    """A grid of thumbnails with green (accepted), red (rejected) or amber (flagged) borders and labels."""
     columns = max(1, min(columns, len(tiles) or 1))
     rows = max(1, -(-len(tiles) // columns))
     label_h, pad = 28, 6
@@ -34,7 +36,7 @@ def contact_sheet(tiles: Sequence[Tile], thumb: int = 160, columns: int = 6) -> 
     draw = ImageDraw.Draw(sheet)
     for i, tile in enumerate(tiles):
         x, y = (i % columns) * cell_w, (i // columns) * cell_h
-        colour = NEUTRAL if tile.accepted is None else (ACCEPT if tile.accepted else REJECT)
+        colour = FLAGGED if tile.flagged else NEUTRAL if tile.accepted is None else (ACCEPT if tile.accepted else REJECT)
         draw.rectangle([x + 2, y + 2, x + cell_w - 3, y + thumb + 2 * pad - 3], outline=colour, width=4)
         if tile.image is not None:
             img = ImageOps.contain(tile.image.convert("RGB"), (thumb, thumb))

@@ -252,7 +252,7 @@ def test_ui_serves_asset_graph(webserver: Server) -> None:
         "identity_reference": {"source_images"},
         "enriched_images": {"source_images"},
         "filtered_images": {"source_images", "identity_reference", "enriched_images"},
-        "training_set": {"source_images", "enriched_images", "filtered_images"},
+        "training_set": {"source_images", "identity_reference", "enriched_images", "filtered_images"},
     }
 
 

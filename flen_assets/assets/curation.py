@@ -114,8 +114,8 @@ class TrainingSetConfig(dg.Config):
 
 @partition_asset(GROUP)
 def training_set(context: dg.AssetExecutionContext, config: TrainingSetConfig, project: ProjectResource,
-                 source_images: PartitionFolder, filtered_images: PartitionFolder,
-                 enriched_images: PartitionFolder) -> dg.Output:
+                 source_images: PartitionFolder, identity_reference: PartitionFolder,
+                 filtered_images: PartitionFolder, enriched_images: PartitionFolder) -> dg.Output:
     """The images a LoRA trains on, each with a caption (trigger word + what the edit changed),
     laid out as images/<id>.png + images/<id>.txt, the format ai-toolkit and kohya read.
     From v2 on it also holds the accepted synthetic images of v(N-1) (read through the lineage
@@ -125,8 +125,12 @@ def training_set(context: dg.AssetExecutionContext, config: TrainingSetConfig, p
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
     (staged / "images").mkdir()
     members: list[dict] = []
+    # A source photo joins when identity_reference (or a person since) accepted it: an identity
+    # outlier (another person in the inbox) stays out unless someone accepts it on the review page.
+    sources_reviewed = reviewed_statuses(run.project, run.lineage, "identity_reference", run.character,
+                                         run.iteration, f"training_set {run.character}|{run.iteration}")
     for src in source_images.rows():
-        if src["status"] == "accepted":
+        if src["status"] == "accepted" and sources_reviewed.get(src["image_id"]) == "accepted":
             members.append(dict(image_id=src["image_id"], src=source_images.path / src["image_path"], origin="source",
                                 parent_id=src["original_id"], recipe_id=None, fragment=""))
     # Human decisions made since filtered_images was published count too (the latest wins); an

@@ -11,13 +11,17 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from flen_assets.assets.common import PartitionRun, partition_asset, publish, write_manifest
+from flen_assets.assets.gating import review_policy
 from flen_assets.dagster_resources import FaceResource, ProjectResource
+from flen_assets.partitions import character_iteration
+from flen_assets.review.gate import PASSED, human_decisions, review_check, review_metadata, source_verdict
 from flen_assets.visuals import Tile
-from flen_io_managers.partition_folder import PartitionFolder
-from flen_resources.identity import Calibration, build_reference
+from flen_io_managers.partition_folder import PartitionFolder, partition_keys
+from flen_resources.identity import MIN_SOURCES_TO_CALIBRATE, Calibration, build_reference, find_inliers
 from flen_resources.imaging import (
     DEFAULT_MAX_PIXELS,
     ImageRejected,
@@ -187,6 +191,7 @@ def source_images(context: dg.AssetExecutionContext, config: SourceConfig, proje
         decision_rows.append(run.stamp(image_id=entry_id, gate="source", passed=False, reason=refusal.message,
                                        source="gate", decided_at=utcnow()))
 
+    flag_identity_outliers(rows, tiles)
     write_manifest(rows, staged)
     run.lineage.append("images", image_rows)
     run.lineage.append("edges", edge_rows)
@@ -211,6 +216,18 @@ def source_images(context: dg.AssetExecutionContext, config: SourceConfig, proje
         metadata={"accepted": len(accepted)})
 
 
+def flag_identity_outliers(rows: list[dict], tiles: list[Tile]) -> None:
+    """Mark accepted sources that look like another person amber on the contact sheet, with the reason
+    (identity_reference keeps them out of the training set unless a person accepts them)."""
+    accepted = [i for i, r in enumerate(rows) if r["status"] == "accepted" and r.get("embedding")]
+    if len(accepted) < MIN_SOURCES_TO_CALIBRATE:
+        return
+    inlier = find_inliers(np.array([rows[i]["embedding"] for i in accepted], dtype=np.float64), Calibration())
+    for i, ok in zip(accepted, inlier):
+        if not ok:
+            tiles[i] = Tile(tiles[i].image, f"{rows[i]['original_name']} · identity outlier", True, flagged=True)
+
+
 class IdentityConfig(dg.Config):
     """How the identity threshold is calibrated (flen_resources.identity.calibrate_threshold)."""
 
@@ -233,7 +250,8 @@ def identity_reference(context: dg.AssetExecutionContext, config: IdentityConfig
     """The character's identity: mean face embedding of the sources and a calibrated distance threshold.
 
     Sources farther than `outlier_distance` from the mean of the others (another person in the
-    inbox) are left out of the mean and reported.
+    inbox) are left out of the mean, and out of the training set unless a person accepts them on
+    the review page (policy auto rejects them; required and mixed ask a human first).
     """
     run = PartitionRun.start(context, project)
     sources = [r for r in source_images.rows() if r["status"] == "accepted"]
@@ -243,24 +261,56 @@ def identity_reference(context: dg.AssetExecutionContext, config: IdentityConfig
     reference, fits = build_reference(np.array([r["embedding"] for r in sources], dtype=np.float64),
                                       [r["original_name"] for r in sources], config.calibration())
     threshold, rule = reference.threshold, reference.rule
-    rows = [dict(image_id=r["image_id"], original_name=fit.name, inlier=fit.inlier, distance=fit.distance)
-            for r, fit in zip(sources, fits)]
+    policy = review_policy(run, "", -1.0)
+    humans = human_decisions(run.project, run.lineage, run.asset, run.character, run.iteration)
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
     reference.save(staged)
+    rows, decision_rows, tiles, verdicts = [], [], [], []
+    for src, fit in zip(sources, fits):
+        failed = [] if fit.inlier and fit.distance <= threshold else ["identity"]
+        gate_reason = ("in reference" if not failed else
+                       f"identity outlier: distance {fit.distance:.3f} to the others, another person?" if not fit.inlier
+                       else f"beyond the threshold: distance {fit.distance:.3f} > {threshold:.3f}")
+        decided = source_verdict(policy, failed, humans.get(src["image_id"]))
+        verdicts.append(decided)
+        rows.append(dict(image_id=src["image_id"], original_name=fit.name, inlier=fit.inlier, distance=fit.distance,
+                         image_path=src["image_path"], identity_distance=fit.distance, identity_threshold=threshold,
+                         failed_gates=",".join(failed), gate_reason=gate_reason, accepted=decided.accepted,
+                         review_status=decided.status, policy_status=decided.policy_status,
+                         policy_reason=decided.policy_reason, review_source=decided.decided_by))
+        now = utcnow()
+        decision_rows += [run.stamp(image_id=src["image_id"], gate="identity_reference", passed=not failed,
+                                    value=fit.distance, threshold=config.outlier_distance, reason=gate_reason,
+                                    source="gate", decided_at=now),
+                          run.stamp(image_id=src["image_id"], gate="policy", passed=PASSED[decided.policy_status],
+                                    value=fit.distance, threshold=threshold, reason=decided.policy_reason,
+                                    source="policy", decided_at=now)]
+        label = fit.name if not failed else f"{fit.name} · {decided.status}: outlier"
+        tiles.append(Tile(Image.open(source_images.path / src["image_path"]), label, decided.accepted,
+                          flagged=bool(failed) and not decided.accepted))
     write_manifest(rows, staged)
     run.lineage.append("metrics", [run.stamp(name="identity_threshold", value=threshold, recorded_at=utcnow())])
-    run.lineage.append("decisions", [run.stamp(image_id=r["image_id"], gate="identity_reference", passed=r["inlier"],
-                                               value=r["distance"], threshold=config.outlier_distance,
-                                               reason="in reference" if r["inlier"] else "identity outlier: another person?",
-                                               source="gate", decided_at=utcnow()) for r in rows])
+    run.lineage.append("decisions", decision_rows)
     outliers = [r for r in rows if not r["inlier"]]
     far = [r for r in rows if r["inlier"] and r["distance"] > threshold]
-    table = "\n".join(["| source | distance | in reference |", "|---|---|---|"] +
-                      [f"| {r['original_name']} | {r['distance']:.3f} | {'yes' if r['inlier'] else 'no (outlier)'} |" for r in rows])
-    yield publish(run, project, staged, params=config.model_dump(),
+    table = "\n".join(["| source | distance | in reference | training set |", "|---|---|---|---|"] +
+                      [f"| {r['original_name']} | {r['distance']:.3f} | {'yes' if r['inlier'] else 'no (outlier)'} "
+                       f"| {r['review_status']} |" for r in rows])
+    yield publish(run, project, staged, params={**config.model_dump(), "policy": policy.policy},
                   metadata={"threshold": threshold, "rule": rule, "sources_used": reference.n_sources,
-                            "outliers": len(outliers), "distances": dg.MetadataValue.md(table)})
+                            "outliers": len(outliers), "distances": dg.MetadataValue.md(table),
+                            **review_metadata(run.asset, run.character, run.iteration, verdicts, policy)},
+                  sheet=tiles)
     yield dg.AssetCheckResult(check_name="sources_agree_with_reference", passed=not outliers and not far,
                               severity=dg.AssetCheckSeverity.WARN,
                               metadata={"outliers": dg.MetadataValue.json([r["original_name"] for r in outliers]),
                                         "beyond_threshold": dg.MetadataValue.json([r["original_name"] for r in far])})
+
+
+@dg.asset_check(asset=identity_reference, blocking=True, partitions_def=character_iteration,
+                description="No source photo awaits human review (an identity outlier under policy required or "
+                            "mixed). Blocking: nothing downstream runs until a person has decided.")
+def sources_review_complete(context: dg.AssetCheckExecutionContext, project: ProjectResource,
+                            identity_reference: PartitionFolder) -> dg.AssetCheckResult:
+    character, iteration = partition_keys(context)
+    return review_check(project.project, project.lineage, "identity_reference", character, iteration)

@@ -58,6 +58,13 @@ def verdict(policy: ReviewPolicy, failed_gates: Sequence[str], distance: float |
     return Verdict(status, policy_status, reason, decided_by)
 
 
+def source_verdict(policy: ReviewPolicy, failed_gates: Sequence[str], human: dict | None) -> Verdict:
+    """The policy's verdict on one source photo (ReviewPolicy.classify_source), overridden by a human decision."""
+    policy_status, reason = policy.classify_source(failed_gates)
+    status, decided_by = status_of(human, policy_status)
+    return Verdict(status, policy_status, reason, decided_by)
+
+
 def human_decisions(project: Project, lineage: LineageStore, asset: str, character: str,
                     iteration: str) -> dict[str, dict]:
     """Latest human decision per image id for a partition (carried over from earlier iterations)."""

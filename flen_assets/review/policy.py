@@ -60,6 +60,17 @@ class ReviewPolicy:
         return "rejected", prefix + "auto-rejected"
 
 
+    def classify_source(self, failed_gates: Sequence[str]) -> tuple[Status, str]:
+        """The policy's verdict on one of the character's own photos: kept unless it failed the identity check,
+        then auto rejects it and required or mixed ask a human (who may accept it either way)."""
+        prefix = f"policy {self.policy}: "
+        if not failed_gates:
+            return "accepted", prefix + "source photo matches the reference"
+        if self.policy == "auto":
+            return "rejected", prefix + "identity outlier among the sources: auto-rejected (accept it on the review page)"
+        return "pending", prefix + "identity outlier among the sources: awaiting human review"
+
+
 def policy_file(project: Project) -> Path:
     return project.data_dir / POLICY_FILE
 

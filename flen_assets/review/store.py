@@ -1,7 +1,7 @@
 """What the review page shows and records: a partition's gated images, their parents, and human decisions.
 
 Candidates come from the published partition's manifest (the gate results of filtered_images or
-synthetic_batch); everything about an image file (its path, its parents, the edit or generation
+synthetic_batch, and identity_reference's verdict on each source photo); everything about an image file (its path, its parents, the edit or generation
 that made it) comes from the lineage store, so only images the lineage knows are ever served.
 Human decisions are lineage `decisions` rows (gate `review`, source `human`), appended and never
 rewritten: the latest per image wins, `passed` NULL means "undone, back to the policy's verdict".
@@ -35,7 +35,7 @@ from flen_resources.project import (
     validate_slug,
 )
 
-REVIEWABLE = ("filtered_images", "synthetic_batch")
+REVIEWABLE = ("filtered_images", "synthetic_batch", "identity_reference")  # edits, generations, source photos
 STATUSES = ("pending", "accepted", "rejected")
 DECISIONS = {"accept": True, "reject": False, "clear": None}
 IMAGE_ID_RE = re.compile(r"^[0-9a-f]{64}\Z")
@@ -298,8 +298,9 @@ class ReviewStore:
     @staticmethod
     def _candidate(part: Partition, order: int, row: dict, edges: list[dict], paths: dict[str, Path]) -> dict:
         failed = [g for g in (row.get("failed_gates") or "").split(",") if g]
-        # Manifests written before review policies have no policy_status: their verdict was `accepted`.
-        policy_status = row.get("policy_status") or ("accepted" if row.get("accepted") else "rejected")
+        # Manifests written before review policies have no policy_status: their verdict was `accepted`
+        # (identity_reference's before its sources were reviewable: every inlier was used).
+        policy_status = row.get("policy_status") or ("accepted" if row.get("accepted", row.get("inlier")) else "rejected")
         distance = row.get("identity_distance")
         parents = []
         for e in edges:
@@ -313,6 +314,8 @@ class ReviewStore:
         operation = edge.get("operation") or row.get("operation")
         if part.asset == "synthetic_batch":
             title = prompt or "generation"
+        elif part.asset == "identity_reference":
+            title = f"source photo · {row.get('original_name') or ''}"
         else:
             title = " · ".join(dict.fromkeys(x for x in (row.get("recipe_id"), operation) if x)) or "edit"
         return {

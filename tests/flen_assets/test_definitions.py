@@ -20,7 +20,8 @@ def test_defs_validate_and_resolve_everything():
     for sensor in ("inbox_sensor", "next_iteration_sensor", "dead_runs_sensor"):
         assert defs.resolve_sensor_def(sensor).name == sensor
     checks = {k.name for k in graph.asset_check_keys}
-    assert {"review_complete", "synthetic_review_complete", "all_inbox_files_usable", "enough_sources"} <= checks
+    assert {"review_complete", "synthetic_review_complete", "sources_review_complete", "all_inbox_files_usable",
+            "enough_sources"} <= checks
     required = set()
     for key in graph.get_all_asset_keys():
         required |= graph.get(key).assets_def.required_resource_keys
