@@ -269,7 +269,7 @@ def identity_reference(context: dg.AssetExecutionContext, config: IdentityConfig
     for src, fit in zip(sources, fits):
         failed = [] if fit.inlier and fit.distance <= threshold else ["identity"]
         gate_reason = ("in reference" if not failed else
-                       f"identity outlier: distance {fit.distance:.3f} to the others, another person?" if not fit.inlier
+                       f"identity outlier: distance {fit.distance:.3f} to the reference, another person?" if not fit.inlier
                        else f"beyond the threshold: distance {fit.distance:.3f} > {threshold:.3f}")
         decided = source_verdict(policy, failed, humans.get(src["image_id"]))
         verdicts.append(decided)

@@ -14,7 +14,8 @@ def review(character: Annotated[Optional[str], typer.Argument(help="Character to
            = None,
            iteration: Annotated[Optional[str], typer.Option(help="v1, v2, ... (default: the latest with pending "
                                                             "images, else the latest)")] = None,
-           asset: Annotated[str, typer.Option(help="filtered_images or synthetic_batch")] = "filtered_images",
+           asset: Annotated[str, typer.Option(
+               help="filtered_images, synthetic_batch or identity_reference (source photos)")] = "filtered_images",
            port: Annotated[int, typer.Option(envvar="FLEN_REVIEW_PORT", help="Port to serve on.")] = 8765,
            host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the page local.")] = "127.0.0.1",
            allowed_host: Annotated[Optional[list[str]], typer.Option(
@@ -44,6 +45,11 @@ def review(character: Annotated[Optional[str], typer.Argument(help="Character to
         parts = [p for p in store.partitions() if p.character == character and p.asset == asset
                  and (iteration is None or p.iteration == iteration)]
         if not parts:
+            from flen_assets.partitions import known_characters, unknown_character_message
+
+            known = sorted(set(known_characters(proj)) | {p.character for p in store.partitions()})
+            if character not in known:
+                fail(unknown_character_message(proj, character, known))
             fail(f"no published {asset} for {character}" + (f"|{iteration}" if iteration else "")
                  + f": materialize it first (flen materialize {character} {iteration or 'v1'})")
         if iteration is None:  # newest first; prefer one that still has pending images
