@@ -1,10 +1,21 @@
-"""Partitions: character (dynamic) x iteration (dynamic: v1, v2, ...)."""
+"""Partitions: character (dynamic) x iteration (dynamic: v1, v2, ...): registering them, the rule for
+which may be registered (a known character, iterations in order), and removing them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 
-from flen_resources.project import validate_iteration, validate_slug
+from flen_resources.archive import ARCHIVE_DIR
+from flen_resources.project import (
+    SLUG_RE,
+    Project,
+    did_you_mean,
+    iteration_number,
+    validate_iteration,
+    validate_slug,
+)
 
 character_partitions = dg.DynamicPartitionsDefinition(name="character")
 iteration_partitions = dg.DynamicPartitionsDefinition(name="iteration")
@@ -38,3 +49,162 @@ def _add_dynamic_partition(instance: dg.DagsterInstance, name: str, key: str) ->
         # and the storage's unique index refuses the second insert. That is success for us.
         if not instance.has_dynamic_partition(name, key):
             raise
+
+
+# -- which partitions may exist: a known character, iterations in order ------------------------------
+
+class PartitionRefused(ValueError):
+    """A partition that must not be registered, or removed now; the message names the cause and the fix."""
+
+
+def registered_characters(instance: dg.DagsterInstance) -> list[str]:
+    return list(instance.get_dynamic_partitions(character_partitions.name))
+
+
+def known_characters(project: Project, instance: dg.DagsterInstance | None = None) -> list[str]:
+    """Characters a command may name: registered, or with photos in inbox/<name>/, or with published data."""
+    from flen_resources.archive import characters_with_data
+
+    known = set(registered_characters(instance)) if instance is not None else set()
+    inbox = project.inbox_dir
+    for folder in inbox.iterdir() if inbox.is_dir() else []:
+        if folder.is_dir() and not folder.name.startswith(".") and SLUG_RE.match(folder.name) \
+                and any(f.is_file() and not f.name.startswith(".") for f in folder.iterdir()):
+            known.add(folder.name)
+    return sorted(known | set(characters_with_data(project)))
+
+
+def unknown_character_message(project: Project, character: str, known: list[str]) -> str:
+    return (f"unknown character {character!r}{did_you_mean(character, known)}: it has no photos in "
+            f"{project.inbox_for(character)} and is not registered; check the name, or add its photos with "
+            f"`flen character add {character} --from DIR`")
+
+
+def check_new_partition(project: Project, instance: dg.DagsterInstance, character: str, iteration: str) -> None:
+    """Refuse, before anything is registered, a partition of an unknown character or one that skips an
+    iteration: vN (N > 1) needs v(N-1) complete, its synthetic_batch published (what `flen iterate`
+    and the next-iteration sensor wait for; training_set vN reads it)."""
+    validate_slug(character)
+    known = known_characters(project, instance)
+    if character not in known:
+        raise PartitionRefused(unknown_character_message(project, character, known))
+    check_iteration_order(project, character, iteration)
+
+
+def check_iteration_order(project: Project, character: str, iteration: str) -> None:
+    """Refuse vN (N > 1) of `character` unless v(N-1) is complete (its synthetic_batch published)."""
+    number = iteration_number(iteration)
+    if number > 1 and not (project.data_dir / "synthetic_batch" / character / f"v{number - 1}.dvc").is_file():
+        nxt = f"v{project.latest_iteration(character) + 1}"
+        raise PartitionRefused(
+            f"{character}|{iteration} would skip an iteration: {character}|v{number - 1} is not complete (its "
+            f"synthetic_batch is not published); did you mean {nxt}? Complete it with `flen materialize {character} "
+            f"{nxt} --all`, then `flen iterate {character}` runs the next one")
+
+
+# -- removing partitions ---------------------------------------------------------------------------
+
+_LIVE = ("QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING")
+
+
+def _live_runs(instance: dg.DagsterInstance, character: str, iteration: str | None) -> list:
+    """Runs of `character` (of `iteration`) that are queued or running."""
+    from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
+
+    runs = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus[s] for s in _LIVE]))
+    prefix = f"{character}|{iteration}" if iteration else f"{character}|"
+    return [r for r in runs if (r.tags.get("dagster/partition") or "").startswith(prefix)
+            and (iteration is None or r.tags.get("dagster/partition") == prefix)]
+
+
+def _wipe(instance: dg.DagsterInstance, keys: list[str]) -> None:
+    """Forget the materializations of these partitions (their data is archived): a partition registered
+    again later shows as missing, not as the archived version."""
+    from flen_assets.definitions import defs
+
+    for asset_key in defs.resolve_asset_graph().get_all_asset_keys():
+        try:
+            instance.wipe_asset_partitions(asset_key, keys)
+        except NotImplementedError:  # a storage without partition wipes: the event log keeps them
+            return
+
+
+def remove_character(project: Project, instance: dg.DagsterInstance, character: str,
+                     archive: bool = False) -> tuple[list[Path], Path | None]:
+    """Delete the character partition key (every `character|vN`): refused while it has data (partition
+    folders, pointers, inbox photos, reports) unless `archive`, which moves them to archive/ first.
+    Returns (what was archived, the archive folder)."""
+    from flen_resources.archive import character_paths
+
+    validate_slug(character)
+    known = known_characters(project, instance)
+    if character not in known:
+        raise PartitionRefused(f"unknown character {character!r}{did_you_mean(character, known)}: "
+                               "nothing to remove; `flen character list` shows the registered ones")
+    live = _live_runs(instance, character, None)
+    if live:
+        raise PartitionRefused(f"run {live[0].run_id[:8]} of {live[0].tags.get('dagster/partition')} is "
+                               f"{live[0].status.value.lower()}: wait for it to end (or stop it), then remove {character}")
+    paths = character_paths(project, character)
+    where = None
+    if paths and not archive:
+        raise PartitionRefused(f"{character} has data ({_summary(project, paths)}): add --archive to move it to "
+                               f"{ARCHIVE_DIR}/ (kept, never deleted) and remove the character")
+    if paths:
+        where = _archive(project, paths, character)
+    iterations = instance.get_dynamic_partitions(iteration_partitions.name)
+    _wipe(instance, [str(partition_key(character, it)) for it in iterations])
+    instance.delete_dynamic_partition(character_partitions.name, character)
+    return paths, where
+
+
+def remove_iteration(project: Project, instance: dg.DagsterInstance, character: str, iteration: str,
+                     archive: bool = False) -> tuple[list[Path], Path | None, bool]:
+    """Remove `character|iteration`: refused while it has data unless `archive` (moved to archive/), and
+    for any but the character's last iteration. The `iteration` key itself is shared by every character:
+    it is deleted only when no other character has data in it. Returns (archived, archive folder,
+    whether the iteration key was deleted)."""
+    from flen_resources.archive import characters_with_data, iteration_paths, iterations_with_data
+
+    validate_slug(character)
+    validate_iteration(iteration)
+    known = known_characters(project, instance)
+    if character not in known:
+        raise PartitionRefused(f"unknown character {character!r}{did_you_mean(character, known)}: "
+                               "nothing to remove; `flen character list` shows the registered ones")
+    has = iterations_with_data(project, character)
+    registered = list(instance.get_dynamic_partitions(iteration_partitions.name))
+    if iteration not in has and iteration not in registered:
+        raise PartitionRefused(f"{character} has no iteration {iteration}{did_you_mean(iteration, has, 'it has')}")
+    later = [it for it in has if iteration_number(it) > iteration_number(iteration)]
+    if later:
+        raise PartitionRefused(f"{character}|{iteration} is not {character}'s last iteration ({', '.join(later)} "
+                               f"build on it): remove {later[-1]} first")
+    live = _live_runs(instance, character, iteration)
+    if live:
+        raise PartitionRefused(f"run {live[0].run_id[:8]} of {character}|{iteration} is "
+                               f"{live[0].status.value.lower()}: wait for it to end (or stop it), then remove it")
+    paths = iteration_paths(project, character, iteration)
+    if paths and not archive:
+        raise PartitionRefused(f"{character}|{iteration} has data ({_summary(project, paths)}): add --archive to "
+                               f"move it to {ARCHIVE_DIR}/ (kept, never deleted) and remove the partition")
+    where = _archive(project, paths, f"{character}-{iteration}") if paths else None
+    _wipe(instance, [str(partition_key(character, iteration))])
+    others = [c for c in characters_with_data(project, iteration) if c != character]
+    deleted = not others
+    if deleted:
+        instance.delete_dynamic_partition(iteration_partitions.name, iteration)
+    return paths, where, deleted
+
+
+def _summary(project: Project, paths: list[Path]) -> str:
+    shown = [project.relative(p) for p in paths if not p.name.endswith(".dvc")]
+    return ", ".join(shown[:4]) + (f" and {len(shown) - 4} more" if len(shown) > 4 else "")
+
+
+def _archive(project: Project, paths: list[Path], label: str) -> Path:
+    from flen_resources.archive import move_to_archive
+    from flen_resources.storage import DvcStore
+
+    with DvcStore(project)._lock:  # no publish swaps a folder while it moves
+        return move_to_archive(project, paths, label)

@@ -57,6 +57,21 @@ def split_partition_key(key: str) -> tuple[str, str]:
     return validate_slug(character), validate_iteration(iteration)
 
 
+def did_you_mean(name: str, known: list[str] | set[str], listing: str = "known") -> str:
+    """' (did you mean alice?)' for the known names closest to a mistyped one; else ' (known: a, b)'
+    (`listing` names the list), or '' when nothing is known."""
+    import difflib
+
+    names = sorted(set(known))
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    if close:
+        return f" (did you mean {' or '.join(close)}?)"
+    if names:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        return f" ({listing}: {shown})"
+    return ""
+
+
 def find_project_root(start: Path | None = None) -> Path:
     """The project root: $FLEN_PROJECT_DIR, else the nearest folder up from `start` holding workspace.yaml."""
     env = os.environ.get(PROJECT_ENV)

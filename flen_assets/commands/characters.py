@@ -18,7 +18,7 @@ app = typer.Typer(help="Characters (the `character` partition dimension).", no_a
 def character_add(name: str, from_dir: Annotated[Path, typer.Option("--from", help="Folder of photos to copy in.")],
                   iteration: str = "v1", project: ProjectOpt = None) -> None:
     """Copy photos into inbox/NAME (originals untouched) and register the character partition."""
-    from flen_assets.partitions import add_partitions
+    from flen_assets.partitions import PartitionRefused, add_partitions, check_iteration_order
     from flen_resources.intake import IntakeError, add_photos
 
     try:
@@ -29,6 +29,10 @@ def character_add(name: str, from_dir: Annotated[Path, typer.Option("--from", he
     if not from_dir.is_dir():
         fail(f"{from_dir} is not a folder")
     proj = resolve_project(project)
+    try:
+        check_iteration_order(proj, name, iteration)
+    except PartitionRefused as exc:
+        fail(str(exc))
     instance = init_project(proj)
     dest = proj.inbox_for(name)
     dest.mkdir(parents=True, exist_ok=True)
@@ -80,3 +84,28 @@ def character_policy_cmd(
         fail(str(exc))
     set_character_policy(proj, name, chosen)
     typer.echo(f"{name}: review policy {chosen.policy} (margin {chosen.margin:g}) in {policy_file(proj)}")
+
+
+@app.command("remove")
+def character_remove(
+        name: str,
+        archive: Annotated[bool, typer.Option(
+            "--archive", help="Move its data (partition folders and .dvc pointers, inbox photos, reports) to "
+                              "archive/<time>-NAME/ in the project first (kept, never deleted).")] = False,
+        project: ProjectOpt = None) -> None:
+    """Remove a character partition key (every NAME|vN); refused while it has data, unless --archive."""
+    from flen_assets.partitions import PartitionRefused, remove_character
+
+    try:
+        validate_slug(name)
+    except InvalidNameError as exc:
+        fail(str(exc))
+    proj = resolve_project(project)
+    instance = init_project(proj)
+    try:
+        archived, where = remove_character(proj, instance, name, archive=archive)
+    except PartitionRefused as exc:
+        fail(str(exc))
+    if where is not None:
+        typer.echo(f"{len(archived)} path(s) of {name} moved to {where}")
+    typer.echo(f"character {name} removed (its partitions are gone from the Dagster UI; lineage keeps its history)")

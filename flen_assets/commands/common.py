@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Annotated, NoReturn, Optional, TypeVar
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
+from flen_assets.partitions import PartitionRefused
 from flen_assets.runs import REVIEW_CHECKS, RunInterrupted, SelectionError, root_cause
 from flen_resources.project import PROJECT_ENV, Project
 
@@ -19,9 +22,26 @@ T = TypeVar("T")
 ProjectOpt = Annotated[Optional[Path], typer.Option("--project", help="Project folder (default: $FLEN_PROJECT_DIR or the checkout).")]
 
 
-def resolve_project(path: Optional[Path]) -> Project:
-    """The project of a command: --project DIR, else $FLEN_PROJECT_DIR, else the checkout (Project.discover)."""
-    return Project(path.expanduser().resolve()) if path is not None else Project.discover()
+def resolve_project(path: Optional[Path], create: bool = False) -> Project:
+    """The project of a command: --project DIR, else $FLEN_PROJECT_DIR, else the checkout (Project.discover).
+
+    Its folder must exist and be writable (`create`: `flen init` and `flen demo` may make it), or the
+    command ends with one line saying which folder and what to do, before anything is written."""
+    project = Project(path.expanduser().resolve()) if path is not None else Project.discover()
+    given = "--project" if path is not None else f"${PROJECT_ENV}" if os.environ.get(PROJECT_ENV) else "the current folder"
+    root = project.root
+    if root.exists() and not root.is_dir():
+        fail(f"project folder {root} ({given}) is not a folder: pass --project DIR (or set {PROJECT_ENV}) "
+             "to a project folder")
+    if not root.exists():
+        if create:
+            return project
+        fail(f"project folder {root} ({given}) does not exist or cannot be reached: pass --project DIR (or set "
+             f"{PROJECT_ENV}) to an existing project, or create one with `flen init --project {shlex.quote(str(root))}`")
+    if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+        fail(f"project folder {root} ({given}) cannot be written by this user: fix its permissions "
+             "(it holds data/, inbox/ and .flen/) or pass --project DIR to another project")
+    return project
 
 
 def project_option(path: Optional[Path]) -> str:
@@ -29,13 +49,79 @@ def project_option(path: Optional[Path]) -> str:
     printed for the user names it, since a new shell would not know it."""
     if path is None and not os.environ.get(PROJECT_ENV):
         return ""
-    return f" --project {shlex.quote(str(resolve_project(path).root))}"
+    root = path.expanduser().resolve() if path is not None else Project.discover().root
+    return f" --project {shlex.quote(str(root))}"
 
 
 def fail(message: str) -> NoReturn:
-    """Say `error: message` on stderr and exit 1: no traceback."""
+    """Say `error: message` on stderr and exit 1: no traceback. The message names the cause and the fix."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an exception: FLENwheel's own errors carry the cause and the fix in their first line;
+    another keeps its class name."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if type(exc).__module__.startswith("flen_") and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class FlenGroup(TyperGroup):
+    """The `flen` app: an error no command expected ends the command with one line, its trace only
+    with --debug (FLEN_DEBUG=1)."""
+
+    def invoke(self, ctx):  # noqa: ANN001 - click's signature
+        from flen_assets.console import traces_shown
+
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, TyperException):
+            raise
+        except Exception as exc:
+            if traces_shown():
+                raise
+            if _is_config_error(exc):
+                fail(f"invalid run config: {_config_error_text(exc)}: fix the --config file (its keys and "
+                     "values are listed in the Dagster UI's launchpad)")
+            typer.secho(f"error: {error_line(exc)}  (unexpected: `flen --debug ...` shows the trace)",
+                        fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+
+
+def _is_config_error(exc: Exception) -> bool:
+    from dagster._core.errors import DagsterInvalidConfigError
+
+    return isinstance(exc, DagsterInvalidConfigError)
+
+
+def _config_error_text(exc) -> str:
+    errors = getattr(exc, "errors", None) or []
+    return "; ".join(e.message for e in errors[:3]) or error_line(exc)
+
+
+def trace_hint(run_id: str) -> None:
+    """Where the trace of a failed run is: the run's event log (Dagster UI), or this terminal with --debug."""
+    from flen_assets.console import traces_shown
+
+    where = "above and in" if traces_shown() else "in"
+    typer.echo(f"run {run_id}: the trace is {where} its event log: `flen ui`, then Runs > {run_id[:8]}"
+               + ("" if traces_shown() else " (or run the command again with `flen --debug`)"), err=True)
+
+
+def fail_run(result, character: str, iteration: str, what: str = "failed") -> NoReturn:
+    """The end of a failed run: where its trace is, then one error line naming the failed step, its
+    partition, the cause and (for a known cause) the fix."""
+    from flen_assets.runs import failed_steps
+
+    trace_hint(result.run_id)
+    steps = failed_steps(result)
+    if not steps:
+        fail(f"run {result.run_id} {what}")
+    step, cause = steps[0]
+    fail(f"{step} {character}|{iteration}: {cause}")
 
 
 def run_job(project: Project, start: Callable[[], T]) -> T:
@@ -54,6 +140,8 @@ def run_job(project: Project, start: Callable[[], T]) -> T:
         os._exit(130)  # the run's worker thread may still be inside a step: stop it here, as the shell expects
     except SelectionError as exc:
         raise typer.BadParameter(str(exc), param_hint="--from") from None
+    except PartitionRefused as exc:  # an unknown character, a skipped iteration: nothing was registered
+        fail(str(exc))
     except DiskFullError as exc:  # said before the run started
         fail(str(exc))
     except Exception as exc:

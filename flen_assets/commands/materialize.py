@@ -10,6 +10,7 @@ import typer
 from flen_assets.commands.common import (
     ProjectOpt,
     fail,
+    fail_run,
     print_review_hint,
     project_option,
     report,
@@ -66,7 +67,8 @@ def materialize(character: str, iteration: Annotated[str, typer.Argument(help="I
         stops = review_gate_stops(result)
         if stops:
             print_review_hint(character, iteration, stops, project_option(project))
-        fail(f"run {result.run_id} " + ("stopped at the review gate" if stops else "failed"))
+            fail(f"run {result.run_id} stopped at the review gate")
+        fail_run(result, character, iteration)
     typer.echo(f"run {result.run_id} succeeded")
 
 
@@ -86,5 +88,5 @@ def iterate(character: str, project: ProjectOpt = None,
         fail(str(exc))
     report(proj, result)
     if not result.success:
-        fail(f"run {result.run_id} for {character}|{nxt} failed")
+        fail_run(result, character, nxt)
     typer.echo(f"{character}|{nxt} done (run {result.run_id})")

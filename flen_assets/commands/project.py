@@ -13,6 +13,7 @@ import typer
 from flen_assets.commands.common import (
     ProjectOpt,
     fail,
+    fail_run,
     print_review_hint,
     project_option,
     report,
@@ -25,7 +26,7 @@ from flen_resources.project import PROJECT_ENV, Project, validate_slug
 
 def init(project: ProjectOpt = None) -> None:
     """Initialise a project: data/, inbox/, DVC (local remote), lineage, Dagster instance."""
-    proj = resolve_project(project)
+    proj = resolve_project(project, create=True)
     init_project(proj)
     typer.echo(f"project ready at {proj.root}\n  DAGSTER_HOME={proj.dagster_home}\n  DVC remote: {proj.dvc_remote_dir}")
 
@@ -128,7 +129,7 @@ def demo(project: ProjectOpt = None, character: str = "astronaut",
     from flen_assets.demo_data import write_sample_inbox
     from flen_assets.review.policy import POLICIES, ReviewPolicy, character_policy, set_character_policy
 
-    proj = resolve_project(project)
+    proj = resolve_project(project, create=True)
     where = project_option(project)
     if review is not None and review not in POLICIES:
         fail(f"unknown review policy {review!r}: use one of {', '.join(POLICIES)}")
@@ -155,7 +156,7 @@ def demo(project: ProjectOpt = None, character: str = "astronaut",
         if not result.success:
             stops = review_gate_stops(result)
             if not stops:
-                fail(f"demo run {result.run_id} failed")
+                fail_run(result, character, f"v{n}")
             # Not an error: the policy asked for a human, and the run waits for one.
             print_review_hint(character, f"v{n}", stops, where)
             typer.echo(f"\nthe demo stopped at {character}|v{n}'s review gate after {time.time() - started:.0f}s; "

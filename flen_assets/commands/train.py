@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from flen_assets.commands.common import fail
+from flen_assets.commands.common import error_line, fail
+from flen_assets.console import traces_shown
 from flen_resources.models.quantization import QuantizationSetting
 from flen_resources.trainers.config import Attention, LoraTrainConfig, Optimizer
 
@@ -59,7 +60,9 @@ def train_flux(
         result = trainer.train(items, config, name=name or out.resolve().name, default_caption=default_caption,
                                dataset_md5=md5)
     except (TrainingError, ModelNotAvailable, ModelFolderError) as exc:
-        fail(f"{dataset}: {exc}")
+        if traces_shown():  # the rest of the message: how to download a missing model
+            typer.echo(str(exc), err=True)
+        fail(f"{dataset}: {error_line(exc)}")
     typer.echo(f"trained {result.steps} steps in {result.seconds:.0f}s"
                + (f" (resumed from step {result.resumed_from})" if result.resumed_from else ""))
     typer.echo(f"  LoRA (diffusers):  {result.lora_path}")

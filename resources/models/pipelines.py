@@ -7,7 +7,12 @@ from typing import Any, Literal
 
 import torch
 
-from flen_resources.models.quantization import QuantizationSetting, pick_quantization
+from flen_resources.models.quantization import (
+    QuantizationError,
+    QuantizationSetting,
+    nf4_needs_cuda,
+    pick_quantization,
+)
 from flen_resources.models.sources import ResolvedModel
 
 log = logging.getLogger(__name__)
@@ -82,20 +87,20 @@ def load_pipeline(model: ResolvedModel, pipeline: str, *, quantization: Quantiza
     offload: text encoder, then transformer, then VAE), which is what lets a 24 GB card run
     a 20B transformer next to a 7B text encoder.
     """
+    target = pick_device(device)
+    quantization = pick_quantization(quantization, target)
+    if quantization == "nf4" and target.type != "cuda":  # said before diffusers is even imported
+        raise QuantizationError(nf4_needs_cuda(target))
     import diffusers
 
     if pipeline == "QwenImageEditPlusPipeline":
         from flen_resources.models.architectures import patch_qwen2vl_processor_without_torchvision
 
         patch_qwen2vl_processor_without_torchvision()
-    target = pick_device(device)
-    quantization = pick_quantization(quantization, target)
     torch_dtype = pick_dtype(target, dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True}
     mode = ("model" if target.type == "cuda" else "none") if offload == "auto" else offload
     if quantization == "nf4":
-        if target.type != "cuda":
-            raise RuntimeError("nf4 (bitsandbytes) needs a CUDA GPU; use quantization 'none' on the CPU")
         if mode == "none":
             kwargs["quantization_config"] = nf4_config(pipeline)
         else:  # offloading anyway: never hold two quantized components on the GPU, not even while loading

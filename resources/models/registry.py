@@ -13,6 +13,7 @@ class ModelSpec:
     hub_id: str
     pipeline: str  # diffusers pipeline class name
     size_gb: float  # download size of the safetensors weights, for the missing-model message
+    setting: str  # the variable that chooses its source (the `models` resource's field, `flen train --model`)
     gated: bool = False
 
 
@@ -29,8 +30,9 @@ class LoraSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "qwen-image-edit-2509": ModelSpec("qwen-image-edit-2509", "Qwen/Qwen-Image-Edit-2509",
-                                      "QwenImageEditPlusPipeline", 57.7),
-    "flux.1-dev": ModelSpec("flux.1-dev", "black-forest-labs/FLUX.1-dev", "FluxPipeline", 33.7, gated=True),
+                                      "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_MODEL"),
+    "flux.1-dev": ModelSpec("flux.1-dev", "black-forest-labs/FLUX.1-dev", "FluxPipeline", 33.7, "FLEN_FLUX_MODEL",
+                            gated=True),
 }
 
 LORAS: dict[str, LoraSpec] = {

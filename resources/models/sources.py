@@ -63,12 +63,15 @@ def _looks_like_path(source: str) -> bool:
 
 
 def missing_model_message(spec: ModelSpec, source: str, reason: str) -> str:
-    """One clear message: which model, why it is missing, how to fetch it on a connected machine."""
+    """One clear first line: which model, why it is missing, which setting to change (what `flen` prints);
+    then how to fetch it on a connected machine (the run's log, `flen --debug`)."""
     from huggingface_hub import constants
 
     hub_id = source.split("@")[0] if "/" in source and not _looks_like_path(source) else spec.hub_id
     lines = [
-        f"model {hub_id} ({spec.key}, about {spec.size_gb:.0f} GB) is not available here: {reason}.",
+        f"model {hub_id} ({spec.key}, about {spec.size_gb:.0f} GB) is not available here: {reason}; "
+        f"point {spec.setting} at a downloaded copy (a pipeline folder, or a hub id in the HF cache: "
+        f"`hf download {hub_id}`), or set {spec.setting}=tiny for the tiny test pack",
         f"  Hugging Face cache searched: {constants.HF_HUB_CACHE}"
         + (" (HF_HUB_OFFLINE=1: no download tried)" if constants.HF_HUB_OFFLINE else ""),
         "  On a machine that reaches huggingface.co:",

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from flen_resources.models.pipelines import nf4_kwargs, pick_device, pick_dtype
+from flen_resources.models.quantization import nf4_needs_cuda
 from flen_resources.models.sources import ResolvedModel, resolve_model
 from flen_resources.trainers.attention import use_attention
 from flen_resources.trainers.cache import FeatureCache
@@ -122,7 +123,7 @@ class LoraTrainer(Generic[Input]):
         kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True}
         if config.quantization == "nf4":
             if device.type != "cuda":
-                raise TrainingError("nf4 (QLoRA) needs a CUDA GPU; use quantization 'none' on the CPU")
+                raise TrainingError(nf4_needs_cuda(device))
             kwargs["quantization_config"] = BitsAndBytesConfig(**nf4_kwargs())
             kwargs["device_map"] = {"": str(device)}  # quantized straight onto the GPU
         transformer = self._transformer_class().from_pretrained(str(resolved.path / "transformer"), **kwargs)

@@ -94,7 +94,7 @@ class LoraTrainConfig:
     def resolved(self) -> LoraTrainConfig:
         """This config with `auto` quantization, optimizer and compile decided for its device (what runs and is recorded)."""
         from flen_resources.models.pipelines import pick_device
-        from flen_resources.models.quantization import pick_quantization
+        from flen_resources.models.quantization import nf4_needs_cuda, pick_quantization
 
         device = pick_device(self.device)
         cuda = device.type == "cuda"
@@ -103,7 +103,7 @@ class LoraTrainConfig:
         except ValueError as exc:
             raise TrainingError(str(exc)) from exc
         if quantization == "nf4" and not cuda:
-            raise TrainingError("nf4 (QLoRA) needs a CUDA GPU; use quantization 'none' (or 'auto') on the CPU")
+            raise TrainingError(nf4_needs_cuda(device))
         optimizer = self.optimizer if self.optimizer != "auto" else ("adamw8bit" if cuda else "adamw")
         return replace(self, quantization=quantization, optimizer=optimizer, compile=self.compile and cuda)
 
