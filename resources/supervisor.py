@@ -1,11 +1,11 @@
 """Long-running processes started together and stopped together (`flen ui`: Dagster's webserver and daemon).
 
 Each service runs in a session of its own, so a Ctrl+C in the terminal reaches only the supervisor,
-which then stops every service the same way: SIGTERM, and after a grace period SIGKILL of the service's
-whole process group (the code servers and run workers it started). On Linux a service also gets
-SIGTERM when the supervisor dies without stopping it (killed with -9). Each service's output is
-copied to the supervisor's, prefixed with its name, and its last lines are kept for the message
-that says why it stopped.
+which then stops every service the same way: SIGTERM, SIGKILL after a grace period, and then the
+same for what the service started and left in its process group (code servers, run workers). On
+Linux a service also gets SIGTERM when the supervisor dies without stopping it (killed with -9).
+Each service's output is copied to the supervisor's, prefixed with its name, and its last lines are
+kept for the message that says why it stopped.
 """
 
 from __future__ import annotations
@@ -109,26 +109,34 @@ class Services:
                     raise ServiceExited(service.name, code, service.tail)
             time.sleep(poll_s)
 
-    def stop(self) -> dict[str, int | None]:
-        """Stop every service and what it started (its process group: code servers, run workers), as a
-        Ctrl+C in a terminal stops a foreground job: SIGTERM, then SIGKILL of whatever is left after the
-        grace period (or at a second Ctrl+C). Returns each service's exit status (None: it was killed)."""
-        for service in self.services.values():
-            _signal_group(service.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s
+    def stop(self, leftovers_s: float = 5.0) -> dict[str, int | None]:
+        """Stop every service, then what it started and left (its process group: code servers, run
+        workers): SIGTERM to each service, SIGKILL to one still running after the grace period; then
+        SIGTERM to what is left in its group, SIGKILL after `leftovers_s`. A second Ctrl+C kills at once.
+        Returns each service's exit status (None: it was killed)."""
+        killed = set()
         try:
+            for service in self.services.values():
+                if service.proc.poll() is None:
+                    service.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.grace_s
             for service in self.services.values():
                 with suppress(subprocess.TimeoutExpired):
                     service.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            while time.monotonic() < deadline and any(_group_alive(s.proc.pid) for s in self.services.values()):
+            for service in self.services.values():
+                if service.proc.poll() is None:
+                    self.say(f"{service.name} did not stop within {self.grace_s:.0f}s of SIGTERM: killed")
+                    killed.add(service.name)
+                    _signal_group(service.proc.pid, signal.SIGKILL)
+            left = [s for s in self.services.values() if _group_alive(s.proc.pid)]
+            for service in left:
+                _signal_group(service.proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + leftovers_s
+            while time.monotonic() < deadline and any(_group_alive(s.proc.pid) for s in left):
                 time.sleep(0.1)
         except KeyboardInterrupt:
             self.say("interrupted again: killing what is left")
-        killed = set()
         for service in self.services.values():
-            if service.proc.poll() is None:
-                self.say(f"{service.name} did not stop within {self.grace_s:.0f}s of SIGTERM: killed")
-                killed.add(service.name)
             _signal_group(service.proc.pid, signal.SIGKILL)
             service.proc.wait()
             if service.reader is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -83,16 +84,13 @@ def ui(host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keep
                     "instead of reading an unfinished iteration. flen_assets/instance.py DAGSTER_YAML has the limit.",
                     fg=typer.colors.YELLOW, err=True)
 
-    def on_line(name: str, line: str) -> None:
-        if name == "webserver" and "Serving dagster-webserver on" in line:
-            services.say(f"ready: open {url}")
-
-    services = Services(dagster_env(proj), cwd=str(proj.root), on_line=on_line)
+    services = Services(dagster_env(proj), cwd=str(proj.root))
     code = 0
     with signals_as_interrupt(signal.SIGTERM, signal.SIGHUP):
         try:
             services.start("daemon", daemon)
             services.start("webserver", webserver)
+            threading.Thread(target=_say_when_ready, args=(services, url), daemon=True).start()
             services.watch()
         except KeyboardInterrupt:
             services.say("stopping the webserver and the daemon ...")
@@ -107,6 +105,22 @@ def ui(host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keep
             services.stop()
     typer.echo("stopped the Dagster UI and daemon")
     raise typer.Exit(code)
+
+
+def _say_when_ready(services, url: str, timeout_s: float = 600.0) -> None:
+    """Say where the UI is once the webserver answers (it logs "Serving" before it binds the port)."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and services.services["webserver"].proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/server_info", timeout=5) as answer:
+                if answer.status == 200:
+                    services.say(f"ready: open {url}")
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
 
 
 def _iterations_ordered(instance) -> bool:
