@@ -62,10 +62,14 @@ def registered_characters(instance: dg.DagsterInstance) -> list[str]:
 
 
 def known_characters(project: Project, instance: dg.DagsterInstance | None = None) -> list[str]:
-    """Characters a command may name: registered, or with photos in inbox/<name>/, or with published data."""
+    """Characters a command may name: registered, or with photos in inbox/<name>/, or with published data,
+    or with a run queued or running."""
     from flen_resources.archive import characters_with_data
 
-    known = set(registered_characters(instance)) if instance is not None else set()
+    known = set()
+    if instance is not None:
+        known |= set(registered_characters(instance))
+        known |= {r.tags["dagster/partition"].split("|")[0] for r in _live_runs(instance, None, None)}
     inbox = project.inbox_dir
     for folder in inbox.iterdir() if inbox.is_dir() else []:
         if folder.is_dir() and not folder.name.startswith(".") and SLUG_RE.match(folder.name) \
@@ -88,13 +92,17 @@ def check_new_partition(project: Project, instance: dg.DagsterInstance, characte
     known = known_characters(project, instance)
     if character not in known:
         raise PartitionRefused(unknown_character_message(project, character, known))
-    check_iteration_order(project, character, iteration)
+    check_iteration_order(project, character, iteration, instance)
 
 
-def check_iteration_order(project: Project, character: str, iteration: str) -> None:
-    """Refuse vN (N > 1) of `character` unless v(N-1) is complete (its synthetic_batch published)."""
+def check_iteration_order(project: Project, character: str, iteration: str,
+                          instance: dg.DagsterInstance | None = None) -> None:
+    """Refuse vN (N > 1) of `character` unless v(N-1) is complete (its synthetic_batch published) or, with
+    `instance`, a run of v(N-1) is queued or running (vN then waits its turn: runs.wait_for_turn)."""
     number = iteration_number(iteration)
-    if number > 1 and not (project.data_dir / "synthetic_batch" / character / f"v{number - 1}.dvc").is_file():
+    previous = f"v{number - 1}"
+    if number > 1 and not (project.data_dir / "synthetic_batch" / character / f"{previous}.dvc").is_file() \
+            and not (instance is not None and _live_runs(instance, character, previous)):
         nxt = f"v{project.latest_iteration(character) + 1}"
         raise PartitionRefused(
             f"{character}|{iteration} would skip an iteration: {character}|v{number - 1} is not complete (its "
@@ -107,14 +115,17 @@ def check_iteration_order(project: Project, character: str, iteration: str) -> N
 _LIVE = ("QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING")
 
 
-def _live_runs(instance: dg.DagsterInstance, character: str, iteration: str | None) -> list:
-    """Runs of `character` (of `iteration`) that are queued or running."""
+def _live_runs(instance: dg.DagsterInstance, character: str | None, iteration: str | None) -> list:
+    """Runs of `character` (of `iteration`; of any character when None) that are queued or running."""
     from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
 
     runs = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus[s] for s in _LIVE]))
-    prefix = f"{character}|{iteration}" if iteration else f"{character}|"
-    return [r for r in runs if (r.tags.get("dagster/partition") or "").startswith(prefix)
-            and (iteration is None or r.tags.get("dagster/partition") == prefix)]
+    found = []
+    for run in runs:
+        who, sep, which = (run.tags.get("dagster/partition") or "").partition("|")
+        if sep and (character is None or who == character) and (iteration is None or which == iteration):
+            found.append(run)
+    return found
 
 
 def _wipe(instance: dg.DagsterInstance, keys: list[str]) -> None:

@@ -258,11 +258,17 @@ def root_cause(error: Any) -> str:
     return first
 
 
+def is_review_stop(error: Any) -> bool:
+    """Whether a step failed only because a review check (a human's decision pending) blocked it."""
+    message = user_error(error).message
+    return "blocking asset check failed" in message and any(c in message for c in REVIEW_CHECKS)
+
+
 def failed_steps(result: dg.ExecuteInProcessResult) -> list[tuple[str, str]]:
-    """(step, cause) for each step that failed in a run, in order, or ("run", cause) when the run failed
-    before any step (a resource that could not start)."""
+    """(step, cause) for each step that failed in a run, in order (a review gate's stop is no failure),
+    or ("run", cause) when the run failed before any step (a resource that could not start)."""
     steps = [(e.step_key, root_cause(e.event_specific_data.error)) for e in result.all_events
-             if e.event_type_value == "STEP_FAILURE"]
+             if e.event_type_value == "STEP_FAILURE" and not is_review_stop(e.event_specific_data.error)]
     if steps or result.success:
         return steps
     for event in result.all_events:

@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from flen_assets.partitions import PartitionRefused
-from flen_assets.runs import REVIEW_CHECKS, RunInterrupted, SelectionError, root_cause
+from flen_assets.runs import REVIEW_CHECKS, RunInterrupted, SelectionError, is_review_stop, root_cause
 from flen_resources.project import PROJECT_ENV, Project
 
 T = TypeVar("T")
@@ -114,10 +114,13 @@ def trace_hint(run_id: str) -> None:
 def fail_run(result, character: str, iteration: str, what: str = "failed") -> NoReturn:
     """The end of a failed run: where its trace is, then one error line naming the failed step, its
     partition, the cause and (for a known cause) the fix."""
-    from flen_assets.runs import failed_steps
+    from flen_assets.runs import failed_steps, review_gate_stops
 
-    trace_hint(result.run_id)
     steps = failed_steps(result)
+    if not steps and review_gate_stops(result):
+        fail(f"run {result.run_id} stopped at the review gate: `flen review {character} --iteration {iteration}`, "
+             "then run it again")
+    trace_hint(result.run_id)
     if not steps:
         fail(f"run {result.run_id} {what}")
     step, cause = steps[0]
@@ -168,9 +171,9 @@ def report(project: Project, result) -> None:
                 typer.secho(f"  ⏸ {check.asset_key.to_user_string():20s} review gate: "
                             f"{pending.value if pending else '?'} image(s) await human review", fg=typer.colors.YELLOW)
         elif event.event_type_value == "STEP_FAILURE":
-            message = root_cause(event.event_specific_data.error)
-            if "blocking asset check failed" in message and any(c in message for c in REVIEW_CHECKS):
+            if is_review_stop(event.event_specific_data.error):
                 continue  # said above, as the review gate
+            message = root_cause(event.event_specific_data.error)
             if looks_like_disk_full(message) and "disk full:" not in message:
                 message = disk_full_message(project.data_dir)
             typer.secho(f"  ✗ {event.step_key}: {message}", fg=typer.colors.RED)
