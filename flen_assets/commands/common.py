@@ -99,7 +99,7 @@ def _is_config_error(exc: Exception) -> bool:
 
 def _config_error_text(exc) -> str:
     errors = getattr(exc, "errors", None) or []
-    return "; ".join(e.message for e in errors[:3]) or error_line(exc)
+    return "; ".join(e.message.rstrip(".") for e in errors[:3]) or error_line(exc)
 
 
 def trace_hint(run_id: str) -> None:

@@ -29,10 +29,23 @@ from flen_resources.project import InvalidNameError, validate_iteration, validat
 
 
 def _run_config(config: Optional[Path]) -> dict | None:
-    """The --config file (JSON or YAML), or None."""
+    """The --config file (JSON or YAML), or None; one error line when it cannot be read."""
     import yaml
 
-    return yaml.safe_load(config.read_text()) if config else None
+    if config is None:
+        return None
+    try:
+        loaded = yaml.safe_load(config.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"--config {config}: cannot be read ({exc.strerror if isinstance(exc, OSError) else exc}): "
+             "pass a readable JSON or YAML file")
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        fail(f"--config {config} is not valid JSON or YAML{where}: {getattr(exc, 'problem', None) or exc}")
+    if loaded is not None and not isinstance(loaded, dict):
+        fail(f"--config {config} holds a {type(loaded).__name__}, not a run config mapping (ops: ..., resources: ...)")
+    return loaded
 
 
 def materialize(character: str, iteration: Annotated[str, typer.Argument(help="Iteration, v1, v2, ...")] = "v1",
