@@ -25,13 +25,23 @@ def test_demo_with_required_review_stops_at_the_gate(tmp_path):
     root.mkdir()
     out = run_flen("demo", "--review", "required", "--iterations", "1", project=root).stdout
     assert "review policy of astronaut: required" in out
+    # First stop: the other person among the sources waits for a human at identity_reference's gate.
+    assert "astronaut|v1 stopped at the review gate" in out
+    assert "http://127.0.0.1:8765/review/astronaut/v1/identity_reference" in out
+    assert not (root / "data" / "filtered_images").exists() and not (root / "data" / "training_set").exists()
+    from flen_resources.project import Project
+
+    store = ReviewStore(Project(root))
+    sources = Partition.of("identity_reference", "astronaut", "v1")
+    waiting = [i for i in store.items(sources) if i["status"] == "pending"]
+    assert [i["title"] for i in waiting] == ["source photo · grace_hopper.jpg"]
+    store.decide(sources, [waiting[0]["id"]], "reject")
+    # Second stop, once the source is decided: the edits that passed the gates wait for a human.
+    out = run_flen("demo", "--review", "required", "--iterations", "1", project=root).stdout
     assert "astronaut|v1 stopped at the review gate" in out
     assert "flen review astronaut --iteration v1" in out
     assert "http://127.0.0.1:8765/review/astronaut/v1/filtered_images" in out
     assert not (root / "data" / "training_set").exists()
-    from flen_resources.project import Project
-
-    store = ReviewStore(Project(root))
     items = store.items(Partition.of("filtered_images", "astronaut", "v1"))
     pending = [i for i in items if i["status"] == "pending"]
     # The classic edits of the astronaut pass the gates and wait for a human; the tiny pack's noise does not.

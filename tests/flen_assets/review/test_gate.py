@@ -30,6 +30,9 @@ def gated(tmp_path_factory):
     with shared_project(tmp_path_factory, "gate") as project:
         init_project(project)
         write_sample_inbox(project.inbox_for("astronaut"))
+        # Without the other person among the sources, nothing waits at identity_reference's gate
+        # (tests/flen_assets/test_source_identity_gate.py covers that one): the run stops at the edits'.
+        (project.inbox_for("astronaut") / "grace_hopper.jpg").unlink()
         set_character_policy(project, "astronaut", ReviewPolicy("required"))
         config = project.root / "classic.yaml"
         config.write_text(yaml.safe_dump({"ops": {"enriched_images": {"config": {"recipe": "classic"}}}}))
