@@ -236,9 +236,14 @@ def stop_orphaned_steps(instance: dg.DagsterInstance, run: dg.DagsterRun) -> lis
 
 
 def describe_run(run: dg.DagsterRun) -> str:
-    """'flywheel_job kc|v1' for messages."""
+    """'flywheel_job kc|v1' for messages; a run of assets launched from the UI is named by its assets
+    ('source_images kc|v1', 'enriched_images +3 kc|v1') rather than Dagster's '__ASSET_JOB'."""
     partition = run.tags.get("dagster/partition", "")
-    return f"{run.job_name} {partition}".strip()
+    what = run.job_name
+    if what.startswith("__ASSET_JOB") and run.asset_selection:
+        names = sorted(key.to_user_string() for key in run.asset_selection)
+        what = names[0] + (f" +{len(names) - 1}" if len(names) > 1 else "")
+    return f"{what} {partition}".strip()
 
 
 def slot_holders(instance: dg.DagsterInstance, run_id: str) -> dict[str, list[tuple[str, str]]]:

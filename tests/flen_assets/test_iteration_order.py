@@ -201,3 +201,15 @@ def test_flen_materialize_says_when_it_must_wait_for_a_queued_run(project, insta
     assert f"error: run {v1.run_id[:8]} (flywheel_job alice|v1) is queued and comes first" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert [r.tags["dagster/partition"] for r in instance.get_runs()] == ["alice|v1"], "nothing was started"
+
+
+def test_a_run_launched_from_the_asset_page_is_named_by_its_assets():
+    from flen_assets.instance import describe_run
+
+    one = DagsterRun(job_name="__ASSET_JOB", run_id=make_new_run_id(), tags={"dagster/partition": "alice|v1"},
+                     asset_selection=frozenset({dg.AssetKey("source_images")}))
+    many = DagsterRun(
+        job_name="__ASSET_JOB", run_id=make_new_run_id(), tags={"dagster/partition": "alice|v2"},
+        asset_selection=frozenset({dg.AssetKey("training_set"), dg.AssetKey("enriched_images")}))
+    assert describe_run(one) == "source_images alice|v1"
+    assert describe_run(many) == "enriched_images +1 alice|v2"
