@@ -35,11 +35,12 @@ def _process(alive: bool) -> tuple[ProcessRef, subprocess.Popen]:
     return ref, proc
 
 
-def _started_run_holding_gpu(instance: dg.DagsterInstance, owner: ProcessRef, step: str = "flux_lora") -> str:
+def _started_run_holding_gpu(instance: dg.DagsterInstance, owner: ProcessRef, step: str = "flux_lora",
+                             partition: str = "kc|v1") -> str:
     """A STARTED run owned by `owner` that holds the `gpu` pool's only slot, as a run killed mid-step leaves it."""
     run_id = make_new_run_id()
     instance.add_run(DagsterRun(job_name="flywheel_job", run_id=run_id, status=DagsterRunStatus.STARTED,
-                                tags={RUN_PROCESS_TAG: owner.encode(), "dagster/partition": "kc|v1"}))
+                                tags={RUN_PROCESS_TAG: owner.encode(), "dagster/partition": partition}))
     instance.event_log_storage.initialize_concurrency_limit_to_default("gpu")  # as a run's first claim does
     claim = instance.event_log_storage.claim_concurrency_slot("gpu", run_id, step)
     assert claim.is_claimed
@@ -186,12 +187,13 @@ def test_waiting_command_names_the_holder_and_stops_on_ctrl_c(project, tmp_path)
     write_sample_inbox(project.inbox_for("kc"))
     live_ref, holder = _process(alive=True)
     try:
-        holder_run = _started_run_holding_gpu(instance, live_ref, step="enriched_images")
+        # Another character's run: a run of kc itself is waited for before the job starts (one run per character).
+        holder_run = _started_run_holding_gpu(instance, live_ref, step="enriched_images", partition="bo|v1")
         proc = subprocess.Popen([*FLEN, "materialize", "kc", "v1"], env=_env(project), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         console = Console(proc)
         out = console.wait_for("waiting for a slot in pool 'gpu'", timeout=240)
-        assert f"held by run {holder_run[:8]} (flywheel_job kc|v1, step enriched_images)" in out
+        assert f"held by run {holder_run[:8]} (flywheel_job bo|v1, step enriched_images)" in out
         assert "Ctrl-C" in out
         # Waiting sleeps between claim checks (Dagster's own wait spins at 100% CPU: see runs._patch_busy_slot_wait).
         assert psutil.Process(proc.pid).cpu_percent(interval=5) < 30
@@ -215,7 +217,8 @@ def test_waiting_command_goes_on_when_the_holder_dies(project):
     instance = init_project(project)
     write_sample_inbox(project.inbox_for("kc"))
     live_ref, holder = _process(alive=True)
-    holder_run = _started_run_holding_gpu(instance, live_ref, step="enriched_images")
+    # Another character's run: a run of kc itself is waited for before the job starts (one run per character).
+    holder_run = _started_run_holding_gpu(instance, live_ref, step="enriched_images", partition="bo|v1")
     config = project.root / "small.yaml"
     config.write_text("ops:\n  enriched_images:\n    config:\n      max_entries: 1\n")
     proc = subprocess.Popen([*FLEN, "materialize", "kc", "v1", "--config", str(config)], env=_env(project),
@@ -229,7 +232,7 @@ def test_waiting_command_goes_on_when_the_holder_dies(project):
     finally:
         proc.kill()
     assert proc.returncode == 0, out[-4000:]
-    assert f"run {holder_run[:8]} (flywheel_job kc|v1) had died" in out
+    assert f"run {holder_run[:8]} (flywheel_job bo|v1) had died" in out
     assert "got the slot in pool 'gpu'" in out
     assert instance.get_run_by_id(holder_run).status == DagsterRunStatus.FAILURE
 
