@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import cache
 from typing import IO
 
 import psutil
@@ -46,12 +47,17 @@ class Service:
     reader: threading.Thread | None = None
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        import ctypes
+@cache
+def _parent_death_signal() -> Callable[[], None] | None:
+    """What a child runs between fork and exec so that the kernel sends it SIGTERM when its parent dies
+    (Linux prctl PR_SET_PDEATHSIG); None elsewhere. Looked up here, in the parent: the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 class Services:
@@ -73,7 +79,7 @@ class Services:
     def start(self, name: str, argv: Sequence[str]) -> Service:
         proc = subprocess.Popen(list(argv), env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_parent_death_signal())
         service = Service(name, proc)
         service.reader = threading.Thread(target=self._copy, args=(service,), name=f"{name}-output", daemon=True)
         service.reader.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -92,3 +93,26 @@ def test_a_service_that_ignores_sigterm_is_killed_after_the_grace_period():
     assert time.monotonic() - began < 8
     assert _all_gone(started)
     assert "stubborn did not stop within 1s of SIGTERM: killed" in out.getvalue()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_services_stop_when_the_supervisor_is_killed(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    supervisor = subprocess.Popen([PY, "-c", textwrap.dedent(f"""
+        import os, sys, time
+        from flen_resources.supervisor import Services
+        services = Services(os.environ)
+        services.start("child", [sys.executable, "-c",
+                                 "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"])
+        time.sleep(600)
+    """)], env=os.environ)
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = psutil.Process(int(pid_file.read_text()))
+        supervisor.kill()  # kill -9: no chance to stop its services itself
+        supervisor.wait()
+        child.wait(timeout=10)  # the kernel sent it SIGTERM
+    finally:
+        supervisor.kill()
