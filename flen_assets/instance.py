@@ -279,7 +279,8 @@ class FlenRunLauncher(DefaultRunLauncher):
 # -- iterations in order ------------------------------------------------------------------------------
 
 # Runs that are on their way or running: a run of the same character must not start beside them.
-_QUEUED_OR_LIVE = [DagsterRunStatus.QUEUED, *_LIVE_STATUSES]
+# (NOT_STARTED: a run `flen` executes in process is created so for a moment before it starts.)
+_QUEUED_OR_LIVE = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, *_LIVE_STATUSES]
 
 
 def partition_of(tags: Mapping[str, str]) -> tuple[str, int] | None:
@@ -344,8 +345,10 @@ def runs_ahead(instance: dg.DagsterInstance, character: str, number: int, exclud
 
 
 def run_state(run: dg.DagsterRun) -> str:
-    """'queued' or 'running' (starting, started or canceling), for messages."""
-    return "queued" if run.status == DagsterRunStatus.QUEUED else "running"
+    """'queued', 'starting' or 'running' (started or canceling), for messages."""
+    if run.status == DagsterRunStatus.QUEUED:
+        return "queued"
+    return "starting" if run.status in (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING) else "running"
 
 
 def daemon_is_running(instance: dg.DagsterInstance, within_s: float = 60.0) -> bool:

@@ -134,6 +134,8 @@ def test_runs_ahead(instance, live_process):
     assert ids(runs_ahead(instance, "alice", 1)) == []
     assert ids(runs_ahead(instance, "alice", 1, any_live=True)) == [v1.run_id], "one run of a character at a time"
     assert ids(runs_ahead(instance, "alice", 2, exclude=v1.run_id)) == []
+    starting = _run(instance, "carol|v1", DagsterRunStatus.NOT_STARTED, live_process)  # `flen` creates, then starts
+    assert ids(runs_ahead(instance, "carol", 2)) == [starting.run_id]
 
 
 def test_materialize_waits_for_a_running_run_of_the_character(instance, live_process, monkeypatch):
