@@ -111,10 +111,11 @@ def _say_when_ready(services, url: str, timeout_s: float = 600.0) -> None:
     """Say where the UI is once the webserver answers (it logs "Serving" before it binds the port)."""
     import urllib.request
 
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through $http_proxy
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and services.services["webserver"].proc.poll() is None:
         try:
-            with urllib.request.urlopen(f"{url}/server_info", timeout=5) as answer:
+            with direct.open(f"{url}/server_info", timeout=5) as answer:
                 if answer.status == 200:
                     services.say(f"ready: open {url}")
                     return
