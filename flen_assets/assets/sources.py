@@ -99,6 +99,7 @@ def source_images(context: dg.AssetExecutionContext, config: SourceConfig, proje
 
     previous = run.previous("source_images")  # v1: None; vN: fails fast when v(N-1) is missing
     rows: list[dict] = []
+    tiles: list[Tile] = []  # one per row, in the same order (flag_identity_outliers relies on it)
     for row in previous.rows() if previous else []:  # files already ingested: keep their analysis and blobs
         if not row.get("original_path"):  # a refused entry, never read: reported again below if still there
             continue
@@ -106,12 +107,14 @@ def source_images(context: dg.AssetExecutionContext, config: SourceConfig, proje
             if row.get(key):
                 shutil.copy2(previous.path / row[key], staged / row[key])
         rows.append({**row, "ingested_in": row.get("ingested_in") or run.previous_iteration()})
+        shown = Image.open(staged / row["image_path"]) if row.get("image_path") else None
+        tiles.append(Tile(shown, row["original_name"], row["status"] == "accepted"))
     seen_sha = {r["original_id"]: r["original_name"] for r in rows}
     accepted_hashes = [(r["phash"], r["colorhash"], r["original_name"]) for r in rows if r["status"] == "accepted"]
 
     carried_shas = set(seen_sha)
     part_rel = run.project.relative(run.project.partition_dir(run.asset, run.character, run.iteration))
-    image_rows, edge_rows, decision_rows, tiles = [], [], [], []
+    image_rows, edge_rows, decision_rows = [], [], []
     new_files = 0
     with open_inbox(inbox) as folder:
         for name in tqdm(folder.files, desc=f"ingest {run.character}/{run.iteration}", unit="img"):
