@@ -86,7 +86,7 @@ def source_images(context: dg.AssetExecutionContext, config: SourceConfig, proje
                   faces: FaceResource):
     """The character's photos: originals byte-exact, normalized RGB copies, hashes, faces and embeddings.
 
-    v1 ingests inbox/<character>/; later iterations carry v(N-1)'s rows and ingest new files only.
+    v1 ingests inbox/CHARACTER/; later iterations carry v(N-1)'s rows and ingest new files only.
     Every file gets a row: accepted, or rejected with a reason (corrupt, no face, duplicate, ...).
     """
     run = PartitionRun.start(context, project)
