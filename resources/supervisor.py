@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,16 +49,17 @@ class Service:
 
 
 @cache
-def _parent_death_signal() -> Callable[[], None] | None:
-    """What a child runs between fork and exec so that the kernel sends it SIGTERM when its parent dies
-    (Linux prctl PR_SET_PDEATHSIG); None elsewhere. Looked up here, in the parent: the child only calls it."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
+def _parent_death_prefix() -> tuple[str, ...]:
+    """A command prefix that makes the kernel send the service SIGTERM when its parent dies (Linux
+    PR_SET_PDEATHSIG, through util-linux's setpriv); empty where that is not available.
 
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    pr_set_pdeathsig = 1
-    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+    Not a Popen preexec_fn: Python code between fork and exec can deadlock in a process with other
+    threads (a test runner's, or this supervisor's output readers), and such a child ignores SIGTERM.
+    """
+    if not sys.platform.startswith("linux"):
+        return ()
+    setpriv = shutil.which("setpriv")
+    return (setpriv, "--pdeathsig", "TERM", "--") if setpriv else ()
 
 
 class Services:
@@ -77,9 +79,9 @@ class Services:
         self.stop()
 
     def start(self, name: str, argv: Sequence[str]) -> Service:
-        proc = subprocess.Popen(list(argv), env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_parent_death_signal())
+        proc = subprocess.Popen([*_parent_death_prefix(), *argv], env=self.env, cwd=self.cwd,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         service = Service(name, proc)
         service.reader = threading.Thread(target=self._copy, args=(service,), name=f"{name}-output", daemon=True)
         service.reader.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,12 @@ import pytest
 from flen_resources.project import Project
 
 FLEN = [sys.executable, "-m", "flen_assets"]
+
+# A test runner started in the background of a non-interactive shell ignores SIGINT, and its
+# children inherit that: the tests that press Ctrl-C on `flen` would then test nothing. A Python
+# handler is not inherited (exec resets it), so the children get the default, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_flen(*args: str, project: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:

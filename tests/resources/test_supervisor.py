@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,7 +96,8 @@ def test_a_service_that_ignores_sigterm_is_killed_after_the_grace_period():
     assert "stubborn did not stop within 1s of SIGTERM: killed" in out.getvalue()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not shutil.which("setpriv"),
+                    reason="PR_SET_PDEATHSIG is Linux's, set through util-linux's setpriv")
 def test_services_stop_when_the_supervisor_is_killed(tmp_path):
     pid_file = tmp_path / "child.pid"
     supervisor = subprocess.Popen([PY, "-c", textwrap.dedent(f"""
