@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from flen_assets.commands.common import ProjectOpt, fail, resolve_project
+from flen_assets.commands.common import ProjectOpt, check_names, fail, resolve_project
 from flen_assets.runs import init_project
-from flen_resources.project import InvalidNameError, validate_iteration, validate_slug
 
 app = typer.Typer(help="Characters (the `character` partition dimension).", no_args_is_help=True)
 
@@ -21,11 +20,7 @@ def character_add(name: str, from_dir: Annotated[Path, typer.Option("--from", he
     from flen_assets.partitions import PartitionRefused, add_partitions, check_iteration_order
     from flen_resources.intake import IntakeError, add_photos
 
-    try:
-        validate_slug(name)
-        validate_iteration(iteration)
-    except InvalidNameError as exc:
-        fail(str(exc))
+    check_names(name, iteration)
     if not from_dir.is_dir():
         fail(f"{from_dir} is not a folder")
     proj = resolve_project(project)
@@ -67,10 +62,7 @@ def character_policy_cmd(
     """Show or set a character's review policy (auto, required or mixed)."""
     from flen_assets.review.policy import POLICIES, ReviewPolicy, character_policy, policy_file, set_character_policy
 
-    try:
-        validate_slug(name)
-    except InvalidNameError as exc:
-        fail(str(exc))
+    check_names(name)
     proj = resolve_project(project)
     current = character_policy(proj, name)
     if policy is None and margin is None:
@@ -96,10 +88,7 @@ def character_remove(
     """Remove a character partition key (every NAME|vN); refused while it has data, unless --archive."""
     from flen_assets.partitions import PartitionRefused, remove_character
 
-    try:
-        validate_slug(name)
-    except InvalidNameError as exc:
-        fail(str(exc))
+    check_names(name)
     proj = resolve_project(project)
     instance = init_project(proj)
     try:

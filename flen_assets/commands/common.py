@@ -15,7 +15,7 @@ from typer.exceptions import TyperException
 
 from flen_assets.partitions import PartitionRefused
 from flen_assets.runs import REVIEW_CHECKS, RunInterrupted, SelectionError, is_review_stop, root_cause
-from flen_resources.project import PROJECT_ENV, Project
+from flen_resources.project import PROJECT_ENV, InvalidNameError, Project, validate_iteration, validate_slug
 
 T = TypeVar("T")
 
@@ -51,6 +51,16 @@ def project_option(path: Optional[Path]) -> str:
         return ""
     root = path.expanduser().resolve() if path is not None else Project.discover().root
     return f" --project {shlex.quote(str(root))}"
+
+
+def check_names(character: str, iteration: str | None = None) -> None:
+    """Fail with one line unless `character` is a valid slug and `iteration` (when given) a valid vN."""
+    try:
+        validate_slug(character)
+        if iteration is not None:
+            validate_iteration(iteration)
+    except InvalidNameError as exc:
+        fail(str(exc))
 
 
 def fail(message: str) -> NoReturn:

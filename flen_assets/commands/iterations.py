@@ -6,9 +6,8 @@ from typing import Annotated
 
 import typer
 
-from flen_assets.commands.common import ProjectOpt, fail, resolve_project
+from flen_assets.commands.common import ProjectOpt, check_names, fail, resolve_project
 from flen_assets.runs import init_project
-from flen_resources.project import InvalidNameError, validate_iteration, validate_slug
 
 app = typer.Typer(help="Iterations (the `iteration` partition dimension).", no_args_is_help=True)
 
@@ -24,11 +23,7 @@ def iteration_remove(
     """Remove NAME|vN (the character's last iteration); refused while it has data, unless --archive."""
     from flen_assets.partitions import PartitionRefused, remove_iteration
 
-    try:
-        validate_slug(name)
-        validate_iteration(iteration)
-    except InvalidNameError as exc:
-        fail(str(exc))
+    check_names(name, iteration)
     proj = resolve_project(project)
     instance = init_project(proj)
     try:

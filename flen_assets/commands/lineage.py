@@ -9,8 +9,7 @@ from typing import Annotated
 
 import typer
 
-from flen_assets.commands.common import ProjectOpt, fail, resolve_project
-from flen_resources.project import InvalidNameError, validate_iteration, validate_slug
+from flen_assets.commands.common import ProjectOpt, check_names, fail, resolve_project
 
 
 def lineage(character: str, iteration: str, asset: str = "training_set", project: ProjectOpt = None,
@@ -18,11 +17,7 @@ def lineage(character: str, iteration: str, asset: str = "training_set", project
     """Trace every image of a partition back to the source files, with the operations applied."""
     from flen_resources.lineage import LineageStore
 
-    try:
-        validate_slug(character)
-        validate_iteration(iteration)
-    except InvalidNameError as exc:
-        fail(str(exc))
+    check_names(character, iteration)
     proj = resolve_project(project)
     rows = LineageStore(proj.lineage_dir).trace(character, iteration, asset)
     if as_json:
@@ -87,11 +82,7 @@ def checkout(asset: str, character: str, iteration: str,
 def export(character: str, iteration: str, dest: Annotated[Path, typer.Option("--to", help="Folder to write.")],
            project: ProjectOpt = None) -> None:
     """Write a training folder ai-toolkit and kohya accept (images + same-name .txt) plus the LoRA files."""
-    try:
-        validate_slug(character)
-        validate_iteration(iteration)
-    except InvalidNameError as exc:
-        fail(str(exc))
+    check_names(character, iteration)
     proj = resolve_project(project)
     training = proj.partition_dir("training_set", character, iteration)
     if not (training / "manifest.parquet").is_file():

@@ -9,6 +9,7 @@ import typer
 
 from flen_assets.commands.common import (
     ProjectOpt,
+    check_names,
     fail,
     fail_run,
     print_review_hint,
@@ -25,7 +26,6 @@ from flen_assets.runs import (
     materialize_partition,
     review_gate_stops,
 )
-from flen_resources.project import InvalidNameError, validate_iteration, validate_slug
 
 
 def _run_config(config: Optional[Path]) -> dict | None:
@@ -62,11 +62,7 @@ def materialize(character: str, iteration: Annotated[str, typer.Argument(help="I
                 = False,
                 ) -> None:
     """Materialize sources -> training set (or, with --all, the whole iteration) for CHARACTER ITERATION."""
-    try:
-        validate_slug(character)
-        validate_iteration(iteration)
-    except InvalidNameError as exc:
-        fail(str(exc))
+    check_names(character, iteration)
     run_config = _run_config(config)
     proj = resolve_project(project)
     job_name = "flywheel_job" if whole else "training_set_job"
@@ -89,10 +85,7 @@ def iterate(character: str, project: ProjectOpt = None,
             config: Annotated[Optional[Path], typer.Option(help="Run config (JSON or YAML).")] = None,
             demo_settings: Annotated[bool, typer.Option(help="Use the demo's CPU-sized settings.")] = False) -> None:
     """Add the next iteration of CHARACTER (v(N+1) after the last complete vN) and run it."""
-    try:
-        validate_slug(character)
-    except InvalidNameError as exc:
-        fail(str(exc))
+    check_names(character)
     run_config = DEMO_RUN_CONFIG if demo_settings else _run_config(config)
     proj = resolve_project(project)
     try:
