@@ -12,6 +12,7 @@ from flen_resources.editors import Editor, get_editor
 from flen_resources.faces import FaceAnalyzer
 from flen_resources.lineage import LineageStore
 from flen_resources.project import Project
+from flen_resources.run_settings import AUTO, Machine, RunSettings, pick_run_settings
 from flen_resources.storage import DvcStore
 from flen_resources.trainers.config import LoraTrainConfig
 
@@ -72,6 +73,29 @@ class ModelsResource(dg.ConfigurableResource):
 
         return ModelsResource(flux_model=now(self.flux_model), qwen_edit_model=now(self.qwen_edit_model),
                               quantization=now(self.quantization), device=now(self.device))
+
+
+class RunSettingsResource(dg.ConfigurableResource):
+    """Which named run settings size the work (flen_resources.run_settings): auto | cpu-demo | 24gb-card | large-card.
+
+    `auto` picks from the machine: cpu-demo on a CPU or with the tiny pack, else by the card's memory.
+    definitions.py reads `name` from FLEN_RUN_SETTINGS with dg.EnvVar when set; the flywheel_* jobs set it.
+    """
+
+    models: ModelsResource
+    name: str = AUTO
+
+    def machine(self) -> Machine:
+        """The device the models run on, probed now (imports torch)."""
+        from flen_resources.models.pipelines import probe_machine
+
+        models = self.models
+        return probe_machine(models.device, [models.flux_model, models.qwen_edit_model])
+
+    def pick(self) -> tuple[RunSettings, Machine]:
+        """The settings this run uses, and the machine they were picked for."""
+        machine = self.machine()
+        return pick_run_settings(self.name, machine), machine
 
 
 class EditorResource(dg.ConfigurableResource):

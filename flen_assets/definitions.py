@@ -14,11 +14,13 @@ from flen_assets.dagster_resources import (
     GeneratorResource,
     ModelsResource,
     ProjectResource,
+    RunSettingsResource,
     TrainerResource,
 )
-from flen_assets.jobs import flywheel_job, training_set_job
+from flen_assets.jobs import SIZED_FLYWHEEL_JOBS, flywheel_job, training_set_job
 from flen_assets.sensors import dead_runs_sensor, inbox_sensor, next_iteration_sensor
 from flen_io_managers.partition_folder import PartitionFolderIOManager
+from flen_resources.run_settings import RUN_SETTINGS_ENV
 
 # Each model setting's environment variable. Set, it reaches ModelsResource through dg.EnvVar (the
 # launchpad shows the variable, and it is read when a run starts); unset, the field's default holds.
@@ -31,6 +33,13 @@ def model_settings() -> ModelsResource:
     return ModelsResource(**{field: dg.EnvVar(var) for field, var in MODEL_SETTINGS_ENV.items() if var in os.environ})
 
 
+def run_settings(models: ModelsResource) -> RunSettingsResource:
+    """RunSettingsResource, its name read from FLEN_RUN_SETTINGS with dg.EnvVar when that is set."""
+    if RUN_SETTINGS_ENV in os.environ:
+        return RunSettingsResource(models=models, name=dg.EnvVar(RUN_SETTINGS_ENV))
+    return RunSettingsResource(models=models)
+
+
 def local_resources() -> dict[str, object]:
     """The embedded set: a project folder, dlib faces, models from ModelsResource (the tiny pack by default)."""
     models = model_settings()
@@ -38,6 +47,7 @@ def local_resources() -> dict[str, object]:
         "project": ProjectResource(),
         "faces": FaceResource(),
         "models": models,
+        "run_settings": run_settings(models),
         "editor": EditorResource(models=models),
         "generator": GeneratorResource(models=models),
         "trainer": TrainerResource(models=models),
@@ -49,7 +59,7 @@ defs = dg.Definitions(
     assets=dg.load_assets_from_modules([sources, enrichment, curation, lora, edit_model]),
     # The review gates (blocking checks on identity_reference, filtered_images, synthetic_batch) are @asset_check functions.
     asset_checks=dg.load_asset_checks_from_modules([sources, curation, lora]),
-    jobs=[training_set_job, flywheel_job],
+    jobs=[training_set_job, flywheel_job, *SIZED_FLYWHEEL_JOBS],
     sensors=[inbox_sensor, next_iteration_sensor, dead_runs_sensor],
     resources=local_resources(),
     # Dagster's console logger, and the one `flen` runs use (it leaves the stack traces out unless --debug).

@@ -39,17 +39,23 @@ from flen_assets.instance import (
 )
 from flen_resources.processes import ProcessRef
 from flen_resources.project import Project, iteration_number
+from flen_resources.run_settings import CPU_DEMO
 
 Log = Callable[[str], None]
 
-# The embedded defaults are sized for a CPU: tiny models, small images, few steps.
-DEMO_RUN_CONFIG = {"ops": {
-    "enriched_images": {"config": {"recipe": "demo"}},
-    "flux_lora": {"config": {"steps": 20, "resolution": 64, "rank": 8, "learning_rate": 1e-3, "checkpoint_every": 10}},
-    "lora_eval": {"config": {"size": 64, "steps": 2, "seeds": [1, 2]}},
-    "synthetic_batch": {"config": {"size": 64, "steps": 2, "seeds": [11]}},
-    "qwen_adapter": {"config": {"steps": 4, "resolution": 64, "rank": 4}},
-}}
+def with_run_settings(run_config: dict | None, name: str | None) -> dict | None:
+    """`run_config` with the run settings named (auto | cpu-demo | 24gb-card | large-card); None keeps the default."""
+    if name is None:
+        return run_config
+    run_config = dict(run_config or {})
+    resources = dict(run_config.get("resources") or {})
+    resources["run_settings"] = {"config": {"name": name}}
+    return {**run_config, "resources": resources}
+
+
+# What `flen demo` runs: the embedded tiny pack's CPU-sized settings, whatever the machine.
+DEMO_RUN_CONFIG = with_run_settings(None, CPU_DEMO.name)
+
 
 def _patch_busy_slot_wait() -> None:
     """Make a run blocked on a pool sleep until its next claim check instead of spinning.

@@ -9,18 +9,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flen_assets.dagster_resources import ProjectResource
+from flen_assets.dagster_resources import ProjectResource, RunSettingsResource
 from flen_assets.instance import describe_run, run_state, runs_ahead
 from flen_assets.visuals import Tile, contact_sheet, markdown_thumbnail, save_sheet
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
 from flen_resources.lineage import LineageStore, to_json, utcnow
 from flen_resources.project import CONTACT_SHEET, MANIFEST, Project, iteration_number
+from flen_resources.run_settings import RunSettingsError, fill_knobs, refuse_misfit
 from flen_resources.storage import DvcStore, PartitionMissing
 from flen_resources.trainers.config import LoraTrainConfig
 
@@ -28,6 +29,8 @@ CODE_VERSION = "0.1.0"
 
 # Output(data_version=...) is marked beta; it is how the DVC md5 becomes the data version.
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
+
+ConfigT = TypeVar("ConfigT", bound=dg.Config)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class PartitionRun:
     iteration: str
     started_at: datetime = field(default_factory=utcnow)
     cross_inputs: list[dict] = field(default_factory=list)  # v(N-1) partitions read (see previous())
+    settings: dict[str, Any] = field(default_factory=dict)  # the run settings that sized it (see sized())
 
     @classmethod
     def start(cls, context: dg.AssetExecutionContext, project: ProjectResource) -> "PartitionRun":
@@ -60,6 +64,22 @@ class PartitionRun:
         """The columns every lineage row of this materialization shares."""
         return {"run_id": self.run_id, "asset": self.asset, "character": self.character,
                 "iteration": self.iteration, **extra}
+
+    def sized(self, config: ConfigT, run_settings: RunSettingsResource) -> ConfigT:
+        """`config` with its unset sized knobs taken from the run settings; GPU-sized settings on a CPU are refused."""
+        try:
+            settings, machine = run_settings.pick()
+            warning = refuse_misfit(settings, machine)
+        except RunSettingsError as exc:
+            raise dg.Failure(str(exc)) from exc  # `flen` and the UI name the step and partition
+        if warning:
+            self.context.log.warning(warning)
+        knobs, overruled = fill_knobs(settings, self.asset, config.model_dump())
+        how = "auto: " + machine.describe() if run_settings.name != settings.name else "chosen"
+        self.settings = {"name": settings.name, "how": how, "knobs": knobs, "overruled": overruled}
+        self.context.log.info(f"{self.asset} {self.character}|{self.iteration}: run settings {settings.name} ({how})"
+                              + (f", overruled: {overruled}" if overruled else ""))
+        return config.model_copy(update=knobs)
 
     def previous_iteration(self) -> str | None:
         return f"v{self.number - 1}" if self.number > 1 else None
@@ -98,17 +118,19 @@ class PartitionRun:
 
 
 class LoraAssetConfig(dg.Config):
-    """The LoRA knobs users tune, shown in the launchpad, with `flen train flux`'s defaults (LoraTrainConfig's).
+    """The LoRA knobs users tune, shown in the launchpad; other defaults are `flen train flux`'s (LoraTrainConfig's).
 
+    Unset (null) knobs come from the run settings (cpu-demo, 24gb-card, large-card: flen_resources.run_settings).
     The base model, its quantization and the device come from the `models` resource.
     """
 
-    steps: int = LoraTrainConfig.max_steps
-    rank: int = LoraTrainConfig.rank
-    learning_rate: float = LoraTrainConfig.learning_rate
-    resolution: int = LoraTrainConfig.resolution  # bucket area = resolution^2
+    steps: int | None = None  # null: the run settings'
+    rank: int | None = None  # null: the run settings'
+    learning_rate: float | None = None  # null: the run settings'
+    resolution: int | None = None  # bucket area = resolution^2; null: the run settings'
     optimizer: str = LoraTrainConfig.optimizer  # auto: 8-bit AdamW on a GPU, AdamW on the CPU; or adamw8bit | adamw
-    checkpoint_every: int = 0  # 0: every 250 steps, or a quarter of a shorter run (checkpoint_interval)
+    # 0: every 250 steps, or a quarter of a shorter run (checkpoint_interval); null: the run settings'
+    checkpoint_every: int | None = None
     seed: int = LoraTrainConfig.seed
     compile: bool = LoraTrainConfig.compile  # torch.compile the transformer blocks on a GPU: ~1.2x faster steps
     attention: str = LoraTrainConfig.attention  # on a GPU: cudnn, flash, or auto (cuDNN on Hopper and newer)
@@ -145,6 +167,10 @@ def publish(run: PartitionRun, project: ProjectResource, staged: Path, *, params
         img = contact_sheet(sheet)
         save_sheet(img, staged / CONTACT_SHEET)
         meta["contact_sheet"] = dg.MetadataValue.md(markdown_thumbnail(img))
+    if run.settings:
+        params = {**params, "run_settings": run.settings}
+        meta["run_settings"] = run.settings["name"] + (" + overrides" if run.settings["overruled"] else "")
+        meta["run_settings_detail"] = dg.MetadataValue.json(run.settings)
     if run.cross_inputs:
         params = {**params, "previous_iteration_inputs": run.cross_inputs}
         meta["previous_iteration_inputs"] = dg.MetadataValue.json(run.cross_inputs)

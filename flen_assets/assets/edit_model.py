@@ -15,7 +15,7 @@ import pyarrow as pa
 from PIL import Image
 
 from flen_assets.assets.common import LoraAssetConfig, PartitionRun, partition_asset, publish, write_manifest
-from flen_assets.dagster_resources import ProjectResource, TrainerResource
+from flen_assets.dagster_resources import ProjectResource, RunSettingsResource, TrainerResource
 from flen_assets.review.gate import human_decisions, reviewed_statuses
 from flen_assets.visuals import Tile, markdown_thumbnail
 from flen_io_managers.partition_folder import PartitionFolder
@@ -152,9 +152,8 @@ def edit_triplets(context: dg.AssetExecutionContext, project: ProjectResource, e
 
 
 class QwenAdapterConfig(LoraAssetConfig):
-    """Training knobs of the Qwen-Image-Edit adapter (defaults: a 24 GB card). The demo lowers them."""
+    """Training knobs of the Qwen-Image-Edit adapter; unset ones come from the run settings (500 steps on a card)."""
 
-    steps: int = 500
     min_triplets: int = 4  # fewer: no adapter this iteration (the run still succeeds)
 
 
@@ -168,11 +167,13 @@ def adapter_file(folder: PartitionFolder):
 
 @partition_asset(GROUP, pool="gpu")
 def qwen_adapter(context: dg.AssetExecutionContext, config: QwenAdapterConfig, project: ProjectResource,
-                 trainer: TrainerResource, edit_triplets: PartitionFolder) -> dg.Output:
+                 trainer: TrainerResource, run_settings: RunSettingsResource,
+                 edit_triplets: PartitionFolder) -> dg.Output:
     """A Qwen-Image-Edit-2509 LoRA trained on the edit triplets so far: diffusers and ComfyUI files,
     loss curve, config. enriched_images of the next iteration stacks it on every qwen_edit entry.
     With fewer than `min_triplets` triplets nothing is trained: the folder says so, the run succeeds."""
     run = PartitionRun.start(context, project)
+    config = run.sized(config, run_settings)
     triplet_rows = edit_triplets.rows()
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
     columns = dict(status=None, file=None, key_style=None, base_model=None, dataset_md5=edit_triplets.dvc_md5,

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from flen_assets.assets.common import PartitionRun, partition_asset, publish, write_manifest
 from flen_assets.assets.edit_model import adapter_file
-from flen_assets.dagster_resources import EditorResource, ProjectResource
+from flen_assets.dagster_resources import EditorResource, ProjectResource, RunSettingsResource
 from flen_assets.recipe import load_recipe
 from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder
@@ -42,7 +42,9 @@ def with_adapter(request, weight: float):
 class EnrichConfig(dg.Config):
     """Which recipe to apply, and how much of it."""
 
-    recipe: str = ""  # a recipe TOML path or a built-in name (classic, angles, demo); empty: classic
+    # a recipe TOML path or a built-in name (classic, angles, demo); empty: the run settings' (demo on a CPU,
+    # angles on a card)
+    recipe: str = ""
     max_entries: int = 0  # 0: every entry of the recipe
     adapter_weight: float = 1.0  # weight of qwen_adapter v(N-1) on every qwen_edit entry; 0: leave it out
 
@@ -52,10 +54,12 @@ class EnrichConfig(dg.Config):
     pool="gpu",
 )
 def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, project: ProjectResource,
-                    editor: EditorResource, source_images: PartitionFolder) -> dg.Output:
+                    editor: EditorResource, run_settings: RunSettingsResource,
+                    source_images: PartitionFolder) -> dg.Output:
     """Edits of every accepted source, one per recipe entry; each row records parent, operation,
     parameters, prompt, seed and model, and the same goes to lineage as a parent->child edge."""
     run = PartitionRun.start(context, project)
+    config = run.sized(config, run_settings)
     recipe = load_recipe(config.recipe or None)
     entries = recipe.entries[: config.max_entries] if config.max_entries else recipe.entries
     sources = [r for r in source_images.rows() if r["status"] == "accepted"]

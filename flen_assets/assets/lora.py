@@ -9,7 +9,13 @@ from PIL import Image
 
 from flen_assets.assets.common import LoraAssetConfig, PartitionRun, partition_asset, publish, write_manifest
 from flen_assets.assets.gating import ImageJudge, review_policy
-from flen_assets.dagster_resources import FaceResource, GeneratorResource, ProjectResource, TrainerResource
+from flen_assets.dagster_resources import (
+    FaceResource,
+    GeneratorResource,
+    ProjectResource,
+    RunSettingsResource,
+    TrainerResource,
+)
 from flen_assets.partitions import character_iteration
 from flen_assets.review.gate import human_decisions, review_check, review_metadata
 from flen_assets.visuals import Tile, markdown_thumbnail
@@ -29,12 +35,14 @@ class FluxLoraConfig(LoraAssetConfig):
 
 @partition_asset(GROUP, pool="gpu")
 def flux_lora(context: dg.AssetExecutionContext, config: FluxLoraConfig, project: ProjectResource,
-              trainer: TrainerResource, training_set: PartitionFolder) -> dg.Output:
+              trainer: TrainerResource, run_settings: RunSettingsResource,
+              training_set: PartitionFolder) -> dg.Output:
     """A FLUX.1-dev LoRA trained on this iteration's training set: diffusers and ComfyUI files, loss
     curve, config. A killed run resumes from its last checkpoint when materialized again."""
     from flen_resources.trainers.flux_lora import TrainItem
 
     run = PartitionRun.start(context, project)
+    config = run.sized(config, run_settings)
     train_config = trainer.train_config(config.knobs())
     items = [TrainItem(training_set.path / r["file"], r["caption"]) for r in training_set.rows()]
     # The run folder is keyed by the dataset version: a rerun on the same data resumes or reuses it.
@@ -72,9 +80,9 @@ class EvalConfig(dg.Config):
     prompts: list[str] = ["photo of {trigger}, portrait, looking at the camera",
                           "photo of {trigger} outdoors in a park, natural light",
                           "photo of {trigger} in a cafe, candid"]
-    seeds: list[int] = [1, 2, 3, 4]
-    size: int = 1024
-    steps: int = 28
+    seeds: list[int] | None = None  # null: the run settings' (2 on a CPU or a 24 GB card, 4 on a large card)
+    size: int | None = None  # null: the run settings' (64 px on a CPU, 1024 on a card)
+    steps: int | None = None  # null: the run settings' (2 on a CPU, 28 on a card)
     lora_weight: float = 1.0
     # '' takes the character's review policy (`flen character policy`), else auto | required | mixed.
     review_policy: str = ""
@@ -94,12 +102,14 @@ def _trigger(training_set_rows: list[dict], character: str) -> str:
                       description="Identity consistency reaches the target (70% by default)."),
 ])
 def lora_eval(context: dg.AssetExecutionContext, config: EvalConfig, project: ProjectResource,
-              generator: GeneratorResource, faces: FaceResource, flux_lora: PartitionFolder,
+              generator: GeneratorResource, faces: FaceResource, run_settings: RunSettingsResource,
+              flux_lora: PartitionFolder,
               identity_reference: PartitionFolder, training_set: PartitionFolder):
     """A fixed prompt x seed grid generated with LoRA vN: identity-consistency rate (share of images
     whose face matches the reference within the threshold), face-detected rate, mean distance and
     diversity, a contact sheet, and the metrics of every iteration so far as a plot."""
     run = PartitionRun.start(context, project)
+    config = run.sized(config, run_settings)
     reference = Reference.load(identity_reference.path)
     trigger = _trigger(training_set.rows(), run.character)
     gen = generator.get()
@@ -188,9 +198,9 @@ class SyntheticConfig(dg.Config):
     prompts: list[str] = ["photo of {trigger}, three-quarter view, studio light",
                           "photo of {trigger} smiling outdoors", "close-up photo of {trigger}, soft light",
                           "photo of {trigger} in a city street at night"]
-    seeds: list[int] = [11, 12]
-    size: int = 1024
-    steps: int = 28
+    seeds: list[int] | None = None  # null: the run settings' (1 on a CPU, 2 on a 24 GB card, 4 on a large card)
+    size: int | None = None  # null: the run settings' (64 px on a CPU, 1024 on a card)
+    steps: int | None = None  # null: the run settings' (2 on a CPU, 28 on a card)
     lora_weight: float = 1.0
     # '' takes the character's review policy (`flen character policy`), else auto | required | mixed.
     review_policy: str = ""
@@ -199,11 +209,13 @@ class SyntheticConfig(dg.Config):
 
 @partition_asset(GROUP, pool="gpu")
 def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, project: ProjectResource,
-                    generator: GeneratorResource, faces: FaceResource, flux_lora: PartitionFolder,
+                    generator: GeneratorResource, faces: FaceResource, run_settings: RunSettingsResource,
+                    flux_lora: PartitionFolder,
                     identity_reference: PartitionFolder, training_set: PartitionFolder) -> dg.Output:
     """Images generated with LoRA vN, each gated like an enriched image (one face, identity, size,
     sharpness, duplicates) with a review decision; the accepted ones feed training set v(N+1)."""
     run = PartitionRun.start(context, project)
+    config = run.sized(config, run_settings)
     reference = Reference.load(identity_reference.path)
     trigger = _trigger(training_set.rows(), run.character)
     gen = generator.get()

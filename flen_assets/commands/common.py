@@ -20,6 +20,21 @@ from flen_resources.project import PROJECT_ENV, InvalidNameError, Project, valid
 T = TypeVar("T")
 
 ProjectOpt = Annotated[Optional[Path], typer.Option("--project", help="Project folder (default: $FLEN_PROJECT_DIR or the checkout).")]
+SettingsOpt = Annotated[Optional[str], typer.Option(
+    "--settings", help="Run settings that size the work: auto (cpu-demo on a CPU or with the tiny pack, else by the "
+                       "card's memory), cpu-demo, 24gb-card or large-card. Default: $FLEN_RUN_SETTINGS, else auto.")]
+
+
+def check_settings(name: str | None) -> str | None:
+    """`name` when it is None, auto or a run settings name; else fail with one line and a did-you-mean."""
+    from flen_resources.run_settings import RunSettingsError, check_setting
+
+    if name is None:
+        return None
+    try:
+        return check_setting(name)
+    except RunSettingsError as exc:
+        fail(str(exc).replace("set FLEN_RUN_SETTINGS (or --settings) to", "--settings takes"))
 
 
 def resolve_project(path: Optional[Path], create: bool = False) -> Project:

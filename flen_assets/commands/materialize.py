@@ -9,7 +9,9 @@ import typer
 
 from flen_assets.commands.common import (
     ProjectOpt,
+    SettingsOpt,
     check_names,
+    check_settings,
     fail,
     fail_run,
     print_review_hint,
@@ -19,12 +21,12 @@ from flen_assets.commands.common import (
     run_job,
 )
 from flen_assets.runs import (
-    DEMO_RUN_CONFIG,
     NothingToIterate,
     OutOfTurn,
     iterate_character,
     materialize_partition,
     review_gate_stops,
+    with_run_settings,
 )
 
 
@@ -56,6 +58,7 @@ def materialize(character: str, iteration: Annotated[str, typer.Argument(help="I
                 start_at: Annotated[Optional[str], typer.Option(
                     "--from", help="Only this asset and what is downstream of it, e.g. filtered_images after a "
                                    "review (the edits are not made again).")] = None,
+                settings: SettingsOpt = None,
                 restart: Annotated[bool, typer.Option(
                     "--restart", help="Rebuild every asset even when the last run of this command died or was "
                                       "stopped midway (by default it resumes after the assets that run finished).")]
@@ -63,7 +66,7 @@ def materialize(character: str, iteration: Annotated[str, typer.Argument(help="I
                 ) -> None:
     """Materialize sources -> training set (or, with --all, the whole iteration) for CHARACTER ITERATION."""
     check_names(character, iteration)
-    run_config = _run_config(config)
+    run_config = with_run_settings(_run_config(config), check_settings(settings))
     proj = resolve_project(project)
     job_name = "flywheel_job" if whole else "training_set_job"
     try:
@@ -83,10 +86,10 @@ def materialize(character: str, iteration: Annotated[str, typer.Argument(help="I
 
 def iterate(character: str, project: ProjectOpt = None,
             config: Annotated[Optional[Path], typer.Option(help="Run config (JSON or YAML).")] = None,
-            demo_settings: Annotated[bool, typer.Option(help="Use the demo's CPU-sized settings.")] = False) -> None:
+            settings: SettingsOpt = None) -> None:
     """Add the next iteration of CHARACTER (v(N+1) after the last complete vN) and run it."""
     check_names(character)
-    run_config = DEMO_RUN_CONFIG if demo_settings else _run_config(config)
+    run_config = with_run_settings(_run_config(config), check_settings(settings))
     proj = resolve_project(project)
     try:
         nxt, result = run_job(proj, lambda: iterate_character(proj, character, run_config, log=typer.echo))

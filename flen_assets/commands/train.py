@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from flen_assets.commands.common import error_line, fail
+from flen_assets.commands.common import SettingsOpt, check_settings, error_line, fail
 from flen_assets.console import traces_shown
 from flen_resources.models.quantization import QuantizationSetting
 from flen_resources.trainers.config import Attention, LoraTrainConfig, Optimizer
@@ -21,16 +22,19 @@ def train_flux(
                                                  "partition folder: images/<id>.png + .txt).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints, cache, output/ (reused to resume).")],
     # The same knobs, defaults and rules as the LoRA assets' config (LoraTrainConfig.from_knobs).
-    steps: Annotated[int, typer.Option(min=1)] = LoraTrainConfig.max_steps,
-    resolution: Annotated[int, typer.Option(min=64)] = LoraTrainConfig.resolution,
-    rank: Annotated[int, typer.Option(min=1)] = LoraTrainConfig.rank,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = LoraTrainConfig.learning_rate,
+    # Unset sized knobs come from the run settings (--settings), as in the flux_lora asset.
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Default: the run settings'.")] = None,
+    resolution: Annotated[Optional[int], typer.Option(min=64, help="Default: the run settings'.")] = None,
+    rank: Annotated[Optional[int], typer.Option(min=1, help="Default: the run settings'.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate. Default: the run settings'.")] = None,
+    settings: SettingsOpt = None,
     quantization: Annotated[QuantizationSetting, typer.Option(
         envvar="FLEN_QUANTIZATION", help="auto: nf4 (QLoRA) on a CUDA GPU, none on the CPU.")] = "auto",
     optimizer: Annotated[Optimizer, typer.Option(
         help="auto: 8-bit AdamW on a CUDA GPU, AdamW on the CPU.")] = LoraTrainConfig.optimizer,
     checkpoint_every: Annotated[Optional[int], typer.Option(
-        min=1, help="Steps between checkpoints (default: 250, or a quarter of --steps when fewer).")] = None,
+        min=0, help="Steps between checkpoints; 0: 250, or a quarter of --steps when fewer. Default: the run "
+                    "settings'.")] = None,
     seed: int = LoraTrainConfig.seed,
     compile: Annotated[bool, typer.Option(help="torch.compile the transformer blocks (GPU only).")]
     = LoraTrainConfig.compile,
@@ -52,9 +56,10 @@ def train_flux(
     if not dataset.is_dir():
         fail(f"{dataset} is not a folder")
     items, md5 = dataset_items(dataset)
-    config = LoraTrainConfig.from_knobs(steps=steps, rank=rank, learning_rate=lr, resolution=resolution,
-                                        optimizer=optimizer, checkpoint_every=checkpoint_every, seed=seed,
-                                        compile=compile, attention=attention, quantization=quantization, device=device)
+    knobs = sized_knobs(settings, model, device, dict(steps=steps, resolution=resolution, rank=rank, learning_rate=lr,
+                                                      checkpoint_every=checkpoint_every))
+    config = LoraTrainConfig.from_knobs(**knobs, optimizer=optimizer, seed=seed, compile=compile, attention=attention,
+                                        quantization=quantization, device=device)
     trainer = FluxLoraTrainer(model=model, work_dir=out, log=typer.echo)
     try:
         result = trainer.train(items, config, name=name or out.resolve().name, default_caption=default_caption,
@@ -68,3 +73,32 @@ def train_flux(
     typer.echo(f"  LoRA (diffusers):  {result.lora_path}")
     typer.echo(f"  LoRA (ComfyUI):    {result.comfyui_path}")
     typer.echo(f"  loss curve:        {result.loss_curve}")
+
+
+def sized_knobs(settings: str | None, model: str, device: str, given: dict) -> dict:
+    """The flux_lora knobs: those given, the rest from the run settings (one line says which); misfits refused."""
+    from flen_resources.models.pipelines import probe_machine
+    from flen_resources.run_settings import (
+        RUN_SETTINGS_ENV,
+        RunSettingsError,
+        fill_knobs,
+        pick_run_settings,
+        refuse_misfit,
+    )
+
+    name = check_settings(settings or os.environ.get(RUN_SETTINGS_ENV) or "auto")
+    machine = probe_machine(device, [model])
+    chosen = pick_run_settings(name, machine)
+    try:
+        warning = refuse_misfit(chosen, machine)
+    except RunSettingsError as exc:
+        fail(str(exc).replace("(FLEN_RUN_SETTINGS=cpu-demo, --settings cpu-demo, or the flywheel_cpu_demo job)",
+                              "(--settings cpu-demo)"))
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
+    knobs, overruled = fill_knobs(chosen, "flux_lora", given)
+    how = f"auto: {machine.describe()}" if name == "auto" else "chosen"
+    typer.echo(f"run settings {chosen.name} ({how}): " + ", ".join(f"{k} {v}" for k, v in knobs.items())
+               + (" (given: " + ", ".join(overruled) + ")" if overruled else ""))
+    return knobs
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -14,6 +15,7 @@ from flen_resources.models.quantization import (
     pick_quantization,
 )
 from flen_resources.models.sources import ResolvedModel
+from flen_resources.run_settings import Machine
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +118,13 @@ def load_pipeline(model: ResolvedModel, pipeline: str, *, quantization: Quantiza
         pipe.to(target)
     log.info("loaded %s from %s (%s, %s, %s, offload=%s)", pipeline, model.ref, target, torch_dtype, quantization, mode)
     return pipe
+
+
+def probe_machine(device: str, models: Sequence[str]) -> Machine:
+    """The device `device` resolves to (its name and memory when a CUDA GPU), and whether all `models` are tiny."""
+    dev = pick_device(device)
+    tiny = all(model == "tiny" for model in models)
+    if dev.type != "cuda":
+        return Machine("cpu", tiny_models=tiny)
+    props = torch.cuda.get_device_properties(dev)
+    return Machine("cuda", props.total_memory / 2**30, props.name, tiny)

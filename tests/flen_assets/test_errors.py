@@ -257,3 +257,36 @@ def test_root_cause_is_the_error_the_step_raised():
     failure = _error("dagster._core.definitions.events.Failure: the training set would be empty: see filtered_images\n",
                      "Failure")
     assert root_cause(failure) == "the training set would be empty: see filtered_images"
+
+
+# -- Run settings: GPU-sized work never runs on a CPU ---------------------------------------------------
+
+def test_gpu_sized_settings_on_a_cpu_are_refused_before_any_edit(sourced, monkeypatch):
+    project, _ = sourced
+    monkeypatch.setenv("FLEN_DEVICE", "cpu")  # a CPU even on a GPU machine
+    proc = run_flen("materialize", CHARACTER, "v1", "--from", "enriched_images", "--settings", "large-card",
+                    project=project.root, check=False)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    line = _assert_one_cause_line(proc.stdout, proc.stderr,
+                                  "enriched_images astronaut|v1: run settings 'large-card' are sized for a CUDA GPU "
+                                  "and this runs on a CPU: choose cpu-demo")
+    assert "--settings cpu-demo" in line and "or run on a GPU" in line
+
+
+def test_a_misspelt_settings_name_is_refused_before_the_run(sourced):
+    project, _ = sourced
+    proc = run_flen("materialize", CHARACTER, "v1", "--settings", "24gb-crad", project=project.root, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: run settings '24gb-crad' do not exist: did you mean '24gb-card'? "
+                                   "--settings takes one of auto, cpu-demo, 24gb-card, large-card")
+
+
+def test_train_refuses_gpu_settings_on_a_cpu_and_says_which_settings_it_used(dataset, tmp_path):
+    result = _train(dataset, tmp_path, "--settings", "24gb-card", "--device", "cpu")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: run settings '24gb-card' are sized for a CUDA GPU and this runs on a CPU: choose cpu-demo "
+        "(--settings cpu-demo) or run on a GPU"]
+    result = _train(dataset, tmp_path, "--device", "cpu", "--quantization", "none", "--steps", "1")
+    assert result.exit_code == 0, result.output
+    assert "run settings cpu-demo (auto: a CPU and the tiny pack): steps 1, resolution 64" in result.stdout

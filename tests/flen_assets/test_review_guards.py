@@ -17,7 +17,7 @@ from flen_assets.instance import get_instance
 from flen_assets.partitions import add_partitions
 from flen_assets.review.policy import ReviewPolicy, set_character_policy
 from flen_assets.review.store import Partition, ReviewStore
-from flen_assets.runs import DEMO_RUN_CONFIG, init_project
+from flen_assets.runs import init_project
 
 pytestmark = pytest.mark.slow
 CLASSIC = {"ops": {"enriched_images": {"config": {"recipe": "classic"}}}}
@@ -37,10 +37,10 @@ def published(tmp_path_factory):
 
 def _run(project, *assets: str, iteration: str = "v1") -> dg.ExecuteInProcessResult:
     """Materialize only `assets` of one partition, in this process, on the project's instance
-    (classic edits, the demo's small LoRA settings)."""
+    (classic edits; on the CPU, run settings auto are cpu-demo: the demo's small LoRA settings)."""
     instance = get_instance(project)
     add_partitions(instance, "astronaut", iteration)
-    ops = {k: v for k, v in {**DEMO_RUN_CONFIG["ops"], **CLASSIC["ops"]}.items() if k in assets}
+    ops = {k: v for k, v in CLASSIC["ops"].items() if k in assets}
     return defs.resolve_job_def("flywheel_job").execute_in_process(
         instance=instance, partition_key=f"astronaut|{iteration}", raise_on_error=False,
         asset_selection=[dg.AssetKey(a) for a in assets], run_config={"ops": ops})
