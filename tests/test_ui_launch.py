@@ -376,6 +376,32 @@ def test_a_backfill_of_three_iterations_runs_them_in_order(ui):
     _assert_in_order_and_read_finished_previous(ui, "bob", records)
 
 
+def test_the_launchpad_of_a_sized_job_opens_with_its_run_settings(ui, driver, shots):
+    """flywheel_24gb_card's launchpad, once a partition is picked, holds the 24gb-card knobs and names them."""
+    from selenium.webdriver.common.keys import Keys
+
+    driver.get(f"{ui.url}/locations/__repository__@flenwheel/jobs/flywheel_24gb_card/playground")
+    time.sleep(2)  # the welcome dialog, when it comes, comes a moment after the page
+    _dismiss_welcome(driver)
+    partition = _until(driver, lambda d: _visible(d, "//input[@placeholder='Partition']"))
+    partition.click()
+    partition.send_keys("astronaut|v1")
+    _until(driver, lambda d: _visible(d, "//*[normalize-space()='astronaut|v1']"))
+    partition.send_keys(Keys.ENTER)
+    editor = "return document.querySelector('.CodeMirror').CodeMirror"
+    _until(driver, lambda d: "steps: 1500" in d.execute_script(f"{editor}.getValue()"))
+    config = driver.execute_script(f"{editor}.getValue()")
+    for line in ("recipe: 'angles'", "resolution: 1024", "steps: 500", "name: '24gb-card'"):
+        assert line in config, config
+    assert _visible(driver, "//*[normalize-space()='flen/run_settings: 24gb-card']"), "the run's tag names the settings"
+    # Show the FLUX LoRA's knobs: scroll the editor to them.
+    driver.execute_script("var c = document.querySelector('.CodeMirror').CodeMirror;"
+                          "var n = c.getValue().split('\\n').findIndex(l => l.trim() === 'flux_lora:');"
+                          "c.scrollTo(0, c.heightAtLine(n, 'local'));")
+    time.sleep(0.5)
+    driver.save_screenshot(str(shots / "ui-launchpad-settings.png"))
+
+
 def test_ctrl_c_stops_the_webserver_the_daemon_and_what_they_started(ui):
     tree = _tree(ui.proc.pid)
     names = " ".join(" ".join(p.cmdline()) for p in tree if p.is_running())

@@ -35,6 +35,7 @@ def models_status() -> None:
     configured = {"qwen-image-edit-2509": models.qwen_edit_model, "flux.1-dev": models.flux_model}
     typer.echo(f"FLENwheel models folder: {models_dir()}")
     typer.echo(f"quantization: {models.quantization}, device: {models.device} (FLEN_QUANTIZATION, FLEN_DEVICE)")
+    _echo_run_settings(models)
     for key, spec in MODELS.items():
         source = configured[key]
         try:
@@ -51,3 +52,22 @@ def models_status() -> None:
             typer.echo(f"✓ LoRA {name:17s} {source:32s} {info.key_style}, rank {info.rank}, {info.path}")
         except (LoraError, ModelNotAvailable) as exc:
             typer.secho(f"✗ LoRA {name:17s} {source:32s} {str(exc).splitlines()[0]}", fg=typer.colors.RED)
+
+
+def _echo_run_settings(models) -> None:
+    """The run settings a run would pick here (FLEN_RUN_SETTINGS, else auto), and why."""
+    import os
+
+    from flen_resources.models.pipelines import probe_machine
+    from flen_resources.run_settings import AUTO, RUN_SETTINGS_ENV, RunSettingsError, pick_run_settings
+
+    name = os.environ.get(RUN_SETTINGS_ENV, AUTO)
+    machine = probe_machine(models.device, [models.flux_model, models.qwen_edit_model])
+    try:
+        chosen = pick_run_settings(name, machine)
+    except RunSettingsError as exc:
+        typer.secho(f"✗ run settings: {exc}", fg=typer.colors.RED)
+        return
+    how = f"auto on {machine.describe()}" if name == AUTO else f"{RUN_SETTINGS_ENV}={name}"
+    typer.echo(f"run settings: {chosen.name} ({how}; {RUN_SETTINGS_ENV}): {chosen.title}")
+

@@ -80,3 +80,22 @@ def test_rerun_is_idempotent(demo_project, tmp_path):
     assert {p.name: p.read_bytes() for p in demo_project.inbox_for("astronaut").iterdir()} == inbox
     versions = run_flen("versions", "training_set", "astronaut", "v1", project=demo_project.root).stdout
     assert versions.count(before["training_set"]) == 2
+
+
+def test_every_sized_asset_records_the_run_settings_it_ran_with(demo_project):
+    """The demo runs cpu-demo: each sized asset's materialization and lineage row name the settings and their knobs."""
+    import dagster as dg
+
+    from flen_assets.instance import get_instance
+    from flen_resources.run_settings import CPU_DEMO, SIZED_KNOBS
+
+    instance = get_instance(demo_project)
+    runs = {r["asset"]: json.loads(r["params"]) for r in LineageStore(demo_project.lineage_dir).rows(
+        "SELECT asset, params FROM runs WHERE character='astronaut' AND iteration='v1'")}
+    for asset in SIZED_KNOBS:
+        event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+        metadata = event.asset_materialization.metadata
+        assert metadata["run_settings"].value == "cpu-demo", asset
+        detail = metadata["run_settings_detail"].value
+        assert detail["knobs"] == CPU_DEMO.knobs[asset] and detail["overruled"] == {}, (asset, detail)
+        assert runs[asset]["run_settings"]["name"] == "cpu-demo", asset
