@@ -12,8 +12,9 @@ reads its own previous iteration (vN carries v(N-1)'s rows), so it shows whether
     stops the daemon too, and `flen ui` says which one died and its last lines.
 Run records (start and end of each run) and lineage (which v(N-1) version each vN read) prove the order.
 
-FLEN_UI_SCREENSHOTS=DIR keeps the screenshots there (docs/ui-launch.png, docs/ui-backfill.png were made
-with FLEN_UI_SCREENSHOTS=docs); by default they go to a temporary folder.
+FLEN_UI_SCREENSHOTS=DIR keeps the screenshots there (docs/ui-launch.png, docs/ui-backfill-running.png,
+docs/ui-backfill.png, docs/ui-launchpad-settings.png were made with FLEN_UI_SCREENSHOTS=docs); by default
+they go to a temporary folder.
 """
 
 from __future__ import annotations
@@ -348,6 +349,11 @@ def test_ui_materializes_a_partition_then_a_backfill_of_two_iterations_in_order(
     _until(driver, lambda d: _visible(d, "//*[normalize-space()='2 partitions']"))
     _button(driver, "Launch backfill").click()
     _until(driver, lambda d: _visible(d, "//*[normalize-space()='Launch runs to materialize source_images']") is None)
+    # The backfill while it runs: v2 and v3 wait for v1 (their runs are queued or not yet made).
+    running = get_instance(ui.project).get_backfills(limit=1)[0]
+    driver.get(f"{ui.url}/runs/b/{running.backfill_id}?tab=partitions")
+    _until(driver, lambda d: _visible(d, "//*[normalize-space()='In progress']"))
+    driver.save_screenshot(str(shots / "ui-backfill-running.png"))
 
     records = _wait_for_runs(ui, "astronaut", ITERATIONS)
     backfills = {r.dagster_run.tags.get("dagster/backfill") for i, r in records.items() if i != "v1"}
