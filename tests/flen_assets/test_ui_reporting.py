@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dagster as dg
 import pytest
+from dagster._core.event_api import PartitionKeyFilter  # not exported by dagster 1.13
 
 from flen_assets.definitions import defs
 from flen_assets.instance import get_instance
@@ -27,7 +28,7 @@ def test_check_evaluations_name_their_partition(demo_project):
         assert records, f"{key} never ran in the demo"
         assert {r.partition for r in records} == {"astronaut|v1", "astronaut|v2"}, (str(key), [r.partition for r in records])
         latest = storage.get_latest_asset_check_execution_by_key(
-            [key], partition_filter=dg.PartitionKeyFilter(key="astronaut|v1"))[key]
+            [key], partition_filter=PartitionKeyFilter(key="astronaut|v1"))[key]
         assert latest.partition == "astronaut|v1"
 
 
