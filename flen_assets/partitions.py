@@ -12,6 +12,7 @@ from flen_resources.project import (
     SLUG_RE,
     Project,
     did_you_mean,
+    flen_command,
     iteration_number,
     validate_iteration,
     validate_slug,
@@ -81,7 +82,7 @@ def known_characters(project: Project, instance: dg.DagsterInstance | None = Non
 def unknown_character_message(project: Project, character: str, known: list[str]) -> str:
     return (f"unknown character {character!r}{did_you_mean(character, known)}: it has no photos in "
             f"{project.inbox_for(character)} and is not registered; check the name, or add its photos with "
-            f"`flen character add {character} --from DIR`")
+            f"`{flen_command(project, 'character', 'add', character, '--from', 'DIR')}`")
 
 
 def check_new_partition(project: Project, instance: dg.DagsterInstance, character: str, iteration: str) -> None:
@@ -106,8 +107,9 @@ def check_iteration_order(project: Project, character: str, iteration: str,
         nxt = f"v{project.latest_iteration(character) + 1}"
         raise PartitionRefused(
             f"{character}|{iteration} would skip an iteration: {character}|v{number - 1} is not complete (its "
-            f"synthetic_batch is not published); did you mean {nxt}? Complete it with `flen materialize {character} "
-            f"{nxt} --all`, then `flen iterate {character}` runs the next one")
+            f"synthetic_batch is not published); did you mean {nxt}? Complete it with "
+            f"`{flen_command(project, 'materialize', character, nxt, '--all')}`, then "
+            f"`{flen_command(project, 'iterate', character)}` runs the next one")
 
 
 # -- removing partitions ---------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from flen_assets.instance import (
     slot_holders,
 )
 from flen_resources.processes import ProcessRef
-from flen_resources.project import Project, iteration_number
+from flen_resources.project import Project, flen_command, iteration_number
 from flen_resources.run_settings import CPU_DEMO
 
 Log = Callable[[str], None]
@@ -194,7 +194,7 @@ def iterate_character(project: Project, character: str, run_config: dict | None 
     done = project.latest_iteration(character)
     if done == 0:
         raise NothingToIterate(f"{character} has no complete iteration yet: "
-                               f"run `flen materialize {character} v1 --all` first")
+                               f"run `{flen_command(project, 'materialize', character, 'v1', '--all')}` first")
     nxt = f"v{done + 1}"
     log(f"{character}: v{done} is complete (synthetic batch published); launching {nxt}")
     return nxt, materialize_partition(project, character, nxt, run_config, "flywheel_job", log=log)

@@ -57,7 +57,7 @@ def next_iteration_sensor(context: dg.SensorEvaluationContext, project: ProjectR
         pending = ReviewStore.shared(proj, project.lineage).pending(Partition.of("synthetic_batch", character, f"v{done}"))
         if pending:
             waiting.append(f"{character}|v{done}: {pending} synthetic image(s) await review "
-                           f"({review_command(character, f'v{done}', 'synthetic_batch')})")
+                           f"({review_command(proj, character, f'v{done}', 'synthetic_batch')})")
             continue
         nxt = f"v{done + 1}"
         if nxt not in iterations:

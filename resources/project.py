@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,3 +150,14 @@ class Project:
         folder = self.data_dir / validate_slug(asset, "asset name") / validate_slug(character)
         numbers = [int(p.name[1:-4]) for p in folder.glob("v*.dvc") if ITERATION_RE.match(p.name[:-4])]
         return max(numbers, default=0)
+
+
+def flen_command(project: "Project | Path | str", *args: object) -> str:
+    """A `flen` command line to print for a person: `flen ARGS... --project ROOT`, each part shell-quoted.
+
+    Every command FLENwheel prints (asset metadata, check descriptions, run logs, the review page,
+    CLI hints) is built here: it names the project folder, so pasted into a shell in any folder (or
+    from the Dagster UI) it acts on this project. `--project` is an option of each subcommand, not
+    of `flen` itself, so it goes after the subcommand and its arguments."""
+    root = project.root if isinstance(project, Project) else Path(project)
+    return " ".join(["flen", *(shlex.quote(str(a)) for a in args), "--project", shlex.quote(str(root))])

@@ -20,7 +20,7 @@ from flen_assets.instance import describe_run, run_state, runs_ahead
 from flen_assets.visuals import Tile, contact_sheet, markdown_thumbnail, save_sheet
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
 from flen_resources.lineage import LineageStore, to_json, utcnow
-from flen_resources.project import CONTACT_SHEET, MANIFEST, Project, iteration_number
+from flen_resources.project import CONTACT_SHEET, MANIFEST, Project, flen_command, iteration_number
 from flen_resources.run_settings import RunSettingsError, fill_knobs, refuse_misfit
 from flen_resources.storage import DvcStore, PartitionMissing
 from flen_resources.trainers.config import LoraTrainConfig
@@ -150,6 +150,19 @@ def partition_asset(group: str, **kwargs: Any):
                     code_version=kwargs.pop("code_version", "1"), kinds={"python", "dvc"}, **kwargs)
 
 
+def partition_check(name: str, asset: str, description: str) -> dg.AssetCheckSpec:
+    """A check spec (`check_specs=` of partition_asset) partitioned like its asset, character x iteration.
+
+    Without partitions_def Dagster records the check's evaluation with no partition (AssetCheckResult
+    takes the step's partition only when the spec has one): the UI then shows "Partition —" and one
+    status for every character and iteration. The @asset_check review gates pass
+    partitions_def=character_iteration themselves. (A preview feature in Dagster 1.13: its warning is
+    silenced in review/gate.py.)"""
+    from flen_assets.partitions import character_iteration
+
+    return dg.AssetCheckSpec(name, asset=asset, description=description, partitions_def=character_iteration)
+
+
 def write_manifest(rows: Sequence[Mapping[str, Any]], folder: Path, schema: pa.Schema | None = None) -> Path:
     """manifest.parquet of a staged partition folder."""
     table = pa.Table.from_pylist([dict(r) for r in rows], schema=schema) if rows or schema else pa.table({})
@@ -197,7 +210,7 @@ def publish(run: PartitionRun, project: ProjectResource, staged: Path, *, params
         "path": dg.MetadataValue.path(str(published.path)),
         "files": published.n_files,
         "size_mb": round(published.size_bytes / 1e6, 2),
-        "lineage": dg.MetadataValue.md(f"`flen lineage {run.character} {run.iteration}`"),
+        "lineage": dg.MetadataValue.md(f"`{flen_command(run.project, 'lineage', run.character, run.iteration)}`"),
     })
     folder = PartitionFolder(run.asset, run.character, run.iteration, published.path, published.dvc_md5)
     return dg.Output(folder, data_version=dg.DataVersion(published.dvc_md5), metadata=meta)

@@ -9,15 +9,17 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from flen_assets.assets.common import PartitionRun, partition_asset, publish, write_manifest
+from flen_assets.assets.common import PartitionRun, partition_asset, partition_check, publish, write_manifest
 from flen_assets.assets.gating import ImageJudge, Judged, review_policy
 from flen_assets.dagster_resources import FaceResource, ProjectResource
 from flen_assets.partitions import character_iteration
 from flen_assets.review.gate import human_decisions, review_check, review_metadata, reviewed_statuses
+from flen_assets.review.store import apply_command, review_command
 from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
 from flen_resources.identity import GateSettings, KeptImages, Reference
 from flen_resources.lineage import utcnow
+from flen_resources.storage import DvcStore, PartitionMissing
 
 GROUP = "curation"
 
@@ -73,13 +75,14 @@ def filtered_images(context: dg.AssetExecutionContext, config: FilterConfig, pro
                                    [("candidates", len(rows)), ("accepted", n_ok), ("pending", n_pending)]])
     if n_pending:
         context.log.warning(f"{n_pending} image(s) await human review (policy {policy.policy}): "
-                            f"run `flen review {run.character} --iteration {run.iteration}`")
+                            f"run `{review_command(run.project, run.character, run.iteration)}`, then apply the "
+                            f"decisions with `{apply_command(run.project, run.character, run.iteration)}`")
     return publish(run, project, staged, params={**config.model_dump(), "policy": policy.policy,
                                                  "margin": policy.margin},
                    models={"faces": f"face_recognition/{faces.model}"},
                    metadata={"candidates": len(rows), "accepted": n_ok, "rejected": len(rows) - n_ok - n_pending,
                              "pending": n_pending,
-                             **review_metadata(run.asset, run.character, run.iteration, judge.verdicts, policy),
+                             **review_metadata(run.project, run.asset, run.character, run.iteration, judge.verdicts, policy),
                              "acceptance_rate": round(n_ok / len(rows), 3) if rows else 0.0,
                              "failed_by_gate": dict(fails), "identity_threshold": reference.threshold,
                              "identity_distance_mean": round(float(np.mean(dists)), 4) if dists else None,
@@ -112,10 +115,13 @@ class TrainingSetConfig(dg.Config):
     caption_prefix: str = "photo of"
 
 
-@partition_asset(GROUP)
+@partition_asset(GROUP, check_specs=[partition_check(
+    "differs_from_previous", "training_set",
+    "Training set vN differs from v(N-1): it gained accepted synthetic images of v(N-1) (or new sources or edits). "
+    "An identical set trains the same LoRA again: review v(N-1)'s synthetic batch before iterating.")])
 def training_set(context: dg.AssetExecutionContext, config: TrainingSetConfig, project: ProjectResource,
                  source_images: PartitionFolder, identity_reference: PartitionFolder,
-                 filtered_images: PartitionFolder, enriched_images: PartitionFolder) -> dg.Output:
+                 filtered_images: PartitionFolder, enriched_images: PartitionFolder):
     """The images a LoRA trains on, each with a caption (trigger word + what the edit changed),
     laid out as images/<id>.png + images/<id>.txt, the format ai-toolkit and kohya read.
     From v2 on it also holds the accepted synthetic images of v(N-1) (read through the lineage
@@ -169,8 +175,40 @@ def training_set(context: dg.AssetExecutionContext, config: TrainingSetConfig, p
     run.lineage.append("members", [run.stamp(image_id=r["image_id"], path=f"{part_rel}/{r['file']}", origin=r["origin"],
                                              caption=r["caption"], created_at=now) for r in rows])
     origins = Counter(r["origin"] for r in rows)
-    return publish(run, project, staged, params={**config.model_dump(), "trigger": trigger},
-                   metadata={"images": len(rows), "by_origin": dict(origins), "trigger": trigger,
-                             "example_caption": rows[-1]["caption"],
-                             "synthetic_from_previous": origins.get("synthetic", 0)},
-                   sheet=tiles)
+    same = same_as_previous(run, rows, synthetic)
+    if same:
+        context.log.warning(f"training_set {run.character}|{run.iteration}: {same}")
+    yield publish(run, project, staged, params={**config.model_dump(), "trigger": trigger},
+                  metadata={"images": len(rows), "by_origin": dict(origins), "trigger": trigger,
+                            "example_caption": rows[-1]["caption"],
+                            "synthetic_from_previous": origins.get("synthetic", 0),
+                            **({"identical_to_previous": dg.MetadataValue.md(same)} if same else {})},
+                  sheet=tiles)
+    prev = run.previous_iteration()
+    yield dg.AssetCheckResult(
+        check_name="differs_from_previous", passed=not same, severity=dg.AssetCheckSeverity.WARN,
+        description=same or (f"{run.character}|{run.iteration} differs from {prev} "
+                             f"({origins.get('synthetic', 0)} synthetic image(s) of {prev} joined)" if prev
+                             else f"{run.character}|{run.iteration} is the first iteration: nothing to compare with"),
+        metadata={"images": len(rows), "synthetic_from_previous": origins.get("synthetic", 0)})
+
+
+def same_as_previous(run: PartitionRun, rows: list[dict], synthetic: PartitionFolder | None) -> str:
+    """Why training set vN is a copy of v(N-1) (the same image ids, by sha256, with the same captions),
+    or '' when it differs or there is no v(N-1). A copy trains the same LoRA again: almost always
+    no synthetic image of v(N-1) was accepted (the review page decides them)."""
+    prev = run.previous_iteration()
+    if prev is None:
+        return ""
+    try:
+        path, md5 = DvcStore(run.project).published("training_set", run.character, prev)
+    except PartitionMissing:
+        return ""
+    before = PartitionFolder("training_set", run.character, prev, path, md5).rows()
+    if {(r["image_id"], r["caption"]) for r in before} != {(r["image_id"], r["caption"]) for r in rows}:
+        return ""
+    generated = len(synthetic.rows()) if synthetic else 0
+    return (f"identical to {prev} (the same {len(rows)} images and captions; {prev}'s dvc md5 {md5}): "
+            f"no synthetic image was accepted in {prev}'s review ({generated} generated by LoRA {prev}); "
+            f"review them with `{review_command(run.project, run.character, prev, 'synthetic_batch')}` before "
+            f"iterating, or {run.iteration} trains the same LoRA again")

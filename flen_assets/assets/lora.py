@@ -7,7 +7,14 @@ from pathlib import Path
 import dagster as dg
 from PIL import Image
 
-from flen_assets.assets.common import LoraAssetConfig, PartitionRun, partition_asset, publish, write_manifest
+from flen_assets.assets.common import (
+    LoraAssetConfig,
+    PartitionRun,
+    partition_asset,
+    partition_check,
+    publish,
+    write_manifest,
+)
 from flen_assets.assets.gating import ImageJudge, review_policy
 from flen_assets.dagster_resources import (
     FaceResource,
@@ -96,10 +103,10 @@ def _trigger(training_set_rows: list[dict], character: str) -> str:
 
 
 @partition_asset(GROUP, pool="gpu", check_specs=[
-    dg.AssetCheckSpec("not_worse_than_previous", asset="lora_eval",
-                      description="Identity consistency of vN is at least that of v(N-1)."),
-    dg.AssetCheckSpec("meets_target", asset="lora_eval",
-                      description="Identity consistency reaches the target (70% by default)."),
+    partition_check("not_worse_than_previous", "lora_eval",
+                    "Identity consistency of vN is at least that of v(N-1)."),
+    partition_check("meets_target", "lora_eval",
+                    "Identity consistency reaches the target (70% by default)."),
 ])
 def lora_eval(context: dg.AssetExecutionContext, config: EvalConfig, project: ProjectResource,
               generator: GeneratorResource, faces: FaceResource, run_settings: RunSettingsResource,
@@ -264,7 +271,7 @@ def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, 
     return publish(run, project, staged, params=config.model_dump(), models={"generator": gen.model_id()},
                    metadata={"generated": len(rows), "accepted": n_ok, "rejected": len(rows) - n_ok - n_pending,
                              "pending": n_pending, "lora_md5": flux_lora.dvc_md5,
-                             **review_metadata(run.asset, run.character, run.iteration, judge.verdicts, policy),
+                             **review_metadata(run.project, run.asset, run.character, run.iteration, judge.verdicts, policy),
                              **({"note": note} if note else {})},
                    sheet=tiles)
 

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from flen_assets.assets.common import PartitionRun, partition_asset, publish, write_manifest
+from flen_assets.assets.common import PartitionRun, partition_asset, partition_check, publish, write_manifest
 from flen_assets.assets.gating import review_policy
 from flen_assets.dagster_resources import FaceResource, ProjectResource
 from flen_assets.partitions import character_iteration
@@ -36,6 +36,7 @@ from flen_resources.imaging import (
 )
 from flen_resources.intake import IntakeError, PhotoFolder, Refused, open_photo_folder, refused_entry_id
 from flen_resources.lineage import to_json, utcnow
+from flen_resources.project import flen_command
 
 GROUP = "sources"
 
@@ -76,10 +77,10 @@ def original_suffix(name: str) -> str:
 @partition_asset(
     GROUP,
     check_specs=[
-        dg.AssetCheckSpec("all_inbox_files_usable", asset="source_images",
-                          description="Every file in the inbox decoded and had one usable face."),
-        dg.AssetCheckSpec("enough_sources", asset="source_images",
-                          description="At least 3 usable photos, so the identity threshold can be calibrated."),
+        partition_check("all_inbox_files_usable", "source_images",
+                        "Every file in the inbox decoded and had one usable face."),
+        partition_check("enough_sources", "source_images",
+                        "At least 3 usable photos, so the identity threshold can be calibrated."),
     ],
 )
 def source_images(context: dg.AssetExecutionContext, config: SourceConfig, project: ProjectResource,
@@ -92,7 +93,8 @@ def source_images(context: dg.AssetExecutionContext, config: SourceConfig, proje
     run = PartitionRun.start(context, project)
     inbox = run.project.inbox_for(run.character)
     if not inbox.is_dir():
-        raise dg.Failure(f"no inbox folder {inbox}: add photos with `flen character add {run.character} --from DIR`")
+        raise dg.Failure(f"no inbox folder {inbox}: add photos with "
+                         f"`{flen_command(run.project, 'character', 'add', run.character, '--from', 'DIR')}`")
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
     (staged / "originals").mkdir()
     (staged / "images").mkdir()
@@ -245,8 +247,8 @@ class IdentityConfig(dg.Config):
 
 @partition_asset(
     GROUP,
-    check_specs=[dg.AssetCheckSpec("sources_agree_with_reference", asset="identity_reference",
-                                   description="Every accepted source is within the threshold of the reference; no outliers.")],
+    check_specs=[partition_check("sources_agree_with_reference", "identity_reference",
+                                 "Every accepted source is within the threshold of the reference; no outliers.")],
 )
 def identity_reference(context: dg.AssetExecutionContext, config: IdentityConfig, project: ProjectResource,
                        source_images: PartitionFolder):
@@ -302,7 +304,7 @@ def identity_reference(context: dg.AssetExecutionContext, config: IdentityConfig
     yield publish(run, project, staged, params={**config.model_dump(), "policy": policy.policy},
                   metadata={"threshold": threshold, "rule": rule, "sources_used": reference.n_sources,
                             "outliers": len(outliers), "distances": dg.MetadataValue.md(table),
-                            **review_metadata(run.asset, run.character, run.iteration, verdicts, policy)},
+                            **review_metadata(run.project, run.asset, run.character, run.iteration, verdicts, policy)},
                   sheet=tiles)
     yield dg.AssetCheckResult(check_name="sources_agree_with_reference", passed=not outliers and not far,
                               severity=dg.AssetCheckSeverity.WARN,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,14 @@ from typer.exceptions import TyperException
 
 from flen_assets.partitions import PartitionRefused
 from flen_assets.runs import REVIEW_CHECKS, RunInterrupted, SelectionError, is_review_stop, root_cause
-from flen_resources.project import PROJECT_ENV, InvalidNameError, Project, validate_iteration, validate_slug
+from flen_resources.project import (
+    PROJECT_ENV,
+    InvalidNameError,
+    Project,
+    flen_command,
+    validate_iteration,
+    validate_slug,
+)
 
 T = TypeVar("T")
 
@@ -52,20 +58,11 @@ def resolve_project(path: Optional[Path], create: bool = False) -> Project:
         if create:
             return project
         fail(f"project folder {root} ({given}) does not exist or cannot be reached: pass --project DIR (or set "
-             f"{PROJECT_ENV}) to an existing project, or create one with `flen init --project {shlex.quote(str(root))}`")
+             f"{PROJECT_ENV}) to an existing project, or create one with `{flen_command(root, 'init')}`")
     if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
         fail(f"project folder {root} ({given}) cannot be written by this user: fix its permissions "
              "(it holds data/, inbox/ and .flen/) or pass --project DIR to another project")
     return project
-
-
-def project_option(path: Optional[Path]) -> str:
-    """` --project DIR` when the project was chosen with --project or $FLEN_PROJECT_DIR: a command
-    printed for the user names it, since a new shell would not know it."""
-    if path is None and not os.environ.get(PROJECT_ENV):
-        return ""
-    root = path.expanduser().resolve() if path is not None else Project.discover().root
-    return f" --project {shlex.quote(str(root))}"
 
 
 def check_names(character: str, iteration: str | None = None) -> None:
@@ -136,14 +133,15 @@ def trace_hint(run_id: str) -> None:
                + ("" if traces_shown() else " (or run the command again with `flen --debug`)"), err=True)
 
 
-def fail_run(result, character: str, iteration: str, what: str = "failed") -> NoReturn:
+def fail_run(project: Project, result, character: str, iteration: str, what: str = "failed") -> NoReturn:
     """The end of a failed run: where its trace is, then one error line naming the failed step, its
     partition, the cause and (for a known cause) the fix."""
+    from flen_assets.review.store import review_command
     from flen_assets.runs import failed_steps, review_gate_stops
 
     steps = failed_steps(result)
     if not steps and review_gate_stops(result):
-        fail(f"run {result.run_id} stopped at the review gate: `flen review {character} --iteration {iteration}`, "
+        fail(f"run {result.run_id} stopped at the review gate: `{review_command(project, character, iteration)}`, "
              "then run it again")
     trace_hint(result.run_id)
     if not steps:
@@ -204,15 +202,15 @@ def report(project: Project, result) -> None:
             typer.secho(f"  ✗ {event.step_key}: {message}", fg=typer.colors.RED)
 
 
-def print_review_hint(character: str, iteration: str, stops: list[tuple[str, int]], where: str) -> None:
-    """What to do when a run stopped at a review gate; `where` is project_option() of the command."""
+def print_review_hint(project: Project, character: str, iteration: str, stops: list[tuple[str, int]]) -> None:
+    """What to do when a run stopped at a review gate (each command names the project: flen_command)."""
     from flen_assets.review.store import review_command, review_url
 
     for asset, pending in stops:
         typer.secho(f"\n{character}|{iteration} stopped at the review gate: {pending} image(s) of {asset} await "
                     "a human decision.", fg=typer.colors.YELLOW, bold=True)
-        typer.echo(f"  review them:   {review_command(character, iteration, asset)}{where}")
+        typer.echo(f"  review them:   {review_command(project, character, iteration, asset)}")
         typer.echo(f"  then open:     {review_url(character, iteration, asset)}")
-        typer.echo(f"  and continue:  flen materialize {character} {iteration} --all --from {asset}{where}"
+        typer.echo(f"  and continue:  {flen_command(project, 'materialize', character, iteration, '--all', '--from', asset)}"
                    "   (or run the demo again)")
 

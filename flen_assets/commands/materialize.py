@@ -15,7 +15,6 @@ from flen_assets.commands.common import (
     fail,
     fail_run,
     print_review_hint,
-    project_option,
     report,
     resolve_project,
     run_job,
@@ -78,9 +77,9 @@ def materialize(character: str, iteration: Annotated[str, typer.Argument(help="I
     if not result.success:
         stops = review_gate_stops(result)
         if stops:
-            print_review_hint(character, iteration, stops, project_option(project))
+            print_review_hint(proj, character, iteration, stops)
             fail(f"run {result.run_id} stopped at the review gate")
-        fail_run(result, character, iteration)
+        fail_run(proj, result, character, iteration)
     typer.echo(f"run {result.run_id} succeeded")
 
 
@@ -97,5 +96,5 @@ def iterate(character: str, project: ProjectOpt = None,
         fail(str(exc))
     report(proj, result)
     if not result.success:
-        fail_run(result, character, nxt)
+        fail_run(proj, result, character, nxt)
     typer.echo(f"{character}|{nxt} done (run {result.run_id})")

@@ -16,13 +16,12 @@ from flen_assets.commands.common import (
     fail,
     fail_run,
     print_review_hint,
-    project_option,
     report,
     resolve_project,
     run_job,
 )
 from flen_assets.runs import DEMO_RUN_CONFIG, init_project, materialize_partition, review_gate_stops
-from flen_resources.project import PROJECT_ENV, Project, validate_slug
+from flen_resources.project import PROJECT_ENV, Project, flen_command, validate_slug
 
 
 def init(project: ProjectOpt = None) -> None:
@@ -145,7 +144,6 @@ def demo(project: ProjectOpt = None, character: str = "astronaut",
     from flen_assets.review.policy import POLICIES, ReviewPolicy, character_policy, set_character_policy
 
     proj = resolve_project(project, create=True)
-    where = project_option(project)
     if review is not None and review not in POLICIES:
         fail(f"unknown review policy {review!r}: use one of {', '.join(POLICIES)}")
     started = time.time()
@@ -171,9 +169,9 @@ def demo(project: ProjectOpt = None, character: str = "astronaut",
         if not result.success:
             stops = review_gate_stops(result)
             if not stops:
-                fail_run(result, character, f"v{n}")
+                fail_run(proj, result, character, f"v{n}")
             # Not an error: the policy asked for a human, and the run waits for one.
-            print_review_hint(character, f"v{n}", stops, where)
+            print_review_hint(proj, character, f"v{n}", stops)
             typer.echo(f"\nthe demo stopped at {character}|v{n}'s review gate after {time.time() - started:.0f}s; "
                        "run it again once the images are decided.")
             return
@@ -182,6 +180,6 @@ def demo(project: ProjectOpt = None, character: str = "astronaut",
     typer.echo(f"  training set:  {proj.partition_dir('training_set', character, last)}")
     typer.echo(f"  LoRA:          {proj.partition_dir('flux_lora', character, last)}")
     typer.echo(f"  evaluation:    {proj.partition_dir('lora_eval', character, last)}/contact_sheet.png, history.png")
-    typer.echo(f"  lineage:       flen lineage {character} {last}{where}")
-    typer.echo(f"  export:        flen export {character} {last} --to export/{character}-{last}{where}")
-    typer.echo(f"  Dagster UI:    flen ui{where}   (then open http://127.0.0.1:3000, Assets -> {character}|{last})")
+    typer.echo(f"  lineage:       {flen_command(proj, 'lineage', character, last)}")
+    typer.echo(f"  export:        {flen_command(proj, 'export', character, last, '--to', f'export/{character}-{last}')}")
+    typer.echo(f"  Dagster UI:    {flen_command(proj, 'ui')}   (then open http://127.0.0.1:3000, Assets -> {character}|{last})")

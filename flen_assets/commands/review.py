@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from flen_assets.commands.common import ProjectOpt, fail, resolve_project
-from flen_resources.project import InvalidNameError, validate_iteration, validate_slug
+from flen_resources.project import InvalidNameError, flen_command, validate_iteration, validate_slug
 
 
 def review(character: Annotated[Optional[str], typer.Argument(help="Character to review (default: the index page).")]
@@ -51,7 +51,7 @@ def review(character: Annotated[Optional[str], typer.Argument(help="Character to
             if character not in known:
                 fail(unknown_character_message(proj, character, known))
             fail(f"no published {asset} for {character}" + (f"|{iteration}" if iteration else "")
-                 + f": materialize it first (flen materialize {character} {iteration or 'v1'})")
+                 + f": materialize it first ({flen_command(proj, 'materialize', character, iteration or 'v1')})")
         if iteration is None:  # newest first; prefer one that still has pending images
             parts = [p for p in parts if store.pending(p)] or parts
         part: Partition = parts[0]

@@ -11,7 +11,7 @@ from typing import Any
 import dagster as dg
 
 from flen_assets.review.policy import ReviewPolicy
-from flen_assets.review.store import Partition, ReviewStore, review_command, review_url, status_of
+from flen_assets.review.store import Partition, ReviewStore, apply_command, review_command, review_url, status_of
 from flen_resources.lineage import LineageStore
 from flen_resources.project import Project
 
@@ -71,13 +71,15 @@ def human_decisions(project: Project, lineage: LineageStore, asset: str, charact
     return ReviewStore.shared(project, lineage).human_decisions(Partition.of(asset, character, iteration))
 
 
-def review_metadata(asset: str, character: str, iteration: str, verdicts: Sequence[Verdict],
+def review_metadata(project: Project, asset: str, character: str, iteration: str, verdicts: Sequence[Verdict],
                     policy: ReviewPolicy) -> dict[str, Any]:
-    """Materialization metadata: the review page link, the command, and where the review stands."""
+    """Materialization metadata: the review page link, the commands (serve it, apply its decisions),
+    and where the review stands."""
     pending = sum(v.status == "pending" for v in verdicts)
     return {
         "review_page": dg.MetadataValue.url(review_url(character, iteration, asset)),
-        "review_command": dg.MetadataValue.md(f"`{review_command(character, iteration, asset)}`"),
+        "review_command": dg.MetadataValue.md(f"`{review_command(project, character, iteration, asset)}`"),
+        "apply_review_command": dg.MetadataValue.md(f"`{apply_command(project, character, iteration, asset)}`"),
         "review_policy": policy.policy,
         "review_pending": pending,
         "human_decisions": sum(v.decided_by == "human" for v in verdicts),
@@ -93,8 +95,9 @@ def review_check(project: Project, lineage: LineageStore, asset: str, character:
     url = review_url(character, iteration, asset)
     return dg.AssetCheckResult(
         passed=pending == 0, severity=dg.AssetCheckSeverity.ERROR,
-        description=(f"{pending} image(s) await human review: run `{review_command(character, iteration, asset)}` "
-                     f"and open {url}, then materialize {asset} again") if pending else "every image is decided",
+        description=(f"{pending} image(s) await human review: run `{review_command(project, character, iteration, asset)}` "
+                     f"and open {url}, then apply the decisions with "
+                     f"`{apply_command(project, character, iteration, asset)}`") if pending else "every image is decided",
         metadata={"pending": pending, "accepted": sum(s == "accepted" for s in statuses.values()),
                   "rejected": sum(s == "rejected" for s in statuses.values()),
                   "review_page": dg.MetadataValue.url(url)})
@@ -108,6 +111,6 @@ def reviewed_statuses(project: Project, lineage: LineageStore, asset: str, chara
     pending = sum(s == "pending" for s in statuses.values())
     if pending:
         raise dg.Failure(f"{reader} reads {asset} {character}|{iteration}, where {pending} image(s) await human "
-                         f"review: run `{review_command(character, iteration, asset)}` (then open "
+                         f"review: run `{review_command(project, character, iteration, asset)}` (then open "
                          f"{review_url(character, iteration, asset)}) and decide them first")
     return statuses

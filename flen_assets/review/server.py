@@ -44,9 +44,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from flen_assets.review.store import STATUSES, Partition, ReviewStore, UnknownImage, review_command
+from flen_assets.review.store import STATUSES, Partition, ReviewStore, UnknownImage, apply_command, review_command
 from flen_resources.imaging import ImageRejected, decode_image
-from flen_resources.project import InvalidNameError, Project
+from flen_resources.project import InvalidNameError, Project, flen_command, iteration_number
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 TOKEN_HEADER = "X-Flen-Token"
@@ -278,11 +278,29 @@ def _index_html(project: Project, store: ReviewStore) -> str:
             f"<main class='index-main'>{table}</main></body></html>")
 
 
-def _review_html(part: Partition, token: str) -> str:
-    """One partition's review page, its config (and this server's token) embedded for review.js."""
+def _apply_text(project: Project, part: Partition) -> tuple[str, str]:
+    """(command, what follows it) that makes the page's decisions count: decisions are lineage rows,
+    and the published partition (its manifest, its check, the training set) takes them only when
+    materialized again."""
+    command = apply_command(project, part.character, part.iteration, part.asset)
+    if part.asset == "synthetic_batch":
+        nxt = f"v{iteration_number(part.iteration) + 1}"
+        return command, (f"then training set {nxt} takes the accepted generations: "
+                         f"{flen_command(project, 'iterate', part.character)}")
+    return command, "then the training set is built again with them"
+
+
+def _review_html(project: Project, store: ReviewStore, part: Partition, token: str) -> str:
+    """One partition's review page, its config (and this server's token) embedded for review.js.
+
+    It opens on the pending images, or on all of them when none is pending (an empty view would
+    greet the reviewer with nothing to look at)."""
+    apply, then = _apply_text(project, part)
     config = {"character": part.character, "iteration": part.iteration, "asset": part.asset,
               "api": f"/api/review/{part.character}/{part.iteration}/{part.asset}",
-              "command": review_command(part.character, part.iteration, part.asset), "token": token}
+              "command": review_command(project, part.character, part.iteration, part.asset),
+              "apply_command": apply, "apply_then": then,
+              "initial_status": "pending" if store.pending(part) else "all", "token": token}
     # Inside <script type=application/json>: escape '<' so no value can close the element.
     blob = json.dumps(config).replace("<", "\\u003c")
     return _asset_text("review.html", "templates").replace("__CONFIG__", blob).replace(
@@ -351,7 +369,7 @@ class ReviewApp:
             part = self.published(request)
         except Refused as refused:
             return refused.response
-        return HTMLResponse(_review_html(part, self.token), headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
+        return HTMLResponse(_review_html(self.project, self.store, part, self.token), headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
 
     def static(self, request: Request) -> Response:
         """review.js or review.css, from the fixed STATIC table (the URL names a key, never a path)."""

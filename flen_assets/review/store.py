@@ -30,6 +30,7 @@ from flen_resources.project import (
     MANIFEST,
     InvalidNameError,
     Project,
+    flen_command,
     iteration_number,
     validate_iteration,
     validate_slug,
@@ -71,9 +72,21 @@ def review_url(character: str, iteration: str, asset: str = "filtered_images", p
     return f"{base_url(host, port)}/review/{character}/{iteration}/{asset}"
 
 
-def review_command(character: str, iteration: str, asset: str = "filtered_images") -> str:
-    """The `flen review` command that serves a partition's page."""
-    return f"flen review {character} --iteration {iteration}" + (f" --asset {asset}" if asset != "filtered_images" else "")
+def review_command(project: Project, character: str, iteration: str, asset: str = "filtered_images") -> str:
+    """The `flen review` command (with --project) that serves a partition's page."""
+    return flen_command(project, "review", character, "--iteration", iteration,
+                        *(("--asset", asset) if asset != "filtered_images" else ()))
+
+
+def apply_command(project: Project, character: str, iteration: str, asset: str = "filtered_images") -> str:
+    """The command that makes a partition's review decisions count: decisions are lineage rows, read
+    when the reviewed asset (and what is downstream of it) is materialized again.
+
+    filtered_images and identity_reference: the training-set chain from that asset (`--from`);
+    synthetic_batch: the rest of the iteration from it (`--all`: edit triplets and the Qwen adapter
+    wait behind its blocking check), after which training set v(N+1) takes the accepted generations."""
+    return flen_command(project, "materialize", character, iteration,
+                        *(("--all",) if asset == "synthetic_batch" else ()), "--from", asset)
 
 
 @dataclass(frozen=True)
@@ -328,6 +341,9 @@ class ReviewStore:
             "failed_gates": failed, "reason": row.get("gate_reason") or row.get("reason") or "", "policy_status": policy_status,
             "policy_reason": row.get("policy_reason") or row.get("review") or "", "parents": parents,
             "file_missing": row["image_id"] not in paths,
+            # The status the published partition holds (its manifest): a human decision made since
+            # differs from it until the asset is materialized again (apply_command).
+            "published_status": row.get("review_status"),
         }
 
     # -- human decisions (read incrementally: only decision files this store has not seen) -------
@@ -437,12 +453,15 @@ class ReviewStore:
 
     @staticmethod
     def counts(items: Iterable[dict]) -> dict[str, int]:
-        """pending / accepted / rejected / all / gate_failed / human counts."""
+        """pending / accepted / rejected / all / gate_failed / human / unapplied counts (unapplied: images whose
+        status differs from the published partition's, decided since it was materialized)."""
         items = list(items)
         c = Counter(i["status"] for i in items)
         return {**{s: c.get(s, 0) for s in STATUSES}, "all": len(items),
                 "gate_failed": sum(not i["gate_passed"] for i in items),
-                "human": sum(i["decided_by"] == "human" for i in items)}
+                "human": sum(i["decided_by"] == "human" for i in items),
+                "unapplied": sum(i.get("published_status") is not None and i["status"] != i["published_status"]
+                                 for i in items)}
 
     def statuses(self, part: Partition) -> dict[str, str]:
         """image id -> accepted | rejected | pending for every candidate of the partition (exactly the

@@ -109,8 +109,9 @@ def test_a_character_with_photos_or_registered_is_known(astronaut):
 def test_a_skipped_iteration_is_refused_and_nothing_is_registered(astronaut):
     line = _error(_flen("materialize", "astronaut", "v3", "--all"))
     assert line == ("error: astronaut|v3 would skip an iteration: astronaut|v2 is not complete (its synthetic_batch "
-                    "is not published); did you mean v1? Complete it with `flen materialize astronaut v1 --all`, "
-                    "then `flen iterate astronaut` runs the next one")
+                    "is not published); did you mean v1? Complete it with `flen materialize astronaut v1 --all "
+                    f"--project {astronaut.root}`, then `flen iterate astronaut --project {astronaut.root}` runs "
+                    "the next one")
     assert _registered(astronaut) == ([], [])
     assert init_project(astronaut).get_runs() == []
 

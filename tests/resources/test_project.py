@@ -113,3 +113,15 @@ def test_latest_iteration_reads_the_published_pointers(tmp_path):
         (folder / name).write_text("outs: []\n")
     assert project.latest_iteration("alice") == 10
     assert project.latest_iteration("alice", asset="training_set") == 0
+
+
+def test_flen_command_names_the_project_and_quotes_each_part(tmp_path):
+    from flen_resources.project import flen_command
+
+    plain = Project(tmp_path / "proj")
+    assert flen_command(plain, "lineage", "alice", "v1") == f"flen lineage alice v1 --project {plain.root}"
+    odd = tmp_path / "my photos" / "it's"
+    line = flen_command(odd, "materialize", "alice", "v2", "--from", "filtered_images")
+    import shlex
+
+    assert shlex.split(line) == ["flen", "materialize", "alice", "v2", "--from", "filtered_images", "--project", str(odd)]

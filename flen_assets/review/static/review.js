@@ -7,7 +7,8 @@
   const PAGE = 120;
   const params = new URLSearchParams(location.search);
   const state = {
-    status: params.get("status") || "pending", gate: params.get("gate") || "any", sort: params.get("sort") || "order",
+    // No status in the URL: the server's pick (pending, or all when nothing is pending).
+    status: params.get("status") || cfg.initial_status || "pending", gate: params.get("gate") || "any", sort: params.get("sort") || "order",
     offset: 0, total: 0, items: [], cur: 0, counts: null, undo: [],
   };
   const $ = (id) => document.getElementById(id);
@@ -69,6 +70,24 @@
     for (const k of ["pending", "accepted", "rejected", "all", "gate_failed"]) {
       $("count-" + k).textContent = state.counts ? state.counts[k] : "–";
     }
+    renderApplyNote();
+  }
+
+  // Decisions are lineage rows: the published partition (and the training set) takes them only when
+  // the asset is materialized again. Say so, with the command, as soon as one differs from it.
+  function renderApplyNote() {
+    const n = state.counts ? state.counts.unapplied || 0 : 0;
+    $("apply-note").hidden = n === 0;
+    $("apply-count").textContent = `${n} decision${n === 1 ? "" : "s"}`;
+    $("apply-command").textContent = cfg.apply_command;
+    $("apply-then").textContent = cfg.apply_then ? "— " + cfg.apply_then + "." : "";
+  }
+
+  function emptyText() {
+    const where = `${cfg.character} ${cfg.iteration} · ${cfg.asset}`;
+    if (state.counts && state.counts.all === 0) return `${where} has no image to review.`;
+    if (state.status === "pending") return `Nothing pending in ${where}: every image is decided. Choose All, Accepted or Rejected to see them.`;
+    return "No image matches these filters.";
   }
 
   function tile(item, i) {
@@ -92,7 +111,7 @@
     const grid = $("grid");
     grid.replaceChildren();
     if (!state.items.length) {
-      grid.append(el("div", "empty", state.status === "pending" ? "Nothing pending here." : "No images match."));
+      grid.append(el("div", "empty", emptyText()));
     } else {
       const frag = document.createDocumentFragment();
       state.items.forEach((item, i) => frag.append(tile(item, i)));
@@ -115,8 +134,15 @@
     const img = $("current-image"), parents = $("parents"), facts = $("facts");
     parents.replaceChildren(); facts.replaceChildren();
     $("detail").dataset.id = item ? item.id : "";
-    if (!item) { img.removeAttribute("src"); $("current-caption").textContent = "nothing selected"; return; }
-    if (item.file_missing) img.removeAttribute("src"); else img.src = "/image/" + item.id;
+    // Never an <img> without a src (a broken-image icon): hidden until it has one.
+    const empty = $("detail-empty");
+    empty.hidden = !!item; empty.textContent = item ? "" : "No image in this view (see the list on the left).";
+    img.parentElement.hidden = !item; parents.hidden = !item;
+    if (!item) {
+      img.hidden = true; img.removeAttribute("src"); $("current-caption").textContent = ""; return;
+    }
+    if (item.file_missing) { img.hidden = true; img.removeAttribute("src"); }
+    else { img.src = "/image/" + item.id; img.hidden = false; }
     $("current-caption").textContent = item.file_missing ? item.title + " (file missing: decide by its facts)" : item.title;
     for (const p of item.parents) {
       if (p.kind === "image") {
@@ -259,6 +285,11 @@
   $("reject").addEventListener("click", () => run(() => decide("reject")));
   $("undo").addEventListener("click", () => run(undo));
   $("prev-page").addEventListener("click", () => run(prevPage));
+  $("apply-copy").addEventListener("click", () => {
+    const done = () => say("copied: " + cfg.apply_command);
+    if (navigator.clipboard) navigator.clipboard.writeText(cfg.apply_command).then(done, () => say("select the command to copy it"));
+    else say("select the command to copy it");
+  });
   $("next-page").addEventListener("click", () => run(nextPage));
   run(() => load(0));
 })();

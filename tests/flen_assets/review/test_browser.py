@@ -181,3 +181,101 @@ def test_pages_with_the_keyboard(driver, review_server):
     press(driver, "j")
     wait(driver, lambda d: current_id(d) == ids[120])
     assert text(driver, "page-info") == "119–128 of 128 · page 2/2"
+
+
+SHOWN_IMAGES = ("return [...document.images].filter(i => i.offsetParent !== null)"
+                ".map(i => [i.id, i.getAttribute('src') || '', i.complete && i.naturalWidth > 0]);")
+
+
+def shoot(drv, project, name: str) -> None:
+    """A screenshot in the project (and in $FLEN_SCREENSHOT_DIR when set, to look at)."""
+    folders = [project.root] + ([Path(os.environ["FLEN_SCREENSHOT_DIR"])] if os.environ.get("FLEN_SCREENSHOT_DIR") else [])
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        drv.save_screenshot(str(folder / name))
+    assert (project.root / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _publish_decisions(project, iteration: str) -> None:
+    """What materializing filtered_images again does to the page: the manifest holds the human verdicts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    part = Partition.of("filtered_images", "bench", iteration)
+    statuses = ReviewStore(project).statuses(part)
+    path = project.partition_dir("filtered_images", "bench", iteration) / "manifest.parquet"
+    rows = [{**r, "review_status": statuses[r["image_id"]], "accepted": statuses[r["image_id"]] == "accepted"}
+            for r in pq.read_table(path).to_pylist()]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_decisions_say_how_to_apply_them_and_nothing_pending_opens_on_all(driver, review_server):
+    """Issue 13: a decision shows the command that applies it (with --project); a partition with nothing
+    pending opens on its images, not on an empty Pending view with a broken image."""
+    from selenium.webdriver.common.by import By
+
+    url, project, ids = review_server
+    open_page(driver, url + PAGE)
+    assert not driver.find_element(By.ID, "apply-note").is_displayed(), "no decision yet, nothing to apply"
+    press(driver, "a")
+    wait(driver, lambda d: d.find_element(By.ID, "apply-note").is_displayed())
+    note = text(driver, "apply-note")
+    command = f"flen materialize bench v1 --from filtered_images --project {project.root}"
+    assert text(driver, "apply-command") == command
+    assert note.startswith("1 decision not applied yet") and "then the training set is built again" in note, note
+    shoot(driver, project, "review-apply-note.png")
+
+    # Every image decided (the bulk accepts the rest): the Pending view says so, in words, and shows no image.
+    driver.find_element(By.ID, "bulk-score").clear()
+    driver.find_element(By.ID, "bulk-score").send_keys("2")
+    driver.find_element(By.ID, "bulk-apply").click()
+    wait(driver, lambda d: text(d, "count-pending") == "0")
+    wait(driver, lambda d: "40 decisions not applied yet" in text(d, "apply-note"))
+    said = "Nothing pending in bench v1 · filtered_images: every image is decided. Choose All, Accepted or Rejected"
+    assert driver.find_element(By.CSS_SELECTOR, "#grid .empty").text.startswith(said)
+    assert text(driver, "detail-empty") == "No image in this view (see the list on the left)."
+    assert not driver.find_element(By.ID, "current-image").is_displayed()
+    assert driver.execute_script(SHOWN_IMAGES) == [], "no <img> shown without an image to show"
+    shoot(driver, project, "review-pending-done.png")
+
+    # Applied (the asset materialized again): reopened without a status, the page shows all the images.
+    _publish_decisions(project, "v1")
+    driver.find_element(By.TAG_NAME, "body").click()
+    open_page(driver, url + PAGE)
+    assert "status=all" in driver.current_url
+    assert len(driver.find_elements(By.CSS_SELECTOR, ".tile")) == 40
+    assert not driver.find_element(By.ID, "apply-note").is_displayed(), "every decision is in the published partition"
+    wait(driver, lambda d: d.execute_script(
+        "const i = document.getElementById('current-image'); return !i.hidden && i.complete && i.naturalWidth > 0"))
+    assert all(src for _, src, _ in driver.execute_script(SHOWN_IMAGES)), "every shown <img> has a src"
+    shoot(driver, project, "review-nothing-pending.png")
+
+
+def test_an_empty_partition_shows_a_message_not_a_broken_image(driver, review_server):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from selenium.webdriver.common.by import By
+
+    url, project, _ = review_server
+    folder = project.partition_dir("filtered_images", "bench", "v2")  # published, with no candidate
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"image_id": pa.array([], pa.string())}), folder / "manifest.parquet")
+    open_page(driver, url + "/review/bench/v2/filtered_images")
+    assert driver.find_element(By.CSS_SELECTOR, "#grid .empty").text == "bench v2 · filtered_images has no image to review."
+    assert text(driver, "detail-empty") == "No image in this view (see the list on the left)."
+    assert driver.execute_script(SHOWN_IMAGES) == []
+    assert not driver.find_element(By.ID, "apply-note").is_displayed()
+    shoot(driver, project, "review-empty.png")
+
+
+@pytest.mark.parametrize("asset, iteration, command, then", [
+    ("synthetic_batch", "v1", "flen materialize bench v1 --all --from synthetic_batch",
+     "then training set v2 takes the accepted generations: flen iterate bench"),
+    ("identity_reference", "v3", "flen materialize bench v3 --from identity_reference",
+     "then the training set is built again with them"),
+])
+def test_the_apply_command_follows_the_asset(project, asset, iteration, command, then):
+    from flen_assets.review.server import _apply_text
+
+    got = _apply_text(project, Partition.of(asset, "bench", iteration))
+    assert got == (f"{command} --project {project.root}", then + (f" --project {project.root}" if "iterate" in then else ""))

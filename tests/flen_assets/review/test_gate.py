@@ -58,8 +58,17 @@ def test_required_policy_stops_at_the_gate(gated):
     assert meta["pending"].value == len(pending) and meta["review_policy"].value == "required"
     check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [dg.AssetCheckKey(dg.AssetKey("filtered_images"), "review_complete")])
-    evaluation = next(iter(check.values())).event.dagster_event.event_specific_data
+    record = next(iter(check.values()))
+    evaluation = record.event.dagster_event.event_specific_data
     assert not evaluation.passed and evaluation.metadata["pending"].value == len(pending)
+    # The UI lists the evaluation under its partition, and every command it shows names the project.
+    assert record.partition == evaluation.partition == "astronaut|v1"
+    where = f"--project {project.root}"
+    assert f"`flen review astronaut --iteration v1 {where}`" in evaluation.description
+    assert f"`flen materialize astronaut v1 --from filtered_images {where}`" in evaluation.description
+    assert meta["review_command"].value == f"`flen review astronaut --iteration v1 {where}`"
+    assert f"flen review astronaut --iteration v1 {where}" in first.stdout
+    assert f"flen materialize astronaut v1 --all --from filtered_images {where}" in first.stdout
 
 
 def test_decisions_on_the_page_open_the_gate(gated):
@@ -74,6 +83,7 @@ def test_decisions_on_the_page_open_the_gate(gated):
         assert session.post(f"{api}/bulk", json={"decision": "accept", "side": "below", "score": 9.0},
                              timeout=60).ok
     assert store.pending(PART) == 0
+    assert store.counts(store.items(PART))["unapplied"] == len(pending), "decided, not yet materialized"
     second = run_flen("materialize", "astronaut", "v1", "--config", str(config), project=project.root, check=False)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     rows = pq.read_table(project.partition_dir("filtered_images", "astronaut", "v1") / "manifest.parquet").to_pylist()
@@ -83,6 +93,7 @@ def test_decisions_on_the_page_open_the_gate(gated):
     training = pq.read_table(project.partition_dir("training_set", "astronaut", "v1") / "manifest.parquet").to_pylist()
     enriched = {r["image_id"] for r in training if r["origin"] == "enriched"}
     assert enriched == {i["id"] for i in pending[1:]}, "the training set takes exactly the human-accepted edits"
+    assert store.counts(store.items(PART))["unapplied"] == 0, "materialized again: every decision is applied"
     lineage = LineageStore(project.lineage_dir)
     history = lineage.rows(
         "SELECT count(*) AS n FROM decisions WHERE source = 'human' AND image_id = $i", {"i": rejected_id})

@@ -28,7 +28,7 @@ def test_candidates_have_parents_and_facts(review_project):
     assert store.image_path(first["parents"][0]["id"]).is_file()
     assert first["operation"] == "mirror" and first["distance"] == pytest.approx(0.2)
     assert store.counts(items) == {"pending": 40, "accepted": 0, "rejected": 0, "all": 40, "gate_failed": 0,
-                                   "human": 0}
+                                   "human": 0, "unapplied": 0}
 
 
 def test_latest_decision_wins_and_history_is_kept(review_project):
