@@ -19,6 +19,7 @@ from flen_assets.dagster_resources import ProjectResource, RunSettingsResource
 from flen_assets.instance import describe_run, run_state, runs_ahead
 from flen_assets.visuals import Tile, contact_sheet, markdown_thumbnail, save_sheet
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
+from flen_resources.evaluation import is_missing, not_available
 from flen_resources.lineage import LineageStore, to_json, utcnow
 from flen_resources.project import CONTACT_SHEET, MANIFEST, Project, flen_command, iteration_number
 from flen_resources.run_settings import RunSettingsError, fill_knobs, refuse_misfit
@@ -171,13 +172,19 @@ def write_manifest(rows: Sequence[Mapping[str, Any]], folder: Path, schema: pa.S
     return path
 
 
+def readable_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Metadata as the Dagster UI should show it: a float without a value (NaN, which the UI shows as a
+    blank cell) becomes text saying why, e.g. mean_distance -> 'n/a (no face found)'."""
+    return {k: dg.MetadataValue.text(not_available(k)) if is_missing(v) else v for k, v in metadata.items()}
+
+
 def publish(run: PartitionRun, project: ProjectResource, staged: Path, *, params: Mapping[str, Any],
             models: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,
-            sheet: list[Tile] | None = None) -> dg.Output:
+            sheet: list[Tile] | None = None, sheet_columns: int = 6) -> dg.Output:
     """Publish a staged folder with DVC, record the run and artifact in lineage, return the Output."""
-    meta: dict[str, Any] = dict(metadata or {})
+    meta: dict[str, Any] = readable_metadata(metadata or {})
     if sheet:
-        img = contact_sheet(sheet)
+        img = contact_sheet(sheet, columns=sheet_columns)
         save_sheet(img, staged / CONTACT_SHEET)
         meta["contact_sheet"] = dg.MetadataValue.md(markdown_thumbnail(img))
     if run.settings:

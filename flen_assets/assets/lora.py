@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import dagster as dg
 from PIL import Image
@@ -13,6 +12,7 @@ from flen_assets.assets.common import (
     partition_asset,
     partition_check,
     publish,
+    readable_metadata,
     write_manifest,
 )
 from flen_assets.assets.gating import ImageJudge, review_policy
@@ -25,13 +25,21 @@ from flen_assets.dagster_resources import (
 )
 from flen_assets.partitions import character_iteration
 from flen_assets.review.gate import human_decisions, review_check, review_metadata
-from flen_assets.visuals import Tile, markdown_thumbnail
+from flen_assets.visuals import Tile, labelled_grid, markdown_thumbnail
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
 from flen_resources.atomic import write_text_atomic
+from flen_resources.evaluation import compare_consistency, format_metric, metrics_table, plot_history, short_prompt
 from flen_resources.identity import GateSettings, Reference, score_generations
 from flen_resources.imaging import save_png
 from flen_resources.lineage import to_json, utcnow
-from flen_resources.project import FLUX_LORA_COMFYUI_FILE, FLUX_LORA_FILE, LOSS_CURVE
+from flen_resources.project import (
+    EVAL_EVOLUTION,
+    EVAL_HISTORY,
+    FLUX_LORA_COMFYUI_FILE,
+    FLUX_LORA_FILE,
+    LOSS_CURVE,
+    MANIFEST,
+)
 
 GROUP = "lora"
 
@@ -102,9 +110,13 @@ def _trigger(training_set_rows: list[dict], character: str) -> str:
     return caption.removeprefix("photo of ").split(",")[0] or f"{character}_flen"
 
 
+NOT_WORSE_RULE = ("Identity consistency of vN is at least that of v(N-1) (v1: nothing to compare). 0% never passes, "
+                  "not even against 0%: no generated face matches the character, so the LoRA has not learned it yet. "
+                  "A failure is a warning: it does not stop the flywheel.")
+
+
 @partition_asset(GROUP, pool="gpu", check_specs=[
-    partition_check("not_worse_than_previous", "lora_eval",
-                    "Identity consistency of vN is at least that of v(N-1)."),
+    partition_check("not_worse_than_previous", "lora_eval", NOT_WORSE_RULE),
     partition_check("meets_target", "lora_eval",
                     "Identity consistency reaches the target (70% by default)."),
 ])
@@ -114,50 +126,147 @@ def lora_eval(context: dg.AssetExecutionContext, config: EvalConfig, project: Pr
               identity_reference: PartitionFolder, training_set: PartitionFolder):
     """A fixed prompt x seed grid generated with LoRA vN: identity-consistency rate (share of images
     whose face matches the reference within the threshold), face-detected rate, mean distance and
-    diversity, a contact sheet, and the metrics of every iteration so far as a plot."""
+    diversity; a contact sheet (a row per prompt, with a LoRA-off column: the first seed at LoRA weight
+    0, i.e. the base model); the metrics of every iteration so far as a plot and a table; and the same
+    prompts and seeds of every iteration so far as one grid (evolution.png)."""
     run = PartitionRun.start(context, project)
     config = run.sized(config, run_settings)
     reference = Reference.load(identity_reference.path)
     trigger = _trigger(training_set.rows(), run.character)
     gen = generator.get()
-    images, rows, tiles = [], [], []
+    lora = flux_lora.path / FLUX_LORA_FILE
+    shape = {"width": config.size, "height": config.size, "steps": config.steps}
+    images, rows, off_images, off_rows = [], [], [], []
     for template in config.prompts:
         prompt = template.format(trigger=trigger)
-        for out in gen.generate(prompt, config.seeds, lora=flux_lora.path / FLUX_LORA_FILE,
-                                lora_weight=config.lora_weight, width=config.size, height=config.size,
-                                steps=config.steps):
+        for out in gen.generate(prompt, config.seeds, lora=lora, lora_weight=config.lora_weight, **shape):
             images.append(out.image)
             rows.append({"prompt": prompt, "seed": out.seed, "model": out.model, "lora_weight": config.lora_weight})
+        # The LoRA-off column: the same prompt and first seed with the LoRA at weight 0, i.e. the base model.
+        # The LoRA stays loaded (only its weight changes); these images are for the sheet, not the metrics.
+        for out in gen.generate(prompt, config.seeds[:1], lora=lora, lora_weight=0.0, **shape):
+            off_images.append(out.image)
+            off_rows.append({"prompt": prompt, "seed": out.seed, "model": out.model, "lora_weight": 0.0})
     metrics, scored = score_generations(images, faces.analyzer, reference)
+    _, off_scored = score_generations(off_images, faces.analyzer, reference)
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
     (staged / "images").mkdir()
     for i, (img, row, score) in enumerate(zip(images, rows, scored)):
         img.save(staged / "images" / f"{i:03d}.png")
         row.update(file=f"images/{i:03d}.png", **score)
-        label = f"s{row['seed']} " + ("same" if score["same_person"] else ("no face" if not score["face"] else
-                                                                         f"d={score['distance']:.2f}"))
-        tiles.append(Tile(img, label, score["same_person"]))
+    if off_images:
+        (staged / "lora_off").mkdir()
+    for i, (img, row, score) in enumerate(zip(off_images, off_rows, off_scored)):
+        img.save(staged / "lora_off" / f"{i:03d}.png")
+        row.update(file=f"lora_off/{i:03d}.png", **score)
     write_manifest(rows, staged)
+    (staged / "lora_off.json").write_text(json.dumps(off_rows, indent=1))
     (staged / "metrics.json").write_text(json.dumps(metrics, indent=1))
     run.lineage.append("metrics", [run.stamp(name=k, value=float(v), recorded_at=utcnow()) for k, v in metrics.items()])
     history = _history(run, metrics)
-    # The partition's plot stops at this iteration: re-materializing v1 after v2 exists gives the same content.
+    # The partition's plot, table and grid stop at this iteration: re-materializing v1 after v2 exists
+    # gives the same content.
     upto = [h for h in history if int(h["iteration"][1:]) <= int(run.iteration[1:])]
-    _plot_history(upto, staged / "history.png", run.character)
+    plot_history(upto, staged / EVAL_HISTORY, run.character, config.target_consistency)
+    evolution, evolution_inputs = _evolution(run, upto, rows, images, trigger)
+    evolution.save(staged / EVAL_EVOLUTION, format="PNG")
     previous = [h for h in history if h["iteration"] == run.previous_iteration()]
     consistency = metrics["identity_consistency"]
-    yield publish(run, project, staged, params=config.model_dump(), models={"generator": gen.model_id()},
+    yield publish(run, project, staged,
+                  params={**config.model_dump(), **({"evolution_inputs": evolution_inputs} if evolution_inputs else {})},
+                  models={"generator": gen.model_id()},
                   metadata={**{k: round(v, 4) for k, v in metrics.items()}, "images": len(images),
-                            "threshold": reference.threshold, "history": dg.MetadataValue.md(markdown_thumbnail(
-                                Image.open(staged / "history.png"), alt="metrics across iterations"))},
-                  sheet=tiles)
+                            "threshold": reference.threshold,
+                            "metrics_by_iteration": dg.MetadataValue.md(metrics_table(upto)),
+                            "history": dg.MetadataValue.md(markdown_thumbnail(
+                                Image.open(staged / EVAL_HISTORY), alt="metrics across iterations")),
+                            "evolution": dg.MetadataValue.md(markdown_thumbnail(
+                                evolution, width=min(evolution.width, 1600), alt="the same prompts and seeds per iteration")),
+                            "evolution_path": dg.MetadataValue.path(
+                                str(run.project.partition_dir(run.asset, run.character, run.iteration) / EVAL_EVOLUTION))},
+                  sheet=_sheet_tiles(rows, images, off_rows, off_images, trigger),
+                  sheet_columns=len(config.seeds) + (1 if off_images else 0))
     prev_value = previous[-1]["identity_consistency"] if previous else None
+    verdict = compare_consistency(consistency, prev_value, run.iteration, run.previous_iteration())
     yield dg.AssetCheckResult(check_name="not_worse_than_previous", severity=dg.AssetCheckSeverity.WARN,
-                              passed=prev_value is None or consistency >= prev_value,
-                              metadata={"this": consistency, "previous": prev_value if prev_value is not None else -1.0})
+                              passed=verdict.passed, description=verdict.message,
+                              metadata=readable_metadata({
+                                  "this": consistency, "verdict": verdict.message,
+                                  "previous": prev_value if prev_value is not None else dg.MetadataValue.text(
+                                      f"n/a (no evaluation of {run.previous_iteration()})" if run.previous_iteration()
+                                      else "n/a (v1 has no previous iteration)")}))
     yield dg.AssetCheckResult(check_name="meets_target", severity=dg.AssetCheckSeverity.WARN,
                               passed=consistency >= config.target_consistency,
                               metadata={"identity_consistency": consistency, "target": config.target_consistency})
+
+
+def _verdict(score: dict) -> str:
+    """A generated image's identity verdict, for a tile: 'match d=0.41', 'other d=0.83', 'no face'."""
+    if not score["face"]:
+        return "no face"
+    return f"{'match' if score['same_person'] else 'other'} d={score['distance']:.2f}"
+
+
+def _sheet_tiles(rows: list[dict], images: list, off_rows: list[dict], off_images: list, trigger: str) -> list[Tile]:
+    """The contact sheet's tiles, a row per prompt: each seed with the LoRA, then the LoRA-off tile (neutral
+    border: not counted). Every label names the prompt, the seed and the verdict."""
+    tiles: list[Tile] = []
+    for prompt in dict.fromkeys(r["prompt"] for r in rows):
+        label = short_prompt(prompt, trigger)
+        tiles += [Tile(img, f"{label}\ns{r['seed']}: {_verdict(r)}", r["same_person"])
+                  for r, img in zip(rows, images) if r["prompt"] == prompt]
+        tiles += [Tile(img, f"{label}\nLoRA off s{r['seed']}: {_verdict(r)}")
+                  for r, img in zip(off_rows, off_images) if r["prompt"] == prompt]
+    return tiles
+
+
+def _evolution(run: PartitionRun, history: list[dict], rows: list[dict], images: list,
+               trigger: str) -> tuple[Image.Image, list[dict]]:
+    """The grid of the same prompts and seeds per iteration (rows v1..vN, columns prompt x seed), from each
+    earlier iteration's published lora_eval folder; and which folders it read (iteration, DVC md5)."""
+    columns = [(r["prompt"], r["seed"]) for r in rows]
+    grid, labels, inputs = [], [], []
+    for h in history:
+        iteration = h["iteration"]
+        if iteration == run.iteration:
+            cells = {(r["prompt"], r["seed"]): Tile(img, _verdict(r), r["same_person"]) for r, img in zip(rows, images)}
+        else:
+            cells = _published_cells(run, iteration, inputs)
+        grid.append([cells.get(key) for key in columns] if cells is not None else
+                    [Tile(None, f"{iteration} not available")] * len(columns))
+        labels.append(f"{iteration}\n{format_metric('identity_consistency', h.get('identity_consistency'))} match")
+    # The prompt heads the first of its seeds' columns and runs on over the others.
+    heads = [f"{short_prompt(p, trigger) if i == 0 or columns[i - 1][0] != p else ''}\ns{s}"
+             for i, (p, s) in enumerate(columns)]
+    grid_image = labelled_grid(grid, labels, heads, thumb=96,
+                               title=f"{run.character}: the same prompts and seeds per iteration "
+                                     "(green: matches the character; red: another face or none)")
+    return grid_image, inputs
+
+
+def _published_cells(run: PartitionRun, iteration: str, inputs: list[dict]) -> dict | None:
+    """{(prompt, seed): Tile} of an earlier iteration's published evaluation, None when it cannot be read."""
+    import pyarrow.parquet as pq
+
+    from flen_resources.storage import DvcError, DvcStore, PartitionMissing
+
+    try:
+        path, md5 = DvcStore(run.project).published(run.asset, run.character, iteration)
+        manifest = pq.read_table(path / MANIFEST).to_pylist()
+    except (PartitionMissing, DvcError, OSError) as exc:
+        if run.context is not None:
+            run.context.log.warning(f"evolution grid: {run.asset} {run.character}|{iteration} not read: {exc}")
+        return None
+    inputs.append({"asset": run.asset, "iteration": iteration, "dvc_md5": md5})
+    cells = {}
+    for r in manifest:
+        try:
+            img = Image.open(path / r["file"])
+            img.load()
+        except OSError:
+            img = None
+        cells[(r["prompt"], r["seed"])] = Tile(img, _verdict(r), r["same_person"])
+    return cells
 
 
 def _history(run: PartitionRun, current: dict) -> list[dict]:
@@ -177,26 +286,6 @@ def _history(run: PartitionRun, current: dict) -> list[dict]:
     lines = [",".join(keys)] + [",".join(str(h.get(k, "")) for k in keys) for h in history]
     write_text_atomic(report, "\n".join(lines) + "\n")
     return history
-
-
-def _plot_history(history: list[dict], path: Path, character: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = [h["iteration"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3), dpi=110)
-    for key, colour in (("identity_consistency", "#1f4e79"), ("face_detected_rate", "#7aa6c2")):
-        ax.plot(xs, [h.get(key, float("nan")) for h in history], marker="o", color=colour, label=key)
-    ax.axhline(0.7, color="#c0392b", linestyle="--", linewidth=1, label="target 70%")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title(f"{character}: LoRA evaluation per iteration")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 class SyntheticConfig(dg.Config):
