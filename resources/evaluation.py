@@ -105,10 +105,16 @@ def metrics_table(history: Sequence[Mapping[str, Any]], extra_rows: Sequence[tup
     """
     versions = [h["iteration"] for h in history]
     lines = ["| metric | " + " | ".join(versions) + " |", "|---|" + "---:|" * len(versions)]
+    missing: list[str] = []  # the rows with an 'n/a' cell: why, once, under the table (the cells stay narrow)
     for key, label in TABLE_ROWS:
-        lines.append(f"| {label} | " + " | ".join(format_metric(key, h.get(key)) for h in history) + " |")
+        cells = [format_metric(key, h.get(key)) for h in history]
+        if any(c.startswith("n/a") for c in cells):
+            missing.append(f"{label}: {NOT_AVAILABLE.get(key, 'no value')}")
+        lines.append(f"| {label} | " + " | ".join("n/a" if c.startswith("n/a") else c for c in cells) + " |")
     for label, cells in extra_rows:
         lines.append(f"| {label} | " + " | ".join(cells.get(v, "") for v in versions) + " |")
+    if missing:
+        lines += ["", "n/a: " + "; ".join(missing)]
     return "\n".join(lines)
 
 
