@@ -13,18 +13,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from test_ui_launch import (  # noqa: F401  (driver and shots are fixtures)
-    Ui,
-    _dismiss_welcome,
-    _free_port,
-    _start,
-    _stop,
-    _until,
-    _visible,
-    _wait_ready,
-    driver,
-    shots,
-)
+import test_ui_launch as launch
+from test_ui_launch import Ui, _dismiss_welcome, _free_port, _start, _stop, _until, _visible, _wait_ready
+
+driver = launch.driver  # the module-scoped browser and screenshot folder of the launch tests
+shots = launch.shots
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name != "posix", reason="process groups are POSIX")]
 

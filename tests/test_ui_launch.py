@@ -285,9 +285,13 @@ def _until(drv, predicate, timeout: float = 30):
 
 
 def _visible(drv, xpath: str):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    return next((e for e in drv.find_elements(By.XPATH, xpath) if e.is_displayed()), None)
+    try:
+        return next((e for e in drv.find_elements(By.XPATH, xpath) if e.is_displayed()), None)
+    except StaleElementReferenceException:  # the page re-rendered between finding and asking: not yet
+        return None
 
 
 def _button(drv, label: str, prefix: bool = False, timeout: float = 30):
@@ -351,8 +355,10 @@ def test_ui_materializes_a_partition_then_a_backfill_of_two_iterations_in_order(
     _until(driver, lambda d: _visible(d, "//*[normalize-space()='Launch runs to materialize source_images']") is None)
     # The backfill while it runs: v2 and v3 wait for v1 (their runs are queued or not yet made).
     running = get_instance(ui.project).get_backfills(limit=1)[0]
-    driver.get(f"{ui.url}/runs/b/{running.backfill_id}?tab=partitions")
+    driver.get(f"{ui.url}/runs/b/{running.backfill_id}?tab=overview")
     _until(driver, lambda d: _visible(d, "//*[normalize-space()='In progress']"))
+    _until(driver, lambda d: _visible(d, "//*[normalize-space()='Asset name']"), timeout=60)  # its partitions table
+    time.sleep(1)
     driver.save_screenshot(str(shots / "ui-backfill-running.png"))
 
     records = _wait_for_runs(ui, "astronaut", ITERATIONS)
