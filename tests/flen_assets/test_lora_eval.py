@@ -8,14 +8,11 @@ import json
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_flen, shared_project
 from PIL import Image
 
 from flen_assets.assets.common import readable_metadata
 from flen_assets.assets.lora import EvalConfig, _sheet_tiles
-from flen_assets.demo_data import write_sample_inbox
 from flen_assets.instance import get_instance
-from flen_assets.runs import DEMO_RUN_CONFIG, init_project
 from flen_assets.visuals import NEUTRAL, REJECT, contact_sheet, labelled_grid
 from flen_resources.project import CONTACT_SHEET, EVAL_EVOLUTION, EVAL_HISTORY
 
@@ -69,21 +66,8 @@ def test_labelled_grid_has_a_row_per_version_and_an_empty_cell_for_what_was_not_
     assert REJECT in set(two.getdata())
 
 
-# -- a real run: v1 and v2 of the sample character on the tiny pack ------------------------------
-
-@pytest.fixture(scope="module")
-def demo_project(tmp_path_factory):
-    """astronaut|v1 and |v2 through the whole flywheel with the demo's settings, except the classic
-    enrichment recipe (no Qwen edits: minutes faster than `flen demo`; lora_eval runs the same)."""
-    with shared_project(tmp_path_factory, "loraeval") as project:
-        init_project(project)
-        write_sample_inbox(project.inbox_for("astronaut"))
-        config = project.root / "run.json"
-        config.write_text(json.dumps({**DEMO_RUN_CONFIG, "ops": {"enriched_images": {"config": {"recipe": "classic"}}}}))
-        for iteration in ("v1", "v2"):
-            run_flen("materialize", "astronaut", iteration, "--all", "--config", str(config), project=project.root)
-        yield project
-
+# -- a real run: `flen demo`'s v1 and v2 of the sample character on the tiny pack (conftest's demo_project) ----
+# (v1 re-materialized after v2 keeps its lora_eval md5: test_flywheel.py's whole-iteration rerun checks it.)
 
 def _materialization(project, partition: str) -> dict:
     instance = get_instance(project)
@@ -150,19 +134,3 @@ def test_zero_against_zero_is_a_warning_that_says_why(demo_project):
     assert not v2.passed and v2.severity == dg.AssetCheckSeverity.WARN
     v1 = by_message["0% of images match the character in v1: the LoRA has not learned the character yet"]
     assert not v1.passed and v1.metadata["previous"].value == "n/a (v1 has no previous iteration)"
-
-
-@pytest.mark.slow
-def test_rematerializing_v1_after_v2_gives_the_same_evaluation(demo_project):
-    """The LoRA-off images, the plot, the table and the grid of v1 stop at v1: the same DVC md5 after v2 exists."""
-    from flen_resources.lineage import LineageStore
-
-    def md5() -> str:
-        return LineageStore(demo_project.lineage_dir).rows(
-            "SELECT dvc_md5 FROM latest_artifacts WHERE asset='lora_eval' AND character='astronaut' "
-            "AND iteration='v1'")[0]["dvc_md5"]
-
-    before = md5()
-    run_flen("materialize", "astronaut", "v1", "--all", "--config", str(demo_project.root / "run.json"),
-             project=demo_project.root)
-    assert md5() == before
