@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/setup-browser.sh
 .venv/bin/ruff check --quiet .  # the lint rules in pyproject.toml: a finding fails the run like a test
-exec .venv/bin/python -m pytest "$@"
+# --durations: the slowest tests, for keeping the suite (and CI) short
+exec .venv/bin/python -m pytest --durations=25 "$@"
