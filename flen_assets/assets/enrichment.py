@@ -16,6 +16,7 @@ from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder
 from flen_resources.imaging import save_png
 from flen_resources.lineage import to_json, utcnow
+from flen_resources.recipe_report import recipe_report, report_markdown
 
 GROUP = "enrichment"
 ADAPTER_LORA = "qwen-adapter"  # the LoRA name of qwen_adapter v(N-1) in the editor's stack
@@ -121,5 +122,8 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
                    models={"editors": models, **({"qwen_adapter": adapter_info} if adapter_info else {})},
                    metadata={"edits": len(rows), "sources": len(sources), "recipe": f"{recipe.name} v{recipe.version}",
                              "models": ", ".join(models),
-                             "qwen_adapter": dg.MetadataValue.json(adapter_info) if adapter_info else "none (v1)"},
+                             "qwen_adapter": dg.MetadataValue.json(adapter_info) if adapter_info else "none (v1)",
+                             # how each entry fared in this character's gated iterations so far
+                             "recipe_entries_so_far": dg.MetadataValue.md(report_markdown(
+                                 recipe_report(run.project, [run.character])))},
                    sheet=tiles)
