@@ -14,7 +14,7 @@ from pathlib import Path
 
 import duckdb
 
-from flen_resources.project import MANIFEST, Project
+from flen_resources.project import ITERATION_RE, MANIFEST, Project, iteration_number
 
 # One row per gated edit of the published filtered_images partitions, with its recipe entry.
 EDITS_SQL = """
@@ -73,6 +73,19 @@ def entry_stats(filtered: Sequence[Path], enriched: Sequence[Path], across: bool
     return [_stats(key, rows) for key, rows in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0])))]
 
 
+def entry_pass_rates(project: Project, character: str, before: int) -> dict[str, tuple[float, int]]:
+    """Each recipe entry's identity pass rate for `character` over its published gated edits of the iterations
+    before v`before`, and their count (a rerun of vN reads what the first run read)."""
+    stats = entry_stats(_manifests(project, "filtered_images", [character], before),
+                        _manifests(project, "enriched_images", [character], before), across=True)
+    records: dict[str, tuple[float, int]] = {}
+    for s in stats:  # one row per LoRA stack: weigh them into one rate per entry
+        rate, edits = records.get(s.recipe_id, (0.0, 0))
+        total = edits + s.edits
+        records[s.recipe_id] = ((rate * edits + s.identity_pass_rate * s.edits) / total, total)
+    return records
+
+
 def lora_stack(adapters_json: str) -> str:
     """The LoRA stack of an edit as `name weight + ...` (versions left out: they change every iteration)."""
     stack = json.loads(adapters_json or "[]")
@@ -91,11 +104,12 @@ def _stats(key: tuple, rows: list[dict]) -> EntryStats:
                       mean_distance=sum(distances) / len(distances) if distances else None)
 
 
-def _manifests(project: Project, asset: str, characters: Sequence[str]) -> list[Path]:
-    """The manifests of `asset`'s published partitions (of `characters`, or of all)."""
+def _manifests(project: Project, asset: str, characters: Sequence[str], before: int | None = None) -> list[Path]:
+    """The manifests of `asset`'s published partitions (of `characters`, or of all; of iterations before v`before`)."""
     root = project.data_dir / asset
     folders = [root / c for c in characters] if characters else sorted(p for p in root.glob("*") if p.is_dir())
-    return [m for f in folders for m in sorted(f.glob(f"v*/{MANIFEST}"))]
+    found = [m for f in folders for m in sorted(f.glob(f"v*/{MANIFEST}")) if ITERATION_RE.match(m.parent.name)]
+    return [m for m in found if before is None or iteration_number(m.parent.name) < before]
 
 
 def report_markdown(stats: Sequence[EntryStats]) -> str:

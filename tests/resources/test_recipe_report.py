@@ -69,3 +69,12 @@ def test_the_markdown_table_says_why_a_cell_is_empty(project):
     assert "n/a (none reviewed)" in table
     assert report_markdown([]) == "no gated edits yet"
     assert lora_stack("[]") == "none"
+
+
+def test_pass_rates_for_pruning_read_only_earlier_iterations(project):
+    from flen_resources.recipe_report import entry_pass_rates
+
+    assert entry_pass_rates(project, "alice", before=2) == {"left-45": (0.5, 2), "mirror": (0.5, 2)}
+    rates = entry_pass_rates(project, "alice", before=3)  # v1 and v2: left-45's two stacks weighed together
+    assert rates["left-45"] == (pytest.approx(2 / 3), 3)
+    assert entry_pass_rates(project, "alice", before=1) == {}
