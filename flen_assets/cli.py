@@ -10,7 +10,17 @@ from typing import Annotated
 
 import typer
 
-from flen_assets.commands import characters, iterations, lineage, materialize, models, project, review, train
+from flen_assets.commands import (
+    characters,
+    iterations,
+    lineage,
+    materialize,
+    models,
+    project,
+    recipes,
+    review,
+    train,
+)
 from flen_assets.commands.common import FlenGroup
 
 app = typer.Typer(help="FLENwheel: a handful of photos -> a faithful, versioned FLUX LoRA.", no_args_is_help=True,
@@ -31,6 +41,7 @@ def options(debug: Annotated[bool, typer.Option(
 app.add_typer(characters.app, name="character")
 app.add_typer(iterations.app, name="iteration")
 app.add_typer(models.app, name="models")
+app.add_typer(recipes.app, name="recipes")
 app.add_typer(train.app, name="train")
 # In this order in `flen --help` (the groups above are listed after the commands).
 for command in (project.init, review.review, materialize.materialize, lineage.lineage, lineage.sql, lineage.versions,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources as pkg_resources
 from pathlib import Path
 from typing import Any
@@ -64,12 +64,63 @@ def _entry(path: Path, index: int, item: dict[str, Any], recipe_editor: str) -> 
 
 
 @dataclass(frozen=True)
+class PruneRule:
+    """The opt-in `[prune]` table: entries whose edits of this character passed the identity gate less often
+    than `min_pass_rate` in earlier iterations (over at least `min_edits`) are dropped, or down-weighted:
+    their LoRA weights times `factor` (an entry without LoRAs is dropped)."""
+
+    min_pass_rate: float
+    action: str = "drop"  # drop | down-weight
+    factor: float = 0.5
+    min_edits: int = 4
+
+    def apply(self, entries: tuple[RecipeEntry, ...], records: dict[str, tuple[float, int]]
+              ) -> tuple[tuple[RecipeEntry, ...], list[dict[str, Any]]]:
+        """(the entries to run, what was done and why); `records`: entry id -> (pass rate, gated edits)."""
+        kept: list[RecipeEntry] = []
+        changes: list[dict[str, Any]] = []
+        for entry in entries:
+            rate, edits = records.get(entry.id, (1.0, 0))
+            if edits < self.min_edits or rate >= self.min_pass_rate:
+                kept.append(entry)
+                continue
+            loras = entry.params.get("loras") or {}
+            why = {"entry": entry.id, "pass_rate": round(rate, 3), "edits": edits, "min_pass_rate": self.min_pass_rate}
+            if self.action == "down-weight" and loras:
+                weighted = {name: round(w * self.factor, 4) for name, w in loras.items()}
+                kept.append(replace(entry, params={**entry.params, "loras": weighted}))
+                changes.append({**why, "action": "down-weighted", "loras": weighted})
+            else:
+                changes.append({**why, "action": "dropped"})
+        return tuple(kept), changes
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     version: int
     editor: str
     entries: tuple[RecipeEntry, ...]
     sha256: str  # of the file's bytes, recorded in lineage
+    prune: PruneRule | None = None  # opt-in: see PruneRule
+
+
+def _prune_rule(path: Path, table: Any) -> PruneRule | None:
+    """The `[prune]` table, checked; None when the recipe has none."""
+    if table is None:
+        return None
+    if not isinstance(table, dict) or not isinstance(table.get("min_pass_rate"), (int, float)) \
+            or not 0 <= table["min_pass_rate"] <= 1:
+        raise RecipeError(f"{path}: [prune] needs min_pass_rate = a number from 0 to 1, e.g. min_pass_rate = 0.3")
+    action = table.get("action", "drop")
+    if action not in ("drop", "down-weight"):
+        raise RecipeError(f"{path}: [prune] action {action!r} is not one of drop, down-weight")
+    factor, min_edits = table.get("factor", 0.5), table.get("min_edits", 4)
+    if not isinstance(factor, (int, float)) or not 0 < factor < 1:
+        raise RecipeError(f"{path}: [prune] factor {factor!r} must be a number between 0 and 1, e.g. 0.5")
+    if not isinstance(min_edits, int) or min_edits < 1:
+        raise RecipeError(f"{path}: [prune] min_edits {min_edits!r} must be a whole number of at least 1")
+    return PruneRule(float(table["min_pass_rate"]), action, float(factor), min_edits)
 
 
 def builtin_recipe_path(name: str = "classic") -> Path:
@@ -107,4 +158,4 @@ def load_recipe(path: str | Path | None = None) -> Recipe:
         raise RecipeError(f"{path}: the recipe has no [[entries]]")
     return Recipe(name=str(doc.get("name", path.stem)), version=int(doc.get("version", 1)),
                   editor=recipe_editor, entries=tuple(entries),
-                  sha256=hashlib.sha256(raw).hexdigest())
+                  sha256=hashlib.sha256(raw).hexdigest(), prune=_prune_rule(path, doc.get("prune")))

@@ -37,3 +37,10 @@ def dataset_items(folder: Path) -> tuple[list[TrainItem], str]:
         digest.update(image.name.encode() + b"\0" + image.read_bytes() + b"\0" + (caption or "").encode() + b"\0")
         items.append(TrainItem(image, caption or None))
     return items, digest.hexdigest()
+
+
+def trigger_word(training_set_rows: list[dict], character: str) -> str:
+    """The trigger word of a training set: its captions read 'photo of <trigger>[, what changed]'."""
+    caption = training_set_rows[0]["caption"] if training_set_rows else ""
+    return caption.removeprefix("photo of ").split(",")[0] or f"{character}_flen"
+

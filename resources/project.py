@@ -17,6 +17,7 @@ MANIFEST = "manifest.parquet"  # every partition folder's table of what it holds
 CONTACT_SHEET = "contact_sheet.png"  # the partition's images at a glance (most assets)
 LOSS_CURVE = "loss_curve.png"  # flux_lora, qwen_adapter
 EVAL_HISTORY = "history.png"  # lora_eval: the metrics of v1..vN as a plot
+EVAL_METRICS = "metrics.json"  # lora_eval: identity consistency, face-detected rate, mean distance, diversity
 EVAL_EVOLUTION = "evolution.png"  # lora_eval: the same prompts and seeds of v1..vN as a grid
 # The LoRA files users load: diffusers keys, and the same weights with ComfyUI keys. Their names
 # are part of the published data (DVC hashes, exports, ComfyUI workflows): never rename them.

@@ -19,6 +19,8 @@ from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
 from flen_resources.identity import GateSettings, KeptImages, Reference
 from flen_resources.lineage import utcnow
+from flen_resources.project import MANIFEST
+from flen_resources.recipe_report import entry_stats, report_markdown
 from flen_resources.storage import DvcStore, PartitionMissing
 
 GROUP = "curation"
@@ -86,7 +88,10 @@ def filtered_images(context: dg.AssetExecutionContext, config: FilterConfig, pro
                              "acceptance_rate": round(n_ok / len(rows), 3) if rows else 0.0,
                              "failed_by_gate": dict(fails), "identity_threshold": reference.threshold,
                              "identity_distance_mean": round(float(np.mean(dists)), 4) if dists else None,
-                             "identity_distance_max": round(float(np.max(dists)), 4) if dists else None},
+                             "identity_distance_max": round(float(np.max(dists)), 4) if dists else None,
+                             # which recipe entries kept the character here (`flen recipes report` over all)
+                             "recipe_entries": dg.MetadataValue.md(report_markdown(entry_stats(
+                                 [staged / MANIFEST], [enriched_images.path / MANIFEST], across=True)))},
                    sheet=tiles)
 
 

@@ -16,6 +16,7 @@ from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder
 from flen_resources.imaging import save_png
 from flen_resources.lineage import to_json, utcnow
+from flen_resources.recipe_report import entry_pass_rates, recipe_report, report_markdown
 
 GROUP = "enrichment"
 ADAPTER_LORA = "qwen-adapter"  # the LoRA name of qwen_adapter v(N-1) in the editor's stack
@@ -62,6 +63,12 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
     config = run.sized(config, run_settings)
     recipe = load_recipe(config.recipe or None)
     entries = recipe.entries[: config.max_entries] if config.max_entries else recipe.entries
+    pruned: list[dict] = []
+    if recipe.prune is not None:  # opt-in: entries that lost the character in earlier iterations
+        entries, pruned = recipe.prune.apply(entries, entry_pass_rates(run.project, run.character, run.number))
+        for change in pruned:
+            context.log.info(f"recipe entry {change['entry']} {change['action']}: {change['pass_rate']:.0%} of its "
+                             f"{change['edits']} edits passed the identity gate (< {change['min_pass_rate']:.0%})")
     sources = [r for r in source_images.rows() if r["status"] == "accepted"]
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
     (staged / "images").mkdir()
@@ -117,9 +124,14 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
                                                  "weight": config.adapter_weight if use_adapter else None}
     return publish(run, project, staged,
                    params={**config.model_dump(), "recipe_name": recipe.name, "recipe_version": recipe.version,
-                           "recipe_sha256": recipe.sha256, "qwen_adapter": adapter_info},
+                           "recipe_sha256": recipe.sha256, "qwen_adapter": adapter_info, "recipe_pruned": pruned},
                    models={"editors": models, **({"qwen_adapter": adapter_info} if adapter_info else {})},
                    metadata={"edits": len(rows), "sources": len(sources), "recipe": f"{recipe.name} v{recipe.version}",
                              "models": ", ".join(models),
-                             "qwen_adapter": dg.MetadataValue.json(adapter_info) if adapter_info else "none (v1)"},
+                             "qwen_adapter": dg.MetadataValue.json(adapter_info) if adapter_info else "none (v1)",
+                             "recipe_pruned": dg.MetadataValue.json(pruned) if pruned else (
+                                 "none" if recipe.prune else "off (no [prune] in the recipe)"),
+                             # how each entry fared in this character's gated iterations so far
+                             "recipe_entries_so_far": dg.MetadataValue.md(report_markdown(
+                                 recipe_report(run.project, [run.character])))},
                    sheet=tiles)

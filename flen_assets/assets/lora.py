@@ -28,6 +28,7 @@ from flen_assets.review.gate import human_decisions, review_check, review_metada
 from flen_assets.visuals import Tile, labelled_grid, markdown_thumbnail
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
 from flen_resources.atomic import write_text_atomic
+from flen_resources.datasets import trigger_word
 from flen_resources.evaluation import compare_consistency, format_metric, metrics_table, plot_history, short_prompt
 from flen_resources.identity import GateSettings, Reference, score_generations
 from flen_resources.imaging import save_png
@@ -35,6 +36,7 @@ from flen_resources.lineage import to_json, utcnow
 from flen_resources.project import (
     EVAL_EVOLUTION,
     EVAL_HISTORY,
+    EVAL_METRICS,
     FLUX_LORA_COMFYUI_FILE,
     FLUX_LORA_FILE,
     LOSS_CURVE,
@@ -105,11 +107,6 @@ class EvalConfig(dg.Config):
     target_consistency: float = 0.70  # the user's goal: share of images still the same person
 
 
-def _trigger(training_set_rows: list[dict], character: str) -> str:
-    caption = training_set_rows[0]["caption"] if training_set_rows else ""
-    return caption.removeprefix("photo of ").split(",")[0] or f"{character}_flen"
-
-
 NOT_WORSE_RULE = ("Identity consistency of vN is at least that of v(N-1) (v1: nothing to compare). 0% never passes, "
                   "not even against 0%: no generated face matches the character, so the LoRA has not learned it yet. "
                   "A failure is a warning: it does not stop the flywheel.")
@@ -132,7 +129,7 @@ def lora_eval(context: dg.AssetExecutionContext, config: EvalConfig, project: Pr
     run = PartitionRun.start(context, project)
     config = run.sized(config, run_settings)
     reference = Reference.load(identity_reference.path)
-    trigger = _trigger(training_set.rows(), run.character)
+    trigger = trigger_word(training_set.rows(), run.character)
     gen = generator.get()
     lora = flux_lora.path / FLUX_LORA_FILE
     shape = {"width": config.size, "height": config.size, "steps": config.steps}
@@ -161,7 +158,7 @@ def lora_eval(context: dg.AssetExecutionContext, config: EvalConfig, project: Pr
         row.update(file=f"lora_off/{i:03d}.png", **score)
     write_manifest(rows, staged)
     (staged / "lora_off.json").write_text(json.dumps(off_rows, indent=1))
-    (staged / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (staged / EVAL_METRICS).write_text(json.dumps(metrics, indent=1))
     run.lineage.append("metrics", [run.stamp(name=k, value=float(v), recorded_at=utcnow()) for k, v in metrics.items()])
     history = _history(run, metrics)
     # The partition's plot, table and grid stop at this iteration: re-materializing v1 after v2 exists
@@ -313,7 +310,7 @@ def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, 
     run = PartitionRun.start(context, project)
     config = run.sized(config, run_settings)
     reference = Reference.load(identity_reference.path)
-    trigger = _trigger(training_set.rows(), run.character)
+    trigger = trigger_word(training_set.rows(), run.character)
     gen = generator.get()
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
     (staged / "images").mkdir()

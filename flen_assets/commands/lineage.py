@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -81,25 +80,16 @@ def checkout(asset: str, character: str, iteration: str,
 
 def export(character: str, iteration: str, dest: Annotated[Path, typer.Option("--to", help="Folder to write.")],
            project: ProjectOpt = None) -> None:
-    """Write a training folder ai-toolkit and kohya accept (images + same-name .txt) plus the LoRA files."""
+    """Write a training folder ai-toolkit and kohya accept (images + same-name .txt), the LoRA files, and
+    Hugging Face model and dataset cards (README.md)."""
+    from flen_resources.export import ExportError, export_iteration
+
     check_names(character, iteration)
     proj = resolve_project(project)
-    training = proj.partition_dir("training_set", character, iteration)
-    if not (training / "manifest.parquet").is_file():
-        fail(f"training_set {character}|{iteration} is not materialized")
-    if dest.exists() and any(dest.iterdir()):
-        fail(f"{dest} exists and is not empty")
-    images = dest / "dataset"
-    images.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for item in sorted((training / "images").iterdir()):
-        shutil.copyfile(item, images / item.name)
-        count += item.suffix == ".png"
-    lora = proj.partition_dir("flux_lora", character, iteration)
-    copied = []
-    for name in ("lora.safetensors", "lora_comfyui.safetensors", "loss_curve.png"):
-        if (lora / name).is_file():
-            target = dest / f"{character}_{iteration}_{name}"
-            shutil.copyfile(lora / name, target)
-            copied.append(target.name)
-    typer.echo(f"{count} images with captions in {images}; LoRA files: {', '.join(copied) or 'none (not trained)'}")
+    try:
+        done = export_iteration(proj, character, iteration, dest)
+    except ExportError as exc:
+        fail(str(exc))
+    typer.echo(f"{done.images} images with captions and a dataset card in {done.folder / 'dataset'}")
+    typer.echo(f"LoRA files: {', '.join(done.lora_files) or 'none (not trained)'}"
+               + (f"; model card: {done.model_card}" if done.model_card else ""))

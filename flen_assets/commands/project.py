@@ -85,7 +85,8 @@ def ui(host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keep
 
     services = Services(dagster_env(proj), cwd=str(proj.root))
     code = 0
-    with signals_as_interrupt(signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a shell starts a background job with SIGINT ignored, and `kill -INT` must still stop it.
+    with signals_as_interrupt(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         try:
             services.start("daemon", daemon)
             services.start("webserver", webserver)

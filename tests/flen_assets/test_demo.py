@@ -99,3 +99,22 @@ def test_every_sized_asset_records_the_run_settings_it_ran_with(demo_project):
         detail = metadata["run_settings_detail"].value
         assert detail["knobs"] == CPU_DEMO.knobs[asset] and detail["overruled"] == {}, (asset, detail)
         assert runs[asset]["run_settings"]["name"] == "cpu-demo", asset
+
+
+def test_which_recipe_entries_keep_the_character(demo_project):
+    """`flen recipes report` and the gate's metadata: the classic edits keep the astronaut, the tiny pack's
+    Qwen camera edit (noise) never does."""
+    import dagster as dg
+
+    from flen_assets.instance import get_instance
+
+    report = run_flen("recipes", "report", "astronaut", project=demo_project.root).stdout
+    rows = {line.split("|")[2].strip() + "|" + line.split("|")[4].strip(): line for line in report.splitlines()[2:]}
+    assert "| 0% | n/a (none reviewed) | n/a (no face) |" in rows["left-45|angles 1 + lightning-8step 1"]
+    assert "| 0% |" not in rows["mirror|none"], "the classic mirror keeps the character"
+    instance = get_instance(demo_project)
+    filtered = instance.get_latest_materialization_event(dg.AssetKey("filtered_images")).asset_materialization
+    assert "| left-45 |" in filtered.metadata["recipe_entries"].value
+    enriched = instance.fetch_materializations(dg.AssetRecordsFilter(
+        asset_key=dg.AssetKey("enriched_images"), asset_partitions=["astronaut|v2"]), limit=1).records[0]
+    assert "| astronaut | mirror |" in enriched.asset_materialization.metadata["recipe_entries_so_far"].value

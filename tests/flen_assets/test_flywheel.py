@@ -50,6 +50,44 @@ def test_export_layout(demo_project, tmp_path):
     assert (dest / "astronaut_v2_lora.safetensors").is_file() and (dest / "astronaut_v2_lora_comfyui.safetensors").is_file()
     again = run_flen("export", "astronaut", "v2", "--to", str(dest), project=demo_project.root, check=False)
     assert again.returncode == 1 and "not empty" in again.stderr
+    assert not list(tmp_path.glob(".export.*")), "no staging folder left behind"
+
+
+@pytest.mark.slow
+def test_export_writes_cards_that_huggingface_hub_loads_and_a_lora_diffusers_loads(demo_project, tmp_path):
+    import json
+
+    from diffusers import FluxPipeline
+    from huggingface_hub import DatasetCard, ModelCard
+
+    from flen_resources.models.sources import resolve_model
+
+    dest = tmp_path / "export"
+    run_flen("export", "astronaut", "v2", "--to", str(dest), project=demo_project.root)
+    training = pq.read_table(demo_project.partition_dir("training_set", "astronaut", "v2") / "manifest.parquet")
+    origins = training.column("origin").to_pylist()
+    lora = pq.read_table(demo_project.partition_dir("flux_lora", "astronaut", "v2") / "manifest.parquet").to_pylist()[0]
+    metrics = json.loads((demo_project.partition_dir("lora_eval", "astronaut", "v2") / "metrics.json").read_text())
+
+    card = ModelCard.load(dest / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model_ref"] == lora["base_model"] and "base_model" not in data, "the tiny pack is no Hub model"
+    assert data["instance_prompt"] == "astronaut_flen" and data["library_name"] == "diffusers"
+    assert data["training_set_md5"] == lora["dataset_md5"]
+    assert data["training_settings"]["max_steps"] == lora["steps"] and data["checkpoint"]["step"] == lora["steps"]
+    assert data["evaluation"]["identity_consistency"] == metrics["identity_consistency"]
+    assert data["evaluation"]["mean_distance"] is None, "NaN (no face) is written as null"
+    assert data["lineage"] == {"character": "astronaut", "iteration": "v2", "source": origins.count("source"),
+                               "enriched": origins.count("enriched"), "synthetic": origins.count("synthetic")}
+    assert 'weight_name="astronaut_v2_lora.safetensors"' in card.text
+
+    dataset = DatasetCard.load(dest / "dataset" / "README.md").data.to_dict()
+    assert dataset["training_set_md5"] == lora["dataset_md5"] and dataset["trigger_word"] == "astronaut_flen"
+    assert sum(dataset["origins"].values()) == training.num_rows == len(list((dest / "dataset").glob("*.png")))
+
+    pipe = FluxPipeline.from_pretrained(str(resolve_model("flux.1-dev", "tiny").path), use_safetensors=True)
+    pipe.load_lora_weights(str(dest), weight_name="astronaut_v2_lora.safetensors", adapter_name="astronaut")
+    assert "astronaut" in pipe.get_active_adapters()
 
 
 @pytest.mark.slow
