@@ -36,6 +36,24 @@ def demo_ui(demo_project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         _stop(server.proc)
 
 
+def _click(driver, xpath: str) -> None:
+    """Click what `xpath` finds once no dialog covers it (the welcome dialog of a fresh browser can come late)."""
+    from selenium.common.exceptions import ElementClickInterceptedException
+
+    def clicked(d) -> bool:
+        _dismiss_welcome(d)
+        target = _visible(d, xpath)
+        if target is None:
+            return False
+        try:
+            target.click()
+        except ElementClickInterceptedException:
+            return False
+        return True
+
+    _until(driver, clicked)
+
+
 def test_lora_eval_shows_the_metrics_of_v1_and_v2_side_by_side_and_their_grid(demo_ui, driver, shots):
     driver.get(f"{demo_ui.url}/assets/lora_eval?view=partitions&partition=astronaut%7Cv2")
     time.sleep(2)  # the welcome dialog, when it comes, comes a moment after the page
@@ -53,7 +71,7 @@ def test_lora_eval_shows_the_metrics_of_v1_and_v2_side_by_side_and_their_grid(de
     time.sleep(0.3)
     driver.save_screenshot(str(shots / "ui-eval-metrics.png"))
 
-    _visible(driver, "//tr[td[normalize-space()='evolution']]//a[normalize-space()='[Show Markdown]']").click()
+    _click(driver, "//tr[td[normalize-space()='evolution']]//a[normalize-space()='[Show Markdown]']")
     grid = _until(driver, lambda d: _visible(d, "//*[normalize-space()='evolution']/ancestor::*[.//img][1]//img"))
     width, height = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", grid)
     assert width > 600 and height > 250, (width, height)  # two version rows of six prompt x seed tiles
@@ -61,10 +79,9 @@ def test_lora_eval_shows_the_metrics_of_v1_and_v2_side_by_side_and_their_grid(de
     driver.save_screenshot(str(shots / "ui-eval-grid.png"))
 
     # The evaluation sheet of v2: a row per prompt, its seeds, and the LoRA-off column.
-    _visible(driver, "//button[normalize-space()='Close']").click()
+    _click(driver, "//button[normalize-space()='Close']")
     _until(driver, lambda d: _visible(d, "//button[normalize-space()='Close']") is None)
-    _until(driver, lambda d: _visible(d, "//tr[td[normalize-space()='contact_sheet']]"
-                                         "//a[normalize-space()='[Show Markdown]']")).click()
+    _click(driver, "//tr[td[normalize-space()='contact_sheet']]//a[normalize-space()='[Show Markdown]']")
     sheet = _until(driver, lambda d: _visible(d, "//*[normalize-space()='contact_sheet']/ancestor::*[.//img][1]//img"))
     assert driver.execute_script("return arguments[0].naturalWidth", sheet) > 300
     time.sleep(0.5)
