@@ -22,7 +22,15 @@ import pyarrow.parquet as pq
 
 from flen_resources.datasets import trigger_word
 from flen_resources.evaluation import TABLE_ROWS, format_metric
-from flen_resources.project import EVAL_METRICS, FLUX_LORA_COMFYUI_FILE, FLUX_LORA_FILE, LOSS_CURVE, MANIFEST, Project
+from flen_resources.project import (
+    EVAL_METRICS,
+    FLUX_LORA_COMFYUI_FILE,
+    FLUX_LORA_FILE,
+    LOSS_CURVE,
+    MANIFEST,
+    Project,
+    flen_command,
+)
 from flen_resources.storage import DvcStore
 
 CARD = "README.md"  # what the Hub reads as a repository's card
@@ -54,7 +62,7 @@ def export_iteration(project: Project, character: str, iteration: str, dest: Pat
     training = project.partition_dir("training_set", character, iteration)
     if not (training / MANIFEST).is_file():
         raise ExportError(f"training_set {character}|{iteration} is not materialized: run "
-                          f"`flen materialize {character} {iteration}` first")
+                          f"`{flen_command(project, 'materialize', character, iteration)}` first")
     dest = dest.resolve()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ExportError(f"{dest} exists and is not empty: choose a new --to folder")
