@@ -7,7 +7,7 @@ from flen_resources.project import Project
 
 
 def test_an_unmaterialized_training_set_is_refused_with_the_command_that_makes_it(tmp_path):
-    with pytest.raises(ExportError, match=r"training_set alice\|v1 is not materialized: run `flen materialize alice v1`"):
+    with pytest.raises(ExportError, match=r"training_set alice\|v1 is not materialized: run `flen materialize alice v1 --project "):
         export_iteration(Project(tmp_path / "project"), "alice", "v1", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
