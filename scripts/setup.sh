@@ -14,7 +14,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first, pinned: on these machines 2.13.0 is a CPU build on local disk, where an open
   # range would pull a multi-GB CUDA build from PyPI. Keep a torch that is already there.
   .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/python -m pip install -q 'torch==2.13.0'
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  .venv/bin/python -m pip install -q -e '.[dev,cluster]'
   # face_recognition's metadata asks for `dlib`, which pip would compile from source; the
   # prebuilt dlib-bin (a dependency in pyproject.toml) provides the same module.
   .venv/bin/python -m pip install -q --no-deps 'face-recognition==1.3.0'
