@@ -20,6 +20,7 @@ from dagster._core.storage.dagster_run import FINISHED_STATUSES, DagsterRunStatu
 from dagster._core.storage.tags import PARTITION_NAME_TAG, PRIORITY_TAG
 
 from flen_resources.atomic import write_text_atomic
+from flen_resources.gpu_lease import GPU_POOL, gpu_pool_limit
 from flen_resources.processes import ProcessRef
 from flen_resources.project import Project, iteration_number, split_partition_key
 
@@ -35,7 +36,7 @@ CHARACTER_TAG = "flen/character"
 # Iterations in order: FlenRunCoordinator tags each queued run with its character and priority -N, the
 # tag limit on flen/character lets one run per character out of the queue at a time, and among the
 # queued runs of a character the lowest iteration goes first (then the oldest).
-# Pools: `gpu` (one big model on the card at a time). Run monitoring asks FlenRunLauncher whether a
+# Pools: `gpu` (one big model per card: its limit is the number of cards, size_gpu_pool). Run monitoring asks FlenRunLauncher whether a
 # run's worker still lives and fails the run when not; dead_runs_sensor stops the step processes a
 # killed worker left and frees the slots of ended runs within seconds; the daemon's own freeing of
 # slots (60 s after a run ends) is the backstop.
@@ -123,7 +124,17 @@ def get_instance(project: Project, log: Callable[[str], None] | None = None) -> 
     ensure_dagster_home(project)
     instance = dg.DagsterInstance.get()
     release_dead_runs(instance, log)
+    size_gpu_pool(instance)
     return instance
+
+
+def size_gpu_pool(instance: dg.DagsterInstance) -> int:
+    """Set the `gpu` pool's limit to the number of cards (gpu_lease.gpu_pool_limit); returns it."""
+    limit = gpu_pool_limit()
+    storage = instance.event_log_storage
+    if storage.get_concurrency_info(GPU_POOL).slot_count != limit:
+        storage.set_concurrency_slots(GPU_POOL, limit)
+    return limit
 
 
 def run_process(instance: dg.DagsterInstance, run: dg.DagsterRun) -> ProcessRef | None:

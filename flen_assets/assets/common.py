@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import socket
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +22,7 @@ from flen_assets.instance import describe_run, run_state, runs_ahead
 from flen_assets.visuals import Tile, contact_sheet, markdown_thumbnail, save_sheet
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
 from flen_resources.evaluation import is_missing, not_available
+from flen_resources.gpu_lease import GPU_POOL, step_gpu
 from flen_resources.lineage import LineageStore, to_json, utcnow
 from flen_resources.project import CONTACT_SHEET, MANIFEST, Project, flen_command, iteration_number
 from flen_resources.run_settings import RunSettingsError, fill_knobs, refuse_misfit
@@ -147,8 +150,33 @@ def partition_asset(group: str, **kwargs: Any):
     """@dg.asset for a character x iteration partition whose folder is published with DVC."""
     from flen_assets.partitions import character_iteration
 
-    return dg.asset(partitions_def=character_iteration, group_name=group, io_manager_key="partition_io_manager",
-                    code_version=kwargs.pop("code_version", "1"), kinds={"python", "dvc"}, **kwargs)
+    asset = dg.asset(partitions_def=character_iteration, group_name=group, io_manager_key="partition_io_manager",
+                     code_version=kwargs.pop("code_version", "1"), kinds={"python", "dvc"}, **kwargs)
+    if kwargs.get("pool") != GPU_POOL:
+        return asset
+    return lambda body: asset(on_leased_gpu(body))
+
+
+def on_leased_gpu(body: Callable[..., Any]) -> Callable[..., Any]:
+    """The asset body, run on a card of this host leased for the step (flen_resources.gpu_lease).
+
+    The `gpu` pool limits how many GPU steps run at once; the lease picks which card each one gets,
+    and gives it back however the step ends."""
+    def label(context: dg.AssetExecutionContext) -> str:
+        return f"{context.asset_key.to_user_string()} {context.partition_key} (run {context.run_id[:8]})"
+
+    if inspect.isgeneratorfunction(body):
+        @functools.wraps(body)
+        def leased_generator(context: dg.AssetExecutionContext, *args: Any, **kw: Any) -> Iterator[Any]:
+            with step_gpu(label(context), context.log.info):
+                yield from body(context, *args, **kw)
+        return leased_generator
+
+    @functools.wraps(body)
+    def leased(context: dg.AssetExecutionContext, *args: Any, **kw: Any) -> Any:
+        with step_gpu(label(context), context.log.info):
+            return body(context, *args, **kw)
+    return leased
 
 
 def partition_check(name: str, asset: str, description: str) -> dg.AssetCheckSpec:

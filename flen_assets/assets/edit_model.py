@@ -14,7 +14,7 @@ import dagster as dg
 import pyarrow as pa
 from PIL import Image
 
-from flen_assets.assets.common import LoraAssetConfig, PartitionRun, partition_asset, publish, write_manifest
+from flen_assets.assets.common import GPU_POOL, LoraAssetConfig, PartitionRun, partition_asset, publish, write_manifest
 from flen_assets.dagster_resources import ProjectResource, RunSettingsResource, TrainerResource
 from flen_assets.review.gate import human_decisions, reviewed_statuses
 from flen_assets.visuals import Tile, markdown_thumbnail
@@ -165,7 +165,7 @@ def adapter_file(folder: PartitionFolder):
     return None
 
 
-@partition_asset(GROUP, pool="gpu")
+@partition_asset(GROUP, pool=GPU_POOL)
 def qwen_adapter(context: dg.AssetExecutionContext, config: QwenAdapterConfig, project: ProjectResource,
                  trainer: TrainerResource, run_settings: RunSettingsResource,
                  edit_triplets: PartitionFolder) -> dg.Output:

@@ -8,7 +8,7 @@ import dagster as dg
 from PIL import Image
 from tqdm import tqdm
 
-from flen_assets.assets.common import PartitionRun, partition_asset, publish, write_manifest
+from flen_assets.assets.common import GPU_POOL, PartitionRun, partition_asset, publish, write_manifest
 from flen_assets.assets.edit_model import adapter_file
 from flen_assets.dagster_resources import EditorResource, ProjectResource, RunSettingsResource
 from flen_assets.recipe import load_recipe
@@ -52,7 +52,7 @@ class EnrichConfig(dg.Config):
 
 @partition_asset(
     GROUP,
-    pool="gpu",
+    pool=GPU_POOL,
 )
 def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, project: ProjectResource,
                     editor: EditorResource, run_settings: RunSettingsResource,

@@ -7,6 +7,7 @@ import dagster as dg
 from PIL import Image
 
 from flen_assets.assets.common import (
+    GPU_POOL,
     LoraAssetConfig,
     PartitionRun,
     partition_asset,
@@ -50,7 +51,7 @@ class FluxLoraConfig(LoraAssetConfig):
     """FLUX LoRA training knobs (defaults: a character LoRA, ~1500 steps, r16, lr 1e-4)."""
 
 
-@partition_asset(GROUP, pool="gpu")
+@partition_asset(GROUP, pool=GPU_POOL)
 def flux_lora(context: dg.AssetExecutionContext, config: FluxLoraConfig, project: ProjectResource,
               trainer: TrainerResource, run_settings: RunSettingsResource,
               training_set: PartitionFolder) -> dg.Output:
@@ -112,7 +113,7 @@ NOT_WORSE_RULE = ("Identity consistency of vN is at least that of v(N-1) (v1: no
                   "A failure is a warning: it does not stop the flywheel.")
 
 
-@partition_asset(GROUP, pool="gpu", check_specs=[
+@partition_asset(GROUP, pool=GPU_POOL, check_specs=[
     partition_check("not_worse_than_previous", "lora_eval", NOT_WORSE_RULE),
     partition_check("meets_target", "lora_eval",
                     "Identity consistency reaches the target (70% by default)."),
@@ -300,7 +301,7 @@ class SyntheticConfig(dg.Config):
     review_margin: float = -1.0  # mixed: borderline band around the identity threshold; < 0: the character's
 
 
-@partition_asset(GROUP, pool="gpu")
+@partition_asset(GROUP, pool=GPU_POOL)
 def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, project: ProjectResource,
                     generator: GeneratorResource, faces: FaceResource, run_settings: RunSettingsResource,
                     flux_lora: PartitionFolder,

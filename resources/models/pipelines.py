@@ -25,9 +25,10 @@ QUANTIZABLE = {"QwenImageEditPlusPipeline": ["transformer", "text_encoder"],
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """`auto`: the CUDA GPU when there is one, else the CPU."""
+    """`auto`: the current CUDA GPU (the step's leased card) when there is one, else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Indexed, not bare "cuda": offload hooks of diffusers take a bare "cuda" for card 0.
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(device)
 
 
