@@ -20,6 +20,7 @@ from dagster._core.storage.dagster_run import FINISHED_STATUSES, DagsterRunStatu
 from dagster._core.storage.tags import PARTITION_NAME_TAG, PRIORITY_TAG
 
 from flen_resources.atomic import write_text_atomic
+from flen_resources.deployment import PG_ENV, DeploymentError, cluster_settings, setting
 from flen_resources.gpu_lease import GPU_POOL, gpu_pool_limit
 from flen_resources.processes import ProcessRef
 from flen_resources.project import Project, iteration_number, split_partition_key
@@ -107,14 +108,43 @@ concurrency:
 _LIVE_STATUSES = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 
 
+# The `cluster` deployment's instance storage: PostgreSQL, every value read from the environment
+# when the instance starts (the password never lands in a file).
+POSTGRES_STORAGE_YAML = f"""\
+storage:
+  postgres:
+    postgres_db:
+      hostname: {{env: {PG_ENV['host']}}}
+      port: {{env: {PG_ENV['port']}}}
+      username: {{env: {PG_ENV['user']}}}
+      password: {{env: {PG_ENV['password']}}}
+      db_name: {{env: {PG_ENV['db']}}}
+      # dagster-postgres installs psycopg2; SQLAlchemy 2.1's default PostgreSQL driver is psycopg 3.
+      scheme: postgresql+psycopg2
+"""
+
+
+def dagster_yaml(cluster: bool) -> str:
+    """The dagster.yaml flen writes: DAGSTER_YAML, plus PostgreSQL storage in the `cluster` deployment."""
+    return DAGSTER_YAML + (POSTGRES_STORAGE_YAML if cluster else "")
+
+
 def ensure_dagster_home(project: Project) -> str:
     """Create DAGSTER_HOME with dagster.yaml if missing, point the environment at it, return it.
     (The project folder reaches runs through run config: flen_assets.runs.project_run_config.)"""
+    cluster = cluster_settings()
     home = project.dagster_home
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists() or config.read_text() in _OLD_DAGSTER_YAMLS:
-        write_text_atomic(config, DAGSTER_YAML)
+    # flen's own texts follow the deployment; a text someone edited is left alone.
+    if not config.exists() or config.read_text() in (*_OLD_DAGSTER_YAMLS, dagster_yaml(False), dagster_yaml(True)):
+        write_text_atomic(config, dagster_yaml(cluster is not None))
+    if cluster is not None:
+        # Dagster reads {env: ...}: a value that came from the secrets file must be in the environment.
+        os.environ.setdefault(PG_ENV["port"], str(cluster.pg_port))
+        for var in PG_ENV.values():
+            if var not in os.environ and setting(var):
+                os.environ[var] = setting(var)
     os.environ["DAGSTER_HOME"] = str(home)
     return str(home)
 
@@ -122,7 +152,15 @@ def ensure_dagster_home(project: Project) -> str:
 def get_instance(project: Project, log: Callable[[str], None] | None = None) -> dg.DagsterInstance:
     """The project's Dagster instance (the same one `flen ui` serves), with dead runs released."""
     ensure_dagster_home(project)
-    instance = dg.DagsterInstance.get()
+    try:
+        instance = dg.DagsterInstance.get()
+    except Exception as exc:
+        cluster = cluster_settings()
+        if cluster is None or "OperationalError" not in f"{type(exc).__name__} {exc!r}":
+            raise
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise DeploymentError(f"cannot reach {cluster.pg_where}: {reason}: check {', '.join(PG_ENV.values())} "
+                              "and that the server runs") from exc
     release_dead_runs(instance, log)
     size_gpu_pool(instance)
     return instance

@@ -106,9 +106,12 @@ class OutOfTurn(ValueError):
 
 def init_project(project: Project, log: Log | None = None) -> dg.DagsterInstance:
     """Create the project's folders, git + DVC with a local remote, lineage tables and Dagster home."""
-    from flen_resources.lineage import LineageStore
+    from flen_resources.lineage import LineageStore, cluster_bucket
     from flen_resources.storage import DvcStore
 
+    bucket = cluster_bucket()
+    if bucket is not None:  # before anything is written: an unreachable bucket is one line naming it
+        bucket.check()
     for folder in (project.data_dir, project.inbox_dir, project.state_dir, project.staging_dir, project.locks_dir):
         folder.mkdir(parents=True, exist_ok=True)
     DvcStore(project).ensure_repo()

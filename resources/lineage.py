@@ -5,6 +5,10 @@ page all write lineage from their own processes. So no process ever writes a Duc
 every writer appends an immutable Parquet file (written to a temp name, then renamed, so readers
 never see half a file) and readers open an in-memory DuckDB whose views glob those files.
 `compact()` merges a table's files into one, under an exclusive lock that readers share.
+
+In the `cluster` deployment every event file is also an object in the bucket (put before the local
+copy is written, so a file no other host can see is never read here), and a reader first fetches
+the objects other hosts put: the project folder holds a mirror, the bucket is the record.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flen_resources.atomic import atomic_path, write_text_atomic
+from flen_resources.bucket import Bucket
+from flen_resources.deployment import cluster_settings
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -183,11 +189,21 @@ def md5_prefix(md5: str) -> str | None:
     return None if match is None else match["hex"] or match["prefix"]
 
 
-class LineageStore:
-    """Append-only lineage events under `root`, queried with DuckDB."""
+_FROM_DEPLOYMENT = object()
 
-    def __init__(self, root: Path):
+
+def cluster_bucket() -> Bucket | None:
+    """The bucket of the `cluster` deployment (None in `local`)."""
+    settings = cluster_settings()
+    return Bucket(settings) if settings else None
+
+
+class LineageStore:
+    """Append-only lineage events under `root` (mirrored from the bucket in a cluster), queried with DuckDB."""
+
+    def __init__(self, root: Path, bucket: Bucket | None | object = _FROM_DEPLOYMENT):
         self.root = Path(root)
+        self.bucket: Bucket | None = cluster_bucket() if bucket is _FROM_DEPLOYMENT else bucket  # type: ignore[assignment]
 
     # -- layout -------------------------------------------------------------------------------
     def table_dir(self, table: str) -> Path:
@@ -218,8 +234,27 @@ class LineageStore:
         data = pa.Table.from_pylist([dict(r) for r in rows], schema=schema)
         name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         path = self.table_dir(table) / name
+        if self.bucket is not None:  # the bucket first: an event only this host could see would be lost
+            sink = pa.BufferOutputStream()
+            pq.write_table(data, sink, compression="zstd")
+            self.bucket.put(self.bucket.settings.lineage_key(table, name), sink.getvalue().to_pybytes())
         self._write_atomic(data, path)
         return path
+
+    def fetch(self, tables: Sequence[str] | None = None) -> int:
+        """Copy the event objects other hosts put in the bucket into the local mirror; returns how many."""
+        if self.bucket is None:
+            return 0
+        fetched = 0
+        for table in tables or SCHEMAS:
+            folder = self.table_dir(table)
+            folder.mkdir(parents=True, exist_ok=True)
+            local = {e.name for e in os.scandir(folder)}
+            for name in sorted(self.bucket.names(self.bucket.settings.lineage_key(table)) - local):
+                with atomic_path(folder / name) as tmp:
+                    tmp.write_bytes(self.bucket.get(self.bucket.settings.lineage_key(table, name)))
+                fetched += 1
+        return fetched
 
     @staticmethod
     def _write_atomic(data: pa.Table, path: Path) -> None:
@@ -263,6 +298,7 @@ class LineageStore:
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """An in-memory DuckDB connection with every lineage view defined."""
         self.ensure()
+        self.fetch()
         with self._shared():
             con = duckdb.connect(":memory:")
             try:
@@ -283,6 +319,7 @@ class LineageStore:
     def files(self, table: str) -> frozenset[str]:
         """The names of a table's event files now."""
         folder = self.table_dir(table)
+        self.fetch([table])
         if not folder.is_dir():
             return frozenset()
         return frozenset(e.name for e in os.scandir(folder) if e.name.endswith(".parquet") and e.name != "_schema.parquet")
@@ -339,6 +376,8 @@ class LineageStore:
     # -- maintenance --------------------------------------------------------------------------
     def compact(self, tables: Sequence[str] | None = None) -> dict[str, int]:
         """Merge each table's event files into one (every table, or `tables`); returns files merged per table."""
+        if self.bucket is not None:  # the bucket's objects are the record and stay as written; merging the mirror would fetch them again
+            return {table: 0 for table in tables or SCHEMAS}
         self.ensure()
         merged: dict[str, int] = {}
         with self._shared(exclusive=True):

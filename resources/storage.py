@@ -17,6 +17,8 @@ import yaml
 from filelock import FileLock
 
 from flen_resources.atomic import write_text_atomic
+from flen_resources.bucket import s3_credentials
+from flen_resources.deployment import ClusterSettings, cluster_settings
 from flen_resources.disk import (
     HEADROOM_BYTES,
     DiskFullError,
@@ -61,7 +63,7 @@ class PublishedFolder:
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=_dvc_env())
     if proc.returncode != 0:
         raise DvcError(f"`{' '.join(cmd)}` failed in {cwd}:\n{proc.stdout}{proc.stderr}".strip())
     return proc.stdout
@@ -72,11 +74,22 @@ def _inside_git(path: Path) -> Path | None:
     return Path(proc.stdout.strip()).resolve() if proc.returncode == 0 else None
 
 
+def _dvc_env() -> dict[str, str]:
+    """DVC's environment: this one, with the S3 keys of a secrets file (dvc-s3 reads them from the environment)."""
+    return {**os.environ, **s3_credentials()}
+
+
 class DvcStore:
-    """Publishes partition folders under data/ as DVC outputs and pushes them to the default remote."""
+    """Publishes partition folders under data/ as DVC outputs and pushes them to the default remote.
+
+    In the `cluster` deployment the remote is the bucket, and the version of a partition is the one
+    lineage recorded last (its artifacts row holds the .dvc pointer's text): a host whose folder
+    holds another version, or none, takes the recorded one from the bucket before reading it.
+    """
 
     def __init__(self, project: Project):
         self.project = project
+        self.cluster: ClusterSettings | None = cluster_settings()
         # DVC holds a repo-wide lock and fails at once when another process has it: every DVC
         # write from FLENwheel goes through this one cross-process lock instead.
         self._lock = FileLock(str(project.locks_dir / "dvc.lock"), timeout=600)
@@ -96,12 +109,32 @@ class DvcStore:
                 cmd = [*DVC, "init", "-q"] + ([] if git_top == root.resolve() else ["--subdir"])
                 _run(cmd, root)
                 _run([*DVC, "config", "core.analytics", "false"], root)
+            if self.cluster is not None:
+                self._use_bucket_remote(self.cluster)
+                return
             remotes = _run([*DVC, "remote", "list"], root)
             if not remotes.strip():
                 self.project.dvc_remote_dir.mkdir(parents=True, exist_ok=True)
                 # Relative, so the project folder can move: DVC stores it relative to .dvc/config.
                 remote = os.path.relpath(self.project.dvc_remote_dir, root)
                 _run([*DVC, "remote", "add", "-d", "local", remote], root)
+
+    def _use_bucket_remote(self, cluster: ClusterSettings) -> None:
+        """Make the cluster's bucket the default DVC remote `bucket` (endpoint and region, never keys)."""
+        import configparser
+
+        config = configparser.ConfigParser()
+        config.read(self.project.root / ".dvc" / "config")
+        section = "'remote \"bucket\"'"
+        want = {"url": cluster.dvc_remote_url, "region": cluster.region,
+                **({"endpointurl": cluster.endpoint_url} if cluster.endpoint_url else {})}
+        have = dict(config[section]) if config.has_section(section) else {}
+        if have == want and config.get("core", "remote", fallback=None) == "bucket":
+            return
+        _run([*DVC, "remote", "add", "-d", "-f", "bucket", cluster.dvc_remote_url], self.project.root)
+        for key, value in want.items():
+            if key != "url":
+                _run([*DVC, "remote", "modify", "bucket", key, value], self.project.root)
 
     # -- staging and publishing ---------------------------------------------------------------
     def _process_staging(self) -> Path:
@@ -200,15 +233,15 @@ class DvcStore:
         shutil.rmtree(target, ignore_errors=True)
         if trash is not None:
             trash.rename(target)
-        if old_pointer is None:
-            pointer.unlink(missing_ok=True)
-        else:
-            write_text_atomic(pointer, old_pointer)
+        DvcStore._roll_back_pointer(pointer, old_pointer)
 
     def published(self, asset: str, character: str, iteration: str) -> tuple[Path, str]:
         """(folder, DVC md5) of a published partition, restoring a missing folder from the DVC cache or remote."""
         path = self.project.partition_dir(asset, character, iteration)
         pointer = path.with_name(path.name + ".dvc")
+        recorded = self._recorded_pointer(asset, character, iteration)
+        if recorded is not None and (not pointer.is_file() or pointer_md5(pointer.read_text()) != pointer_md5(recorded)):
+            self.restore(asset, character, iteration, recorded)  # another host published it last
         if not pointer.is_file():
             raise PartitionMissing(f"{asset} has no data for {character}|{iteration}: materialize {asset} "
                                    f"for partition {character}|{iteration} first")
@@ -217,17 +250,53 @@ class DvcStore:
             self.restore(asset, character, iteration, text)
         return path, pointer_md5(text)
 
+    def _recorded_pointer(self, asset: str, character: str, iteration: str) -> str | None:
+        """In a cluster, the .dvc text of the partition's version lineage recorded last (None: local, or none)."""
+        if self.cluster is None:
+            return None
+        from flen_resources.lineage import LineageStore
+
+        rows = LineageStore(self.project.lineage_dir).rows(
+            "SELECT dvc_file FROM latest_artifacts WHERE asset = $a AND character = $c AND iteration = $i",
+            {"a": asset, "c": character, "i": iteration})
+        return rows[0]["dvc_file"] if rows else None
+
     def restore(self, asset: str, character: str, iteration: str, dvc_file: str) -> Path:
         """Bring back an earlier version of a partition from its recorded .dvc text."""
         target = self.project.partition_dir(asset, character, iteration)
         pointer = target.with_name(target.name + ".dvc")
+        target.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
+            old_pointer = pointer.read_text() if pointer.is_file() else None
             write_text_atomic(pointer, dvc_file)
             try:
                 self._dvc(["checkout", "-q", "--force", str(pointer)])
             except DvcError:
-                self._dvc(["pull", "-q", "--force", str(pointer)])  # not in the local cache
+                try:
+                    self._dvc(["pull", "-q", "--force", str(pointer)])  # not in the local cache
+                except DvcError as exc:
+                    self._roll_back_pointer(pointer, old_pointer)
+                    raise PartitionMissing(self._missing_message(asset, character, iteration, dvc_file, exc)) from exc
         return target
+
+    @staticmethod
+    def _roll_back_pointer(pointer: Path, old_pointer: str | None) -> None:
+        if old_pointer is None:
+            pointer.unlink(missing_ok=True)
+        else:
+            write_text_atomic(pointer, old_pointer)
+
+    def _missing_message(self, asset: str, character: str, iteration: str, dvc_file: str, exc: DvcError) -> str:
+        """One line for a version the remote cannot give back: the partition, the missing objects, the fix."""
+        import re
+
+        md5 = pointer_md5(dvc_file)
+        missing = re.findall(r"md5: ([0-9a-f]{32}(?:\.dir)?)", str(exc)) or [md5]
+        remote = self.cluster.dvc_remote_url if self.cluster else "the DVC remote"
+        objects = ", ".join(f"{remote}/files/md5/{m[:2]}/{m[2:]}" for m in dict.fromkeys(missing))
+        return (f"{asset} {character}|{iteration} version {md5[:12]} cannot be restored: missing from the remote "
+                f"and this host's cache: {objects}: materialize {asset} for {character}|{iteration} again, "
+                f"or restore the objects to the remote")
 
     def status(self) -> str:
         """`dvc status` output ('' when the workspace matches the cache)."""
@@ -236,7 +305,7 @@ class DvcStore:
 
     def _dvc(self, args: list[str], check: bool = True) -> str:
         # The CLI in a subprocess keeps DVC's global state out of Dagster's step processes.
-        proc = subprocess.run([*DVC, *args], cwd=self.project.root, capture_output=True, text=True)
+        proc = subprocess.run([*DVC, *args], cwd=self.project.root, capture_output=True, text=True, env=_dvc_env())
         if check and proc.returncode != 0:
             raise DvcError(f"`dvc {' '.join(args)}` failed:\n{proc.stdout}{proc.stderr}".strip())
         return proc.stdout

@@ -25,10 +25,18 @@ from flen_resources.project import PROJECT_ENV, Project, flen_command, validate_
 
 
 def init(project: ProjectOpt = None) -> None:
-    """Initialise a project: data/, inbox/, DVC (local remote), lineage, Dagster instance."""
+    """Initialise a project: data/, inbox/, DVC, lineage, Dagster instance (local, or the cluster's: FLEN_DEPLOYMENT)."""
+    from flen_resources.deployment import cluster_settings
+
     proj = resolve_project(project, create=True)
     init_project(proj)
-    typer.echo(f"project ready at {proj.root}\n  DAGSTER_HOME={proj.dagster_home}\n  DVC remote: {proj.dvc_remote_dir}")
+    cluster = cluster_settings()
+    if cluster is None:
+        typer.echo(f"project ready at {proj.root}\n  DAGSTER_HOME={proj.dagster_home}\n  DVC remote: {proj.dvc_remote_dir}")
+        return
+    typer.echo(f"project ready at {proj.root} (deployment: cluster)\n  Dagster instance: {cluster.pg_where}\n"
+               f"  DVC remote: {cluster.dvc_remote_url}\n  lineage: s3://{cluster.lineage_key()} "
+               f"(mirrored in {proj.relative(proj.lineage_dir)})")
 
 
 WORKSPACE_YAML = """\

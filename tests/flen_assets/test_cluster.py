@@ -1,0 +1,129 @@
+"""The `cluster` deployment: two hosts that share nothing but PostgreSQL and an S3 bucket.
+
+Each "host" is a working folder of its own (its own git + DVC repo, lineage mirror and Dagster
+home); the servers are real (Debian's PostgreSQL, moto's S3 HTTP server), started by the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from cluster_servers import S3, Postgres, postgres_server, s3_server
+
+from flen_assets.demo_data import write_sample_inbox
+from flen_resources.project import Project
+from flen_resources.storage import DvcStore
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+FLEN = [sys.executable, "-m", "flen_assets"]
+
+
+class Host:
+    """A working folder that runs `flen` in the cluster deployment."""
+
+    def __init__(self, root: Path, servers: dict[str, str]):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, **servers, "FLEN_DEPLOYMENT": "cluster", "FLEN_PROJECT_DIR": str(root),
+                    "DAGSTER_HOME": str(root / ".flen" / "dagster"), "PYTHONWARNINGS": "ignore"}
+
+    def flen(self, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+        proc = subprocess.run([*FLEN, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"[{self.root.name}] flen {' '.join(args)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        return proc
+
+    def start(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([*FLEN, *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    def sql(self, query: str) -> str:
+        return self.flen("sql", query).stdout
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[tuple[Postgres, S3]]:
+    with postgres_server() as pg, s3_server() as s3:
+        yield pg, s3
+
+
+def _env(servers: tuple[Postgres, S3], prefix: str) -> dict[str, str]:
+    pg, s3 = servers
+    return {**pg.env(), **s3.env(prefix)}
+
+
+def _small_run_config(folder: Path) -> Path:
+    config = folder / "run_config.yaml"  # two recipe entries instead of all: the same code path, faster
+    config.write_text(yaml.safe_dump({"ops": {"enriched_images": {"config": {"max_entries": 2}}}}))
+    return config
+
+
+def _finish(procs: dict[str, subprocess.Popen], timeout_s: int = 900) -> dict[str, str]:
+    outputs = {}
+    for name, proc in procs.items():
+        try:
+            outputs[name] = proc.communicate(timeout=timeout_s)[0]
+        except subprocess.TimeoutExpired:
+            for p in procs.values():
+                p.kill()
+            raise
+        assert proc.returncode == 0, f"{name} failed:\n{outputs[name][-6000:]}"
+    return outputs
+
+
+def test_two_hosts_materialize_at_once_and_a_third_traces_and_restores(servers, tmp_path: Path) -> None:
+    env = _env(servers, "two-hosts")
+    host_a, host_b, host_c = (Host(tmp_path / name, env) for name in ("host-a", "host-b", "host-c"))
+    config = _small_run_config(tmp_path)
+    for host, character in ((host_a, "alice"), (host_b, "bob")):
+        host.flen("init")
+        write_sample_inbox(host.root / "inbox" / character)
+
+    started = time.monotonic()
+    _finish({"alice": host_a.start("materialize", "alice", "v1", "--config", str(config)),
+             "bob": host_b.start("materialize", "bob", "v1", "--config", str(config))})
+    both_s = time.monotonic() - started
+
+    # Nothing but the servers is shared: host C has never seen either character's files.
+    host_c.flen("init")
+    assert not (host_c.root / "data" / "training_set").exists()
+    counts = host_c.sql("SELECT character, count(*) AS n FROM artifacts GROUP BY character ORDER BY character")
+    assert "alice" in counts and "bob" in counts
+    for character in ("alice", "bob"):
+        tree = host_c.flen("lineage", character, "v1").stdout
+        assert "source" in tree.lower() and character in tree
+
+    # A second version of alice's training set, from host A; host C restores the first from the bucket.
+    first = _versions(host_c, "alice")
+    assert len(first) == 1
+    (config_one := tmp_path / "one_entry.yaml").write_text(
+        yaml.safe_dump({"ops": {"enriched_images": {"config": {"max_entries": 1}}}}))
+    host_a.flen("materialize", "alice", "v1", "--config", str(config_one))
+    versions = _versions(host_c, "alice")
+    assert len(versions) == 2 and versions[-1] == first[0]
+    host_c.flen("checkout", "training_set", "alice", "v1", first[0])
+    restored = pq.read_table(host_c.root / "data" / "training_set" / "alice" / "v1" / "manifest.parquet")
+    original_a = _versions(host_a, "alice")
+    assert original_a == versions and restored.num_rows > 0
+    # Host B, which never ran alice, reads her training set as lineage last recorded it: from the bucket.
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in host_b.env.items():
+            mp.setenv(key, value)
+        path, md5 = DvcStore(Project(host_b.root)).published("training_set", "alice", "v1")
+    assert md5 == versions[0] and (path / "manifest.parquet").is_file()
+    assert pq.read_table(path / "manifest.parquet").num_rows != restored.num_rows or versions[0] != versions[1]
+    print(f"two hosts, alice v1 + bob v1 at once: {both_s:.0f} s")
+
+
+def _versions(host: Host, character: str) -> list[str]:
+    out = host.flen("versions", "training_set", character, "v1").stdout
+    return [line.split()[2] for line in out.splitlines() if line.strip()]
