@@ -20,7 +20,7 @@ from dagster._core.storage.dagster_run import FINISHED_STATUSES, DagsterRunStatu
 from dagster._core.storage.tags import PARTITION_NAME_TAG, PRIORITY_TAG
 
 from flen_resources.atomic import write_text_atomic
-from flen_resources.deployment import PG_ENV, DeploymentError, cluster_settings, setting
+from flen_resources.deployment import PG_ENV, check_postgres, cluster_settings, setting
 from flen_resources.gpu_lease import GPU_POOL, gpu_pool_limit
 from flen_resources.processes import ProcessRef
 from flen_resources.project import Project, iteration_number, split_partition_key
@@ -152,15 +152,10 @@ def ensure_dagster_home(project: Project) -> str:
 def get_instance(project: Project, log: Callable[[str], None] | None = None) -> dg.DagsterInstance:
     """The project's Dagster instance (the same one `flen ui` serves), with dead runs released."""
     ensure_dagster_home(project)
-    try:
-        instance = dg.DagsterInstance.get()
-    except Exception as exc:
-        cluster = cluster_settings()
-        if cluster is None or "OperationalError" not in f"{type(exc).__name__} {exc!r}":
-            raise
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise DeploymentError(f"cannot reach {cluster.pg_where}: {reason}: check {', '.join(PG_ENV.values())} "
-                              "and that the server runs") from exc
+    cluster = cluster_settings()
+    if cluster is not None:  # before dagster-postgres, which retries for seconds and logs each try
+        check_postgres(cluster)
+    instance = dg.DagsterInstance.get()
     release_dead_runs(instance, log)
     size_gpu_pool(instance)
     return instance

@@ -109,15 +109,17 @@ def init_project(project: Project, log: Log | None = None) -> dg.DagsterInstance
     from flen_resources.lineage import LineageStore, cluster_bucket
     from flen_resources.storage import DvcStore
 
+    # The cluster's servers first: one unreachable is one line naming it, with nothing written yet.
     bucket = cluster_bucket()
-    if bucket is not None:  # before anything is written: an unreachable bucket is one line naming it
+    if bucket is not None:
         bucket.check()
+    instance = get_instance(project, log)
     for folder in (project.data_dir, project.inbox_dir, project.state_dir, project.staging_dir, project.locks_dir):
         folder.mkdir(parents=True, exist_ok=True)
     DvcStore(project).ensure_repo()
     LineageStore(project.lineage_dir).ensure()
     DvcStore(project).clean_staging()
-    return get_instance(project, log)
+    return instance
 
 
 def downstream_of(asset: str, job_name: str) -> list[dg.AssetKey]:

@@ -113,3 +113,16 @@ def cluster_settings() -> ClusterSettings | None:
         pg_db=setting(PG_ENV["db"]), bucket=setting(S3_BUCKET_ENV),
         prefix=(setting(S3_PREFIX_ENV) or "flenwheel").strip("/"),
         endpoint_url=setting(S3_ENDPOINT_ENV) or None, region=setting(S3_REGION_ENV) or "us-east-1")
+
+
+def check_postgres(settings: ClusterSettings) -> None:
+    """Connect once, quickly: an unreachable server or a refused login is one line naming the server."""
+    import psycopg2
+
+    try:
+        psycopg2.connect(host=settings.pg_host, port=settings.pg_port, user=settings.pg_user,
+                         password=setting(PG_ENV["password"]), dbname=settings.pg_db, connect_timeout=5).close()
+    except psycopg2.Error as exc:
+        reason = " ".join(str(exc).split())
+        raise DeploymentError(f"cannot reach {settings.pg_where}: {reason}: check {', '.join(PG_ENV.values())} "
+                              "and that the server runs") from exc

@@ -32,7 +32,7 @@ class Host:
     def __init__(self, root: Path, servers: dict[str, str]):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, **servers, "FLEN_DEPLOYMENT": "cluster", "FLEN_PROJECT_DIR": str(root),
+        self.env = {**os.environ, "FLEN_DEPLOYMENT": "cluster", **servers, "FLEN_PROJECT_DIR": str(root),
                     "DAGSTER_HOME": str(root / ".flen" / "dagster"), "PYTHONWARNINGS": "ignore"}
 
     def flen(self, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -121,9 +121,74 @@ def test_two_hosts_materialize_at_once_and_a_third_traces_and_restores(servers, 
         path, md5 = DvcStore(Project(host_b.root)).published("training_set", "alice", "v1")
     assert md5 == versions[0] and (path / "manifest.parquet").is_file()
     assert pq.read_table(path / "manifest.parquet").num_rows != restored.num_rows or versions[0] != versions[1]
+    # An object deleted from the bucket behind the project's back: restoring names the partition and the object.
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=env["FLEN_S3_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    bob_md5 = _versions(host_c, "bob")[0]
+    key = f"two-hosts/dvc/files/md5/{bob_md5[:2]}/{bob_md5[2:]}"
+    s3.delete_object(Bucket=env["FLEN_S3_BUCKET"], Key=key)
+    proc = host_c.flen("checkout", "training_set", "bob", "v1", bob_md5, check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "training_set bob|v1" in proc.stderr and bob_md5[2:] in proc.stderr, proc.stderr
+    assert not (host_c.root / "data" / "training_set" / "bob" / "v1.dvc").exists()
     print(f"two hosts, alice v1 + bob v1 at once: {both_s:.0f} s")
 
 
 def _versions(host: Host, character: str) -> list[str]:
     out = host.flen("versions", "training_set", character, "v1").stdout
     return [line.split()[2] for line in out.splitlines() if line.strip()]
+
+
+def test_a_host_killed_midway_leaves_no_partial_partition_and_the_rerun_completes(servers, tmp_path: Path) -> None:
+    env = _env(servers, "killed")
+    host, reader = Host(tmp_path / "host-a", env), Host(tmp_path / "host-c", env)
+    config = _small_run_config(tmp_path)
+    host.flen("init")
+    reader.flen("init")
+    write_sample_inbox(host.root / "inbox" / "carol")
+    proc = subprocess.Popen([*FLEN, "materialize", "carol", "v1", "--config", str(config)], env=host.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = ""
+    for line in proc.stdout:  # kill it while enriched_images runs: after source_images was published
+        seen += line
+        if "enrich carol/v1" in line:
+            break
+    os.killpg(proc.pid, 9)
+    proc.wait()
+    assert "enrich carol/v1" in seen, seen[-3000:]
+
+    published = reader.sql("SELECT asset FROM latest_artifacts WHERE character = 'carol' ORDER BY asset")
+    assert "source_images" in published and "training_set" not in published and "filtered_images" not in published
+    # Every version lineage names can be read back on another host: nothing half-pushed became visible.
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in reader.env.items():
+            mp.setenv(key, value)
+        path, _ = DvcStore(Project(reader.root)).published("source_images", "carol", "v1")
+    assert (path / "manifest.parquet").is_file()
+
+    out = host.flen("materialize", "carol", "v1", "--config", str(config)).stdout
+    assert "succeeded" in out
+    runs = reader.sql("SELECT asset, count(*) AS n FROM runs WHERE character = 'carol' GROUP BY asset ORDER BY asset")
+    assert "training_set" in runs
+
+
+def test_unreachable_servers_get_one_line_naming_them_and_nothing_is_written(servers, tmp_path: Path) -> None:
+    pg, s3 = servers
+    wrong_password = Host(tmp_path / "pw", {**_env(servers, "bad"), "FLEN_PG_PASSWORD": "wrong"})
+    proc = wrong_password.flen("init", check=False)
+    assert proc.returncode == 1
+    assert f"cannot reach PostgreSQL at 127.0.0.1:{pg.port} (database flen, user flen)" in proc.stderr
+    assert "password authentication failed" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (wrong_password.root / "data").exists() and not (wrong_password.root / ".dvc").exists()
+
+    no_bucket = Host(tmp_path / "s3", {**_env(servers, "bad"), "FLEN_S3_ENDPOINT_URL": "http://127.0.0.1:9"})
+    proc = no_bucket.flen("init", check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "cannot reach the bucket s3://flen-cluster/bad at http://127.0.0.1:9" in proc.stderr
+    assert not (no_bucket.root / ".flen").exists()
+
+    typo = Host(tmp_path / "typo", {**_env(servers, "bad"), "FLEN_DEPLOYMENT": "clutser"})
+    proc = typo.flen("init", check=False)
+    assert proc.returncode == 1 and "FLEN_DEPLOYMENT='clutser' is not a deployment (did you mean cluster?)" in proc.stderr
