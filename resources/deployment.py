@@ -91,8 +91,8 @@ def deployment_name() -> str:
     """The deployment this process runs in: $FLEN_DEPLOYMENT, `local` when unset."""
     name = (setting(DEPLOYMENT_ENV) or LOCAL).strip()
     if name not in DEPLOYMENTS:
-        raise DeploymentError(f"{DEPLOYMENT_ENV}={name!r} is not a deployment: "
-                              f"{did_you_mean(name, list(DEPLOYMENTS), 'deployments')}")
+        raise DeploymentError(f"{DEPLOYMENT_ENV}={name!r} is not a deployment"
+                              f"{did_you_mean(name, list(DEPLOYMENTS), 'deployments')}: set local or cluster")
     return name
 
 

@@ -105,12 +105,21 @@ class FlenGroup(TyperGroup):
         except Exception as exc:
             if traces_shown():
                 raise
+            if _is_deployment_error(exc):  # a setting or server of the deployment: expected, said in one line
+                fail(error_line(exc))
             if _is_config_error(exc):
                 fail(f"invalid run config: {_config_error_text(exc)}: fix the --config file (its keys and "
                      "values are listed in the Dagster UI's launchpad)")
             typer.secho(f"error: {error_line(exc)}  (unexpected: `flen --debug ...` shows the trace)",
                         fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
+
+
+def _is_deployment_error(exc: Exception) -> bool:
+    from flen_resources.bucket import BucketError
+    from flen_resources.deployment import DeploymentError
+
+    return isinstance(exc, (DeploymentError, BucketError))
 
 
 def _is_config_error(exc: Exception) -> bool:
