@@ -16,11 +16,14 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from flen_assets.instance import DAGSTER_YAML
+
+if TYPE_CHECKING:
+    from dagster import ExecutorDefinition
 
 # The deployment's settings, by name (the `cluster` deployment reads them): PostgreSQL for the instance,
 # the S3 bucket for blobs and lineage. FLEN_S3_ENDPOINT_URL is for MinIO or another S3-compatible store.
@@ -155,7 +158,7 @@ def k8s_executor_config(namespace: str | None = None, *, max_concurrent: int = 4
     return config
 
 
-def step_executor():
+def step_executor() -> ExecutorDefinition | None:
     """dagster_k8s's k8s_job_executor (one pod per step) when FLEN_EXECUTOR=k8s, else None (Dagster's default)."""
     choice = os.environ.get(STEP_EXECUTOR_ENV, "")
     if not choice:
