@@ -1,4 +1,4 @@
-"""`flen`: the command line of FLENwheel (init, characters, runs, lineage, versions, UI, demo, train).
+"""`flen`: the command line of FLENwheel (init, characters, runs, lineage, versions, UI, demo, train, deploy).
 
 This module only assembles the Typer app; the commands live in flen_assets.commands (one module per
 topic) and the run engine they call in flen_assets.runs.
@@ -12,6 +12,7 @@ import typer
 
 from flen_assets.commands import (
     characters,
+    deploy,
     iterations,
     lineage,
     materialize,
@@ -43,6 +44,7 @@ app.add_typer(iterations.app, name="iteration")
 app.add_typer(models.app, name="models")
 app.add_typer(recipes.app, name="recipes")
 app.add_typer(train.app, name="train")
+app.add_typer(deploy.app, name="deploy")
 # In this order in `flen --help` (the groups above are listed after the commands).
 for command in (project.init, review.review, materialize.materialize, lineage.lineage, lineage.sql, lineage.versions,
                 lineage.checkout, project.ui, materialize.iterate, lineage.export, project.demo):

@@ -18,6 +18,7 @@ from flen_assets.dagster_resources import (
     TrainerResource,
 )
 from flen_assets.jobs import SIZED_FLYWHEEL_JOBS, flywheel_job, training_set_job
+from flen_assets.launchers import step_executor
 from flen_assets.sensors import dead_runs_sensor, inbox_sensor, next_iteration_sensor
 from flen_io_managers.partition_folder import PartitionFolderIOManager
 from flen_resources.run_settings import RUN_SETTINGS_ENV
@@ -62,6 +63,8 @@ defs = dg.Definitions(
     jobs=[training_set_job, flywheel_job, *SIZED_FLYWHEEL_JOBS],
     sensors=[inbox_sensor, next_iteration_sensor, dead_runs_sensor],
     resources=local_resources(),
+    # FLEN_EXECUTOR=k8s (set by `flen deploy k8s`): one pod per step; unset, Dagster's default executor.
+    executor=step_executor(),
     # Dagster's console logger, and the one `flen` runs use (it leaves the stack traces out unless --debug).
     loggers={"console": dg.colored_console_logger, CONSOLE_LOGGER: flen_console_logger},
 )

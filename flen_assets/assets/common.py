@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from flen_assets.dagster_resources import ProjectResource, RunSettingsResource
 from flen_assets.instance import describe_run, run_state, runs_ahead
+from flen_assets.launchers import gpu_step_tags
 from flen_assets.visuals import Tile, contact_sheet, markdown_thumbnail, save_sheet
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
 from flen_resources.evaluation import is_missing, not_available
@@ -150,6 +151,8 @@ def partition_asset(group: str, **kwargs: Any):
     """@dg.asset for a character x iteration partition whose folder is published with DVC."""
     from flen_assets.partitions import character_iteration
 
+    if kwargs.get("pool") == GPU_POOL:  # on Kubernetes the step's pod asks for a card (flen_assets.launchers)
+        kwargs["op_tags"] = {**gpu_step_tags(), **kwargs.get("op_tags", {})}
     asset = dg.asset(partitions_def=character_iteration, group_name=group, io_manager_key="partition_io_manager",
                      code_version=kwargs.pop("code_version", "1"), kinds={"python", "dvc"}, **kwargs)
     if kwargs.get("pool") != GPU_POOL:
