@@ -57,23 +57,23 @@ def importable() -> None:
 
 # -- measuring one phase ----------------------------------------------------------------------------
 class CardMemory:
-    """Peak used memory of this process's GPU, sampled through NVML (None without NVML or a GPU)."""
+    """Peak used memory of a GPU (default: this process's current one, e.g. its leased card), sampled
+    through NVML (None without NVML or a GPU). torch maps the CUDA index to NVML's, CUDA_VISIBLE_DEVICES
+    included."""
 
-    def __init__(self, interval: float = 0.02):
+    def __init__(self, interval: float = 0.02, device: int | None = None):
         self.interval, self.peak, self._stop = interval, None, threading.Event()
         try:
-            import pynvml
+            import torch
 
-            pynvml.nvmlInit()
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible))
-            self._used = lambda: pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
-            self.baseline = self._used()
-        except Exception:  # no NVML (CPU smoke test)
-            self._handle = None
+            card = torch.cuda.current_device() if device is None else device  # here: the sampler thread's is 0
+            self._used = lambda: torch.cuda.device_memory_used(card)
+            self.baseline, self._sampling = self._used(), True
+        except Exception:  # no NVML or no GPU (CPU smoke test)
+            self._sampling = False
 
     def __enter__(self) -> CardMemory:
-        if self._handle is not None:
+        if self._sampling:
             self.peak = 0
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
@@ -86,7 +86,7 @@ class CardMemory:
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
-        if self._handle is not None:
+        if self._sampling:
             self._thread.join()
 
 
@@ -320,9 +320,14 @@ def summarize(report: dict) -> dict:
 
 def write(report: dict, args: argparse.Namespace) -> None:
     report["summary"] = summarize(report)
-    slug = "".join(c if c.isalnum() else "-" for c in report["gpu"].lower()).strip("-")
-    name = f"rehearsal_gpu-{slug}.json" if args.scale == "full" else f"rehearsal_gpu-{args.scale}-{slug}.json"
-    for folder in [args.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
+    write_json(report, "rehearsal_gpu", args.scale, args.out)
+
+
+def write_json(report: dict, benchmark: str, scale: str, out: Path, machine: str = "") -> None:
+    """<out>/<benchmark>-[<scale>-]<report's gpu, as a slug><machine>.json (no scale when full), a copy in $OUT when set."""
+    slug = "".join(c if c.isalnum() else "-" for c in report["gpu"].lower()).strip("-") + machine
+    name = f"{benchmark}-{slug}.json" if scale == "full" else f"{benchmark}-{scale}-{slug}.json"
+    for folder in [out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(json.dumps(report, indent=1))
 

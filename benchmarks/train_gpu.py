@@ -84,7 +84,7 @@ def build(workdir: Path, model: str, scale: str, device: str) -> dict:
     module.save_pretrained(str(workdir / "transformer"), max_shard_size="5GB")
     params = sum(p.numel() for p in module.parameters())
     del module
-    if device == "cuda":
+    if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
     return {"event": "built", "model": model, "params_b": round(params / 1e9, 2),
             "seconds": round(time.time() - started, 1)}
@@ -176,17 +176,19 @@ def ours_example(model: str, res: int, config) -> dict:
 
 def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int, device_name: str, res: int,
                 quantization: str) -> dict:
-    """One variant in this process: load, add LoRA, time `reps` optimizer steps, peak memory."""
+    """One variant in this process: load, add LoRA, time `reps` optimizer steps, peak memory.
+
+    device_name: "cpu", "cuda" or an indexed card ("cuda:1", a GPU lease's); memory is that card's."""
     import torch
 
     importable()
-    cuda = device_name == "cuda"
+    cuda = device_name.startswith("cuda")
     if cuda and variant == "naive":  # as gpu_probe runs it (NO_CUDNN_SDP); ours: LoraTrainConfig.attention
         torch.backends.cuda.enable_cudnn_sdp(False)
     device, dtype = torch.device(device_name), torch.bfloat16
     started = time.time()
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     cls = transformer_class(model)
     if variant == "naive":
         from diffusers import BitsAndBytesConfig
@@ -250,10 +252,10 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
 
     def sync() -> None:
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
 
     load_s = time.time() - started
-    weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else None
+    weights_gib = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
     warm_started = time.time()
     for i in range(warmup):
         forward_backward(i)
@@ -261,7 +263,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
     sync()
     warmup_s = time.time() - warm_started
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     times, optimizer_times = [], []
     for i in range(reps):
         sync()
@@ -275,8 +277,8 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         optimizer_times.append(time.perf_counter() - t_opt)
     return {"variant": variant, "step_s": round(statistics.median(times), 4), "step_times_s": [round(x, 4) for x in times],
             "optimizer_s": round(statistics.median(optimizer_times), 4),
-            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if cuda else None,
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3) if cuda else None,
             "weights_gib": round(weights_gib, 3) if cuda else None, "load_s": round(load_s, 1),
             "warmup_s": round(warmup_s, 1), "lora_params_m": round(sum(p.numel() for p in params) / 1e6, 2),
             "model_flops": model_flops(module, model, res)}
