@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import dagster as dg
+import yaml
 from dagster._core.events import DagsterEventType
 from dagster._core.launcher import CheckRunHealthResult, DefaultRunLauncher, WorkerStatus
 from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
@@ -108,25 +110,18 @@ concurrency:
 _LIVE_STATUSES = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 
 
-# The `cluster` deployment's instance storage: PostgreSQL, every value read from the environment
-# when the instance starts (the password never lands in a file).
-POSTGRES_STORAGE_YAML = f"""\
-storage:
-  postgres:
-    postgres_db:
-      hostname: {{env: {PG_ENV['host']}}}
-      port: {{env: {PG_ENV['port']}}}
-      username: {{env: {PG_ENV['user']}}}
-      password: {{env: {PG_ENV['password']}}}
-      db_name: {{env: {PG_ENV['db']}}}
-      # dagster-postgres installs psycopg2; SQLAlchemy 2.1's default PostgreSQL driver is psycopg 3.
-      scheme: postgresql+psycopg2
-"""
+def postgres_storage_config() -> dict[str, Any]:
+    """The `cluster` instance's `storage` section: PostgreSQL, every value read from the environment when the
+    instance starts (the password never lands in a file)."""
+    names = dict(zip(("hostname", "port", "username", "password", "db_name"), PG_ENV.values()))
+    # dagster-postgres installs psycopg2; SQLAlchemy 2.1's default PostgreSQL driver is psycopg 3.
+    return {"postgres": {"postgres_db": {**{key: {"env": var} for key, var in names.items()},
+                                         "scheme": "postgresql+psycopg2"}}}
 
 
 def dagster_yaml(cluster: bool) -> str:
     """The dagster.yaml flen writes: DAGSTER_YAML, plus PostgreSQL storage in the `cluster` deployment."""
-    return DAGSTER_YAML + (POSTGRES_STORAGE_YAML if cluster else "")
+    return DAGSTER_YAML + (yaml.safe_dump({"storage": postgres_storage_config()}, sort_keys=False) if cluster else "")
 
 
 def ensure_dagster_home(project: Project) -> str:

@@ -20,17 +20,17 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from flen_assets.instance import DAGSTER_YAML
+from flen_assets.instance import DAGSTER_YAML, postgres_storage_config
+from flen_resources.bucket import S3_KEY_ENV
+from flen_resources.deployment import DEPLOYMENT_ENV, PG_ENV, S3_BUCKET_ENV, S3_ENDPOINT_ENV
 
 if TYPE_CHECKING:
     from dagster import ExecutorDefinition
 
-# The deployment's settings, by name (the `cluster` deployment reads them): PostgreSQL for the instance,
+# The deployment's settings, by name (flen_resources.deployment reads them): PostgreSQL for the instance,
 # the S3 bucket for blobs and lineage. FLEN_S3_ENDPOINT_URL is for MinIO or another S3-compatible store.
-POSTGRES_ENV = ("FLEN_PG_HOST", "FLEN_PG_PORT", "FLEN_PG_USER", "FLEN_PG_PASSWORD", "FLEN_PG_DB")
-S3_ENV = ("FLEN_S3_BUCKET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-S3_ENDPOINT_ENV = "FLEN_S3_ENDPOINT_URL"
-DEPLOYMENT_ENV = "FLEN_DEPLOYMENT"
+POSTGRES_ENV = tuple(PG_ENV.values())
+S3_ENV = (S3_BUCKET_ENV, *S3_KEY_ENV[:2])  # FLEN_S3_PREFIX is optional: unset, "flenwheel"
 # `k8s`: the code location runs each step in its own pod (step_executor); unset: Dagster's default executor.
 STEP_EXECUTOR_ENV = "FLEN_EXECUTOR"
 
@@ -185,13 +185,6 @@ def docker_run_launcher_config(image: str, network: str | None = None, *, s3_end
     if network:
         config["network"] = network
     return config
-
-
-def postgres_storage_config() -> dict[str, Any]:
-    """The instance's `storage` section: PostgreSQL (dagster_postgres), every setting read from the environment."""
-    host, port, user, password, db = POSTGRES_ENV
-    return {"postgres": {"postgres_db": {"hostname": {"env": host}, "port": {"env": port}, "username": {"env": user},
-                                         "password": {"env": password}, "db_name": {"env": db}}}}
 
 
 def local_instance_settings() -> dict[str, Any]:
