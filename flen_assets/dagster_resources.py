@@ -8,6 +8,7 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import PrivateAttr
 
+from flen_resources.bucket import Bucket, cluster_bucket
 from flen_resources.editors import Editor, get_editor
 from flen_resources.faces import FaceAnalyzer
 from flen_resources.lineage import LineageStore
@@ -33,6 +34,11 @@ class ProjectResource(dg.ConfigurableResource):
     @property
     def dvc(self) -> DvcStore:
         return DvcStore(self.project)
+
+    @property
+    def bucket(self) -> Bucket | None:
+        """The cluster deployment's bucket (None in `local`)."""
+        return cluster_bucket()
 
 
 class FaceResource(dg.ConfigurableResource):

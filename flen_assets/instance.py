@@ -169,6 +169,10 @@ def run_process(instance: dg.DagsterInstance, run: dg.DagsterRun) -> ProcessRef 
     """The process executing `run`: its flen tag, else the pid of its first engine event (None: unknown yet)."""
     if RUN_PROCESS_TAG in run.tags:
         return ProcessRef.decode(run.tags[RUN_PROCESS_TAG])
+    if cluster_settings() is not None:
+        # A run worker of the cluster runs on another host or in a pod: its engine event's pid says nothing
+        # here. The run launcher's own monitoring (K8sRunLauncher, DockerRunLauncher) tells dead runs.
+        return None
     records = instance.get_records_for_run(run.run_id, of_type=DagsterEventType.ENGINE_EVENT, limit=20).records
     for record in records:
         entry = record.event_log_entry

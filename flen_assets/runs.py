@@ -106,7 +106,8 @@ class OutOfTurn(ValueError):
 
 def init_project(project: Project, log: Log | None = None) -> dg.DagsterInstance:
     """Create the project's folders, git + DVC with a local remote, lineage tables and Dagster home."""
-    from flen_resources.lineage import LineageStore, cluster_bucket
+    from flen_resources.bucket import cluster_bucket
+    from flen_resources.lineage import LineageStore
     from flen_resources.storage import DvcStore
 
     # The cluster's servers first: one unreachable is one line naming it, with nothing written yet.

@@ -7,7 +7,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from flen_resources.deployment import S3_ENDPOINT_ENV, ClusterSettings, setting
+from flen_resources.deployment import S3_ENDPOINT_ENV, ClusterSettings, cluster_settings, setting
 
 # The S3 keys' variables, read from the environment or the secrets file (deployment.setting).
 S3_KEY_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -85,3 +85,9 @@ class Bucket:
         except OSError as exc:
             raise self._error(exc, "list") from exc
         return {i.base_name for i in infos if i.type == pafs.FileType.File}
+
+
+def cluster_bucket() -> Bucket | None:
+    """The bucket of the `cluster` deployment (None in `local`)."""
+    settings = cluster_settings()
+    return Bucket(settings) if settings else None

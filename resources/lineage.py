@@ -33,8 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flen_resources.atomic import atomic_path, write_text_atomic
-from flen_resources.bucket import Bucket
-from flen_resources.deployment import cluster_settings
+from flen_resources.bucket import Bucket, cluster_bucket
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -190,12 +189,6 @@ def md5_prefix(md5: str) -> str | None:
 
 
 _FROM_DEPLOYMENT = object()
-
-
-def cluster_bucket() -> Bucket | None:
-    """The bucket of the `cluster` deployment (None in `local`)."""
-    settings = cluster_settings()
-    return Bucket(settings) if settings else None
 
 
 class LineageStore:

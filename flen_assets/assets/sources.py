@@ -37,6 +37,7 @@ from flen_resources.imaging import (
 from flen_resources.intake import IntakeError, PhotoFolder, Refused, open_photo_folder, refused_entry_id
 from flen_resources.lineage import to_json, utcnow
 from flen_resources.project import flen_command
+from flen_resources.shared_inbox import share_inbox
 
 GROUP = "sources"
 
@@ -92,6 +93,9 @@ def source_images(context: dg.AssetExecutionContext, config: SourceConfig, proje
     """
     run = PartitionRun.start(context, project)
     inbox = run.project.inbox_for(run.character)
+    if project.bucket is not None:  # the cluster: photos another host received, and this host's for the others
+        shared = share_inbox(inbox, project.bucket, run.character)
+        context.log.info(f"inbox shared through the bucket: {len(shared.pushed)} pushed, {len(shared.fetched)} fetched")
     if not inbox.is_dir():
         raise dg.Failure(f"no inbox folder {inbox}: add photos with "
                          f"`{flen_command(run.project, 'character', 'add', run.character, '--from', 'DIR')}`")

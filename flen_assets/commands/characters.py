@@ -18,7 +18,9 @@ def character_add(name: str, from_dir: Annotated[Path, typer.Option("--from", he
                   iteration: str = "v1", project: ProjectOpt = None) -> None:
     """Copy photos into inbox/NAME (originals untouched) and register the character partition."""
     from flen_assets.partitions import PartitionRefused, add_partitions, check_iteration_order
+    from flen_resources.bucket import cluster_bucket
     from flen_resources.intake import IntakeError, add_photos
+    from flen_resources.shared_inbox import inbox_key, share_inbox
 
     check_names(name, iteration)
     if not from_dir.is_dir():
@@ -39,6 +41,10 @@ def character_add(name: str, from_dir: Annotated[Path, typer.Option("--from", he
         typer.echo(f"refused {refused.message} [{refused.code}]")
     key = add_partitions(instance, name, iteration)
     typer.echo(f"{len(report.copied)} file(s) copied to {dest}; {len(report.refused)} refused; partition {key} registered")
+    bucket = cluster_bucket()
+    if bucket is not None:  # the cluster: any host's source_images step can ingest them
+        shared = share_inbox(dest, bucket, name)
+        typer.echo(f"{len(shared.pushed)} file(s) pushed to s3://{inbox_key(bucket, name)}/")
 
 
 @app.command("list")
