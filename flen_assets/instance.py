@@ -249,13 +249,17 @@ def step_processes(instance: dg.DagsterInstance, run: dg.DagsterRun) -> list[Pro
     from flen_resources.processes import this_host
 
     worker = run_process(instance, run)
+    # Steps run on their worker's host; a worker nobody can place (a cluster's pod) leaves them unknown.
+    host = worker.host if worker is not None else (this_host() if cluster_settings() is None else None)
+    if host is None:
+        return []
     found = []
     for record in instance.get_records_for_run(run.run_id, of_type=DagsterEventType.ENGINE_EVENT).records:
         entry = record.event_log_entry
         data = entry.dagster_event.engine_event_data if entry.dagster_event else None
         pid = data.metadata.get("pid") if data else None
         if pid is not None and (worker is None or int(pid.value) != worker.pid):
-            found.append(ProcessRef(this_host(), int(pid.value), entry.timestamp))
+            found.append(ProcessRef(host, int(pid.value), entry.timestamp))
     return found
 
 
@@ -263,9 +267,11 @@ def stop_orphaned_steps(instance: dg.DagsterInstance, run: dg.DagsterRun) -> lis
     """Kill the step processes an ended run left behind (its worker was killed; they would keep the GPU)."""
     import psutil
 
+    from flen_resources.processes import this_host
+
     killed = []
     for ref in step_processes(instance, run):
-        if ref.is_dead():
+        if ref.host != this_host() or ref.is_dead():  # another host's process is not ours to stop
             continue
         try:
             proc = psutil.Process(ref.pid)
