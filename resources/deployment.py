@@ -123,6 +123,6 @@ def check_postgres(settings: ClusterSettings) -> None:
         psycopg2.connect(host=settings.pg_host, port=settings.pg_port, user=settings.pg_user,
                          password=setting(PG_ENV["password"]), dbname=settings.pg_db, connect_timeout=5).close()
     except psycopg2.Error as exc:
-        reason = " ".join(str(exc).split())
+        reason = "; ".join(" ".join(line.split()) for line in str(exc).splitlines() if line.strip())
         raise DeploymentError(f"cannot reach {settings.pg_where}: {reason}: check {', '.join(PG_ENV.values())} "
                               "and that the server runs") from exc

@@ -21,6 +21,7 @@ import pytest
 
 from tests_helpers import free_port
 
+FLEN = [sys.executable, "-m", "flen_assets"]
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 
 
@@ -121,3 +122,27 @@ def s3_server(bucket: str = "flen-cluster") -> Iterator[S3]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+class Host:
+    """A working folder that runs `flen` in the cluster deployment."""
+
+    def __init__(self, root: Path, servers: dict[str, str]):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "FLEN_DEPLOYMENT": "cluster", **servers, "FLEN_PROJECT_DIR": str(root),
+                    "DAGSTER_HOME": str(root / ".flen" / "dagster"), "PYTHONWARNINGS": "ignore"}
+
+    def flen(self, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+        proc = subprocess.run([*FLEN, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"[{self.root.name}] flen {' '.join(args)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        return proc
+
+    def start(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([*FLEN, *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    def sql(self, query: str) -> str:
+        return self.flen("sql", query).stdout

@@ -80,7 +80,7 @@ def checkout(asset: str, character: str, iteration: str,
 
 def export(character: str, iteration: str, dest: Annotated[Path, typer.Option("--to", help="Folder to write.")],
            project: ProjectOpt = None) -> None:
-    """Write a training folder ai-toolkit and kohya accept (images + same-name .txt), the LoRA files, and
+    """Write a training folder that ai-toolkit and kohya accept (images + same-name .txt), the LoRA files, and
     Hugging Face model and dataset cards (README.md)."""
     from flen_resources.export import ExportError, export_iteration
 

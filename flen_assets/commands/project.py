@@ -66,9 +66,9 @@ def dagster_env(project: Project) -> dict[str, str]:
 
 
 def ui(host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the UI local.")] = "127.0.0.1", port: int = 3000, project: ProjectOpt = None) -> None:
-    """Serve the Dagster UI and run the daemon on this project's instance, as `dagster dev` does: what
-    the UI launches runs (queued runs, backfills, sensors, schedules). The UI binds 127.0.0.1 unless
-    told otherwise; Ctrl+C stops both."""
+    """Serve the Dagster UI and run the daemon (which runs what the UI launches: queued runs, backfills,
+    sensors, schedules) on this project's instance, as `dagster dev` does. The UI binds 127.0.0.1
+    unless told otherwise; Ctrl+C stops both."""
     import signal
 
     from flen_resources.supervisor import ServiceExited, Services, signals_as_interrupt

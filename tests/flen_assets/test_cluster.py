@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,38 +15,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from cluster_servers import S3, Postgres, postgres_server, s3_server
+from cluster_servers import FLEN, S3, Host, Postgres, postgres_server, s3_server
 
 from flen_assets.demo_data import write_sample_inbox
 from flen_resources.project import Project
 from flen_resources.storage import DvcStore
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-FLEN = [sys.executable, "-m", "flen_assets"]
-
-
-class Host:
-    """A working folder that runs `flen` in the cluster deployment."""
-
-    def __init__(self, root: Path, servers: dict[str, str]):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, "FLEN_DEPLOYMENT": "cluster", **servers, "FLEN_PROJECT_DIR": str(root),
-                    "DAGSTER_HOME": str(root / ".flen" / "dagster"), "PYTHONWARNINGS": "ignore"}
-
-    def flen(self, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-        proc = subprocess.run([*FLEN, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"[{self.root.name}] flen {' '.join(args)} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-        return proc
-
-    def start(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([*FLEN, *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-
-    def sql(self, query: str) -> str:
-        return self.flen("sql", query).stdout
 
 
 @pytest.fixture(scope="module")
