@@ -7,10 +7,12 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from flen_resources.deployment import S3_ENDPOINT_ENV, ClusterSettings, cluster_settings, setting
+from flen_resources.deployment import S3_ENDPOINT_ENV, SECRETS_FILE_ENV, ClusterSettings, cluster_settings, setting
 
 # The S3 keys' variables, read from the environment or the secrets file (deployment.setting).
 S3_KEY_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# What S3 servers answer a wrong or unknown key with (AWS, MinIO, moto), as pyarrow reports it.
+_REFUSED = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
 
 
 class BucketError(OSError):
@@ -47,6 +49,9 @@ class Bucket:
 
     def _error(self, exc: Exception, doing: str) -> BucketError:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if any(code in reason for code in _REFUSED):
+            return BucketError(f"the {self.settings.bucket_where} refused the credentials: {reason}: check "
+                               f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the file {SECRETS_FILE_ENV} names)")
         return BucketError(f"cannot {doing} the {self.settings.bucket_where}: {reason}: check {S3_ENDPOINT_ENV}, "
                            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and that the server runs")
 

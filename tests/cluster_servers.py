@@ -42,11 +42,20 @@ class Postgres:
 class S3:
     endpoint_url: str
     bucket: str
+    access_key: str
+    secret_key: str
 
     def env(self, prefix: str = "flenwheel") -> dict[str, str]:
         return {"FLEN_S3_ENDPOINT_URL": self.endpoint_url, "FLEN_S3_BUCKET": self.bucket, "FLEN_S3_PREFIX": prefix,
-                "AWS_ACCESS_KEY_ID": "flen-test", "AWS_SECRET_ACCESS_KEY": "flen-test-secret",
+                "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
                 "AWS_REGION": "us-east-1"}
+
+    def client(self):  # noqa: ANN201 - boto3's generated client type
+        """A boto3 S3 client with the server's real key."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
 
 
 def _pg_tool(name: str) -> str:
@@ -104,17 +113,29 @@ def postgres_server() -> Iterator[Postgres]:
 
 @contextmanager
 def s3_server(bucket: str = "flen-cluster") -> Iterator[S3]:
-    """moto's S3 server on 127.0.0.1 (a real HTTP endpoint), with one empty bucket."""
+    """moto's S3 server on 127.0.0.1 (a real HTTP endpoint) that checks credentials, with one empty bucket
+    and one IAM user allowed everything: a wrong key is refused as S3 refuses it."""
+    import json
+
+    import boto3
+
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    # The first 4 requests (the IAM user, its policy and key) go unchecked; every later one needs the key.
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_port(port, 60, proc)
-        s3 = S3(f"http://127.0.0.1:{port}", bucket)
-        import boto3
-
-        boto3.client("s3", endpoint_url=s3.endpoint_url, region_name="us-east-1", aws_access_key_id="flen-test",
-                     aws_secret_access_key="flen-test-secret").create_bucket(Bucket=bucket)
+        url = f"http://127.0.0.1:{port}"
+        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bootstrap",
+                           aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="flen")
+        allow_all = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        policy = iam.create_policy(PolicyName="flen-all", PolicyDocument=json.dumps(allow_all))["Policy"]["Arn"]
+        iam.attach_user_policy(UserName="flen", PolicyArn=policy)
+        key = iam.create_access_key(UserName="flen")["AccessKey"]
+        s3 = S3(url, bucket, key["AccessKeyId"], key["SecretAccessKey"])
+        s3.client().create_bucket(Bucket=bucket)
         yield s3
     finally:
         proc.terminate()

@@ -96,10 +96,7 @@ def test_two_hosts_materialize_at_once_and_a_third_traces_and_restores(servers, 
     assert md5 == versions[0] and (path / "manifest.parquet").is_file()
     assert pq.read_table(path / "manifest.parquet").num_rows != restored.num_rows or versions[0] != versions[1]
     # An object deleted from the bucket behind the project's back: restoring names the partition and the object.
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=env["FLEN_S3_ENDPOINT_URL"], region_name="us-east-1",
-                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    s3 = servers[1].client()
     bob_md5 = _versions(host_c, "bob")[0]
     key = f"two-hosts/dvc/files/md5/{bob_md5[:2]}/{bob_md5[2:]}"
     s3.delete_object(Bucket=env["FLEN_S3_BUCKET"], Key=key)
@@ -162,6 +159,12 @@ def test_unreachable_servers_get_one_line_naming_them_and_nothing_is_written(ser
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     assert "cannot reach the bucket s3://flen-cluster/bad at http://127.0.0.1:9" in proc.stderr
     assert not (no_bucket.root / ".flen").exists()
+
+    wrong_key = Host(tmp_path / "key", {**_env(servers, "bad"), "AWS_SECRET_ACCESS_KEY": "not-the-key"})
+    proc = wrong_key.flen("init", check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "the bucket s3://flen-cluster/bad at http" in proc.stderr and "refused the credentials" in proc.stderr
+    assert not (wrong_key.root / ".flen").exists()
 
     typo = Host(tmp_path / "typo", {**_env(servers, "bad"), "FLEN_DEPLOYMENT": "clutser"})
     proc = typo.flen("init", check=False)
