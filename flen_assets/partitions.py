@@ -142,6 +142,19 @@ def _wipe(instance: dg.DagsterInstance, keys: list[str]) -> None:
             return
 
 
+def wipe_partitions(instance: dg.DagsterInstance, partitions: list[tuple[str, str, str]]) -> None:
+    """Forget the materializations of these (asset, character, iteration) partitions (`flen forget` removed
+    their data): the UI shows them missing, to be materialized again."""
+    by_asset: dict[str, list[str]] = {}
+    for asset, character, iteration in partitions:
+        by_asset.setdefault(asset, []).append(str(partition_key(character, iteration)))
+    for asset, keys in by_asset.items():
+        try:
+            instance.wipe_asset_partitions(dg.AssetKey(asset), keys)
+        except NotImplementedError:  # a storage without partition wipes: the event log keeps them
+            return
+
+
 def remove_character(project: Project, instance: dg.DagsterInstance, character: str,
                      archive: bool = False) -> tuple[list[Path], Path | None]:
     """Delete the character partition key (every `character|vN`): refused while it has data (partition
