@@ -252,7 +252,7 @@ def write_plan(project: Project, plan: ForgetPlan) -> Path:
 
 
 def execute_forget(project: Project, store: LineageStore, plan: ForgetPlan, remote: Path | None,
-                   has_remote: bool, dvc_lock, wipe: Callable[[list[Partition]], None]) -> ForgetDone:
+                   has_remote: bool, dvc_lock, wipe: Callable[[list[Partition]], bool]) -> ForgetDone:
     """Remove what `plan` lists, step by idempotent step; `wipe` forgets the partitions' materializations."""
     if store.bucket is not None:
         raise ForgetError("flen forget does not run in the cluster deployment yet: its lineage bucket keeps every "
@@ -281,7 +281,9 @@ def execute_forget(project: Project, store: LineageStore, plan: ForgetPlan, remo
                 "it (files/md5/<2>/<30> of each md5 in the plan); remove them with your storage's tools")
     _record(store, plan)
     dropped = _erase_rows(store, plan)
-    wipe(plan.partition_keys())
+    if not wipe(plan.partition_keys()):
+        note = " ".join(filter(None, [note, "the Dagster instance cannot wipe partitions (SQLite storage): the UI "
+                                            "still lists their last materializations, each with an 'erased' observation"]))
     path.unlink(missing_ok=True)
     return ForgetDone(partitions=len(plan.partitions), objects=removed, lineage_rows=dropped, remote_note=note)
 
