@@ -13,6 +13,7 @@ import typer
 from flen_assets.commands import (
     characters,
     deploy,
+    forget,
     iterations,
     lineage,
     materialize,
@@ -47,7 +48,7 @@ app.add_typer(train.app, name="train")
 app.add_typer(deploy.app, name="deploy")
 # In this order in `flen --help` (the groups above are listed after the commands).
 for command in (project.init, review.review, materialize.materialize, lineage.lineage, lineage.sql, lineage.versions,
-                lineage.checkout, project.ui, materialize.iterate, lineage.export, project.demo):
+                lineage.checkout, project.ui, materialize.iterate, lineage.export, forget.forget, project.demo):
     app.command()(command)
 
 

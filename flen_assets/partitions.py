@@ -142,6 +142,28 @@ def _wipe(instance: dg.DagsterInstance, keys: list[str]) -> None:
             return
 
 
+def wipe_partitions(instance: dg.DagsterInstance, partitions: list[tuple[str, str, str]]) -> bool:
+    """Forget the materializations of these (asset, character, iteration) partitions (`flen forget` removed
+    their data), so the UI shows them missing. A storage without partition wipes (SQLite) keeps them: each
+    gets an observation saying its data was erased and must be materialized again; returns False then."""
+    wiped = True
+    for asset, character, iteration in partitions:
+        key = str(partition_key(character, iteration))
+        try:
+            instance.wipe_asset_partitions(dg.AssetKey(asset), [key])
+        except NotImplementedError:
+            wiped = False
+            instance.report_runless_asset_event(dg.AssetObservation(
+                asset_key=asset, partition=key, description="erased by flen forget: materialize it again",
+                metadata={"erased": True, "materialize": flen_command_text(asset, character, iteration)}))
+    return wiped
+
+
+def flen_command_text(asset: str, character: str, iteration: str) -> str:
+    return f"flen materialize {character} {iteration} --all" if asset != "training_set" else \
+        f"flen materialize {character} {iteration}"
+
+
 def remove_character(project: Project, instance: dg.DagsterInstance, character: str,
                      archive: bool = False) -> tuple[list[Path], Path | None]:
     """Delete the character partition key (every `character|vN`): refused while it has data (partition

@@ -21,7 +21,7 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -94,6 +94,12 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("iteration", pa.string()), ("name", pa.string()), ("value", pa.float64()),
         ("recorded_at", _TS),
     ]),
+    # What `flen forget` erased, by hash only (never a name or a path): the photo, each image derived
+    # from it, each partition version that held them (erased_id: its DVC md5).
+    "erasures": pa.schema([
+        ("erased_id", pa.string()), ("kind", pa.string()), ("asset", pa.string()), ("character", pa.string()),
+        ("iteration", pa.string()), ("run_id", pa.string()), ("erased_at", _TS),
+    ]),
 }
 
 # Convenience views on top of the raw tables; documented in README ("Query lineage with DuckDB").
@@ -109,6 +115,7 @@ DERIVED_VIEWS: dict[str, str] = {
         JOIN (SELECT asset, character, iteration, run_id FROM members
               QUALIFY row_number() OVER (PARTITION BY asset, character, iteration ORDER BY created_at DESC) = 1) l
         USING (asset, character, iteration, run_id)
+        WHERE m.image_id NOT IN (SELECT erased_id FROM erasures)
     """,
     # One row per distinct parent->child step (reruns append identical rows).
     "image_edges": """
@@ -123,7 +130,7 @@ DERIVED_VIEWS: dict[str, str] = {
     """,
     # One row per image id, from where its content was first seen (its origin).
     "image_facts": """
-        SELECT * FROM images
+        SELECT * FROM images WHERE image_id NOT IN (SELECT erased_id FROM erasures)
         QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY created_at) = 1
     """,
 }
@@ -387,6 +394,26 @@ class LineageStore:
                     f.unlink()
                 merged[table] = len(files)
         return merged
+
+    def rewrite(self, table: str, keep: Callable[[pa.Table], pa.Array]) -> int:
+        """Rewrite each event file of `table` that holds rows `keep` rejects (a boolean mask per file), without
+        them; returns the rows dropped. Each file is replaced atomically under the exclusive lock, so a
+        rerun after a crash finishes the job. Not in a cluster: the bucket's objects stay as written."""
+        if self.bucket is not None:
+            raise RuntimeError("lineage rows cannot be rewritten in the cluster deployment: the bucket keeps every event")
+        self.ensure()
+        schema = SCHEMAS[table]
+        dropped = 0
+        with self._shared(exclusive=True):
+            for path in sorted(p for p in self.table_dir(table).glob("*.parquet") if p.name != "_schema.parquet"):
+                data = pq.read_table(path, schema=schema)
+                mask = keep(data)
+                kept = data.filter(mask)
+                if kept.num_rows == data.num_rows:
+                    continue
+                dropped += data.num_rows - kept.num_rows
+                self._write_atomic(kept, path)
+        return dropped
 
     @staticmethod
     def _cli_fingerprint(statements: Sequence[str]) -> str:

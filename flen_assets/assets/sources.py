@@ -21,6 +21,7 @@ from flen_assets.partitions import character_iteration
 from flen_assets.review.gate import PASSED, human_decisions, review_check, review_metadata, source_verdict
 from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder, partition_keys
+from flen_resources.forget import erased_ids
 from flen_resources.identity import MIN_SOURCES_TO_CALIBRATE, Calibration, build_reference, find_inliers
 from flen_resources.imaging import (
     DEFAULT_MAX_PIXELS,
@@ -119,6 +120,7 @@ def source_images(context: dg.AssetExecutionContext, config: SourceConfig, proje
     accepted_hashes = [(r["phash"], r["colorhash"], r["original_name"]) for r in rows if r["status"] == "accepted"]
 
     carried_shas = set(seen_sha)
+    erased = erased_ids(run.lineage)  # photos forgotten on request (`flen forget`) are never ingested again
     part_rel = run.project.relative(run.project.partition_dir(run.asset, run.character, run.iteration))
     image_rows, edge_rows, decision_rows = [], [], []
     new_files = 0
@@ -131,6 +133,9 @@ def source_images(context: dg.AssetExecutionContext, config: SourceConfig, proje
                 continue
             sha = hashlib.sha256(data).hexdigest()
             if sha in carried_shas:
+                continue
+            if sha in erased:  # no row, no name, no blob: the person asked to be removed
+                context.log.warning("skipped an inbox file erased with `flen forget` (it stays out)")
                 continue
             new_files += 1
             original_rel = f"originals/{sha}{original_suffix(name)}"
