@@ -83,6 +83,8 @@ def _wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen | None = 
 @contextmanager
 def postgres_server() -> Iterator[Postgres]:
     """A throwaway PostgreSQL cluster on 127.0.0.1 with user `flen` (password auth) and database `flen`."""
+    if os.environ.get("FLEN_SKIP_SERVERS") == "1":
+        pytest.skip("FLEN_SKIP_SERVERS=1: the cluster tests need PostgreSQL (scripts/setup-servers.sh installs it)")
     # PostgreSQL refuses to run as root: as root, its files and processes belong to the `postgres` user.
     as_root = os.geteuid() == 0
     run_as = ["runuser", "-u", "postgres", "--"] if as_root else []
