@@ -209,11 +209,8 @@ def _inbox_copies(project: Project, target: str) -> list[str]:
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "md5").hexdigest()
 
 
 def _copies_elsewhere(project: Project, roots: list[Path], md5s: set[str]) -> list[str]:
