@@ -12,6 +12,7 @@ import typer
 
 from flen_assets.commands import (
     characters,
+    checkpoints,
     deploy,
     forget,
     iterations,
@@ -50,6 +51,8 @@ app.add_typer(deploy.app, name="deploy")
 for command in (project.init, review.review, materialize.materialize, lineage.lineage, lineage.sql, lineage.versions,
                 lineage.checkout, project.ui, materialize.iterate, lineage.export, forget.forget, project.demo):
     app.command()(command)
+app.command("eval")(checkpoints.eval_)  # `eval` is a Python builtin: the function takes another name
+app.command()(checkpoints.promote)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -184,3 +184,53 @@ def _label_points(ax: Any, xs: Sequence[int], ys: Sequence[float], fmt: str, col
         if math.isfinite(y):
             ax.annotate(fmt.format(y), (x, y), textcoords="offset points", xytext=(0, 7 if above else -12),
                         ha="center", fontsize=7, color=colour)
+
+
+def plot_checkpoints(scores: Sequence[Any], promoted: int, path: Path, title: str) -> Path:
+    """Identity against training step, one point per checkpoint (checkpoint_selection.CheckpointScore):
+    pass rate, memorised share and face-detected rate, with the mean distance on a second axis; the
+    promoted checkpoint starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a worker: render to a file only
+    import matplotlib.pyplot as plt
+
+    steps = [s.step for s in scores]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    for key, label, colour, marker in (("identity_pass_rate", "identity pass rate", "#1f4e79", "o"),
+                                       ("memorised_rate", "memorised copies", "#c0392b", "x"),
+                                       ("face_detected_rate", "face detected", "#2e8b57", "s")):
+        values = [getattr(s, key) for s in scores]
+        ax.plot(steps, values, marker=marker, markersize=6, linewidth=1.8, color=colour, label=label)
+        _label_points(ax, steps, values, "{:.0%}", colour, above=key != "memorised_rate")
+    best = next((s for s in scores if s.step == promoted), None)
+    if best is not None:
+        ax.axvline(promoted, color="#d4ac0d", linewidth=1, linestyle="--")
+        ax.plot([promoted], [best.identity_pass_rate], marker="*", markersize=16, color="#d4ac0d",
+                label=f"promoted: step {promoted}", linestyle="none")
+    right = ax.twinx()
+    distance = [s.mean_distance for s in scores]
+    right.plot(steps, distance, marker="^", markersize=5, linewidth=1.2, linestyle=":", color="#8e44ad",
+               label="mean distance (right)")
+    finite = [d for d in distance if math.isfinite(d)]
+    high = max(finite + [1.0])
+    right.set_ylim(-0.08 * high, HEADROOM * high)
+    right.set_ylabel("distance (lower: closer)")
+    ax.set_ylim(-0.08, HEADROOM)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+    ax.set_ylabel("share of images")
+    ax.set_xlabel("training step")
+    ax.set_xticks(steps)
+    if len(steps) == 1:
+        ax.set_xlim(steps[0] - 1, steps[0] + 1)
+    ax.grid(alpha=0.3)
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    names = ax.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
+    ax.legend(handles, names, fontsize=7, loc="upper left", ncol=3)
+    ax.set_title(f"{title}: identity against step")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

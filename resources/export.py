@@ -20,8 +20,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from flen_resources.checkpoint_selection import PromotedLora, evaluated_scores, promoted_lora
 from flen_resources.datasets import trigger_word
 from flen_resources.evaluation import TABLE_ROWS, format_metric
+from flen_resources.lineage import LineageStore
 from flen_resources.project import (
     EVAL_METRICS,
     FLUX_LORA_COMFYUI_FILE,
@@ -88,12 +90,15 @@ def _write(project: Project, character: str, iteration: str, training: Path, out
         shutil.copyfile(item, images / item.name)
     facts = IterationFacts.read(project, character, iteration, rows)
     dataset_card(facts).save(images / CARD)
-    lora = project.partition_dir("flux_lora", character, iteration)
     copied = []
-    for name in LORA_FILES:
-        if (lora / name).is_file():
-            shutil.copyfile(lora / name, out / f"{character}_{iteration}_{name}")
-            copied.append(f"{character}_{iteration}_{name}")
+    if facts.promoted is not None:  # the promoted checkpoint's files, under the names users load
+        lora = project.partition_dir("flux_lora", character, iteration)
+        sources = {FLUX_LORA_FILE: facts.promoted.file, FLUX_LORA_COMFYUI_FILE: facts.promoted.comfyui_file,
+                   LOSS_CURVE: lora / LOSS_CURVE}
+        for name in LORA_FILES:
+            if sources[name].is_file():
+                shutil.copyfile(sources[name], out / f"{character}_{iteration}_{name}")
+                copied.append(f"{character}_{iteration}_{name}")
     model = None
     if facts.lora:
         model = out / CARD
@@ -112,7 +117,8 @@ class IterationFacts:
     origins: dict[str, int]  # ORIGINS -> images in the training set
     captions: dict[str, str]  # one example caption per origin
     lora: dict[str, Any]  # flux_lora's manifest row of the diffusers file ({} when not trained)
-    scores: dict[str, Any]  # lora_eval's metrics ({} when not evaluated)
+    scores: dict[str, Any]  # the promoted checkpoint's scores, else lora_eval's metrics ({} when not evaluated)
+    promoted: PromotedLora | None  # the LoRA files the export holds (None when not trained)
 
     @classmethod
     def read(cls, project: Project, character: str, iteration: str, rows: list[dict]) -> IterationFacts:
@@ -124,9 +130,20 @@ class IterationFacts:
             if lora_manifest.is_file() else {}
         metrics = project.partition_dir("lora_eval", character, iteration) / EVAL_METRICS
         scores = json.loads(metrics.read_text()) if metrics.is_file() else {}
-        md5 = DvcStore(project).published("training_set", character, iteration)[1]
+        store = DvcStore(project)
+        md5 = store.published("training_set", character, iteration)[1]
         trigger = trigger_word(rows, character)
-        return cls(character, iteration, trigger, md5, origins, captions, lora, scores)
+        promoted = None
+        if lora:
+            lineage = LineageStore(project.lineage_dir)
+            lora_md5 = store.published("flux_lora", character, iteration)[1]
+            promoted = promoted_lora(lineage, lora_manifest.parent, character, iteration, lora_md5, FLUX_LORA_FILE,
+                                     FLUX_LORA_COMFYUI_FILE)
+            evaluated = [s for s in evaluated_scores(lineage, character, iteration, lora_md5) if s.step == promoted.step]
+            if evaluated:  # a person's promotion after the evaluation: that checkpoint's own scores
+                scores = {**scores, "identity_consistency": evaluated[0].identity_pass_rate,
+                          **{k: v for k, v in evaluated[0].as_dict().items() if k not in ("step", "images")}}
+        return cls(character, iteration, trigger, md5, origins, captions, lora, scores, promoted)
 
 
 def _finite(value: Any) -> Any:
@@ -144,6 +161,8 @@ def model_card(facts: IterationFacts, lora_file: str):
     settings = {k: config[k] for k in ("max_steps", "rank", "alpha", "learning_rate", "resolution", "optimizer",
                                        "quantization", "seed") if k in config}
     scores = {k: _finite(v) for k, v in facts.scores.items()}
+    checkpoint_step = facts.promoted.step if facts.promoted and facts.promoted.step else facts.lora.get("steps")
+    chosen_by = facts.promoted.describe() if facts.promoted else "the final step"
     data = ModelCardData(
         base_model=base_id if base_id and not base_id.startswith("tiny/") else None,
         library_name="diffusers", pipeline_tag="text-to-image", **FLUX_LICENSE,
@@ -152,7 +171,7 @@ def model_card(facts: IterationFacts, lora_file: str):
         base_model_ref=base, base_model_revision=revision or None,
         training_set_md5=facts.training_set_md5,
         training_settings=settings,
-        checkpoint={"step": facts.lora.get("steps"), "chosen_by": "the final step"},
+        checkpoint={"step": checkpoint_step, "chosen_by": chosen_by},
         evaluation=scores,
         lineage={"character": facts.character, "iteration": facts.iteration, **facts.origins},
     )
@@ -182,7 +201,8 @@ image = pipe("photo of {facts.trigger_word}, portrait", num_inference_steps=28).
 | setting | value |
 |---|---|
 """ + "".join(f"| {k} | {v} |\n" for k, v in settings.items()) + f"""
-Checkpoint: step {facts.lora.get('steps')}, the final one.
+Checkpoint: step {checkpoint_step} of {facts.lora.get('steps')} ({chosen_by}; FLENwheel scores every kept checkpoint
+on fixed prompts and seeds and promotes the best, see `flen eval {facts.character} {facts.iteration}`).
 
 ## Training data
 {sum(facts.origins.values())} images, training set md5 `{facts.training_set_md5}`:

@@ -24,6 +24,8 @@ class Face:
 
     box: tuple[int, int, int, int]
     embedding: np.ndarray
+    # dlib's 68-point landmarks by feature ('nose_tip', 'left_eye', ...), in `image` pixels; only when asked for.
+    landmarks: dict[str, list[tuple[int, int]]] | None = None
 
     @property
     def size(self) -> int:
@@ -52,8 +54,8 @@ class FaceAnalyzer:
         self.num_jitters = num_jitters
         self.max_side = max_side
 
-    def analyze(self, image: Image.Image) -> list[Face]:
-        """All faces in `image`, largest first, with boxes in `image`'s own pixel coordinates."""
+    def analyze(self, image: Image.Image, landmarks: bool = False) -> list[Face]:
+        """All faces in `image`, largest first, with boxes (and landmarks when asked) in `image`'s own pixels."""
         scale = min(1.0, self.max_side / max(image.size))
         work = image if scale == 1.0 else image.resize(
             (round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
@@ -62,8 +64,11 @@ class FaceAnalyzer:
         if not boxes:
             return []
         encodings = face_recognition.face_encodings(pixels, boxes, num_jitters=self.num_jitters)
+        marks = face_recognition.face_landmarks(pixels, boxes, model="large") if landmarks else [None] * len(boxes)
         faces = [
-            Face(box=tuple(int(round(v / scale)) for v in box), embedding=np.asarray(enc, dtype=np.float32))
-            for box, enc in zip(boxes, encodings)
+            Face(box=tuple(int(round(v / scale)) for v in box), embedding=np.asarray(enc, dtype=np.float32),
+                 landmarks=None if mark is None else
+                 {k: [(int(round(x / scale)), int(round(y / scale))) for x, y in pts] for k, pts in mark.items()})
+            for box, enc, mark in zip(boxes, encodings, marks)
         ]
         return sorted(faces, key=lambda f: f.area, reverse=True)

@@ -94,6 +94,20 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("iteration", pa.string()), ("name", pa.string()), ("value", pa.float64()),
         ("recorded_at", _TS),
     ]),
+    # Every checkpoint's scores on lora_eval's fixed grid (checkpoint_selection.CheckpointScore), per LoRA version.
+    "checkpoint_scores": pa.schema([
+        ("run_id", pa.string()), ("asset", pa.string()), ("character", pa.string()),
+        ("iteration", pa.string()), ("lora_md5", pa.string()), ("step", pa.int64()), ("images", pa.int64()),
+        ("identity_pass_rate", pa.float64()), ("memorised_rate", pa.float64()), ("mean_distance", pa.float64()),
+        ("diversity", pa.float64()), ("yaw_spread", pa.float64()), ("face_detected_rate", pa.float64()),
+        ("memorised_passes", pa.int64()), ("recorded_at", _TS),
+    ]),
+    # Which checkpoint of a LoRA version the next steps use: the rule's (lora_eval) or a person's (`flen promote`).
+    "promotions": pa.schema([
+        ("run_id", pa.string()), ("asset", pa.string()), ("character", pa.string()),
+        ("iteration", pa.string()), ("lora_md5", pa.string()), ("step", pa.int64()), ("chosen_by", pa.string()),
+        ("who", pa.string()), ("reason", pa.string()), ("recorded_at", _TS),
+    ]),
     # What `flen forget` erased, by hash only (never a name or a path): the photo, each image derived
     # from it, each partition version that held them (erased_id: its DVC md5).
     "erasures": pa.schema([

@@ -19,6 +19,11 @@ LOSS_CURVE = "loss_curve.png"  # flux_lora, qwen_adapter
 EVAL_HISTORY = "history.png"  # lora_eval: the metrics of v1..vN as a plot
 EVAL_METRICS = "metrics.json"  # lora_eval: identity consistency, face-detected rate, mean distance, diversity
 EVAL_EVOLUTION = "evolution.png"  # lora_eval: the same prompts and seeds of v1..vN as a grid
+EVAL_BY_STEP = "identity_by_step.png"  # lora_eval: every checkpoint's identity scores against its step
+EVAL_CHECKPOINT_GRID = "checkpoint_grid.png"  # lora_eval: checkpoints x prompts
+# flux_lora and lora_eval: the checkpoints kept for evaluation (steps, files) and their scores.
+CHECKPOINTS_FILE = "checkpoints.json"
+CHECKPOINT_DIR = "checkpoints"
 # The LoRA files users load: diffusers keys, and the same weights with ComfyUI keys. Their names
 # are part of the published data (DVC hashes, exports, ComfyUI workflows): never rename them.
 FLUX_LORA_FILE = "lora.safetensors"

@@ -31,7 +31,7 @@ from flen_resources.trainers.attention import use_attention
 from flen_resources.trainers.cache import FeatureCache
 from flen_resources.trainers.config import LoraTrainConfig, TrainingError, TrainResult
 from flen_resources.trainers.loop import free_memory, peak_gib, run_training_loop
-from flen_resources.trainers.lora_files import write_outputs
+from flen_resources.trainers.lora_files import list_snapshots, snapshot_stem, write_lora_pair, write_outputs
 
 Input = TypeVar("Input")  # one training example as the caller gives it (TrainItem, Triplet)
 
@@ -53,6 +53,8 @@ class LoraTrainer(Generic[Input]):
     title: ClassVar[str]  # in the loss curve's title
     encoded: ClassVar[str]  # what the log says was cached, after the count
     group_key: ClassVar[str] = "bucket"  # the example field a batch must share (tensor shapes)
+    # Keep the LoRA of every checkpoint (output/checkpoints/step-NNNNNN*.safetensors) for checkpoint selection.
+    keeps_snapshots: ClassVar[bool] = False
 
     def __init__(self, model: str = "tiny", work_dir: Path | None = None, cache_dir: Path | None = None,
                  log: Callable[[str], None] = print):
@@ -80,11 +82,19 @@ class LoraTrainer(Generic[Input]):
         self.log(f"cached {len(examples)} {self.encoded} ({self.cache.hits} hits, {self.cache.misses} computed); "
                  f"encoders freed")
         transformer = self._transformer(resolved, config, device, dtype)
+        snapshots = self.work_dir / "output" / "checkpoints"
+
+        def snapshot(step: int) -> None:
+            write_lora_pair(transformer, resolved.ref, config, dataset_md5, snapshot_stem(snapshots, step),
+                            lambda state, path, metadata: self._export_comfyui(state, transformer, config, path,
+                                                                               metadata), step)
+
         run = run_training_loop(
             transformer, examples, config, self.work_dir, name, device,
             loss=lambda batch, generator: self._loss(transformer, batch, generator, config, device, dtype),
             log=self.log, group_key=self.group_key,
-            previews=lambda step: self._samples(resolved, transformer, samples, config, step, device, dtype))
+            previews=lambda step: self._samples(resolved, transformer, samples, config, step, device, dtype),
+            snapshot=snapshot if self.keeps_snapshots else None)
 
         files = write_outputs(transformer, run.losses, resolved.ref, config, dataset_md5, self.work_dir / "output",
                               name, self.title, lambda state, path, metadata: self._export_comfyui(
@@ -94,7 +104,8 @@ class LoraTrainer(Generic[Input]):
                            resumed_from=run.resumed_from, seconds=time.time() - started, peak_gib=peak_gib(device),
                            cache_hits=self.cache.hits, cache_misses=self.cache.misses,
                            eval_loss_start=run.eval_loss_start, eval_loss_end=run.eval_loss_end,
-                           metadata=files.metadata)
+                           metadata=files.metadata,
+                           checkpoints=list_snapshots(snapshots, config.max_steps) if self.keeps_snapshots else [])
 
     # -- phase 1: encode everything once, then free the encoders --------------------------------
     def _encode_once(self, resolved: ResolvedModel, inputs: Sequence[Input], config: LoraTrainConfig,

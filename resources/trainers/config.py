@@ -130,3 +130,6 @@ class TrainResult:
     eval_loss_start: float = float("nan")  # loss on a fixed batch, noise and timesteps: comparable across steps
     eval_loss_end: float = float("nan")
     metadata: dict[str, str] = field(default_factory=dict)
+    # (step, diffusers LoRA file) of every checkpoint kept for evaluation, the final step included; its
+    # ComfyUI twin sits beside it (<stem>_comfyui.safetensors).
+    checkpoints: list[tuple[int, Path]] = field(default_factory=list)

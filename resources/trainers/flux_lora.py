@@ -45,6 +45,7 @@ class FluxLoraTrainer(LoraTrainer[TrainItem]):
     default_name: ClassVar[str] = "lora"
     title: ClassVar[str] = "FLUX LoRA"
     encoded: ClassVar[str] = "latents + captions"
+    keeps_snapshots: ClassVar[bool] = True
 
     def train(self, items: Sequence[TrainItem], config: LoraTrainConfig, name: str | None = None,
               default_caption: str = "", dataset_md5: str = "") -> TrainResult:

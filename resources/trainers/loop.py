@@ -67,21 +67,25 @@ class LoopResult:
 
 def run_training_loop(transformer: Any, examples: list[dict], config: LoraTrainConfig, work_dir: Path, name: str,
                       device: torch.device, loss: LossFn, log: Callable[[str], None], group_key: str = "bucket",
-                      previews: Callable[[int], list[Path]] | None = None) -> LoopResult:
+                      previews: Callable[[int], list[Path]] | None = None,
+                      snapshot: Callable[[int], None] | None = None) -> LoopResult:
     """Train (or resume from work_dir/checkpoints) to config.max_steps, with training's attention
     kernel (see `_training_loop`)."""
     with training_attention(config.attention, device):
-        return _training_loop(transformer, examples, config, work_dir, name, device, loss, log, group_key, previews)
+        return _training_loop(transformer, examples, config, work_dir, name, device, loss, log, group_key, previews,
+                              snapshot)
 
 
 def _training_loop(transformer: Any, examples: list[dict], config: LoraTrainConfig, work_dir: Path, name: str,
                    device: torch.device, loss: LossFn, log: Callable[[str], None], group_key: str = "bucket",
-                   previews: Callable[[int], list[Path]] | None = None) -> LoopResult:
+                   previews: Callable[[int], list[Path]] | None = None,
+                   snapshot: Callable[[int], None] | None = None) -> LoopResult:
     """Train (or resume from work_dir/checkpoints) to config.max_steps.
 
     Per step: config.gradient_accumulation micro-batches from `batch_at`, gradients clipped to
     config.max_grad_norm, one optimizer and LR-scheduler step; checkpoints every
-    config.checkpoint_every steps and at the end; `previews(step)` every config.sample_every steps.
+    config.checkpoint_every steps and at the end, each with `snapshot(step)` (the LoRA as it stands, kept for
+    evaluation) written first; `previews(step)` every config.sample_every steps.
     The fixed-batch eval loss is measured before the first step (fresh runs only) and after the last.
     """
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -129,6 +133,8 @@ def _training_loop(transformer: Any, examples: list[dict], config: LoraTrainConf
         if previews is not None and config.sample_every and done % config.sample_every == 0:
             samples += previews(done)
         if done % config.checkpoint_every == 0 or done == config.max_steps:
+            if snapshot is not None:  # before the checkpoint: a resume past this step never lacks its snapshot
+                snapshot(done)
             save_checkpoint(work_dir / "checkpoints", done, get_peft_model_state_dict(transformer),
                             optimizer, lr_scheduler, {"losses": losses, "config": json.loads(config.to_json()),
                                                       "eval_loss_start": eval_start},

@@ -36,14 +36,38 @@ class LoraFiles:
 def write_outputs(transformer: Any, losses: list[tuple[int, float]], base_ref: str, config: LoraTrainConfig,
                   dataset_md5: str, out: Path, name: str, title: str, export_comfyui: ComfyExport) -> LoraFiles:
     """out/<name>.safetensors (diffusers keys), out/<name>_comfyui.safetensors and out/loss_curve.png."""
-    state, metadata = final_lora(transformer, base_ref, config, dataset_md5)
-    lora_path = save_lora_file(out / f"{name}.safetensors", state, metadata)
-    # ComfyUI reads no adapter config: its file carries alphas instead (comfy.py)
-    comfy_meta = {k: v for k, v in metadata.items() if k != "lora_adapter_metadata"}
-    comfy_path = export_comfyui(state, out / f"{name}_comfyui.safetensors",
-                                {**comfy_meta, "flenwheel.key_style": "comfyui"})
+    lora_path, comfy_path, metadata = write_lora_pair(transformer, base_ref, config, dataset_md5, out / name,
+                                                      export_comfyui)
     curve = save_loss_curve(losses, out / "loss_curve.png", f"{name}: {title} r{config.rank}")
     return LoraFiles(lora=lora_path, comfyui=comfy_path, loss_curve=curve, metadata=metadata)
+
+
+def write_lora_pair(transformer: Any, base_ref: str, config: LoraTrainConfig, dataset_md5: str, stem: Path,
+                    export_comfyui: ComfyExport, step: int | None = None) -> tuple[Path, Path, dict[str, str]]:
+    """<stem>.safetensors (diffusers keys) and <stem>_comfyui.safetensors of the LoRA as it stands (after `step`)."""
+    extra = {"flenwheel.step": str(step)} if step is not None else None
+    state, metadata = final_lora(transformer, base_ref, config, dataset_md5, extra)
+    lora_path = save_lora_file(stem.with_name(f"{stem.name}.safetensors"), state, metadata)
+    # ComfyUI reads no adapter config: its file carries alphas instead (comfy.py)
+    comfy_meta = {k: v for k, v in metadata.items() if k != "lora_adapter_metadata"}
+    comfy_path = export_comfyui(state, stem.with_name(f"{stem.name}_comfyui.safetensors"),
+                                {**comfy_meta, "flenwheel.key_style": "comfyui"})
+    return lora_path, comfy_path, metadata
+
+
+def snapshot_stem(folder: Path, step: int) -> Path:
+    """Where the LoRA snapshot of `step` goes: folder/step-NNNNNN(.safetensors, _comfyui.safetensors)."""
+    return folder / f"step-{step:06d}"
+
+
+def list_snapshots(folder: Path, max_steps: int) -> list[tuple[int, Path]]:
+    """(step, diffusers file) of the snapshots in `folder` up to max_steps, by step."""
+    found = []
+    for path in folder.glob("step-*.safetensors"):
+        digits = path.name.removeprefix("step-").removesuffix(".safetensors")
+        if digits.isdigit() and int(digits) <= max_steps:
+            found.append((int(digits), path))
+    return sorted(found)
 
 
 def final_lora(transformer: Any, base_ref: str, config: LoraTrainConfig, dataset_md5: str,

@@ -130,6 +130,19 @@ def test_lora_loads_into_flux_pipeline_and_unloads(trained):
         assert all(k.startswith("lora_unet_") for k in fh.keys())
 
 
+def test_every_checkpoint_keeps_a_lora_for_evaluation(trained):
+    assert [step for step, _ in trained.checkpoints] == [10, 20, 30]
+    final = trained.checkpoints[-1][1]
+    assert final.read_bytes() == trained.lora_path.read_bytes(), "the last snapshot is the final LoRA"
+    assert trained.checkpoints[0][1].read_bytes() != final.read_bytes()
+    for step, path in trained.checkpoints:
+        with safe_open(str(path), framework="pt") as fh:
+            assert fh.metadata()["flenwheel.step"] == str(step)
+        comfy = path.with_name(f"step-{step:06d}_comfyui.safetensors")
+        with safe_open(str(comfy), framework="pt") as fh:
+            assert fh.metadata()["flenwheel.key_style"] == "comfyui"
+
+
 # -- (c) exact resume after SIGKILL ---------------------------------------------------------------
 def _train_cmd(dataset: Path, out: Path) -> list[str]:
     # No --checkpoint-every: the README's example relies on the default (a quarter of a short run).
