@@ -86,3 +86,32 @@ def test_lora_eval_shows_the_metrics_of_v1_and_v2_side_by_side_and_their_grid(de
     assert driver.execute_script("return arguments[0].naturalWidth", sheet) > 300
     time.sleep(0.5)
     driver.save_screenshot(str(shots / "ui-eval-sheet.png"))
+
+
+def test_lora_eval_shows_every_checkpoint_identity_against_step_and_the_checkpoint_grid(demo_ui, driver, shots):
+    """Issue 16: the checkpoints' table with the promoted one, the plot of identity against step, and the grid of
+    checkpoints x prompts. FLEN_UI_SCREENSHOTS=docs rewrites docs/ui-eval-checkpoints.png, ui-eval-by-step.png and
+    ui-eval-checkpoint-grid.png."""
+    driver.get(f"{demo_ui.url}/assets/lora_eval?view=partitions&partition=astronaut%7Cv2")
+    time.sleep(2)
+    _dismiss_welcome(driver)
+    row = "//tr[td[normalize-space()='checkpoints']]"
+    table = _until(driver, lambda d: _visible(d, f"{row}//table"), timeout=60)
+    steps = [tr.find_elements("xpath", "./td")[0].text.strip() for tr in table.find_elements("xpath", ".//tbody/tr")]
+    assert steps == ["10", "20"], steps
+    assert _visible(driver, f"{row}//tr[td[normalize-space()='20']]//strong[normalize-space()='promoted']")
+    assert _visible(driver, "//tr[td[normalize-space()='promotion']]//*[contains(., 'step 20, promoted by the rule')]")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", table)
+    time.sleep(0.3)
+    driver.save_screenshot(str(shots / "ui-eval-checkpoints.png"))
+
+    for key, shot, least in (("identity_by_step", "ui-eval-by-step.png", (500, 250)),
+                             ("checkpoint_grid", "ui-eval-checkpoint-grid.png", (600, 250))):
+        _click(driver, f"//tr[td[normalize-space()='{key}']]//a[normalize-space()='[Show Markdown]']")
+        img = _until(driver, lambda d: _visible(d, f"//*[normalize-space()='{key}']/ancestor::*[.//img][1]//img"))
+        size = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", img)
+        assert size[0] > least[0] and size[1] > least[1], (key, size)
+        time.sleep(0.5)
+        driver.save_screenshot(str(shots / shot))
+        _click(driver, "//button[normalize-space()='Close']")
+        _until(driver, lambda d: _visible(d, "//button[normalize-space()='Close']") is None)
