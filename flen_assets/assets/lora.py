@@ -66,6 +66,7 @@ from flen_resources.project import (
     FLUX_LORA_FILE,
     LOSS_CURVE,
     MANIFEST,
+    flen_command,
 )
 
 GROUP = "lora"
@@ -245,6 +246,8 @@ def lora_eval(context: dg.AssetExecutionContext, config: EvalConfig, project: Pr
                             "images": len(current), "threshold": reference.threshold,
                             "promoted_step": best.step, "promotion": promotion.describe(),
                             "promotion_rule": dg.MetadataValue.text(PROMOTION_RULE),
+                            "promote_another": dg.MetadataValue.md(
+                                f"`{flen_command(run.project, 'promote', run.character, run.iteration, '--step', 'S')}`"),
                             "checkpoints": dg.MetadataValue.md(checkpoint_table(scores, promotion.step)),
                             "identity_by_step": dg.MetadataValue.md(markdown_thumbnail(
                                 Image.open(staged / EVAL_BY_STEP), alt="identity against step")),

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from flen_assets.commands.common import ProjectOpt, check_names, fail, resolve_project
-from flen_resources.project import Project
+from flen_resources.project import Project, flen_command
 
 
 def _lora_md5(project: Project, character: str, iteration: str) -> str:
@@ -19,7 +19,7 @@ def _lora_md5(project: Project, character: str, iteration: str) -> str:
         return DvcStore(project).published("flux_lora", character, iteration)[1]
     except (PartitionMissing, DvcError):
         fail(f"flux_lora {character}|{iteration} is not materialized: run "
-             f"`flen materialize {character} {iteration} --all` first")
+             f"`{flen_command(project, 'materialize', character, iteration, '--all')}` first")
 
 
 def eval_(character: str, iteration: Annotated[str, typer.Argument(help="Iteration, v1, v2, ...")],
@@ -40,7 +40,7 @@ def eval_(character: str, iteration: Annotated[str, typer.Argument(help="Iterati
     scores = evaluated_scores(lineage, character, iteration, md5)
     if not scores:
         fail(f"lora_eval {character}|{iteration} has not evaluated the current LoRA ({md5[:12]}): run "
-             f"`flen materialize {character} {iteration} --all --from lora_eval`")
+             f"`{flen_command(proj, 'materialize', character, iteration, '--all', '--from', 'lora_eval')}`")
     promotion = promotion_in_force(lineage, character, iteration, md5)
     typer.echo(f"{character} {iteration}: LoRA {md5[:12]}, {len(scores)} checkpoints on the fixed prompts and seeds")
     typer.echo(checkpoint_table(scores, promotion.step if promotion else None))
@@ -67,5 +67,5 @@ def promote(character: str, iteration: Annotated[str, typer.Argument(help="Itera
         fail(str(exc))
     typer.echo(f"{character} {iteration}: {promotion.describe()}"
                + (f" (was {before.describe()})" if before else ""))
-    typer.echo(f"synthetic_batch and export use it from now on; to regenerate the synthetic batch with it: "
-               f"`flen materialize {character} {iteration} --all --from synthetic_batch`")
+    typer.echo("synthetic_batch and export use it from now on; to regenerate the synthetic batch with it: "
+               f"`{flen_command(proj, 'materialize', character, iteration, '--all', '--from', 'synthetic_batch')}`")

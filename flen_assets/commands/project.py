@@ -188,7 +188,10 @@ def demo(project: ProjectOpt = None, character: str = "astronaut",
     typer.echo(f"\n{iterations} iteration(s) of '{character}' in {time.time() - started:.0f}s.")
     typer.echo(f"  training set:  {proj.partition_dir('training_set', character, last)}")
     typer.echo(f"  LoRA:          {proj.partition_dir('flux_lora', character, last)}")
-    typer.echo(f"  evaluation:    {proj.partition_dir('lora_eval', character, last)}/contact_sheet.png, history.png, evolution.png")
+    typer.echo(f"  evaluation:    {proj.partition_dir('lora_eval', character, last)}/contact_sheet.png, history.png, "
+               "evolution.png, identity_by_step.png, checkpoint_grid.png")
+    typer.echo(f"  checkpoints:   {flen_command(proj, 'eval', character, last)}   (promote another: "
+               f"{flen_command(proj, 'promote', character, last, '--step', 'S')})")
     typer.echo(f"  lineage:       {flen_command(proj, 'lineage', character, last)}")
     typer.echo(f"  export:        {flen_command(proj, 'export', character, last, '--to', f'export/{character}-{last}')}")
     typer.echo(f"  Dagster UI:    {flen_command(proj, 'ui')}   (then open http://127.0.0.1:3000, Assets -> {character}|{last})")
