@@ -14,33 +14,41 @@ app = typer.Typer(help="Characters (the `character` partition dimension).", no_a
 
 
 @app.command("add")
-def character_add(name: str, from_dir: Annotated[Path, typer.Option("--from", help="Folder of photos to copy in.")],
+def character_add(name: str, from_dir: Annotated[Optional[Path], typer.Option(
+        "--from", help="Folder of photos to copy in; omit it when they are already in inbox/NAME.")] = None,
                   iteration: str = "v1", project: ProjectOpt = None) -> None:
-    """Copy photos into inbox/NAME (originals untouched) and register the character partition."""
+    """Copy photos into inbox/NAME (originals untouched), or take those already there, and register the character."""
     from flen_assets.partitions import PartitionRefused, add_partitions, check_iteration_order
     from flen_resources.bucket import cluster_bucket
     from flen_resources.intake import IntakeError, add_photos
     from flen_resources.shared_inbox import inbox_key, share_inbox
 
     check_names(name, iteration)
-    if not from_dir.is_dir():
+    if from_dir is not None and not from_dir.is_dir():
         fail(f"{from_dir} is not a folder")
     proj = resolve_project(project)
     try:
         check_iteration_order(proj, name, iteration)
     except PartitionRefused as exc:
         fail(str(exc))
-    instance = init_project(proj)
     dest = proj.inbox_for(name)
-    dest.mkdir(parents=True, exist_ok=True)
-    try:  # regular files only, each read from one O_NOFOLLOW fd; links, pipes, subfolders refused and recorded
-        report = add_photos(from_dir, dest)
-    except IntakeError as exc:
-        fail(str(exc))
-    for refused in report.refused:
-        typer.echo(f"refused {refused.message} [{refused.code}]")
-    key = add_partitions(instance, name, iteration)
-    typer.echo(f"{len(report.copied)} file(s) copied to {dest}; {len(report.refused)} refused; partition {key} registered")
+    if from_dir is None and not (dest.is_dir() and any(dest.iterdir())):
+        fail(f"{proj.relative(dest)} holds no photos: put them there, or copy them in with --from FOLDER")
+    instance = init_project(proj)
+    if from_dir is None:  # source_images vets each file when it ingests (the same rules as --from)
+        key = add_partitions(instance, name, iteration)
+        typer.echo(f"{sum(1 for _ in dest.iterdir())} file(s) already in {dest}; partition {key} registered")
+    else:
+        dest.mkdir(parents=True, exist_ok=True)
+        try:  # regular files only, each read from one O_NOFOLLOW fd; links, pipes, subfolders refused and recorded
+            report = add_photos(from_dir, dest)
+        except IntakeError as exc:
+            fail(str(exc))
+        for refused in report.refused:
+            typer.echo(f"refused {refused.message} [{refused.code}]")
+        key = add_partitions(instance, name, iteration)
+        typer.echo(f"{len(report.copied)} file(s) copied to {dest}; {len(report.refused)} refused; "
+                   f"partition {key} registered")
     bucket = cluster_bucket()
     if bucket is not None:  # the cluster: any host's source_images step can ingest them
         shared = share_inbox(dest, bucket, name)

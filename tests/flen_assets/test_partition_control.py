@@ -137,6 +137,17 @@ def test_character_add_refuses_a_skipped_iteration(astronaut, tmp_path):
     assert _registered(astronaut) == ([], [])
 
 
+def test_character_add_takes_the_photos_already_in_its_inbox(astronaut):
+    added = _flen("character", "add", "astronaut")
+    assert added.exit_code == 0, added.output
+    assert "1 file(s) already in" in added.output and "partition astronaut|v1 registered" in added.output
+    assert _registered(astronaut) == (["astronaut"], ["v1"])
+    assert [p.name for p in astronaut.inbox_for("astronaut").iterdir()] == ["portrait.jpg"], "nothing copied"
+    line = _error(_flen("character", "add", "carol"))
+    assert line == "error: inbox/carol holds no photos: put them there, or copy them in with --from FOLDER"
+    assert _registered(astronaut) == (["astronaut"], ["v1"])
+
+
 def test_review_of_an_unknown_character_says_did_you_mean(astronaut):
     line = _error(_flen("review", "astronot"))
     assert line.startswith("error: unknown character 'astronot' (did you mean astronaut?)"), line
