@@ -36,6 +36,12 @@ def test_edit_model_2511_gives_presets_its_own_lightning(tmp_path):
     assert beach.params["loras"] == {"lightning-4step-2511": 1.0}
 
 
+def test_the_builtin_angles_2511_recipe():
+    recipe = load_recipe("angles-2511")
+    assert recipe.edit_model == Q2511 and len(recipe.entries) == len(load_recipe("angles").entries)
+    assert all(set(e.params.get("loras", {})) <= {"lightning-8step-2511"} for e in recipe.entries)
+
+
 @pytest.mark.parametrize(("head", "lora", "fix"), [
     (f'edit_model = "{Q2511}"', "lightning-8step", f"use 'lightning-8step-2511' instead, or set edit_model = \"{Q2509}\""),
     (f'edit_model = "{Q2511}"', "angles", f"{Q2511} has no angles LoRA: leave it out, or set edit_model = \"{Q2509}\""),
