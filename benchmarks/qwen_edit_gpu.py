@@ -1,4 +1,5 @@
-"""Benchmark: Qwen-Image-Edit-2509 edits through the project's editor, at full size with random weights.
+"""Benchmark: Qwen-Image-Edit edits (2509, or 2511 with --edit-model) through the project's editor, at full
+size with random weights.
 
 Issue 3 step 6. Builds the real (published) configurations with random weights, saves the pipeline
 with `save_pretrained` and loads it back through the project's own code (resolve_model ->
@@ -17,11 +18,16 @@ ratio = baseline s/forward / pipeline s/forward (>= 1: no worse). Goal: nf4 whol
 
     python benchmarks/qwen_edit_gpu.py                                   # GPU, full size, everything
     python benchmarks/qwen_edit_gpu.py --variants nf4 --steps-default 8  # a quicker GPU run
+    python benchmarks/qwen_edit_gpu.py --edit-model qwen-image-edit-2511 --variants nf4   # 2511
     .venv/bin/python benchmarks/qwen_edit_gpu.py --scale tiny --variants bf16 --steps-default 2 --res 256
 
+2511 differs from 2509 only in its transformer's config (zero_cond_t, no parameter of its own), so
+its folder (`<workdir>-2511`) links every file of the 2509 build and holds its own config: the
+weights are built and saved once.
+
 Every result is printed as one JSON line as soon as it exists, and the JSON file
-(<out>/qwen_edit_gpu-<gpu-name>.json, `-tiny` added at tiny scale; a copy in $OUT when set and
-in the work folder) is rewritten after each measurement, so a run cut off by a time limit keeps
+(<out>/qwen_edit_gpu-<gpu-name>.json, qwen_edit_gpu-2511-<gpu-name>.json for 2511, `-tiny` added at
+tiny scale; a copy in $OUT when set and in the work folder) is rewritten after each measurement, so a run cut off by a time limit keeps
 what it measured. The figures are meaningless as images (random weights) but the compute and the
 memory are the real model's.
 """
@@ -49,8 +55,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
-LORA_NAME = "lightning-8step"
-LORA_FILE = "lightning-8step.safetensors"
+LIGHTNING = "lightning-8step"  # the registry's 8-step Lightning LoRA of the release measured (registry.lora_for)
 MARKER = ".flen-bench-complete"  # dot file: resolve_model's folder hash skips it
 NF4_PEAK_GOAL_GIB = 16.0
 PROMPT = "Turn the camera 45 degrees to the left"
@@ -95,12 +100,17 @@ def csv_choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ensure_project_importable()
+    from flen_resources.models.registry import DEFAULT_EDIT_MODEL, QWEN_EDIT_MODELS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=["full", "tiny"], default="full",
                     help="architecture size; tiny runs the whole script on a CPU in a minute")
+    ap.add_argument("--edit-model", choices=QWEN_EDIT_MODELS, default=DEFAULT_EDIT_MODEL,
+                    help="the release measured; 2511's folder links the 2509 build's weights")
     ap.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda, cpu")
     ap.add_argument("--workdir", type=Path, default=None,
-                    help="where the random pipeline is saved and reused (default /tmp/flen-qwen-<scale>)")
+                    help="where the random (2509) pipeline is saved and reused (default /tmp/flen-qwen-<scale>)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the work folder even if it is complete")
     ap.add_argument("--build-only", action="store_true", help="build and save the pipeline, measure nothing")
     ap.add_argument("--shard-size", default="10GB", help="save_pretrained max_shard_size")
@@ -127,7 +137,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.workdir is None:
         args.workdir = Path(f"/tmp/flen-qwen-{args.scale}")
     args.workdir = args.workdir.expanduser().resolve()
+    release = release_suffix(args.edit_model)
+    # the pipeline folder measured: the build itself, or a release's folder beside it
+    args.model_dir = args.workdir if not release else args.workdir.with_name(f"{args.workdir.name}-{release}")
     return args
+
+
+def release_suffix(edit_model: str) -> str:
+    """'' for the default release (its file names predate the option), else its date, e.g. '2511'."""
+    from flen_resources.models.registry import DEFAULT_EDIT_MODEL
+
+    return "" if edit_model == DEFAULT_EDIT_MODEL else edit_model.rsplit("-", 1)[-1]
 
 
 def pick_device(arg: str) -> torch.device:
@@ -227,15 +247,16 @@ class Report:
     def __init__(self, args: argparse.Namespace, device: torch.device):
         info = machine_info(device)
         name = slug(info["gpu_name"] or "cpu") + ("-tiny" if args.scale == "tiny" else "")
-        self.filename = f"qwen_edit_gpu-{name}.json"
-        self.paths = [args.out / self.filename, args.workdir.parent / f"{args.workdir.name}-{self.filename}"]
+        release = release_suffix(args.edit_model)
+        self.filename = f"qwen_edit_gpu-{release + '-' if release else ''}{name}.json"
+        self.paths = [args.out / self.filename, args.model_dir.parent / f"{args.model_dir.name}-{self.filename}"]
         if os.environ.get("OUT"):
             self.paths.append(Path(os.environ["OUT"]) / self.filename)
         self.data: dict[str, Any] = {
             "benchmark": "qwen_edit_gpu", "issue": "3 step 6",
             "command": " ".join([sys.executable, *sys.argv]), "argv": sys.argv,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info,
-            "scale": args.scale, "res": args.res, "steps_default": args.steps_default, "true_cfg": args.true_cfg,
+            "edit_model": args.edit_model, "model_dir": str(args.model_dir), "scale": args.scale, "res": args.res, "steps_default": args.steps_default, "true_cfg": args.true_cfg,
             "lora_rank": args.lora_rank, "image": args.image, "workdir": str(args.workdir),
             "nf4_peak_goal_gib": NF4_PEAK_GOAL_GIB, "notes": NOTES, "build": None, "variants": {}, "summary": {},
         }
@@ -250,8 +271,9 @@ class Report:
             return
         path = max(found, key=lambda p: p.stat().st_mtime)
         old = json.loads(path.read_text())
-        if (old.get("scale"), old.get("res"), old.get("gpu_name")) != (args.scale, args.res, self.data["gpu_name"]):
-            emit({"event": "merge_skipped", "file": str(path), "reason": "other scale, res or GPU"})
+        same = (args.scale, args.res, self.data["gpu_name"], args.edit_model)
+        if (old.get("scale"), old.get("res"), old.get("gpu_name"), old.get("edit_model", args.edit_model)) != same:
+            emit({"event": "merge_skipped", "file": str(path), "reason": "other scale, res, GPU or release"})
             return
         kept = {k: v for k, v in old.get("variants", {}).items() if k not in args.variants}
         self.data["variants"].update(kept)
@@ -358,7 +380,33 @@ def ensure_pipeline_folder(args: argparse.Namespace, device: torch.device) -> di
     return {**build_pipeline_folder(args.workdir, args.scale, device, args.shard_size, args.seed), "reused": False}
 
 
-def ensure_lightning_lora(workdir: Path, rank: int, scale: float, seed: int) -> Path:
+def ensure_release_folder(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The folder of a release other than the build's: a link to every file of the build, but its own
+    transformer config (the release's flags, registry.release_flags) and marker; made afresh each run."""
+    from flen_resources.models.registry import release_flags
+
+    if args.model_dir == args.workdir:
+        return None
+    shutil.rmtree(args.model_dir, ignore_errors=True)
+    for src in args.workdir.rglob("*"):
+        loose_lora = src.parent == args.workdir and src.suffix == ".safetensors"  # each release writes its own
+        if src.is_file() and not src.is_symlink() and src.name != MARKER and not loose_lora:
+            dest = args.model_dir / src.relative_to(args.workdir)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.symlink_to(src)
+    config_path = args.model_dir / "transformer" / "config.json"
+    config = {**json.loads((args.workdir / "transformer" / "config.json").read_text()), **release_flags(args.edit_model)}
+    config_path.unlink()
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    marker = {**(read_marker(args.workdir) or {}), "edit_model": args.edit_model, "linked_from": str(args.workdir)}
+    (args.model_dir / MARKER).write_text(json.dumps(marker, indent=1))
+    record = {"event": "release_folder", "path": str(args.model_dir), "edit_model": args.edit_model,
+              "transformer_flags": release_flags(args.edit_model)}
+    emit(record)
+    return record
+
+
+def ensure_lightning_lora(workdir: Path, rank: int, scale: float, seed: int, name: str) -> Path:
     """A random Lightning-style LoRA (lightx2v keys, alpha = rank) for the saved transformer.
 
     Written from the saved config on the meta device (only the Linear shapes are needed, so no
@@ -370,7 +418,7 @@ def ensure_lightning_lora(workdir: Path, rank: int, scale: float, seed: int) -> 
 
     from flen_resources.models.tiny_pack import _qwen_lora
 
-    path = workdir / LORA_FILE
+    path = workdir / f"{name}.safetensors"
     wanted = {"rank": str(rank), "scale": str(scale), "seed": str(seed)}
     if path.is_file():
         with safe_open(str(path), framework="pt") as fh:
@@ -444,7 +492,7 @@ def measure_baseline(args: argparse.Namespace, variant: str, device: torch.devic
     free_memory(device)
     reset_peak(device)
     t = time.perf_counter()
-    model = load_baseline_transformer(args.workdir, variant, device)
+    model = load_baseline_transformer(args.model_dir, variant, device)
     load_s = time.perf_counter() - t
     weights = memory(device)["allocated_now_gib"]
     try:
@@ -524,11 +572,11 @@ def reference_image(kind: str, res: int, seed: int) -> Any:
     return Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8), "RGB")
 
 
-def request_for(mode: str, steps_default: int, true_cfg: float, seed: int) -> Any:
-    """The EditRequest of a mode: the Lightning LoRA in the stack, or the default steps and true_cfg."""
+def request_for(mode: str, steps_default: int, true_cfg: float, seed: int, lora: str) -> Any:
+    """The EditRequest of a mode: the Lightning LoRA `lora` in the stack, or the default steps and true_cfg."""
     from flen_resources.editors.base import EditRequest
 
-    params = {"loras": {LORA_NAME: 1.0}} if mode == "lightning8" else {"steps": steps_default, "true_cfg": true_cfg}
+    params = {"loras": {lora: 1.0}} if mode == "lightning8" else {"steps": steps_default, "true_cfg": true_cfg}
     return EditRequest(recipe_id=f"bench-{mode}", operation="qwen_edit", params=params, prompt=PROMPT, seed=seed)
 
 
@@ -537,10 +585,10 @@ def load_editor(args: argparse.Namespace, variant: str, lora: Path, device: torc
     when lightning8 is measured (then the default mode runs with it loaded but disabled, as in use)."""
     from flen_resources.editors.qwen_edit import QwenEditEditor
 
-    editor = QwenEditEditor(model=str(args.workdir), quantization="nf4" if variant == "nf4" else "none",
-                            device=str(device), dtype="bf16", loras={LORA_NAME: str(lora)},
+    editor = QwenEditEditor(model=str(args.model_dir), quantization="nf4" if variant == "nf4" else "none",
+                            device=str(device), dtype="bf16", loras={lora.stem: str(lora)},
                             output_area=args.res * args.res, default_steps=args.steps_default,
-                            default_true_cfg=args.true_cfg)
+                            default_true_cfg=args.true_cfg, model_key=args.edit_model)
     free_memory(device)
     reset_peak(device)
     t = time.perf_counter()
@@ -551,7 +599,7 @@ def load_editor(args: argparse.Namespace, variant: str, lora: Path, device: torc
     stats["lora_loaded"] = "lightning8" in args.modes
     if stats["lora_loaded"]:
         t = time.perf_counter()
-        editor._lora(LORA_NAME)  # load the LoRA now so that no edit times its loading
+        editor._lora(lora.stem)  # load the LoRA now so that no edit times its loading
         stats["lora_load_s"] = round(time.perf_counter() - t, 1)
     return editor, stats
 
@@ -609,7 +657,7 @@ def run_variant(args: argparse.Namespace, variant: str, lora: Path, image: Any, 
 
     def load() -> dict:
         holder["editor"], stats = load_editor(args, variant, lora, device)
-        warm = request_for("default", args.warmup_steps, args.true_cfg, args.seed)
+        warm = request_for("default", args.warmup_steps, args.true_cfg, args.seed, lora.stem)
         stats["warmup_s"] = timed_edit(holder["editor"], image, warm, device)["edit_s"]
         return stats
 
@@ -617,7 +665,7 @@ def run_variant(args: argparse.Namespace, variant: str, lora: Path, image: Any, 
         if run_stage("load", load, record, "load", report, device, tags) is None:
             return
         for mode in args.modes:
-            request = request_for(mode, args.steps_default, args.true_cfg, args.seed)
+            request = request_for(mode, args.steps_default, args.true_cfg, args.seed, lora.stem)
             run_stage("edit", lambda: timed_edit(holder["editor"], image, request, device), record["modes"], mode,
                       report, device, {**tags, "mode": mode})
     finally:
@@ -644,7 +692,11 @@ def main(argv: list[str] | None = None) -> int:
           "gpu_total_gib": report.data["gpu_total_gib"], "versions": report.data["versions"],
           "disk_free_gib": disk_free_gib(args.workdir), "results": [str(p) for p in report.paths]})
     report.data["build"] = ensure_pipeline_folder(args, device)
-    lora = ensure_lightning_lora(args.workdir, args.lora_rank, args.lora_scale, args.seed + 2)
+    report.data["release_folder"] = ensure_release_folder(args)
+    from flen_resources.models.registry import lora_for
+
+    lora = ensure_lightning_lora(args.model_dir, args.lora_rank, args.lora_scale, args.seed + 2,
+                                 lora_for(LIGHTNING, args.edit_model))
     report.write()
     if args.build_only:
         return 0

@@ -1,5 +1,5 @@
 """Benchmark: one LoRA training step at full size (random weights) for FLUX.1-dev and
-Qwen-Image-Edit-2509, the project's trainers against the naive diffusers + peft loop of
+Qwen-Image-Edit (2509, or 2511 with --edit-model), the project's trainers against the naive diffusers + peft loop of
 shared/reference/full_size/gpu_probe.py, side by side in one run on one card.
 
 Inputs are what the trainers' caches hold, drawn at random (compute and memory are the real
@@ -11,6 +11,7 @@ pools each variant's step times, so a slow spell of the card does not favour eit
 
     python benchmarks/train_gpu.py --model flux                       # build, then every variant
     python benchmarks/train_gpu.py --model qwen-edit --variants naive,ours-compile
+    python benchmarks/train_gpu.py --model qwen-edit --edit-model qwen-image-edit-2511   # 2511 (zero_cond_t)
     python benchmarks/train_gpu.py --model flux --scale tiny --device cpu --reps 2   # smoke test
 
 Variants:
@@ -64,20 +65,28 @@ def transformer_class(model: str):
     return FluxTransformer2DModel if model == "flux" else QwenImageTransformer2DModel
 
 
-def build(workdir: Path, model: str, scale: str, device: str) -> dict:
-    """Save a random transformer (bf16) of the model at `scale` with save_pretrained, once."""
+def build(workdir: Path, model: str, scale: str, device: str, edit_model: str) -> dict:
+    """Save a random transformer (bf16) of the model at `scale` with save_pretrained, once (for Qwen, with
+    the release flags of `edit_model`); a saved one is reused when its release flags are `edit_model`'s."""
     import torch
 
     importable()
     from flen_resources.models.architectures import FLUX_TRANSFORMER, QWEN_TRANSFORMER
+    from flen_resources.models.registry import release_flags
 
+    flags = release_flags(edit_model) if model == "qwen-edit" else {}
     marker = workdir / "transformer" / "config.json"
     if marker.is_file():
-        return {"event": "reuse", "path": str(workdir)}
+        config = json.loads(marker.read_text())
+        found = {k: config.get(k, False) for k in flags}
+        if found != flags:
+            raise SystemExit(f"{workdir} holds a transformer with {found}, not {edit_model}'s {flags}: "
+                             "choose another --workdir")
+        return {"event": "reuse", "path": str(workdir), **flags}
     started = time.time()
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    arch = (FLUX_TRANSFORMER if model == "flux" else QWEN_TRANSFORMER)[scale]
+    arch = {**(FLUX_TRANSFORMER if model == "flux" else QWEN_TRANSFORMER)[scale], **flags}
     with torch.device(device):
         module = transformer_class(model)(**arch)
     torch.set_default_dtype(torch.float32)
@@ -175,7 +184,7 @@ def ours_example(model: str, res: int, config) -> dict:
 
 
 def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int, device_name: str, res: int,
-                quantization: str) -> dict:
+                quantization: str, edit_model: str) -> dict:
     """One variant in this process: load, add LoRA, time `reps` optimizer steps, peak memory.
 
     device_name: "cpu", "cuda" or an indexed card ("cuda:1", a GPU lease's); memory is that card's."""
@@ -224,15 +233,19 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         from flen_resources.trainers.loop import make_optimizer
 
         if model == "flux":
-            from flen_resources.trainers.flux_lora import FluxLoraTrainer as Trainer
+            from flen_resources.trainers.flux_lora import FluxLoraTrainer
+
+            trainer = FluxLoraTrainer(model=str(workdir), work_dir=workdir / "run", log=lambda m: None)
         else:
-            from flen_resources.trainers.qwen_edit_lora import QwenEditLoraTrainer as Trainer
+            from flen_resources.trainers.qwen_edit_lora import QwenEditLoraTrainer
+
+            trainer = QwenEditLoraTrainer(model=str(workdir), work_dir=workdir / "run", log=lambda m: None,
+                                          model_key=edit_model)
         config = LoraTrainConfig(rank=16, alpha=16, quantization=quantization, resolution=res,
                                  optimizer="adamw8bit" if cuda else "adamw",
                                  compile=variant.startswith("ours-compile"), device=device_name,
                                  attention="flash" if variant.endswith("-flash") else "auto")
         resolved = ResolvedModel(model, str(workdir), "folder", workdir, "random-full", "0")
-        trainer = Trainer(model=str(workdir), work_dir=workdir / "run", log=lambda m: None)
         module = trainer._transformer(resolved, config, device, dtype)
         params = [p for p in module.parameters() if p.requires_grad]
         opt = make_optimizer(params, config, device)
@@ -318,6 +331,9 @@ def summarize(results: list[dict], peak_tflops: float | None) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["flux", "qwen-edit"], default="flux")
+    ap.add_argument("--edit-model", default="qwen-image-edit-2509",
+                    help="with --model qwen-edit: the release, qwen-image-edit-2509 or qwen-image-edit-2511 "
+                         "(--workdir may be a saved pipeline folder of it: its transformer/ is used)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, repeats interleave runs")
     ap.add_argument("--workdir", type=Path, help="where the random transformer is saved (default /tmp/flen-<model>-<scale>)")
     ap.add_argument("--scale", choices=["full", "tiny"], default="full")
@@ -328,11 +344,14 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print its JSON
     args = ap.parse_args()
-    args.workdir = args.workdir or Path(f"/tmp/flen-{args.model}-{args.scale}")
+    release = "" if args.model == "flux" or args.edit_model == "qwen-image-edit-2509" else \
+        args.edit_model.rsplit("-", 1)[-1]  # '' keeps 2509's file names, from before the option
+    label = args.model + (f"-{release}" if release else "")
+    args.workdir = args.workdir or Path(f"/tmp/flen-{label}-{args.scale}")
     quantization = "nf4" if args.device == "cuda" else "none"
     if args.one:
         result = run_variant(args.one, args.model, args.workdir, args.reps, args.warmup, args.device, args.res,
-                             quantization)
+                             quantization, args.edit_model)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     import torch
@@ -341,19 +360,20 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
     report = {"benchmark": f"{args.model}_lora_train_step", "command": " ".join([sys.executable, *sys.argv]),
               "gpu": gpu, "torch": torch.__version__, "scale": args.scale,
+              **({"edit_model": args.edit_model} if args.model == "qwen-edit" else {}),
               "setup": f"{args.res}x{args.res}, batch 1, LoRA r16 on attention projections, {quantization} base, "
                        "gradient checkpointing" + (", one control image" if args.model == "qwen-edit" else ""),
               "results": []}
-    print(json.dumps(build(args.workdir, args.model, args.scale, args.device)), flush=True)
+    print(json.dumps(build(args.workdir, args.model, args.scale, args.device, args.edit_model)), flush=True)
     report["matmul_peak_tflops"] = round(matmul_peak_tflops(), 1) if cuda else None
     print(json.dumps({"matmul_peak_tflops": report["matmul_peak_tflops"]}), flush=True)
     slug = "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
-    name = f"train_gpu-{args.model}-{slug}.json" if args.scale == "full" else f"train_gpu-{args.model}-{args.scale}-{slug}.json"
+    name = f"train_gpu-{label}-{slug}.json" if args.scale == "full" else f"train_gpu-{label}-{args.scale}-{slug}.json"
     args.out.mkdir(parents=True, exist_ok=True)
     out_files = [args.out / name] + ([Path(os.environ["OUT"]) / name] if os.environ.get("OUT") else [])
     for variant in args.variants.split(","):
         proc = subprocess.run([sys.executable, __file__, "--one", variant, "--model", args.model, "--workdir",
-                               str(args.workdir), "--reps", str(args.reps), "--warmup", str(args.warmup),
+                               str(args.workdir), "--edit-model", args.edit_model, "--reps", str(args.reps), "--warmup", str(args.warmup),
                                "--device", args.device, "--res", str(args.res), "--scale", args.scale],
                               capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)

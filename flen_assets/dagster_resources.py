@@ -12,6 +12,7 @@ from flen_resources.bucket import Bucket, cluster_bucket
 from flen_resources.editors import Editor, get_editor
 from flen_resources.faces import FaceAnalyzer
 from flen_resources.lineage import LineageStore
+from flen_resources.models.registry import DEFAULT_EDIT_MODEL
 from flen_resources.project import Project
 from flen_resources.run_settings import AUTO, Machine, RunSettings, pick_run_settings
 from flen_resources.storage import DvcStore
@@ -57,6 +58,11 @@ class FaceResource(dg.ConfigurableResource):
         return self._analyzer
 
 
+# The ModelsResource field that holds each registered model's source (registry.MODELS keys).
+MODEL_FIELDS = {"qwen-image-edit-2509": "qwen_edit_model", "qwen-image-edit-2511": "qwen_edit_2511_model",
+                "flux.1-dev": "flux_model"}
+
+
 class ModelsResource(dg.ConfigurableResource):
     """The one source of model settings: which models the editor, the generator and both trainers
     load, how their base weights are quantized, and on which device.
@@ -66,7 +72,9 @@ class ModelsResource(dg.ConfigurableResource):
     """
 
     flux_model: str = "tiny"  # FLUX.1-dev: the generator and the FLUX LoRA trainer
-    qwen_edit_model: str = "tiny"  # Qwen-Image-Edit-2509: the editor and the edit-model trainer
+    # Qwen-Image-Edit-2509 and -2511: the editor and the edit-model trainer (a recipe's edit_model picks one)
+    qwen_edit_model: str = "tiny"
+    qwen_edit_2511_model: str = "tiny"
     # auto | none | nf4; auto: nf4 on a CUDA GPU, none on the CPU (models.pipelines.pick_quantization,
     # which also refuses other values: a str, not a Literal, so that dg.EnvVar can fill it)
     quantization: str = "auto"
@@ -77,8 +85,15 @@ class ModelsResource(dg.ConfigurableResource):
         def now(value: str) -> str:
             return value.get_value() if isinstance(value, dg.EnvVar) else value
 
-        return ModelsResource(flux_model=now(self.flux_model), qwen_edit_model=now(self.qwen_edit_model),
-                              quantization=now(self.quantization), device=now(self.device))
+        return ModelsResource(**{name: now(getattr(self, name)) for name in type(self).model_fields})
+
+    def source(self, model: str) -> str:
+        """The source of the registered model `model` (e.g. qwen-image-edit-2511)."""
+        return getattr(self, MODEL_FIELDS[model])
+
+    def sources(self) -> list[str]:
+        """Every model's source."""
+        return [self.source(model) for model in MODEL_FIELDS]
 
 
 class RunSettingsResource(dg.ConfigurableResource):
@@ -96,7 +111,7 @@ class RunSettingsResource(dg.ConfigurableResource):
         from flen_resources.models.pipelines import probe_machine
 
         models = self.models
-        return probe_machine(models.device, [models.flux_model, models.qwen_edit_model])
+        return probe_machine(models.device, models.sources())
 
     def pick(self) -> tuple[RunSettings, Machine]:
         """The settings this run uses, and the machine they were picked for."""
@@ -107,29 +122,34 @@ class RunSettingsResource(dg.ConfigurableResource):
 class EditorResource(dg.ConfigurableResource):
     """The editor backends enrichment can use, and how the Qwen-Image-Edit one loads.
 
-    The model, its quantization and the device come from `models` (FLEN_QWEN_EDIT_MODEL, ...).
-    LoRA sources: a hub file (`org/repo/file.safetensors`), a local path, or the tiny pack's (`tiny:<lora>`).
+    The release comes from the recipe (`edit_model`); its source, quantization and device from `models`
+    (FLEN_QWEN_EDIT_MODEL, FLEN_QWEN_EDIT_2511_MODEL, ...). LoRA sources: a hub file
+    (`org/repo/file.safetensors`), a local path, or the tiny pack's (`tiny:<lora>`); each registered LoRA
+    goes on the release it was made for only (registry.LORAS).
     """
 
     models: ModelsResource
     qwen_output_area: int = 0  # pixels of an edit; 0: 1024x1024, or 256x256 on the tiny pack
-    qwen_loras: dict[str, str] = {"angles": "tiny:angles", "lightning-8step": "tiny:lightning-8step",
-                                  "lightning-4step": "tiny:lightning-4step"}
+    qwen_loras: dict[str, str] = {name: f"tiny:{name}" for name in (
+        "angles", "lightning-8step", "lightning-4step", "lightning-8step-2511", "lightning-4step-2511")}
     _editors: dict = PrivateAttr(default_factory=dict)
 
-    def get(self, backend: str) -> Editor:
-        """The editor registered as `backend` (classic, qwen_edit), created once per process."""
-        if backend not in self._editors:
+    def get(self, backend: str, edit_model: str = DEFAULT_EDIT_MODEL) -> Editor:
+        """The editor registered as `backend` (classic, qwen_edit; the latter for the release `edit_model`),
+        created once per process."""
+        key = (backend, edit_model if backend == "qwen_edit" else None)
+        if key not in self._editors:
             if backend == "qwen_edit":
                 from flen_resources.editors.qwen_edit import QwenEditEditor
 
                 m = self.models
-                area = self.qwen_output_area or (256 * 256 if m.qwen_edit_model == "tiny" else 1024 * 1024)
-                self._editors[backend] = QwenEditEditor(model=m.qwen_edit_model, quantization=m.quantization,
-                                                        device=m.device, loras=self.qwen_loras, output_area=area)
+                source = m.source(edit_model)
+                area = self.qwen_output_area or (256 * 256 if source == "tiny" else 1024 * 1024)
+                self._editors[key] = QwenEditEditor(model=source, quantization=m.quantization, device=m.device,
+                                                    loras=self.qwen_loras, output_area=area, model_key=edit_model)
             else:
-                self._editors[backend] = get_editor(backend)
-        return self._editors[backend]
+                self._editors[key] = get_editor(backend)
+        return self._editors[key]
 
 
 class GeneratorResource(dg.ConfigurableResource):
@@ -163,11 +183,12 @@ class TrainerResource(dg.ConfigurableResource):
 
         return FluxLoraTrainer(model=self.models.flux_model, work_dir=work_dir, log=log)
 
-    def qwen_edit(self, work_dir: Path, log=print):
-        """A QwenEditLoraTrainer for one run folder."""
+    def qwen_edit(self, work_dir: Path, log=print, edit_model: str = DEFAULT_EDIT_MODEL):
+        """A QwenEditLoraTrainer of the release `edit_model` for one run folder."""
         from flen_resources.trainers.qwen_edit_lora import QwenEditLoraTrainer
 
-        return QwenEditLoraTrainer(model=self.models.qwen_edit_model, work_dir=work_dir, log=log)
+        return QwenEditLoraTrainer(model=self.models.source(edit_model), work_dir=work_dir, log=log,
+                                   model_key=edit_model)
 
     def train_config(self, knobs: dict[str, Any]) -> LoraTrainConfig:
         """The LoraTrainConfig a run records: an asset's knobs, the models' quantization and device, `auto` decided."""

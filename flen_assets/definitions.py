@@ -9,6 +9,7 @@ import dagster as dg
 from flen_assets.assets import curation, edit_model, enrichment, lora, sources
 from flen_assets.console import CONSOLE_LOGGER, flen_console_logger
 from flen_assets.dagster_resources import (
+    MODEL_FIELDS,
     EditorResource,
     FaceResource,
     GeneratorResource,
@@ -21,11 +22,12 @@ from flen_assets.jobs import SIZED_FLYWHEEL_JOBS, flywheel_job, training_set_job
 from flen_assets.launchers import step_executor
 from flen_assets.sensors import dead_runs_sensor, inbox_sensor, next_iteration_sensor
 from flen_io_managers.partition_folder import PartitionFolderIOManager
+from flen_resources.models.registry import MODELS
 from flen_resources.run_settings import RUN_SETTINGS_ENV
 
 # Each model setting's environment variable. Set, it reaches ModelsResource through dg.EnvVar (the
 # launchpad shows the variable, and it is read when a run starts); unset, the field's default holds.
-MODEL_SETTINGS_ENV = {"flux_model": "FLEN_FLUX_MODEL", "qwen_edit_model": "FLEN_QWEN_EDIT_MODEL",
+MODEL_SETTINGS_ENV = {**{field: MODELS[model].setting for model, field in MODEL_FIELDS.items()},
                       "quantization": "FLEN_QUANTIZATION", "device": "FLEN_DEVICE"}
 
 

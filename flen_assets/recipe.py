@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from flen_resources.editors import EditRequest
+from flen_resources.models.registry import DEFAULT_EDIT_MODEL, LORAS, QWEN_EDIT_MODELS, lora_mismatch
 
 
 class RecipeError(ValueError):
@@ -18,8 +19,12 @@ class RecipeError(ValueError):
 
 # Entry fields that are editor settings: they travel to the editor in the request's params.
 EDITOR_FIELDS = ("steps", "true_cfg", "negative_prompt", "loras", "output_area")
-# With a camera preset and no explicit stack: the Multiple-angles LoRA, which its author runs with Lightning.
-PRESET_LORAS = {"angles": 1.0, "lightning-8step": 1.0}
+# With a camera preset and no explicit stack, per editor model: 2509 takes the Multiple-angles LoRA,
+# which its author runs with Lightning; 2511 turns the camera by itself (its model card) and takes Lightning.
+PRESET_LORAS = {"qwen-image-edit-2509": {"angles": 1.0, "lightning-8step": 1.0},
+                "qwen-image-edit-2511": {"lightning-8step-2511": 1.0}}
+# The recipe's setting that chooses the Qwen-Image-Edit release of all its qwen_edit entries.
+EDIT_MODEL_SETTING = "edit_model"
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class RecipeEntry:
                            prompt=self.prompt, caption=self.caption, seed=seed)
 
 
-def _entry(path: Path, index: int, item: dict[str, Any], recipe_editor: str) -> RecipeEntry:
+def _entry(path: Path, index: int, item: dict[str, Any], recipe_editor: str, edit_model: str) -> RecipeEntry:
     """One [[entries]] table -> RecipeEntry, expanding camera presets and editor fields."""
     from flen_resources.models.registry import ANGLE_PRESETS
 
@@ -53,12 +58,17 @@ def _entry(path: Path, index: int, item: dict[str, Any], recipe_editor: str) -> 
             raise RecipeError(f"{path}: entry {item['id']!r}: unknown camera preset {item['preset']!r}; "
                               f"known: {', '.join(ANGLE_PRESETS)}")
         prompt = ANGLE_PRESETS[item["preset"]] + (f" {prompt}" if prompt else "")
-        params.setdefault("loras", dict(PRESET_LORAS))
+        params.setdefault("loras", dict(PRESET_LORAS[edit_model]))
     operation = item.get("operation") or ("qwen_edit" if editor == "qwen_edit" else None)
     if not operation:
         raise RecipeError(f"{path}: entry {item['id']!r} needs an 'operation'")
     if editor == "qwen_edit" and not prompt:
         raise RecipeError(f"{path}: entry {item['id']!r}: a qwen_edit entry needs a 'prompt' or a 'preset'")
+    for name in dict(params.get("loras") or {}):
+        why = lora_mismatch(str(name), edit_model)
+        if why:  # said at load, before any edit: the releases share an architecture, so loading would not tell
+            raise RecipeError(f"{path}: entry {item['id']!r}: {why}, or set {EDIT_MODEL_SETTING} = "
+                              f"\"{LORAS[str(name)].model}\" at the top of the recipe")
     return RecipeEntry(id=str(item["id"]), operation=str(operation), params=params, prompt=prompt,
                        caption=str(item.get("caption", "")), editor=item.get("editor"))
 
@@ -103,6 +113,7 @@ class Recipe:
     entries: tuple[RecipeEntry, ...]
     sha256: str  # of the file's bytes, recorded in lineage
     prune: PruneRule | None = None  # opt-in: see PruneRule
+    edit_model: str = DEFAULT_EDIT_MODEL  # the Qwen-Image-Edit release of its qwen_edit entries (EDIT_MODEL_SETTING)
 
 
 def _prune_rule(path: Path, table: Any) -> PruneRule | None:
@@ -148,8 +159,12 @@ def load_recipe(path: str | Path | None = None) -> Recipe:
     entries = []
     seen: set[str] = set()
     recipe_editor = str(doc.get("editor", "classic"))
+    edit_model = doc.get(EDIT_MODEL_SETTING, DEFAULT_EDIT_MODEL)
+    if edit_model not in QWEN_EDIT_MODELS:
+        raise RecipeError(f"{path}: {EDIT_MODEL_SETTING} = {edit_model!r} is not an editor model; use one of "
+                          + ", ".join(f'"{m}"' for m in QWEN_EDIT_MODELS))
     for i, item in enumerate(doc.get("entries", [])):
-        entry = _entry(path, i + 1, item, recipe_editor)
+        entry = _entry(path, i + 1, item, recipe_editor, edit_model)
         if entry.id in seen:
             raise RecipeError(f"{path}: entry id {entry.id!r} appears twice")
         seen.add(entry.id)
@@ -158,4 +173,5 @@ def load_recipe(path: str | Path | None = None) -> Recipe:
         raise RecipeError(f"{path}: the recipe has no [[entries]]")
     return Recipe(name=str(doc.get("name", path.stem)), version=int(doc.get("version", 1)),
                   editor=recipe_editor, entries=tuple(entries),
-                  sha256=hashlib.sha256(raw).hexdigest(), prune=_prune_rule(path, doc.get("prune")))
+                  sha256=hashlib.sha256(raw).hexdigest(), prune=_prune_rule(path, doc.get("prune")),
+                  edit_model=edit_model)

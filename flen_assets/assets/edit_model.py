@@ -2,8 +2,9 @@
 
 edit_triplets vN holds every accepted edit so far (v(N-1)'s rows are carried), each as the source
 photo (before), an edit instruction (prompt) and the accepted result (after). qwen_adapter vN is a
-Qwen-Image-Edit-2509 LoRA trained on them; enriched_images v(N+1) stacks it on every qwen_edit
-entry, so the edit model learns to keep this character's identity.
+Qwen-Image-Edit LoRA trained on them, on the release the recipe's edits used (its `edit_model`, 2509
+or 2511); enriched_images v(N+1) stacks it on every qwen_edit entry, so the edit model learns to keep
+this character's identity.
 """
 
 import json
@@ -20,6 +21,7 @@ from flen_assets.review.gate import human_decisions, reviewed_statuses
 from flen_assets.visuals import Tile, markdown_thumbnail
 from flen_io_managers.partition_folder import PartitionFolder
 from flen_resources.lineage import utcnow
+from flen_resources.models.registry import DEFAULT_EDIT_MODEL, QWEN_EDIT_MODELS
 from flen_resources.project import LOSS_CURVE, QWEN_ADAPTER_COMFYUI_FILE, QWEN_ADAPTER_FILE
 
 GROUP = "edit_model"
@@ -28,9 +30,11 @@ TRIPLET_SCHEMA = pa.schema([
     ("before_id", pa.string()), ("after_id", pa.string()), ("before_path", pa.string()), ("after_path", pa.string()),
     ("prompt", pa.string()), ("operation", pa.string()), ("recipe_id", pa.string()), ("model", pa.string()),
     ("origin_iteration", pa.string()),
+    ("edit_model", pa.string()),  # the recipe's Qwen-Image-Edit release (null: rows carried from before it was kept)
 ])
 ADAPTER_SCHEMA = pa.schema([
     ("status", pa.string()), ("file", pa.string()), ("key_style", pa.string()), ("base_model", pa.string()),
+    ("edit_model", pa.string()),  # the release it was trained on, the one enrichment must edit with
     ("dataset_md5", pa.string()), ("triplets", pa.int64()), ("steps", pa.int64()), ("config", pa.string()),
     ("final_loss", pa.float64()), ("eval_loss_start", pa.float64()), ("eval_loss_end", pa.float64()),
 ])
@@ -129,7 +133,7 @@ def edit_triplets(context: dg.AssetExecutionContext, project: ProjectResource, e
         rows.append(dict(before_id=before_id, after_id=after_id, before_path=before_path, after_path=after_path,
                          prompt=edit_instruction(edit["operation"], edit["caption"], edit["prompt"]),
                          operation=edit["operation"], recipe_id=edit["recipe_id"], model=edit["model"],
-                         origin_iteration=run.iteration))
+                         origin_iteration=run.iteration, edit_model=edit.get("recipe_edit_model")))
         seen.add(after_id)
     for rel, src in files.items():
         shutil.copyfile(src, staged / rel)
@@ -155,6 +159,23 @@ class QwenAdapterConfig(LoraAssetConfig):
     """Training knobs of the Qwen-Image-Edit adapter; unset ones come from the run settings (500 steps on a card)."""
 
     min_triplets: int = 4  # fewer: no adapter this iteration (the run still succeeds)
+    # The release to train on, qwen-image-edit-2509 or -2511; empty: the one this iteration's recipe edited with
+    # (the next iteration stacks the adapter on that release's edits)
+    edit_model: str = ""
+
+
+def adapter_edit_model(configured: str, triplet_rows: list[dict]) -> str:
+    """The release qwen_adapter trains on: `configured`, else the edit_model of the latest iteration's
+    triplets that recorded one (this iteration's, unless it added none), else the default release."""
+    if configured:
+        if configured not in QWEN_EDIT_MODELS:
+            raise dg.Failure(f"qwen_adapter edit_model {configured!r} is not an editor model: set it to one of "
+                             f"{', '.join(QWEN_EDIT_MODELS)}, or leave it empty for the recipe's")
+        return configured
+    recorded = [r for r in triplet_rows if r.get("edit_model")]
+    if not recorded:
+        return DEFAULT_EDIT_MODEL
+    return max(recorded, key=lambda r: int(r["origin_iteration"].removeprefix("v")))["edit_model"]
 
 
 def adapter_file(folder: PartitionFolder):
@@ -169,14 +190,17 @@ def adapter_file(folder: PartitionFolder):
 def qwen_adapter(context: dg.AssetExecutionContext, config: QwenAdapterConfig, project: ProjectResource,
                  trainer: TrainerResource, run_settings: RunSettingsResource,
                  edit_triplets: PartitionFolder) -> dg.Output:
-    """A Qwen-Image-Edit-2509 LoRA trained on the edit triplets so far: diffusers and ComfyUI files,
-    loss curve, config. enriched_images of the next iteration stacks it on every qwen_edit entry.
+    """A Qwen-Image-Edit LoRA trained on the edit triplets so far, on the release the recipe's edits used
+    (config edit_model overrules it): diffusers and ComfyUI files, loss curve, config. enriched_images of the
+    next iteration stacks it on every qwen_edit entry.
     With fewer than `min_triplets` triplets nothing is trained: the folder says so, the run succeeds."""
     run = PartitionRun.start(context, project)
     config = run.sized(config, run_settings)
     triplet_rows = edit_triplets.rows()
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
-    columns = dict(status=None, file=None, key_style=None, base_model=None, dataset_md5=edit_triplets.dvc_md5,
+    edit_model = adapter_edit_model(config.edit_model, triplet_rows)
+    columns = dict(status=None, file=None, key_style=None, base_model=None, edit_model=edit_model,
+                   dataset_md5=edit_triplets.dvc_md5,
                    triplets=len(triplet_rows), steps=None, config=None, final_loss=None, eval_loss_start=None,
                    eval_loss_end=None)
     if len(triplet_rows) < config.min_triplets:
@@ -195,10 +219,12 @@ def qwen_adapter(context: dg.AssetExecutionContext, config: QwenAdapterConfig, p
     train_config = trainer.train_config({**config.knobs(), "min_images": config.min_triplets})
     triplets = [Triplet(controls=[edit_triplets.path / r["before_path"]], prompt=r["prompt"],
                         target=edit_triplets.path / r["after_path"]) for r in triplet_rows]
-    # The run folder is keyed by the dataset version: a rerun on the same triplets resumes or reuses it.
-    work = (run.project.state_dir / "runs" /
-            f"qwen_adapter-{run.character}-{run.iteration}-{edit_triplets.dvc_md5[:12]}")
-    result = trainer.qwen_edit(work, log=context.log.info).train(
+    # The run folder is keyed by the dataset version: a rerun on the same triplets resumes or reuses it; and
+    # by the release (the default's folders keep their old names), so a run never resumes onto another one.
+    work = (run.project.state_dir / "runs" / f"qwen_adapter-{run.character}-{run.iteration}-"
+            f"{edit_triplets.dvc_md5[:12]}{'' if edit_model == DEFAULT_EDIT_MODEL else '-' + edit_model}")
+    context.log.info(f"training on {edit_model}" + ("" if config.edit_model else " (the recipe's edit_model)"))
+    result = trainer.qwen_edit(work, log=context.log.info, edit_model=edit_model).train(
         triplets, train_config, name=f"{run.character}_{run.iteration}_qwen_adapter",
         dataset_md5=edit_triplets.dvc_md5)
 
@@ -220,8 +246,9 @@ def qwen_adapter(context: dg.AssetExecutionContext, config: QwenAdapterConfig, p
     curve = Image.open(result.loss_curve)
     return publish(run, project, staged,
                    params={**json.loads(train_config.to_json()), "triplets_md5": edit_triplets.dvc_md5},
-                   models={"base": result.metadata.get("flenwheel.base_model")},
-                   metadata={"trained": True, "status": "trained", "triplets": len(triplet_rows),
+                   models={"base": result.metadata.get("flenwheel.base_model"), "edit_model": edit_model},
+                   metadata={"trained": True, "status": "trained", "edit_model": edit_model,
+                             "triplets": len(triplet_rows),
                              "steps": result.steps, "resumed_from": result.resumed_from,
                              "final_loss": round(final_loss, 5),
                              "fixed_batch_loss": f"{result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f}",

@@ -16,6 +16,7 @@ from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder
 from flen_resources.imaging import save_png
 from flen_resources.lineage import to_json, utcnow
+from flen_resources.models.registry import DEFAULT_EDIT_MODEL
 from flen_resources.recipe_report import entry_pass_rates, recipe_report, report_markdown
 
 GROUP = "enrichment"
@@ -29,9 +30,21 @@ def previous_adapter(run: PartitionRun) -> dict | None:
     if folder is None:
         return None
     lora = adapter_file(folder)
-    status = next((r["status"] for r in folder.rows() if r.get("status")), "unknown")
+    rows = folder.rows()
+    status = next((r["status"] for r in rows if r.get("status")), "unknown")
+    # adapters published before 2511 support record no edit_model: 2509 was the only release then
+    made_for = next((r["edit_model"] for r in rows if r.get("edit_model")), DEFAULT_EDIT_MODEL)
     return {"asset": "qwen_adapter", "iteration": folder.iteration, "dvc_md5": folder.dvc_md5,
-            "trained": lora is not None, "status": status, "path": lora}
+            "trained": lora is not None, "status": status, "edit_model": made_for, "path": lora}
+
+
+def check_adapter_fits(adapter: dict, recipe_name: str, edit_model: str) -> None:
+    """Fail before any edit when qwen_adapter v(N-1) was trained on another release than the recipe edits with."""
+    if adapter["edit_model"] != edit_model:
+        raise dg.Failure(f"qwen_adapter {adapter['iteration']} was trained on {adapter['edit_model']} and recipe "
+                         f"{recipe_name!r} edits with {edit_model} (its edit_model): set enriched_images' "
+                         f"adapter_weight to 0 to leave the adapter out, or set edit_model = \"{adapter['edit_model']}\" "
+                         "in the recipe")
 
 
 def with_adapter(request, weight: float):
@@ -78,7 +91,8 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
     adapter = previous_adapter(run) if uses_qwen else None
     use_adapter = bool(adapter and adapter["trained"] and config.adapter_weight and uses_qwen)
     if use_adapter:
-        editor.get("qwen_edit").set_lora_source(ADAPTER_LORA, str(adapter["path"]))
+        check_adapter_fits(adapter, recipe.name, recipe.edit_model)
+        editor.get("qwen_edit", recipe.edit_model).set_lora_source(ADAPTER_LORA, str(adapter["path"]))
     if adapter:
         context.log.info(f"qwen_adapter {adapter['iteration']}: " + (
             f"stacked on every qwen_edit entry at weight {config.adapter_weight}" if use_adapter else
@@ -95,14 +109,15 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
         backend_name = entry.editor or recipe.editor
         if use_adapter and backend_name == "qwen_edit":
             request = with_adapter(request, config.adapter_weight)
-        result = editor.get(backend_name).edit([parent], request, face_box=box)
+        result = editor.get(backend_name, recipe.edit_model).edit([parent], request, face_box=box)
         for record in result.adapters:  # which iteration's adapter this is, for lineage
             if record.get("name") == ADAPTER_LORA:
                 record.update(asset="qwen_adapter", iteration=adapter["iteration"], dvc_md5=adapter["dvc_md5"])
         image_id, png = save_png(result.image, staged / "images")
         rows.append(dict(image_id=image_id, image_path=f"images/{png.name}", parent_id=source["image_id"],
                          parent_name=source["original_name"], recipe=recipe.name, recipe_version=recipe.version,
-                         recipe_id=entry.id, operation=result.operation, params=to_json(result.params),
+                         recipe_edit_model=recipe.edit_model, recipe_id=entry.id, operation=result.operation,
+                         params=to_json(result.params),
                          prompt=result.prompt, seed=result.seed, model=result.model,
                          adapters=to_json(result.adapters), caption=entry.caption))
         image_rows.append(run.stamp(image_id=image_id, path=f"{part_rel}/images/{png.name}",
@@ -115,7 +130,7 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
         tiles.append(Tile(result.image, f"{entry.id} · {source['original_name']}"))
     models = sorted({r["model"] for r in rows})
     context.log.info(f"{len(rows)} edits of {len(sources)} sources with {len(entries)} recipe entries "
-                     f"({recipe.name} v{recipe.version}; models {', '.join(models)})")
+                     f"({recipe.name} v{recipe.version}, edit_model {recipe.edit_model}; models {', '.join(models)})")
     write_manifest(rows, staged)
     run.lineage.append("images", image_rows)
     run.lineage.append("edges", edge_rows)
@@ -124,10 +139,11 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
                                                  "weight": config.adapter_weight if use_adapter else None}
     return publish(run, project, staged,
                    params={**config.model_dump(), "recipe_name": recipe.name, "recipe_version": recipe.version,
-                           "recipe_sha256": recipe.sha256, "qwen_adapter": adapter_info, "recipe_pruned": pruned},
+                           "recipe_sha256": recipe.sha256, "edit_model": recipe.edit_model,
+                           "qwen_adapter": adapter_info, "recipe_pruned": pruned},
                    models={"editors": models, **({"qwen_adapter": adapter_info} if adapter_info else {})},
                    metadata={"edits": len(rows), "sources": len(sources), "recipe": f"{recipe.name} v{recipe.version}",
-                             "models": ", ".join(models),
+                             "edit_model": recipe.edit_model, "models": ", ".join(models),
                              "qwen_adapter": dg.MetadataValue.json(adapter_info) if adapter_info else "none (v1)",
                              "recipe_pruned": dg.MetadataValue.json(pruned) if pruned else (
                                  "none" if recipe.prune else "off (no [prune] in the recipe)"),

@@ -27,17 +27,16 @@ def models_status() -> None:
     """Which models and LoRAs are available, from where (never downloads)."""
     from flen_assets.definitions import defs
     from flen_resources.models.loras import LoraError, resolve_lora
-    from flen_resources.models.registry import MODELS
+    from flen_resources.models.registry import DEFAULT_EDIT_MODEL, LORAS, MODELS
     from flen_resources.models.sources import ModelFolderError, ModelNotAvailable, models_dir, resolve_model
 
     editor = defs.resources["editor"]
     models = defs.resources["models"].read_now()
-    configured = {"qwen-image-edit-2509": models.qwen_edit_model, "flux.1-dev": models.flux_model}
     typer.echo(f"FLENwheel models folder: {models_dir()}")
     typer.echo(f"quantization: {models.quantization}, device: {models.device} (FLEN_QUANTIZATION, FLEN_DEVICE)")
     _echo_run_settings(models)
     for key, spec in MODELS.items():
-        source = configured[key]
+        source = models.source(key)
         try:
             resolved = resolve_model(key, source, allow_download=False)
             typer.secho(f"✓ {key:22s} {source:32s} {resolved.kind:6s} {resolved.path}  ({resolved.ref})",
@@ -45,13 +44,14 @@ def models_status() -> None:
         except (ModelNotAvailable, ModelFolderError) as exc:
             typer.secho(f"✗ {key:22s} {source:32s} {str(exc).splitlines()[0]}", fg=typer.colors.RED)
         if source != spec.hub_id:
-            typer.echo(f"  real model: {spec.hub_id} (set FLEN_{'QWEN_EDIT' if 'qwen' in key else 'FLUX'}_MODEL)")
+            typer.echo(f"  real model: {spec.hub_id} (set {spec.setting})")
     for name, source in editor.qwen_loras.items():
         try:
-            info = resolve_lora(name, source, "qwen-image-edit-2509", allow_download=False)
-            typer.echo(f"✓ LoRA {name:17s} {source:32s} {info.key_style}, rank {info.rank}, {info.path}")
+            model = LORAS[name].model if name in LORAS else DEFAULT_EDIT_MODEL
+            info = resolve_lora(name, source, model, allow_download=False)
+            typer.echo(f"✓ LoRA {name:20s} {source:32s} {info.key_style}, rank {info.rank}, {info.path}")
         except (LoraError, ModelNotAvailable) as exc:
-            typer.secho(f"✗ LoRA {name:17s} {source:32s} {str(exc).splitlines()[0]}", fg=typer.colors.RED)
+            typer.secho(f"✗ LoRA {name:20s} {source:32s} {str(exc).splitlines()[0]}", fg=typer.colors.RED)
 
 
 def _echo_run_settings(models) -> None:
@@ -62,7 +62,7 @@ def _echo_run_settings(models) -> None:
     from flen_resources.run_settings import AUTO, RUN_SETTINGS_ENV, RunSettingsError, pick_run_settings
 
     name = os.environ.get(RUN_SETTINGS_ENV, AUTO)
-    machine = probe_machine(models.device, [models.flux_model, models.qwen_edit_model])
+    machine = probe_machine(models.device, models.sources())
     try:
         chosen = pick_run_settings(name, machine)
     except RunSettingsError as exc:

@@ -1,4 +1,4 @@
-"""The `qwen_edit` editor: QwenImageEditPlusPipeline (Qwen-Image-Edit-2509) with a LoRA stack.
+"""The `qwen_edit` editor: QwenImageEditPlusPipeline (Qwen-Image-Edit-2509 or -2511) with a LoRA stack.
 
 A request's params choose steps, true_cfg, the negative prompt and the LoRA stack, e.g.
 `{"loras": {"angles": 1.0, "lightning-8step": 1.0}}`. With a Lightning LoRA in the stack the
@@ -20,10 +20,9 @@ from flen_resources.imaging import sha256_file
 from flen_resources.models.loras import LoraFile, resolve_lora
 from flen_resources.models.pipelines import load_pipeline, pick_device
 from flen_resources.models.quantization import QuantizationSetting, pick_quantization
-from flen_resources.models.registry import lightning_steps
+from flen_resources.models.registry import DEFAULT_EDIT_MODEL, QWEN_EDIT_MODELS, lightning_steps
 from flen_resources.models.sources import ResolvedModel, resolve_model
 
-MODEL_KEY = "qwen-image-edit-2509"
 MIN_SIDE = 64
 MAX_PIXELS = 40_000_000
 
@@ -33,7 +32,8 @@ LIGHTNING_SCHEDULER = dict(base_image_seq_len=256, base_shift=math.log(3), inver
                            stochastic_sampling=False, time_shift_type="exponential", use_beta_sigmas=False,
                            use_dynamic_shifting=True, use_exponential_sigmas=False, use_karras_sigmas=False)
 
-DEFAULT_LORAS = {"angles": "tiny:angles", "lightning-8step": "tiny:lightning-8step", "lightning-4step": "tiny:lightning-4step"}
+DEFAULT_LORAS = {name: f"tiny:{name}" for name in ("angles", "lightning-8step", "lightning-4step",
+                                                   "lightning-8step-2511", "lightning-4step-2511")}
 
 
 class EditInputError(ValueError):
@@ -45,7 +45,7 @@ def check_inputs(images: Sequence[Image.Image]) -> list[Image.Image]:
     if not images:
         raise EditInputError("qwen_edit needs 1 to 3 input images, got none")
     if len(images) > 3:
-        raise EditInputError(f"qwen_edit takes at most 3 input images (Qwen-Image-Edit-2509), got {len(images)}")
+        raise EditInputError(f"qwen_edit takes at most 3 input images (Qwen-Image-Edit), got {len(images)}")
     out = []
     for i, img in enumerate(images, start=1):
         if min(img.size) < MIN_SIDE:
@@ -67,13 +67,17 @@ def output_size(image: Image.Image, area: int) -> tuple[int, int]:
 
 
 class QwenEditEditor:
-    """Edits with Qwen-Image-Edit-2509; the pipeline loads once, LoRAs load once each."""
+    """Edits with one Qwen-Image-Edit release (`model_key`); the pipeline loads once, LoRAs load once each."""
 
     name = "qwen_edit"
 
     def __init__(self, model: str = "tiny", quantization: QuantizationSetting = "auto", device: str = "auto",
                  dtype: str = "auto", loras: Mapping[str, str] | None = None, output_area: int = 1024 * 1024,
-                 default_steps: int = 40, default_true_cfg: float = 4.0, negative_prompt: str = " "):
+                 default_steps: int = 40, default_true_cfg: float = 4.0, negative_prompt: str = " ",
+                 model_key: str = DEFAULT_EDIT_MODEL):
+        if model_key not in QWEN_EDIT_MODELS:
+            raise EditInputError(f"unknown editor model {model_key!r}; known: {', '.join(QWEN_EDIT_MODELS)}")
+        self.model_key = model_key  # which release; `model` is where its weights come from
         self.model_source = model
         # Decided here, not at load: the params every output records name what actually ran.
         self.quantization = pick_quantization(quantization, pick_device(device))
@@ -93,7 +97,7 @@ class QwenEditEditor:
     @property
     def resolved(self) -> ResolvedModel:
         if self._resolved is None:
-            self._resolved = resolve_model(MODEL_KEY, self.model_source)
+            self._resolved = resolve_model(self.model_key, self.model_source)
         return self._resolved
 
     def model_id(self) -> str:
@@ -133,7 +137,7 @@ class QwenEditEditor:
         if name not in self._loaded:
             if name not in self.lora_sources:
                 raise EditInputError(f"unknown LoRA {name!r}; configured: {', '.join(sorted(self.lora_sources)) or 'none'}")
-            info = resolve_lora(name, self.lora_sources[name], MODEL_KEY)
+            info = resolve_lora(name, self.lora_sources[name], self.model_key)
             try:
                 self.pipe.load_lora_weights(str(info.path), adapter_name=name)
             except Exception as exc:  # diffusers/peft raise several types for a LoRA that does not fit
@@ -186,4 +190,4 @@ class QwenEditEditor:
                           params={"steps": steps, "true_cfg": true_cfg, "negative_prompt": negative,
                                   "width": width, "height": height, "n_inputs": len(inputs),
                                   "scheduler": "lightning" if lightning else "default",
-                                  "quantization": self.quantization})
+                                  "quantization": self.quantization, "model_key": self.model_key})

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 
 from flen_resources.models import tiny_tokenizers as tt
+from flen_resources.models.registry import release_flags
 
 Scale = Literal["tiny", "full"]
 
@@ -68,8 +69,10 @@ QWEN_TEXT = {  # Qwen2.5-VL-7B-Instruct
 
 
 def build_qwen_edit_components(scale: Scale = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
-                                device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Components of QwenImageEditPlusPipeline (Qwen-Image-Edit-2509 layout)."""
+                                device: str | torch.device = "cpu",
+                                model: str = "qwen-image-edit-2509") -> dict[str, Any]:
+    """Components of QwenImageEditPlusPipeline for the release `model` (registry.QWEN_EDIT_MODELS: the
+    releases differ in their transformer's flags only, so one seed gives them the same weights)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -99,7 +102,7 @@ def build_qwen_edit_components(scale: Scale = "tiny", seed: int = 0, dtype: torc
     try:
         with torch.device(device):
             torch.manual_seed(seed)
-            transformer = QwenImageTransformer2DModel(**QWEN_TRANSFORMER[scale])
+            transformer = QwenImageTransformer2DModel(**QWEN_TRANSFORMER[scale], **release_flags(model))
             torch.manual_seed(seed)
             vae = AutoencoderKLQwenImage(**QWEN_VAE[scale])
             torch.manual_seed(seed)

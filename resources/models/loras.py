@@ -9,10 +9,10 @@ from pathlib import Path
 from safetensors import safe_open
 
 from flen_resources.imaging import sha256_file
-from flen_resources.models.registry import LORAS, MODELS
+from flen_resources.models.registry import LORAS, MODELS, lora_mismatch
 from flen_resources.models.sources import PICKLE_SUFFIXES, ModelNotAvailable
 
-ARCH_OF_MODEL = {"qwen-image-edit-2509": "qwen-image", "flux.1-dev": "flux"}
+ARCH_OF_PIPELINE = {"QwenImageEditPlusPipeline": "qwen-image", "FluxPipeline": "flux"}
 
 
 class LoraError(ValueError):
@@ -90,6 +90,9 @@ def inspect_lora(path: Path, name: str | None = None) -> LoraFile:
 def resolve_lora(name: str, source: str, model_key: str, allow_download: bool = True) -> LoraFile:
     """A LoRA source (`tiny:<name>`, a .safetensors path, or `org/repo/path/file.safetensors` on the hub)
     turned into a checked local file that fits `model_key`."""
+    why = lora_mismatch(name, model_key)
+    if why:  # a registered LoRA of another release: the same architecture, so no load would notice
+        raise LoraError(why)
     if source.startswith("tiny:"):
         from flen_resources.models.tiny_pack import ensure_tiny_pack
 
@@ -101,7 +104,7 @@ def resolve_lora(name: str, source: str, model_key: str, allow_download: bool = 
     else:
         path = _hub_lora(name, source, allow_download)
     info = inspect_lora(path, name)
-    wanted = ARCH_OF_MODEL[model_key]
+    wanted = ARCH_OF_PIPELINE[MODELS[model_key].pipeline]
     if info.architecture not in (wanted, "unknown"):
         raise LoraError(f"LoRA {path.name} is a {info.architecture} LoRA; it cannot be applied to "
                         f"{MODELS[model_key].hub_id} ({wanted})")

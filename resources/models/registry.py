@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -15,6 +17,10 @@ class ModelSpec:
     size_gb: float  # download size of the safetensors weights, for the missing-model message
     setting: str  # the variable that chooses its source (the `models` resource's field, `flen train --model`)
     gated: bool = False
+    # Its transformer's config flags that set it apart from the other releases of the same pipeline
+    # (flags not named here are off): 2511's zero_cond_t modulates the control images' tokens with
+    # timestep 0 and adds no parameter (diffusers 0.42's QwenImageTransformer2DModel).
+    transformer_flags: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -22,18 +28,31 @@ class LoraSpec:
     """A published LoRA for one of the models."""
 
     key: str
-    model: str
+    model: str  # the MODELS key it was made for
     hub_id: str
     filename: str
     note: str = ""
+    family: str = ""  # what the LoRA does, the same for each model's own file ("" : its key)
+
+    @property
+    def kind(self) -> str:
+        """The family, or the key when it has none."""
+        return self.family or self.key
 
 
 MODELS: dict[str, ModelSpec] = {
     "qwen-image-edit-2509": ModelSpec("qwen-image-edit-2509", "Qwen/Qwen-Image-Edit-2509",
                                       "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_MODEL"),
+    "qwen-image-edit-2511": ModelSpec("qwen-image-edit-2511", "Qwen/Qwen-Image-Edit-2511",
+                                      "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_2511_MODEL",
+                                      transformer_flags={"zero_cond_t": True}),
     "flux.1-dev": ModelSpec("flux.1-dev", "black-forest-labs/FLUX.1-dev", "FluxPipeline", 33.7, "FLEN_FLUX_MODEL",
                             gated=True),
 }
+
+# The editor models a recipe can choose (`edit_model`), and the one it gets when it names none.
+QWEN_EDIT_MODELS = ("qwen-image-edit-2509", "qwen-image-edit-2511")
+DEFAULT_EDIT_MODEL = "qwen-image-edit-2509"
 
 LORAS: dict[str, LoraSpec] = {
     "angles": LoraSpec("angles", "qwen-image-edit-2509", "dx8152/Qwen-Edit-2509-Multiple-angles",
@@ -44,6 +63,16 @@ LORAS: dict[str, LoraSpec] = {
     "lightning-4step": LoraSpec("lightning-4step", "qwen-image-edit-2509", "lightx2v/Qwen-Image-Lightning",
                                 "Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors",
                                 "4 steps, true_cfg 1, its own scheduler settings"),
+    # 2511 takes no Multiple-angles LoRA here: it has novel-view editing built in (its model card), and
+    # the 2511 angles LoRAs in the wild use other prompts than ANGLE_PRESETS' commands.
+    "lightning-8step-2511": LoraSpec("lightning-8step-2511", "qwen-image-edit-2511",
+                                     "lightx2v/Qwen-Image-Edit-2511-Lightning",
+                                     "Qwen-Image-Edit-2511-Lightning-8steps-V1.0-bf16.safetensors",
+                                     "8 steps, true_cfg 1, its own scheduler settings", family="lightning-8step"),
+    "lightning-4step-2511": LoraSpec("lightning-4step-2511", "qwen-image-edit-2511",
+                                     "lightx2v/Qwen-Image-Edit-2511-Lightning",
+                                     "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors",
+                                     "4 steps, true_cfg 1, its own scheduler settings", family="lightning-4step"),
 }
 
 # Camera commands of dx8152's Multiple-angles LoRA (it was trained on the Chinese wording).
@@ -61,6 +90,30 @@ ANGLE_PRESETS: dict[str, str] = {
     "wide-angle": "将镜头转为广角镜头",
     "close-up": "将镜头转为特写镜头",
 }
+
+
+def release_flags(key: str) -> dict[str, Any]:
+    """Every release flag of the model's pipeline, with this model's values (the others' flags off)."""
+    spec = MODELS[key]
+    names = {flag for other in MODELS.values() if other.pipeline == spec.pipeline for flag in other.transformer_flags}
+    return {flag: spec.transformer_flags.get(flag, False) for flag in sorted(names)}
+
+
+def lora_for(name: str, model: str) -> str | None:
+    """The registered LoRA that does what `name` does, made for `model` (None: that model has none)."""
+    kind = LORAS[name].kind if name in LORAS else name
+    return next((spec.key for spec in LORAS.values() if spec.kind == kind and spec.model == model), None)
+
+
+def lora_mismatch(name: str, model: str) -> str | None:
+    """Why the registered LoRA `name` does not go on `model`, with the one that does; None when it does
+    (or when `name` is not registered: a file of the user's, checked only by its architecture)."""
+    spec = LORAS.get(name)
+    if spec is None or spec.model == model:
+        return None
+    other = lora_for(name, model)
+    return (f"LoRA {name!r} was made for {spec.model}, not {model}; "
+            + (f"use {other!r} instead" if other else f"{model} has no {spec.kind} LoRA: leave it out"))
 
 
 def lightning_steps(lora_names: list[str]) -> int | None:

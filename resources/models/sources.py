@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from flen_resources.models.registry import MODELS, ModelSpec
+from flen_resources.models.registry import MODELS, ModelSpec, release_flags
 
 PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"}
 # What a pipeline needs from a hub repository: configs, tokenizers and safetensors weights.
@@ -135,6 +135,26 @@ def check_pipeline_folder(path: Path) -> None:
             raise ModelFolderError(f"incomplete model folder {folder}: config.json but no .safetensors weights")
 
 
+def check_release(spec: ModelSpec, path: Path) -> None:
+    """Refuse a folder whose transformer is another release of the same pipeline (2509 given as 2511, say):
+    they load alike, so nothing else would notice."""
+    config_file = path / "transformer" / "config.json"
+    wanted = release_flags(spec.key)
+    if not wanted or not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise ModelFolderError(f"{config_file} is not valid JSON: {exc}") from exc
+    found = {flag: bool(config.get(flag, False)) for flag in wanted}
+    if found != wanted:
+        other = next((m.key for m in MODELS.values() if m.pipeline == spec.pipeline and release_flags(m.key) == found),
+                     "another release")
+        raise ModelFolderError(
+            f"{path} holds {other} (transformer {', '.join(f'{k}={v}' for k, v in found.items())}), not {spec.key}: "
+            f"point {spec.setting} at a {spec.hub_id} folder or hub id")
+
+
 def resolve_model(key: str, source: str, allow_download: bool = True) -> ResolvedModel:
     """Turn a model source string into a checked local folder, or raise ModelNotAvailable."""
     if key not in MODELS:
@@ -146,16 +166,19 @@ def resolve_model(key: str, source: str, allow_download: bool = True) -> Resolve
 
         path = ensure_tiny_pack() / key
         check_pipeline_folder(path)
+        check_release(spec, path)
         return ResolvedModel(key, source, "tiny", path, f"tiny/{key}", folder_revision(path))
     if _looks_like_path(source):
         path = Path(source).expanduser().resolve()
         if not path.is_dir():
             raise ModelNotAvailable(missing_model_message(spec, spec.hub_id, f"folder {path} does not exist"))
         check_pipeline_folder(path)
+        check_release(spec, path)
         return ResolvedModel(key, source, "folder", path, path.name, folder_revision(path))
     repo_id, _, revision = source.partition("@")
     path = _hub_snapshot(spec, repo_id, revision or None, allow_download)
     check_pipeline_folder(path)
+    check_release(spec, path)
     return ResolvedModel(key, source, "hub", path, repo_id, path.name)
 
 

@@ -15,9 +15,12 @@ import torch
 from filelock import FileLock
 from safetensors.torch import save_file
 
+from flen_resources.models.registry import QWEN_EDIT_MODELS
 from flen_resources.models.sources import models_dir
 
-PACK_VERSION = "1"
+PACK_VERSION = "2"  # 2: Qwen-Image-Edit-2511 and its Lightning LoRAs
+# The tiny pack's random Lightning LoRAs, one per registered file (registry.LORAS), by seed.
+LIGHTNING_SEEDS = {"lightning-8step": 2, "lightning-4step": 3, "lightning-8step-2511": 12, "lightning-4step-2511": 13}
 QWEN_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
@@ -53,16 +56,17 @@ def build_tiny_pack(dest: Path) -> Path:
     from flen_resources.models.architectures import build_flux_components, build_qwen_edit_components
 
     dest.mkdir(parents=True)
-    qwen = build_qwen_edit_components("tiny")
-    QwenImageEditPlusPipeline(**qwen).save_pretrained(dest / "qwen-image-edit-2509", safe_serialization=True)
-    FluxPipeline(**build_flux_components("tiny")).save_pretrained(dest / "flux.1-dev", safe_serialization=True)
     loras = dest / "loras"
     loras.mkdir()
     meta = {"format": "pt", "flenwheel": "tiny pack"}
+    for model in QWEN_EDIT_MODELS:  # the same seeds: the releases differ in their config flags only
+        qwen = build_qwen_edit_components("tiny", model=model)
+        QwenImageEditPlusPipeline(**qwen).save_pretrained(dest / model, safe_serialization=True)
     save_file(_qwen_lora(qwen["transformer"], "comfyui", 4, 0.5, seed=1), loras / "angles.safetensors", metadata=meta)
-    for steps, seed in (("8step", 2), ("4step", 3)):
-        save_file(_qwen_lora(qwen["transformer"], "lightx2v", 4, 0.3, seed=seed),
-                  loras / f"lightning-{steps}.safetensors", metadata=meta)
+    for name, seed in LIGHTNING_SEEDS.items():
+        save_file(_qwen_lora(qwen["transformer"], "lightx2v", 4, 0.3, seed=seed), loras / f"{name}.safetensors",
+                  metadata=meta)
+    FluxPipeline(**build_flux_components("tiny")).save_pretrained(dest / "flux.1-dev", safe_serialization=True)
     (dest / "PACK_VERSION").write_text(PACK_VERSION + "\n")
     return dest
 

@@ -47,7 +47,7 @@ def distilled_guidance(transformer: Any, config: LoraTrainConfig, batch: int, de
 class LoraTrainer(Generic[Input]):
     """Trains a LoRA on one model; one instance per run folder (cache, checkpoints, output, samples)."""
 
-    model_key: ClassVar[str]  # the models/sources.py key of the base model
+    model_key: str  # the models/sources.py key of the base model (QwenEditLoraTrainer: one per instance)
     default_work_dir: ClassVar[Path]
     default_name: ClassVar[str]  # the LoRA's file name when train() gets none
     title: ClassVar[str]  # in the loss curve's title

@@ -40,7 +40,7 @@ class TrainItem:
 class FluxLoraTrainer(LoraTrainer[TrainItem]):
     """Trains a character LoRA on FLUX.1-dev; one instance per run folder."""
 
-    model_key: ClassVar[str] = MODEL_KEY
+    model_key: str = MODEL_KEY
     default_work_dir: ClassVar[Path] = Path("runs/flux")
     default_name: ClassVar[str] = "lora"
     title: ClassVar[str] = "FLUX LoRA"

@@ -1,4 +1,4 @@
-"""Qwen-Image-Edit-2509 LoRA trainer on edit triplets: 1-3 control images, an instruction, the target.
+"""Qwen-Image-Edit LoRA trainer (2509 or 2511) on edit triplets: 1-3 control images, an instruction, the target.
 
 What is Qwen-Image-Edit's own in a run of LoraTrainer (base.py), which FLUX's trainer shares:
 every triplet is encoded once through QwenImageEditPlusPipeline's own encoders and cached by
@@ -10,6 +10,8 @@ content hash, and the loss runs the transformer exactly as the pipeline does:
 - latents: the target and each control through `_encode_vae_image`, keyed by (model, image, bucket);
 - one step: the noisy target tokens, then the clean tokens of each control, in one sequence;
   `img_shapes` lists the target and every control; the loss is taken on the target tokens only.
+  2511's transformer (zero_cond_t) reads the same `img_shapes` to modulate the control tokens with
+  timestep 0, so the one loss serves both releases: `model_key` chooses which one is trained.
 
 Sizes: the target picks the bucket nearest its aspect ratio at `config.resolution`, and every
 control of the triplet is fitted (resize to cover + centre-crop) to that same bucket. At inference
@@ -20,7 +22,7 @@ Batches: examples are grouped by (bucket, number of controls); prompt embeddings
 lengths within a batch are zero-padded and masked (the transformer builds the joint attention
 mask from `encoder_hidden_states_mask`), so batch_size > 1 works.
 
-    trainer = QwenEditLoraTrainer(model="tiny", work_dir=Path("runs/relight-v1"))
+    trainer = QwenEditLoraTrainer(model="tiny", work_dir=Path("runs/relight-v1"), model_key="qwen-image-edit-2511")
     result = trainer.train(triplets, LoraTrainConfig(max_steps=1500), name="relight_v1")
 """
 
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from flen_resources.models.registry import DEFAULT_EDIT_MODEL, MODELS, QWEN_EDIT_MODELS
 from flen_resources.models.sources import ResolvedModel
 from flen_resources.trainers.base import LoraTrainer, distilled_guidance
 from flen_resources.trainers.batching import buckets, check_training_set, fit_image, flow_matching_draws, image_bucket
@@ -47,8 +50,8 @@ from flen_resources.trainers.config import LoraTrainConfig, TrainingError, Train
 __all__ = ["MODEL_KEY", "MAX_CONTROLS", "QwenEditLoraTrainer", "LoraTrainConfig", "Triplet", "TrainResult",
            "TrainingError"]
 
-MODEL_KEY = "qwen-image-edit-2509"
-MAX_CONTROLS = 3  # Qwen-Image-Edit-2509 takes 1 to 3 input images
+MODEL_KEY = DEFAULT_EDIT_MODEL  # the release trained when none is named
+MAX_CONTROLS = 3  # Qwen-Image-Edit (2509 and 2511) takes 1 to 3 input images
 
 
 @dataclass
@@ -68,14 +71,21 @@ def _pipeline_helpers() -> tuple[int, Callable[[int, float], tuple[int, int]]]:
 
 
 class QwenEditLoraTrainer(LoraTrainer[Triplet]):
-    """Trains an edit LoRA on Qwen-Image-Edit-2509; one instance per run folder."""
+    """Trains an edit LoRA on one Qwen-Image-Edit release (`model_key`); one instance per run folder."""
 
-    model_key: ClassVar[str] = MODEL_KEY
+    model_key: str = MODEL_KEY
     default_work_dir: ClassVar[Path] = Path("runs/qwen_edit")
     default_name: ClassVar[str] = "qwen_adapter"
     title: ClassVar[str] = "Qwen-Image-Edit LoRA"
     encoded: ClassVar[str] = "triplets: latents + prompts with their controls"
     group_key: ClassVar[str] = "group"  # (bucket, number of controls): the shapes a batch must share
+
+    def __init__(self, model: str = "tiny", work_dir: Path | None = None, cache_dir: Path | None = None,
+                 log: Callable[[str], None] = print, model_key: str = MODEL_KEY):
+        if model_key not in QWEN_EDIT_MODELS:
+            raise TrainingError(f"unknown Qwen-Image-Edit model {model_key!r}; known: {', '.join(QWEN_EDIT_MODELS)}")
+        super().__init__(model, work_dir, cache_dir, log)
+        self.model_key = model_key  # the release whose weights `model` holds (resolve_model checks its folder)
 
     # -- inputs ---------------------------------------------------------------------------------
     def _check(self, triplets: Sequence[Triplet], config: LoraTrainConfig) -> None:
@@ -83,7 +93,7 @@ class QwenEditLoraTrainer(LoraTrainer[Triplet]):
             n = len(t.controls)
             if not 1 <= n <= MAX_CONTROLS:
                 raise TrainingError(f"triplet {i} ({Path(t.target).name}) has {n} control image(s); "
-                                    f"Qwen-Image-Edit-2509 takes 1 to {MAX_CONTROLS}")
+                                    f"{MODELS[self.model_key].hub_id.split('/')[-1]} takes 1 to {MAX_CONTROLS}")
             if not t.prompt or not t.prompt.strip():
                 raise TrainingError(f"triplet {i} ({Path(t.target).name}) has no prompt (edit instruction)")
         files = [Path(f) for t in triplets for f in (*t.controls, t.target)]

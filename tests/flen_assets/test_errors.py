@@ -118,6 +118,20 @@ def test_missing_model_is_one_line_with_its_setting(sourced, monkeypatch):
     assert "resolve_model" in trace and "hf download Qwen/Qwen-Image-Edit-2509" in trace
 
 
+def test_a_lora_of_the_other_release_is_one_line_naming_edit_model(sourced):
+    project, _ = sourced
+    recipe = project.root / "wrong_release.toml"
+    recipe.write_text(QWEN_ONLY.replace('editor = "qwen_edit"', 'editor = "qwen_edit"\nedit_model = "qwen-image-edit-2511"')
+                      + "loras = { lightning-8step = 1.0 }\n")
+    config = project.root / "wrong_release.yaml"
+    config.write_text(f"ops:\n  enriched_images:\n    config:\n      recipe: {recipe}\n")
+    stdout, stderr, _ = _edit(project, config)
+    line = _assert_one_cause_line(stdout, stderr, f"enriched_images astronaut|v1: {recipe}: entry 'left-45': ")
+    assert line.endswith("LoRA 'lightning-8step' was made for qwen-image-edit-2509, not qwen-image-edit-2511; use "
+                         "'lightning-8step-2511' instead, or set edit_model = \"qwen-image-edit-2509\" at the top of "
+                         "the recipe"), line
+
+
 def test_nf4_on_a_cpu_is_one_line_naming_flen_quantization(sourced, monkeypatch):
     project, config = sourced
     monkeypatch.setenv("FLEN_QUANTIZATION", "nf4")

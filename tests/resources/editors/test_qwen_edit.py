@@ -41,6 +41,7 @@ def test_loads_the_saved_pipeline_with_from_pretrained(editor):
     assert isinstance(editor.pipe, QwenImageEditPlusPipeline)
     assert editor.resolved.kind == "tiny" and (editor.resolved.path / "model_index.json").is_file()
     assert editor.model_id().startswith("tiny/qwen-image-edit-2509@")
+    assert editor.pipe.transformer.config.zero_cond_t is False
 
 
 @pytest.mark.parametrize("n_images", [1, 2, 3])
@@ -113,3 +114,29 @@ def test_set_lora_source_replaces_a_loaded_adapter(tmp_path, editor, photos):
     assert third.adapters[0]["sha256"] == first.adapters[0]["sha256"]
     assert np.array_equal(_arr(third.image), _arr(first.image))
     editor.unload_lora("mine")
+
+
+# -- Qwen-Image-Edit-2511 ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def editor_2511() -> QwenEditEditor:
+    return QwenEditEditor(model="tiny", output_area=AREA, model_key="qwen-image-edit-2511")
+
+
+def test_2511_edits_with_zero_cond_t_and_records_its_release(editor_2511, photos):
+    result = editor_2511.edit(photos[:1], _req(seed=5, loras={"lightning-8step-2511": 1.0}))
+    assert editor_2511.pipe.transformer.config.zero_cond_t is True
+    assert result.model.startswith("tiny/qwen-image-edit-2511@") and result.params["model_key"] == "qwen-image-edit-2511"
+    assert result.params["steps"] == 8 and result.params["scheduler"] == "lightning"
+    assert [a["name"] for a in result.adapters] == ["lightning-8step-2511"]
+    assert np.isfinite(_arr(result.image)).all()
+
+
+@pytest.mark.parametrize(("lora", "advice"), [("lightning-8step", "use 'lightning-8step-2511' instead"),
+                                              ("angles", "qwen-image-edit-2511 has no angles LoRA: leave it out")])
+def test_a_2509_lora_on_2511_is_refused_before_loading(editor_2511, photos, lora, advice):
+    from flen_resources.models.loras import LoraError
+
+    with pytest.raises(LoraError) as err:
+        editor_2511.edit(photos[:1], _req(loras={lora: 1.0}))
+    assert str(err.value) == f"LoRA {lora!r} was made for qwen-image-edit-2509, not qwen-image-edit-2511; {advice}"
+    assert lora not in editor_2511._loaded

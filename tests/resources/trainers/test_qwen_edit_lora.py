@@ -146,6 +146,23 @@ def test_batches_of_two_train(triplets, cache_dir, tmp_path: Path):
     assert len(result.losses) == 2 and all(np.isfinite(v) for _, v in result.losses)
 
 
+# -- Qwen-Image-Edit-2511: the same loss on its transformer (zero_cond_t reads the same img_shapes) -----
+def test_2511_trains_a_few_steps_on_its_own_release(trained, triplets, cache_dir, tmp_path: Path):
+    trainer = QwenEditLoraTrainer(model="tiny", work_dir=tmp_path / "2511", cache_dir=cache_dir, log=lambda _: None,
+                                  model_key="qwen-image-edit-2511")
+    result = trainer.train(triplets, _config(max_steps=3, checkpoint_every=3))
+    assert len(result.losses) == 3 and all(np.isfinite(v) for _, v in result.losses)
+    assert result.cache_misses == 12, "2509's cached features (`trained`) are not reused: the model ref keys the cache"
+    assert result.metadata["flenwheel.base_model"].startswith("tiny/qwen-image-edit-2511@")
+    with safe_open(str(result.lora_path), "pt") as fh:
+        assert any(k.startswith("transformer.transformer_blocks.") for k in fh.keys())
+
+
+def test_an_unknown_release_is_refused():
+    with pytest.raises(TrainingError, match=r"unknown Qwen-Image-Edit model 'qwen-image-edit-2512'"):
+        QwenEditLoraTrainer(model="tiny", model_key="qwen-image-edit-2512")
+
+
 # -- bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case, message", [
     ("too_few", r"3 triplet\(s\); at least 4"),
