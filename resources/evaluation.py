@@ -216,6 +216,9 @@ def plot_checkpoints(scores: Sequence[Any], promoted: int, path: Path, title: st
     high = max(finite + [1.0])
     right.set_ylim(-0.08 * high, HEADROOM * high)
     right.set_ylabel("distance (lower: closer)")
+    for x, d in zip(steps, distance):
+        if not math.isfinite(d):
+            right.annotate("no face", (x, 0.5 * high), ha="center", fontsize=7, color="#8e44ad")
     ax.set_ylim(-0.08, HEADROOM)
     ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
