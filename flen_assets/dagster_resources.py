@@ -12,6 +12,7 @@ from flen_resources.bucket import Bucket, cluster_bucket
 from flen_resources.editors import Editor, get_editor
 from flen_resources.faces import FaceAnalyzer
 from flen_resources.lineage import LineageStore
+from flen_resources.models.residency import DEFAULT_MEMORY_BUDGET_GIB
 from flen_resources.project import Project
 from flen_resources.run_settings import AUTO, Machine, RunSettings, pick_run_settings
 from flen_resources.storage import DvcStore
@@ -71,14 +72,17 @@ class ModelsResource(dg.ConfigurableResource):
     # which also refuses other values: a str, not a Literal, so that dg.EnvVar can fill it)
     quantization: str = "auto"
     device: str = "auto"  # auto: the CUDA GPU when there is one
+    # card memory the editor may keep its components resident in (models.residency); 0: one at a time
+    memory_budget_gib: int = DEFAULT_MEMORY_BUDGET_GIB
 
     def read_now(self) -> ModelsResource:
         """This resource with its dg.EnvVar fields read from the environment now (for commands outside a run)."""
-        def now(value: str) -> str:
-            return value.get_value() if isinstance(value, dg.EnvVar) else value
+        def now(value):  # dg.EnvVar, or the int-typed one dg.EnvVar.int gives
+            return value.get_value() if hasattr(value, "get_value") else value
 
         return ModelsResource(flux_model=now(self.flux_model), qwen_edit_model=now(self.qwen_edit_model),
-                              quantization=now(self.quantization), device=now(self.device))
+                              quantization=now(self.quantization), device=now(self.device),
+                              memory_budget_gib=now(self.memory_budget_gib))
 
 
 class RunSettingsResource(dg.ConfigurableResource):
@@ -126,7 +130,8 @@ class EditorResource(dg.ConfigurableResource):
                 m = self.models
                 area = self.qwen_output_area or (256 * 256 if m.qwen_edit_model == "tiny" else 1024 * 1024)
                 self._editors[backend] = QwenEditEditor(model=m.qwen_edit_model, quantization=m.quantization,
-                                                        device=m.device, loras=self.qwen_loras, output_area=area)
+                                                        device=m.device, loras=self.qwen_loras, output_area=area,
+                                                        memory_budget_gib=m.memory_budget_gib)
             else:
                 self._editors[backend] = get_editor(backend)
         return self._editors[backend]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import torch
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 
 from flen_resources.editors import EditRequest, get_editor
