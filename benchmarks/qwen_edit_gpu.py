@@ -130,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "and edit_batch side by side, lightning8; writes qwen_edit_gpu-batched-<gpu>.json")
     ap.add_argument("--batch-edits", type=int, default=16, help="edits of the batch (--batched)")
     ap.add_argument("--loop-edits", type=int, default=16,
-                    help="edits timed in the per-edit loop (the first ones of the batch; --batched)")
+                    help="edits timed in the per-edit loop (the first ones of the batch; --batched; 0: no loop)")
     ap.add_argument("--memory-budget", type=float, default=None,
                     help="the editor's memory budget in GiB (--batched; default: the editor's own)")
     ap.add_argument("--merge", action="store_true",
@@ -794,8 +794,9 @@ def run_batched(args: argparse.Namespace, variant: str, lora: Path, image: Any, 
     jobs = batch_jobs(args, image)
     loop_images: list[Any] = []
     batch_images: list[Any] = []
-    run_stage("loop", lambda: measure_loop(args, variant, lora, jobs, device, loop_images), record, "loop", report,
-              device, tags)
+    if args.loop_edits:
+        run_stage("loop", lambda: measure_loop(args, variant, lora, jobs, device, loop_images), record, "loop",
+                  report, device, tags)
     run_stage("batch", lambda: measure_batch(args, variant, lora, jobs, device, batch_images), record, "batch",
               report, device, tags)
     run_stage("compare", lambda: compare_images(loop_images, batch_images), record, "compare", report, device, tags)

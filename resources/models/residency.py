@@ -19,16 +19,29 @@ GIB = 2**30
 # The card memory the editor may hold (weights resident + working memory), unless set otherwise
 # (ModelsResource.memory_budget_gib, FLEN_MEMORY_BUDGET_GIB): a 24 GB card less the CUDA context and slack.
 DEFAULT_MEMORY_BUDGET_GIB = 20
-# Working memory kept free for the phase that runs: the largest of Qwen-Image-Edit's phases at
-# 1024x1024 (the transformer's activations over 8,192 image tokens, the VAE's decoder convolutions)
-# stays under it with room for allocator slack.
-WORKSPACE_GIB = 4.0
+# Working memory kept free for the phase that runs. Measured on Qwen-Image-Edit at 1024x1024 (one
+# H200, benchmarks/qwen_edit_gpu.py --batched): the VAE decoding one output takes 4.4 GiB above its
+# weights, the transformer's activations over 8,192 image tokens 1.3 GiB; the rest is allocator slack.
+WORKSPACE_GIB = 5.0
+
+
+def _quant_state_bytes(state: object) -> int:
+    """Bytes of a bitsandbytes QuantState's tensors (absmax, code, and its nested state)."""
+    total = sum(t.numel() * t.element_size() for t in vars(state).values() if torch.is_tensor(t))
+    nested = getattr(state, "state2", None)
+    return total + (_quant_state_bytes(nested) if nested is not None else 0)
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers (packed nf4 weights count as stored)."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of a module's parameters and buffers, nf4 weights with their quantization state (absmax:
+    1.2 GiB of the 20B transformer's 10.7 GiB, held outside the parameters)."""
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        total += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)
+        if state is not None:
+            total += _quant_state_bytes(state)
+    return total
 
 
 class Residency:
@@ -45,12 +58,11 @@ class Residency:
         self.moves = 0  # components moved onto the card so far (what batching saves)
 
     def use(self, *names: str) -> None:
-        """Put `names` on the card, parking other components (largest first) only as far as the budget needs."""
+        """Put `names` on the card with the phase's working memory free, parking other components (largest
+        first) only as far as the budget needs."""
         if self.device.type != "cuda":  # nothing to place: the CPU holds everything
             return
         wanted = [n for n in names if n not in self.resident]
-        if not wanted:
-            return
         needed = sum(self.sizes[n] for n in wanted) + self.workspace
         parkable = sorted((n for n in self.resident if n not in names), key=lambda n: -self.sizes[n])
         for name in parkable:
@@ -59,7 +71,7 @@ class Residency:
             self.park(name)
         if self.resident_bytes() + needed > self.budget:
             log.info("%s need %.1f GiB with their working memory, over the %.1f GiB budget: loaded anyway",
-                     ", ".join(wanted), needed / GIB, self.budget / GIB)
+                     ", ".join(names), (self.resident_bytes() + needed) / GIB, self.budget / GIB)
         for name in wanted:
             self.components[name].to(self.device)
             self.resident.add(name)
