@@ -59,6 +59,10 @@ LIGHTNING = "lightning-8step"  # the registry's 8-step Lightning LoRA of the rel
 MARKER = ".flen-bench-complete"  # dot file: resolve_model's folder hash skips it
 NF4_PEAK_GOAL_GIB = 16.0
 PROMPT = "Turn the camera 45 degrees to the left"
+BATCH_GOAL_S, BATCH_PEAK_GOAL_GIB, BATCH_SPEEDUP_GOAL = 4.5, 20.0, 2.8  # issue 15, item 1
+# the batch's prompts, cycled: different lengths, as a recipe's entries have
+PROMPTS = [PROMPT, "Turn the camera 45 degrees to the right", "Close-up of the face, soft window light from the left",
+           "Replace the background with a sunny beach, keep the person unchanged"]
 MODES = ("lightning8", "default")
 VARIANTS = ("nf4", "bf16")
 NOTES = [
@@ -131,6 +135,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--baseline-reps", type=int, default=5, help="timed baseline forwards (median reported)")
     ap.add_argument("--baseline-text-tokens", type=int, default=256, help="text tokens of the baseline forward")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder of the JSON result")
+    ap.add_argument("--batched", action="store_true",
+                    help="issue 15: the per-edit loop of before (model CPU offload, one pipeline call per edit) "
+                         "and edit_batch side by side, lightning8; writes qwen_edit_gpu-batched-<gpu>.json")
+    ap.add_argument("--batch-edits", type=int, default=16, help="edits of the batch (--batched)")
+    ap.add_argument("--loop-edits", type=int, default=16,
+                    help="edits timed in the per-edit loop (the first ones of the batch; --batched; 0: no loop)")
+    ap.add_argument("--memory-budget", type=float, default=None,
+                    help="the editor's memory budget in GiB (--batched; default: the editor's own)")
     ap.add_argument("--merge", action="store_true",
                     help="keep results of variants not run now from the previous JSON (in --out, else the work folder)")
     args = ap.parse_args(argv)
@@ -248,7 +260,9 @@ class Report:
         info = machine_info(device)
         name = slug(info["gpu_name"] or "cpu") + ("-tiny" if args.scale == "tiny" else "")
         release = release_suffix(args.edit_model)
-        self.filename = f"qwen_edit_gpu-{release + '-' if release else ''}{name}.json"
+        self.batched = args.batched
+        prefix = "".join(f"{part}-" for part in ("batched" if args.batched else "", release) if part)
+        self.filename = f"qwen_edit_gpu-{prefix}{name}.json"
         self.paths = [args.out / self.filename, args.model_dir.parent / f"{args.model_dir.name}-{self.filename}"]
         if os.environ.get("OUT"):
             self.paths.append(Path(os.environ["OUT"]) / self.filename)
@@ -283,7 +297,7 @@ class Report:
         return self.data["variants"].setdefault(name, {"modes": {}})
 
     def write(self) -> None:
-        self.data["summary"] = summarize(self.data["variants"])
+        self.data["summary"] = summarize_batched(self.data) if self.batched else summarize(self.data["variants"])
         self.data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         text = json.dumps(self.data, indent=1, default=str)
         for path in self.paths:
@@ -316,6 +330,23 @@ def summarize(variants: dict[str, Any]) -> dict[str, Any]:
         row["peak_allocated_gib"] = max(peaks) if peaks else None
         if name == "nf4":
             row["peak_goal_met"] = (max(peaks) <= NF4_PEAK_GOAL_GIB) if peaks else None
+        out[name] = row
+    return out
+
+
+def summarize_batched(data: dict[str, Any]) -> dict[str, Any]:
+    """Per variant: seconds per edit of the loop and of the batch, the speed-up, the peak and the goals of issue 15."""
+    out: dict[str, Any] = {}
+    for name, v in data["variants"].items():
+        loop, batch = v.get("loop") or {}, v.get("batch") or {}
+        loop_s, batch_s = loop.get("edit_s_mean"), batch.get("edit_s_mean")
+        peak = batch.get("peak_allocated_gib")
+        row = {"loop_edit_s": loop_s, "batch_edit_s": batch_s, "loop_peak_allocated_gib": loop.get("peak_allocated_gib"),
+               "batch_peak_allocated_gib": peak, "speedup": round(loop_s / batch_s, 2) if loop_s and batch_s else None,
+               "pixels_max_abs_diff": (v.get("compare") or {}).get("max_abs_diff")}
+        row["goals"] = {"edit_s_le_4_5": batch_s is not None and batch_s <= BATCH_GOAL_S,
+                        "peak_le_20_gib": peak is not None and peak <= BATCH_PEAK_GOAL_GIB,
+                        "speedup_ge_2_8": row["speedup"] is not None and row["speedup"] >= BATCH_SPEEDUP_GOAL}
         out[name] = row
     return out
 
@@ -673,6 +704,154 @@ def run_variant(args: argparse.Namespace, variant: str, lora: Path, image: Any, 
         free_memory(device)
 
 
+# -- issue 15: the per-edit loop of before and edit_batch, side by side ------------------------------
+def batch_jobs(args: argparse.Namespace, image: Any, lora: str) -> list[Any]:
+    """--batch-edits lightning8 edits of the reference: the prompts cycled, one seed each."""
+    import dataclasses
+
+    from flen_resources.editors.base import EditJob
+
+    base = request_for("lightning8", args.steps_default, args.true_cfg, args.seed, lora)
+    return [EditJob([image], dataclasses.replace(base, prompt=PROMPTS[i % len(PROMPTS)], seed=args.seed + i))
+            for i in range(args.batch_edits)]
+
+
+def loop_editor(args: argparse.Namespace, variant: str, lora: Path) -> Any:
+    """The editor as it was before batching: model CPU offload on a GPU (one component on the card at a time,
+    moved for every edit) and one whole pipeline call per edit."""
+    from flen_resources.editors.qwen_edit import QwenEditEditor
+    from flen_resources.models.pipelines import load_pipeline
+
+    class LoopEditor(QwenEditEditor):
+        @property
+        def pipe(self) -> Any:
+            if self._pipe is None:
+                self._pipe = load_pipeline(self.resolved, "QwenImageEditPlusPipeline", quantization=self.quantization,
+                                           device=self.device, dtype=self.dtype, offload="auto")
+                self._base_scheduler = dict(self._pipe.scheduler.config)
+            return self._pipe
+
+        def loop_edit(self, job: Any) -> Any:
+            plan = self._plan(job)
+            self._apply_stack(plan.stack)
+            return self.pipe(image=plan.inputs[0], prompt=job.request.prompt, negative_prompt=None,
+                             true_cfg_scale=plan.true_cfg, num_inference_steps=plan.steps, width=plan.width,
+                             height=plan.height, generator=torch.Generator("cpu").manual_seed(job.request.seed)).images[0]
+
+    return LoopEditor(model=str(args.model_dir), quantization="nf4" if variant == "nf4" else "none", device=args.device,
+                      dtype="bf16", loras={lora.stem: str(lora)}, output_area=args.res * args.res,
+                      model_key=args.edit_model)
+
+
+def measure_loop(args: argparse.Namespace, variant: str, lora: Path, jobs: list[Any], device: torch.device,
+                 images: list[Any]) -> dict[str, Any]:
+    """The per-edit loop over the first --loop-edits jobs: load, one warm-up edit, then each edit timed."""
+    editor = loop_editor(args, variant, lora)
+    try:
+        t = time.perf_counter()
+        _ = editor.pipe
+        editor._lora(lora.stem)
+        load_s = time.perf_counter() - t
+        t = time.perf_counter()
+        editor.loop_edit(jobs[0])
+        warm_s = time.perf_counter() - t
+        free_memory(device)
+        reset_peak(device)
+        times = []
+        for job in jobs[: args.loop_edits]:
+            sync(device)
+            t = time.perf_counter()
+            images.append(editor.loop_edit(job))
+            sync(device)
+            times.append(time.perf_counter() - t)
+        return {"edits": len(times), "load_s": round(load_s, 1), "warmup_s": round(warm_s, 1),
+                "edit_s_mean": round(statistics.mean(times), 3), "edit_s": [round(x, 2) for x in times],
+                **memory(device)}
+    finally:
+        del editor
+        free_memory(device)
+
+
+def measure_batch(args: argparse.Namespace, variant: str, lora: Path, jobs: list[Any], device: torch.device,
+                  images: list[Any]) -> dict[str, Any]:
+    """edit_batch over every job: load, a warm-up edit, every component parked, then the whole batch timed
+    (moving the components onto the card included), with when each phase began."""
+    from flen_resources.editors.qwen_edit import QwenEditEditor
+
+    budget = {} if args.memory_budget is None else {"memory_budget_gib": args.memory_budget}
+    editor = QwenEditEditor(model=str(args.model_dir), quantization="nf4" if variant == "nf4" else "none",
+                            device=args.device, dtype="bf16", loras={lora.stem: str(lora)},
+                            output_area=args.res * args.res, model_key=args.edit_model, **budget)
+    try:
+        t = time.perf_counter()
+        place = editor.residency  # loads the pipeline
+        editor._lora(lora.stem)
+        load_s = time.perf_counter() - t
+        t = time.perf_counter()
+        editor.edit_batch(jobs[:1])
+        warm_s = time.perf_counter() - t
+        place.park_all()  # the batch starts as a partition does: nothing on the card
+        free_memory(device)
+        phases: list[dict[str, Any]] = []
+        use = place.use
+
+        def timed_use(*names: str) -> None:
+            sync(device)
+            phases.append({"at_s": round(time.perf_counter() - start, 2), "use": list(names)})
+            use(*names)
+            sync(device)
+            phases[-1].update(moved_s=round(time.perf_counter() - start - phases[-1]["at_s"], 2),
+                              resident=sorted(place.resident))
+
+        place.use = timed_use
+        reset_peak(device)
+        moves = place.moves
+        with ForwardTimer(editor.pipe.transformer, device) as timer:
+            sync(device)
+            start = time.perf_counter()
+            results = editor.edit_batch(jobs)
+            sync(device)
+            total = time.perf_counter() - start
+        forwards = timer.seconds()
+        images.extend(r.image for r in results)
+        return {"edits": len(results), "load_s": round(load_s, 1), "warmup_s": round(warm_s, 1),
+                "memory_budget_gib": editor.memory_budget_gib, "total_s": round(total, 2),
+                "edit_s_mean": round(total / len(results), 3), "phases": phases, "moves": place.moves - moves,
+                "component_gib": {k: round(v / GIB, 2) for k, v in place.sizes.items()},
+                "transformer_forwards": len(forwards), "transformer_total_s": round(sum(forwards), 2),
+                "transformer_forward_median_s": round(statistics.median(forwards), 4) if forwards else None,
+                **memory(device)}
+    finally:
+        del editor
+        free_memory(device)
+
+
+def compare_images(loop: list[Any], batch: list[Any]) -> dict[str, Any]:
+    """Pixel differences (0-255) between the loop's and the batch's outputs of the same requests."""
+    import numpy as np
+
+    diffs = [np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)) for a, b in zip(loop, batch)]
+    return {"pairs": len(diffs), "max_abs_diff": int(max(d.max() for d in diffs)) if diffs else None,
+            "mean_abs_diff": round(float(np.mean([d.mean() for d in diffs])), 4) if diffs else None,
+            "identical": sum(int(d.max() == 0) for d in diffs)}
+
+
+def run_batched(args: argparse.Namespace, variant: str, lora: Path, image: Any, device: torch.device,
+                report: Report) -> None:
+    """The loop, then the batch, then the pixel comparison, each stage recorded as it ends."""
+    record = report.variant(variant)
+    tags = {"variant": variant, "batched": True}
+    jobs = batch_jobs(args, image, lora.stem)
+    loop_images: list[Any] = []
+    batch_images: list[Any] = []
+    if args.loop_edits:
+        run_stage("loop", lambda: measure_loop(args, variant, lora, jobs, device, loop_images), record, "loop",
+                  report, device, tags)
+    run_stage("batch", lambda: measure_batch(args, variant, lora, jobs, device, batch_images), record, "batch",
+              report, device, tags)
+    run_stage("compare", lambda: compare_images(loop_images, batch_images), record, "compare", report, device, tags)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ensure_project_importable()
@@ -702,7 +881,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     image = reference_image(args.image, args.res, args.seed)
     for variant in args.variants:
-        run_variant(args, variant, lora, image, device, report)
+        if args.batched:
+            run_batched(args, variant, lora, image, device, report)
+        else:
+            run_variant(args, variant, lora, image, device, report)
     report.write()
     emit({"event": "summary", **report.data["summary"]})
     emit({"event": "done", "results": [str(p) for p in report.paths]})

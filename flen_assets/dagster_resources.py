@@ -13,6 +13,7 @@ from flen_resources.editors import Editor, get_editor
 from flen_resources.faces import FaceAnalyzer
 from flen_resources.lineage import LineageStore
 from flen_resources.models.registry import DEFAULT_EDIT_MODEL
+from flen_resources.models.residency import DEFAULT_MEMORY_BUDGET_GIB
 from flen_resources.project import Project
 from flen_resources.run_settings import AUTO, Machine, RunSettings, pick_run_settings
 from flen_resources.storage import DvcStore
@@ -79,11 +80,13 @@ class ModelsResource(dg.ConfigurableResource):
     # which also refuses other values: a str, not a Literal, so that dg.EnvVar can fill it)
     quantization: str = "auto"
     device: str = "auto"  # auto: the CUDA GPU when there is one
+    # card memory the editor may keep its components resident in (models.residency); 0: one at a time
+    memory_budget_gib: int = DEFAULT_MEMORY_BUDGET_GIB
 
     def read_now(self) -> ModelsResource:
         """This resource with its dg.EnvVar fields read from the environment now (for commands outside a run)."""
-        def now(value: str) -> str:
-            return value.get_value() if isinstance(value, dg.EnvVar) else value
+        def now(value):  # dg.EnvVar, or the int-typed one dg.EnvVar.int gives
+            return value.get_value() if hasattr(value, "get_value") else value
 
         return ModelsResource(**{name: now(getattr(self, name)) for name in type(self).model_fields})
 
@@ -146,7 +149,8 @@ class EditorResource(dg.ConfigurableResource):
                 source = m.source(edit_model)
                 area = self.qwen_output_area or (256 * 256 if source == "tiny" else 1024 * 1024)
                 self._editors[key] = QwenEditEditor(model=source, quantization=m.quantization, device=m.device,
-                                                    loras=self.qwen_loras, output_area=area, model_key=edit_model)
+                                                    loras=self.qwen_loras, output_area=area, model_key=edit_model,
+                                                    memory_budget_gib=m.memory_budget_gib)
             else:
                 self._editors[key] = get_editor(backend)
         return self._editors[key]

@@ -28,12 +28,15 @@ from flen_resources.run_settings import RUN_SETTINGS_ENV
 # Each model setting's environment variable. Set, it reaches ModelsResource through dg.EnvVar (the
 # launchpad shows the variable, and it is read when a run starts); unset, the field's default holds.
 MODEL_SETTINGS_ENV = {**{field: MODELS[model].setting for model, field in MODEL_FIELDS.items()},
-                      "quantization": "FLEN_QUANTIZATION", "device": "FLEN_DEVICE"}
+                      "quantization": "FLEN_QUANTIZATION", "device": "FLEN_DEVICE",
+                      "memory_budget_gib": "FLEN_MEMORY_BUDGET_GIB"}
+INT_SETTINGS = {"memory_budget_gib"}  # read with dg.EnvVar.int
 
 
 def model_settings() -> ModelsResource:
     """ModelsResource with an EnvVar for each FLEN_* variable that is set."""
-    return ModelsResource(**{field: dg.EnvVar(var) for field, var in MODEL_SETTINGS_ENV.items() if var in os.environ})
+    return ModelsResource(**{field: dg.EnvVar.int(var) if field in INT_SETTINGS else dg.EnvVar(var)
+                             for field, var in MODEL_SETTINGS_ENV.items() if var in os.environ})
 
 
 def run_settings(models: ModelsResource) -> RunSettingsResource:

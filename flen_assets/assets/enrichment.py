@@ -6,7 +6,6 @@ import json
 
 import dagster as dg
 from PIL import Image
-from tqdm import tqdm
 
 from flen_assets.assets.common import GPU_POOL, PartitionRun, partition_asset, publish, write_manifest
 from flen_assets.assets.edit_model import adapter_file
@@ -14,6 +13,7 @@ from flen_assets.dagster_resources import EditorResource, ProjectResource, RunSe
 from flen_assets.recipe import load_recipe
 from flen_assets.visuals import Tile
 from flen_io_managers.partition_folder import PartitionFolder
+from flen_resources.editors import EditJob
 from flen_resources.imaging import save_png
 from flen_resources.lineage import to_json, utcnow
 from flen_resources.models.registry import DEFAULT_EDIT_MODEL
@@ -101,15 +101,24 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
             "not used (no qwen_edit entry in the recipe)"))
 
     rows, image_rows, edge_rows, tiles = [], [], [], []
-    jobs = [(s, e) for s in sources for e in entries]
-    for source, entry in tqdm(jobs, desc=f"enrich {run.character}/{run.iteration}", unit="edit"):
+    jobs, backends = [], []
+    for source, entry in [(s, e) for s in sources for e in entries]:
         parent = Image.open(source_images.path / source["image_path"]).convert("RGB")
         request = entry.request_for(source["image_id"], recipe.version)
         box = tuple(json.loads(source["face_box"])) if source["face_box"] else None
         backend_name = entry.editor or recipe.editor
         if use_adapter and backend_name == "qwen_edit":
             request = with_adapter(request, config.adapter_weight)
-        result = editor.get(backend_name, recipe.edit_model).edit([parent], request, face_box=box)
+        jobs.append((source, entry, EditJob([parent], request, box)))
+        backends.append(backend_name)
+    # one batch per backend: qwen_edit runs each model phase once over all of its edits
+    results: list = [None] * len(jobs)
+    for backend_name in dict.fromkeys(backends):
+        members = [i for i, b in enumerate(backends) if b == backend_name]
+        context.log.info(f"{backend_name}: {len(members)} edits")
+        for i, result in zip(members, editor.get(backend_name, recipe.edit_model).edit_batch([jobs[i][2] for i in members]), strict=True):
+            results[i] = result
+    for (source, entry, _job), result in zip(jobs, results, strict=True):
         for record in result.adapters:  # which iteration's adapter this is, for lineage
             if record.get("name") == ADAPTER_LORA:
                 record.update(asset="qwen_adapter", iteration=adapter["iteration"], dvc_md5=adapter["dvc_md5"])

@@ -38,6 +38,15 @@ class EditResult:
     adapters: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class EditJob:
+    """One edit of a batch: the input images, the request and the first image's face box (top, right, bottom, left)."""
+
+    images: Sequence[Image.Image]
+    request: EditRequest
+    face_box: tuple[int, int, int, int] | None = None
+
+
 @runtime_checkable
 class Editor(Protocol):
     """An editor backend. `face_box` (top, right, bottom, left) of the first image helps local edits."""
@@ -46,6 +55,8 @@ class Editor(Protocol):
 
     def edit(self, images: Sequence[Image.Image], request: EditRequest,
              face_box: tuple[int, int, int, int] | None = None) -> EditResult: ...
+
+    def edit_batch(self, jobs: Sequence[EditJob]) -> list[EditResult]: ...
 
     def model_id(self) -> str: ...
 

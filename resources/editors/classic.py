@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from flen_resources.editors.base import EditRequest, EditResult
+from flen_resources.editors.base import EditJob, EditRequest, EditResult
 
 VERSION = "1"
 Box = tuple[int, int, int, int]
@@ -125,6 +125,10 @@ class ClassicEditor:
 
     def model_id(self) -> str:
         return f"classic/{VERSION}"
+
+    def edit_batch(self, jobs: Sequence[EditJob]) -> list[EditResult]:
+        """Each job's edit, in order (every edit is independent and cheap: nothing to share)."""
+        return [self.edit(job.images, job.request, face_box=job.face_box) for job in jobs]
 
     def edit(self, images: Sequence[Image.Image], request: EditRequest,
              face_box: Box | None = None) -> EditResult:

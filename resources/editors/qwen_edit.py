@@ -3,24 +3,31 @@
 A request's params choose steps, true_cfg, the negative prompt and the LoRA stack, e.g.
 `{"loras": {"angles": 1.0, "lightning-8step": 1.0}}`. With a Lightning LoRA in the stack the
 scheduler switches to Lightning's settings, true_cfg to 1 and steps to 4 or 8, as it was distilled.
+
+A batch of edits (`edit_batch`) runs phase by phase (qwen_phases.py): the text encoder over every
+edit, then the transformer over every edit, then the VAE over every output, each component moved
+onto the card once and kept there while `memory_budget_gib` allows (models/residency.py).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from flen_resources.editors.base import EditRequest, EditResult
+from flen_resources.editors import qwen_phases
+from flen_resources.editors.base import EditJob, EditRequest, EditResult
 from flen_resources.imaging import sha256_file
 from flen_resources.models.loras import LoraFile, resolve_lora
 from flen_resources.models.pipelines import load_pipeline, pick_device
 from flen_resources.models.quantization import QuantizationSetting, pick_quantization
 from flen_resources.models.registry import DEFAULT_EDIT_MODEL, QWEN_EDIT_MODELS, lightning_steps
+from flen_resources.models.residency import DEFAULT_MEMORY_BUDGET_GIB, Residency
 from flen_resources.models.sources import ResolvedModel, resolve_model
 
 MIN_SIDE = 64
@@ -66,6 +73,21 @@ def output_size(image: Image.Image, area: int) -> tuple[int, int]:
     return max(32, round(width / 32) * 32), max(32, round(height / 32) * 32)
 
 
+@dataclass
+class _Plan:
+    """One edit's settings, decided from its request before any phase runs."""
+
+    inputs: list[Image.Image]
+    request: EditRequest
+    stack: dict[str, float]
+    steps: int
+    true_cfg: float
+    negative: str
+    width: int
+    height: int
+    scheduler: str
+
+
 class QwenEditEditor:
     """Edits with one Qwen-Image-Edit release (`model_key`); the pipeline loads once, LoRAs load once each."""
 
@@ -74,7 +96,7 @@ class QwenEditEditor:
     def __init__(self, model: str = "tiny", quantization: QuantizationSetting = "auto", device: str = "auto",
                  dtype: str = "auto", loras: Mapping[str, str] | None = None, output_area: int = 1024 * 1024,
                  default_steps: int = 40, default_true_cfg: float = 4.0, negative_prompt: str = " ",
-                 model_key: str = DEFAULT_EDIT_MODEL):
+                 model_key: str = DEFAULT_EDIT_MODEL, memory_budget_gib: float = DEFAULT_MEMORY_BUDGET_GIB):
         if model_key not in QWEN_EDIT_MODELS:
             raise EditInputError(f"unknown editor model {model_key!r}; known: {', '.join(QWEN_EDIT_MODELS)}")
         self.model_key = model_key  # which release; `model` is where its weights come from
@@ -88,6 +110,8 @@ class QwenEditEditor:
         self.default_steps = default_steps
         self.default_true_cfg = default_true_cfg
         self.negative_prompt = negative_prompt
+        self.memory_budget_gib = memory_budget_gib
+        self._residency: Residency | None = None
         self._resolved: ResolvedModel | None = None
         self._pipe: Any = None
         self._base_scheduler: dict | None = None
@@ -106,10 +130,19 @@ class QwenEditEditor:
     @property
     def pipe(self) -> Any:
         if self._pipe is None:
+            # on the CPU: the residency places each component when a phase needs it
             self._pipe = load_pipeline(self.resolved, "QwenImageEditPlusPipeline", quantization=self.quantization,
-                                       device=self.device, dtype=self.dtype)
+                                       device=self.device, dtype=self.dtype, offload="manual")
             self._base_scheduler = dict(self._pipe.scheduler.config)
+            components = {n: getattr(self._pipe, n) for n in ("text_encoder", "transformer", "vae")}
+            self._residency = Residency(components, pick_device(self.device), self.memory_budget_gib)
         return self._pipe
+
+    @property
+    def residency(self) -> Residency:
+        """Where the pipeline's components are (loads the pipeline on first use)."""
+        _ = self.pipe
+        return self._residency
 
     def set_lora_source(self, name: str, source: str) -> None:
         """Register (or re-point) the LoRA `name` at `source` (a path, `tiny:<name>` or a hub file).
@@ -168,26 +201,60 @@ class QwenEditEditor:
     def edit(self, images: Sequence[Image.Image], request: EditRequest,
              face_box: tuple[int, int, int, int] | None = None) -> EditResult:
         """Run one edit: `request.prompt` on 1-3 images, seeded, with the request's LoRA stack."""
-        inputs = check_inputs(images)
+        return self.edit_batch([EditJob(images, request, face_box)])[0]
+
+    def _plan(self, job: EditJob) -> _Plan:
+        """The settings of one edit (checked before anything runs)."""
+        inputs = check_inputs(job.images)
+        request = job.request
         if not request.prompt:
             raise EditInputError(f"recipe entry {request.recipe_id!r}: qwen_edit needs a prompt")
         params = dict(request.params)
         stack = {str(k): float(v) for k, v in dict(params.get("loras", {})).items()}
-        adapters = self._apply_stack(stack)
         lightning = lightning_steps(list(stack))
         steps = lightning or int(params.get("steps", self.default_steps))
         true_cfg = 1.0 if lightning else float(params.get("true_cfg", self.default_true_cfg))
         negative = params.get("negative_prompt", self.negative_prompt)
         width, height = output_size(inputs[0], int(params.get("output_area", self.output_area)))
-        generator = torch.Generator("cpu").manual_seed(int(request.seed))
-        image = self.pipe(image=inputs if len(inputs) > 1 else inputs[0], prompt=request.prompt,
-                          negative_prompt=negative if true_cfg > 1 else None, true_cfg_scale=true_cfg,
-                          num_inference_steps=steps, width=width, height=height, generator=generator).images[0]
-        if stack == {} and self._loaded:
-            self.pipe.enable_lora()
-        return EditResult(image=image, operation="qwen_edit", model=self.model_id(), prompt=request.prompt,
-                          seed=request.seed, adapters=adapters,
-                          params={"steps": steps, "true_cfg": true_cfg, "negative_prompt": negative,
-                                  "width": width, "height": height, "n_inputs": len(inputs),
-                                  "scheduler": "lightning" if lightning else "default",
-                                  "quantization": self.quantization, "model_key": self.model_key})
+        return _Plan(inputs, request, stack, steps, true_cfg, negative, width, height,
+                     "lightning" if lightning else "default")
+
+    def edit_batch(self, jobs: Sequence[EditJob]) -> list[EditResult]:
+        """Every job's edit, phase by phase: text encoder, transformer (grouped by LoRA stack), VAE.
+
+        Each output is the one `edit` gives for the same request and seed: the phases are the
+        pipeline's own steps, run in another order.
+        """
+        plans = [self._plan(job) for job in jobs]
+        if not plans:
+            return []
+        pipe, place, device = self.pipe, self.residency, self.residency.device
+        place.use("text_encoder")
+        texts = [qwen_phases.encode_text(pipe, p.inputs, p.request.prompt, device) for p in plans]
+        negatives = [qwen_phases.encode_text(pipe, p.inputs, p.negative, device) if p.true_cfg > 1 else None
+                     for p in plans]
+        place.use("transformer", "vae")  # the VAE encodes the input images inside the denoising call
+        latents: list[Any] = [None] * len(plans)
+        adapters: list[list[dict]] = [[] for _ in plans]
+        groups: dict[tuple, list[int]] = {}  # one LoRA switch per stack, in the order stacks first appear
+        for i, p in enumerate(plans):
+            groups.setdefault(tuple(p.stack.items()), []).append(i)
+        for stack, members in groups.items():
+            records = self._apply_stack(dict(stack))
+            for i in members:
+                p = plans[i]
+                generator = torch.Generator("cpu").manual_seed(int(p.request.seed))
+                latents[i] = qwen_phases.denoise(pipe, p.inputs, texts[i], negatives[i], p.true_cfg, p.steps,
+                                                 p.width, p.height, generator)
+                adapters[i] = [dict(r) for r in records]
+            if not stack and self._loaded:
+                pipe.enable_lora()
+        place.use("vae")
+        images = [qwen_phases.decode(pipe, z, p.width, p.height) for z, p in zip(latents, plans, strict=True)]
+        return [EditResult(image=image, operation="qwen_edit", model=self.model_id(), prompt=p.request.prompt,
+                           seed=p.request.seed, adapters=records,
+                           params={"steps": p.steps, "true_cfg": p.true_cfg, "negative_prompt": p.negative,
+                                   "width": p.width, "height": p.height, "n_inputs": len(p.inputs),
+                                   "scheduler": p.scheduler, "quantization": self.quantization,
+                                   "model_key": self.model_key})
+                for image, p, records in zip(images, plans, adapters, strict=True)]

@@ -83,12 +83,14 @@ def load_nf4_components(model: ResolvedModel, pipeline: str, dtype: torch.dtype)
 
 
 def load_pipeline(model: ResolvedModel, pipeline: str, *, quantization: QuantizationSetting = "auto", device: str = "auto",
-                  dtype: str = "auto", offload: Literal["auto", "none", "model", "sequential"] = "auto") -> Any:
+                  dtype: str = "auto",
+                  offload: Literal["auto", "none", "model", "sequential", "manual"] = "auto") -> Any:
     """`<pipeline>.from_pretrained` on a checked folder: safetensors only, no remote code.
 
     On a GPU, `offload=auto` keeps one large component on the card at a time (diffusers' model CPU
     offload: text encoder, then transformer, then VAE), which is what lets a 24 GB card run
-    a 20B transformer next to a 7B text encoder.
+    a 20B transformer next to a 7B text encoder. `manual` leaves every component on the CPU for the
+    caller to place (models.residency).
     """
     target = pick_device(device)
     quantization = pick_quantization(quantization, target)
@@ -115,6 +117,8 @@ def load_pipeline(model: ResolvedModel, pipeline: str, *, quantization: Quantiza
         pipe.enable_model_cpu_offload(device=target)
     elif mode == "sequential":
         pipe.enable_sequential_cpu_offload(device=target)
+    elif mode == "manual":
+        pass  # from_pretrained and load_nf4_components leave everything on the CPU
     else:
         pipe.to(target)
     log.info("loaded %s from %s (%s, %s, %s, offload=%s)", pipeline, model.ref, target, torch_dtype, quantization, mode)

@@ -116,7 +116,7 @@ class LoraTrainer(Generic[Input]):
         def encoders() -> Any:
             nonlocal pipe
             if pipe is None:  # a warm cache never loads them
-                pipe = self._load_encoders(resolved, device, dtype)
+                pipe = self._load_encoders(resolved, config, device, dtype)
             return pipe
 
         examples, samples = self._encode(encoders, resolved, inputs, config, device, dtype)
@@ -185,7 +185,8 @@ class LoraTrainer(Generic[Input]):
         """Raise TrainingError for inputs this model cannot train on."""
         raise NotImplementedError
 
-    def _load_encoders(self, resolved: ResolvedModel, device: torch.device, dtype: torch.dtype) -> Any:
+    def _load_encoders(self, resolved: ResolvedModel, config: LoraTrainConfig, device: torch.device,
+                       dtype: torch.dtype) -> Any:
         """The model's pipeline without its transformer: VAE and text encoder(s)."""
         raise NotImplementedError
 

@@ -60,7 +60,8 @@ class FluxLoraTrainer(LoraTrainer[TrainItem]):
             raise TrainingError("some images have no caption and no default caption was given")
 
     # -- encoding: latents per image and bucket, embeddings per caption ------------------------
-    def _load_encoders(self, resolved: ResolvedModel, device: torch.device, dtype: torch.dtype) -> Any:
+    def _load_encoders(self, resolved: ResolvedModel, config: LoraTrainConfig, device: torch.device,
+                       dtype: torch.dtype) -> Any:
         from diffusers import FluxPipeline
 
         return FluxPipeline.from_pretrained(str(resolved.path), transformer=None, dtype=dtype,

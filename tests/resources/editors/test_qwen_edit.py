@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 
 from flen_resources.editors import EditRequest, get_editor
@@ -114,6 +115,43 @@ def test_set_lora_source_replaces_a_loaded_adapter(tmp_path, editor, photos):
     assert third.adapters[0]["sha256"] == first.adapters[0]["sha256"]
     assert np.array_equal(_arr(third.image), _arr(first.image))
     editor.unload_lora("mine")
+
+
+def _pipeline_edit(editor: QwenEditEditor, images: list[Image.Image], request: EditRequest) -> Image.Image:
+    """The per-edit loop before batching: the whole pipeline called once for one edit."""
+    from flen_resources.editors.base import EditJob
+
+    plan = editor._plan(EditJob(images, request))
+    editor._apply_stack(plan.stack)
+    image = editor.pipe(image=plan.inputs if len(plan.inputs) > 1 else plan.inputs[0], prompt=request.prompt,
+                        negative_prompt=plan.negative if plan.true_cfg > 1 else None, true_cfg_scale=plan.true_cfg,
+                        num_inference_steps=plan.steps, width=plan.width, height=plan.height,
+                        generator=torch.Generator("cpu").manual_seed(request.seed)).images[0]
+    if not plan.stack and editor._loaded:
+        editor.pipe.enable_lora()
+    return image
+
+
+def test_a_batch_gives_the_per_edit_loops_images_and_records(editor, photos):
+    """Phase by phase over mixed stacks, input counts and cfg: each output and record is the single edit's."""
+    from flen_resources.editors.base import EditJob
+
+    jobs = [EditJob(photos[:1], _req(seed=11, loras={"angles": 1.0, "lightning-8step": 1.0})),
+            EditJob(photos[:2], _req(seed=12, true_cfg=3.0)),
+            EditJob(photos[1:2], _req(seed=13, loras={"angles": 0.5})),
+            EditJob(photos[:1], _req(seed=14, loras={"angles": 1.0, "lightning-8step": 1.0})),
+            EditJob(photos[2:3], _req(seed=15))]
+    batch = editor.edit_batch(jobs)
+    for job, got in zip(jobs, batch, strict=True):
+        single = editor.edit(job.images, job.request)
+        assert (got.params, got.adapters, got.model, got.seed, got.prompt) == (
+            single.params, single.adapters, single.model, single.seed, single.prompt)
+        reference = _pipeline_edit(editor, list(job.images), job.request)
+        assert got.image.size == reference.size
+        # the same computation in another order: equal up to bf16 rounding (exact in fp32 on the CPU)
+        assert np.abs(_arr(got.image) - _arr(reference)).max() <= 2
+    assert batch[0].params["scheduler"] == "lightning" and batch[1].params["true_cfg"] == 3.0
+    assert not np.array_equal(_arr(batch[0].image), _arr(batch[3].image)), "each edit keeps its own seed"
 
 
 # -- Qwen-Image-Edit-2511 ---------------------------------------------------------------------------
