@@ -120,11 +120,11 @@ def build_qwen(args: argparse.Namespace) -> dict:
     folder = args.workdir / "qwen"
     device = torch.device(args.device)
     info = {"reused": True} if read_marker(folder) else build_pipeline_folder(folder, args.scale, device, "5GB", 0)
-    lightning = ensure_lightning_lora(folder, rank=16, scale=0.5, seed=0)
+    lightning = ensure_lightning_lora(folder, rank=16, scale=0.5, seed=0, name="lightning-8step")
     angles = folder / "angles.safetensors"
     if not angles.is_file():
-        shutil.copyfile(ensure_lightning_lora(folder, rank=16, scale=0.5, seed=1), angles)
-        ensure_lightning_lora(folder, rank=16, scale=0.5, seed=0)
+        shutil.copyfile(ensure_lightning_lora(folder, rank=16, scale=0.5, seed=1, name="lightning-8step"), angles)
+        ensure_lightning_lora(folder, rank=16, scale=0.5, seed=0, name="lightning-8step")
     return {"folder": str(folder), "loras": [lightning.name, angles.name],
             **{k: v for k, v in info.items() if k in ("build_s", "save_s", "size_gib", "params_b", "reused")}}
 
