@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from itertools import combinations
@@ -23,7 +24,7 @@ from PIL import Image
 from flen_resources.faces import FaceAnalyzer, face_distance
 from flen_resources.identity import Reference
 from flen_resources.imaging import color_hash, is_near_duplicate, perceptual_hash
-from flen_resources.lineage import LineageStore
+from flen_resources.lineage import LineageStore, utcnow
 from flen_resources.project import CHECKPOINTS_FILE
 
 # A generation whose face is this close to one training image's face is that image again, not the
@@ -235,9 +236,15 @@ def _score_text(key: str, value: float) -> str:
     return f"{value:.1f}°" if key == "yaw_spread" else f"{value:.3f}"
 
 
-def checkpoint_files(lora_dir: Path, listed: Sequence[dict[str, Any]], final_file: str,
-                     final_step: int) -> list[tuple[int, Path]]:
+def kept_checkpoints(lora_dir: Path) -> list[dict[str, Any]]:
+    """flux_lora's list of kept checkpoints (step, file, comfyui_file, loss); empty for a LoRA trained without."""
+    listed = lora_dir / CHECKPOINTS_FILE
+    return json.loads(listed.read_text()) if listed.is_file() else []
+
+
+def checkpoint_files(lora_dir: Path, final_file: str, final_step: int) -> list[tuple[int, Path]]:
     """(step, LoRA file) of every checkpoint flux_lora published; only the final file for a LoRA without them."""
+    listed = kept_checkpoints(lora_dir)
     if listed:
         return [(int(c["step"]), lora_dir / c["file"]) for c in sorted(listed, key=lambda c: int(c["step"]))]
     return [(final_step, lora_dir / final_file)]
@@ -260,8 +267,7 @@ class PromotedLora:
 def promoted_lora(lineage: LineageStore, lora_dir: Path, character: str, iteration: str, lora_md5: str,
                   final_file: str, final_comfyui_file: str) -> PromotedLora:
     """Which files of flux_lora's folder the next steps load: the promotion in force, else the final ones."""
-    listed_file = lora_dir / CHECKPOINTS_FILE
-    listed = json.loads(listed_file.read_text()) if listed_file.is_file() else []
+    listed = kept_checkpoints(lora_dir)
     promotion = promotion_in_force(lineage, character, iteration, lora_md5)
     chosen = next((c for c in listed if promotion is not None and int(c["step"]) == promotion.step), None)
     if chosen is not None:
@@ -274,10 +280,6 @@ def promoted_lora(lineage: LineageStore, lora_dir: Path, character: str, iterati
 def record_promotion(lineage: LineageStore, character: str, iteration: str, lora_md5: str, step: int, who: str,
                      reason: str) -> Promotion:
     """A person's promotion of an evaluated checkpoint, appended to lineage; PromotionError for a step never evaluated."""
-    import uuid
-
-    from flen_resources.lineage import utcnow
-
     check_step(step, evaluated_scores(lineage, character, iteration, lora_md5), character, iteration)
     lineage.append("promotions", [{
         "run_id": f"cli-promote-{uuid.uuid4().hex[:12]}", "asset": "lora_eval", "character": character,

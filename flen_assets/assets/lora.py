@@ -278,10 +278,8 @@ def lora_eval(context: dg.AssetExecutionContext, config: EvalConfig, project: Pr
 
 def lora_checkpoints(flux_lora: PartitionFolder) -> list[tuple[int, Path]]:
     """(step, LoRA file) of every checkpoint flux_lora published (the final file alone for an older LoRA)."""
-    listed = flux_lora.path / CHECKPOINTS_FILE
     final_step = next((r["steps"] for r in flux_lora.rows() if r.get("key_style") == "diffusers"), 0)
-    return checkpoint_files(flux_lora.path, json.loads(listed.read_text()) if listed.is_file() else [],
-                            FLUX_LORA_FILE, int(final_step or 0))
+    return checkpoint_files(flux_lora.path, FLUX_LORA_FILE, int(final_step or 0))
 
 
 def promote(run: PartitionRun, lora_md5: str, scores: list[CheckpointScore]) -> Promotion:

@@ -17,6 +17,7 @@ from flen_resources.checkpoint_selection import (
     COPY_FACE_DISTANCE,
     CheckpointScore,
     PromotionError,
+    checkpoint_files,
     TrainingFaces,
     checkpoint_table,
     choose_checkpoint,
@@ -175,3 +176,10 @@ def test_the_table_marks_the_promoted_checkpoint_and_the_plot_is_drawn(tmp_path:
     assert table[3].endswith("|  |") and "n/a" in table[3]
     path = plot_checkpoints(scores, 10, tmp_path / "by_step.png", "alice v1")
     assert Image.open(path).size[0] > 500
+
+
+def test_a_lora_trained_before_checkpoints_were_kept_is_evaluated_at_its_final_step(tmp_path: Path):
+    assert checkpoint_files(tmp_path, "lora.safetensors", 1500) == [(1500, tmp_path / "lora.safetensors")]
+    listed = [{"step": s, "file": f"checkpoints/step-{s:06d}.safetensors"} for s in (500, 250)]
+    (tmp_path / CHECKPOINTS_FILE).write_text(json.dumps(listed))
+    assert [step for step, _ in checkpoint_files(tmp_path, "lora.safetensors", 500)] == [250, 500]
