@@ -6,6 +6,7 @@ import json
 
 import dagster as dg
 from PIL import Image
+from tqdm import tqdm
 
 from flen_assets.assets.common import GPU_POOL, PartitionRun, partition_asset, publish, write_manifest
 from flen_assets.assets.edit_model import adapter_file
@@ -113,11 +114,14 @@ def enriched_images(context: dg.AssetExecutionContext, config: EnrichConfig, pro
         backends.append(backend_name)
     # one batch per backend: qwen_edit runs each model phase once over all of its edits
     results: list = [None] * len(jobs)
-    for backend_name in dict.fromkeys(backends):
-        members = [i for i, b in enumerate(backends) if b == backend_name]
-        context.log.info(f"{backend_name}: {len(members)} edits")
-        for i, result in zip(members, editor.get(backend_name, recipe.edit_model).edit_batch([jobs[i][2] for i in members]), strict=True):
-            results[i] = result
+    with tqdm(total=len(jobs), desc=f"enrich {run.character}/{run.iteration}", unit="edit") as bar:
+        for backend_name in dict.fromkeys(backends):
+            members = [i for i, b in enumerate(backends) if b == backend_name]
+            context.log.info(f"{backend_name}: {len(members)} edits")
+            batch = editor.get(backend_name, recipe.edit_model).edit_batch([jobs[i][2] for i in members],
+                                                                           progress=lambda: bar.update(1))
+            for i, result in zip(members, batch, strict=True):
+                results[i] = result
     for (source, entry, _job), result in zip(jobs, results, strict=True):
         for record in result.adapters:  # which iteration's adapter this is, for lineage
             if record.get("name") == ADAPTER_LORA:

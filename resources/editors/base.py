@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -47,6 +47,10 @@ class EditJob:
     face_box: tuple[int, int, int, int] | None = None
 
 
+# Called once per finished edit of a batch (e.g. a tqdm bar's update), so long batches show progress.
+Progress = Callable[[], object]
+
+
 @runtime_checkable
 class Editor(Protocol):
     """An editor backend. `face_box` (top, right, bottom, left) of the first image helps local edits."""
@@ -56,7 +60,7 @@ class Editor(Protocol):
     def edit(self, images: Sequence[Image.Image], request: EditRequest,
              face_box: tuple[int, int, int, int] | None = None) -> EditResult: ...
 
-    def edit_batch(self, jobs: Sequence[EditJob]) -> list[EditResult]: ...
+    def edit_batch(self, jobs: Sequence[EditJob], progress: Progress | None = None) -> list[EditResult]: ...
 
     def model_id(self) -> str: ...
 

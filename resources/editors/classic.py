@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from flen_resources.editors.base import EditJob, EditRequest, EditResult
+from flen_resources.editors.base import EditJob, EditRequest, EditResult, Progress
 
 VERSION = "1"
 Box = tuple[int, int, int, int]
@@ -126,9 +126,14 @@ class ClassicEditor:
     def model_id(self) -> str:
         return f"classic/{VERSION}"
 
-    def edit_batch(self, jobs: Sequence[EditJob]) -> list[EditResult]:
+    def edit_batch(self, jobs: Sequence[EditJob], progress: Progress | None = None) -> list[EditResult]:
         """Each job's edit, in order (every edit is independent and cheap: nothing to share)."""
-        return [self.edit(job.images, job.request, face_box=job.face_box) for job in jobs]
+        results = []
+        for job in jobs:
+            results.append(self.edit(job.images, job.request, face_box=job.face_box))
+            if progress is not None:
+                progress()
+        return results
 
     def edit(self, images: Sequence[Image.Image], request: EditRequest,
              face_box: Box | None = None) -> EditResult:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from flen_resources.editors import qwen_phases
-from flen_resources.editors.base import EditJob, EditRequest, EditResult
+from flen_resources.editors.base import EditJob, EditRequest, EditResult, Progress
 from flen_resources.imaging import sha256_file
 from flen_resources.models.loras import LoraFile, resolve_lora
 from flen_resources.models.pipelines import load_pipeline, pick_device
@@ -219,7 +219,7 @@ class QwenEditEditor:
         return _Plan(inputs, request, stack, steps, true_cfg, negative, width, height,
                      "lightning" if lightning else "default")
 
-    def edit_batch(self, jobs: Sequence[EditJob]) -> list[EditResult]:
+    def edit_batch(self, jobs: Sequence[EditJob], progress: Progress | None = None) -> list[EditResult]:
         """Every job's edit, phase by phase: text encoder, transformer (grouped by LoRA stack), VAE.
 
         Each output is the one `edit` gives for the same request and seed: the phases are the
@@ -247,6 +247,8 @@ class QwenEditEditor:
                 latents[i] = qwen_phases.denoise(pipe, p.inputs, texts[i], negatives[i], p.true_cfg, p.steps,
                                                  p.width, p.height, generator)
                 adapters[i] = [dict(r) for r in records]
+                if progress is not None:  # the transformer's denoising is most of an edit's time
+                    progress()
             if not stack and self._loaded:
                 pipe.enable_lora()
         place.use("vae")

@@ -48,6 +48,17 @@ def test_same_seed_same_image_other_seed_other_params(portrait):
     assert other.params["degrees"] != a.params["degrees"]
 
 
+def test_a_batch_is_the_single_edits_in_order_with_progress_per_edit(portrait):
+    from flen_resources.editors import EditJob
+
+    editor = get_editor("classic")
+    requests = [EditRequest("tilt", "rotate", {"degrees": [-8.0, 8.0]}, seed=s) for s in (1, 2, 3)]
+    done = []
+    batch = editor.edit_batch([EditJob([portrait], r) for r in requests], progress=lambda: done.append(1))
+    assert [png_bytes(b.image) for b in batch] == [png_bytes(editor.edit([portrait], r).image) for r in requests]
+    assert len(done) == 3
+
+
 def test_rotation_leaves_no_empty_corners(portrait):
     out = np.asarray(get_editor("classic").edit([portrait], EditRequest("t", "rotate", {"degrees": 8.0})).image)
     for corner in (out[0, 0], out[0, -1], out[-1, 0], out[-1, -1]):

@@ -141,7 +141,9 @@ def test_a_batch_gives_the_per_edit_loops_images_and_records(editor, photos):
             EditJob(photos[1:2], _req(seed=13, loras={"angles": 0.5})),
             EditJob(photos[:1], _req(seed=14, loras={"angles": 1.0, "lightning-8step": 1.0})),
             EditJob(photos[2:3], _req(seed=15))]
-    batch = editor.edit_batch(jobs)
+    done = []
+    batch = editor.edit_batch(jobs, progress=lambda: done.append(1))
+    assert len(done) == len(jobs), "progress once per edit"
     for job, got in zip(jobs, batch, strict=True):
         single = editor.edit(job.images, job.request)
         assert (got.params, got.adapters, got.model, got.seed, got.prompt) == (
