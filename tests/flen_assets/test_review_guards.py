@@ -81,7 +81,8 @@ def test_a_synthetic_image_accepted_on_the_page_joins_the_next_training_set(publ
     """The gates reject every tiny-pack generation (noise); a human accepting one after v1's batch was
     published puts it in training set v2, read through v1's reviewed statuses."""
     project = published
-    assert _run(project, "flux_lora", "synthetic_batch").success
+    # synthetic_batch generates with the checkpoint lora_eval promoted
+    assert _run(project, "flux_lora", "lora_eval", "synthetic_batch").success
     generated = _manifest(project, "synthetic_batch")
     assert generated and not any(r["accepted"] for r in generated)
     chosen = generated[0]["image_id"]
