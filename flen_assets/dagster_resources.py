@@ -185,16 +185,19 @@ class TrainerResource(dg.ConfigurableResource):
         """A FluxLoraTrainer for one run folder."""
         from flen_resources.trainers.flux_lora import FluxLoraTrainer
 
-        return FluxLoraTrainer(model=self.models.flux_model, work_dir=work_dir, log=log)
+        return FluxLoraTrainer(model=self.models.flux_model, work_dir=work_dir, log=log,
+                               memory_budget_gib=self.models.memory_budget_gib)
 
     def qwen_edit(self, work_dir: Path, log=print, edit_model: str = DEFAULT_EDIT_MODEL):
         """A QwenEditLoraTrainer of the release `edit_model` for one run folder."""
         from flen_resources.trainers.qwen_edit_lora import QwenEditLoraTrainer
 
         return QwenEditLoraTrainer(model=self.models.source(edit_model), work_dir=work_dir, log=log,
-                                   model_key=edit_model)
+                                   model_key=edit_model, memory_budget_gib=self.models.memory_budget_gib)
 
-    def train_config(self, knobs: dict[str, Any]) -> LoraTrainConfig:
-        """The LoraTrainConfig a run records: an asset's knobs, the models' quantization and device, `auto` decided."""
+    def train_config(self, knobs: dict[str, Any], model_key: str = "flux.1-dev") -> LoraTrainConfig:
+        """The LoraTrainConfig a run records: an asset's knobs, the models' quantization, device and memory budget,
+        `auto` decided for the model `model_key`."""
         return LoraTrainConfig.from_knobs(**knobs, quantization=self.models.quantization,
-                                          device=self.models.device).resolved()
+                                          device=self.models.device).resolved(model_key,
+                                                                              self.models.memory_budget_gib)

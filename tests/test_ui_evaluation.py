@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 import test_ui_launch as launch
-from test_ui_launch import Ui, _dismiss_welcome, _free_port, _start, _stop, _until, _visible, _wait_ready
+from test_ui_launch import Ui, _click, _dismiss_welcome, _free_port, _start, _stop, _until, _visible, _wait_ready
 
 driver = launch.driver  # the module-scoped browser and screenshot folder of the launch tests
 shots = launch.shots
@@ -34,24 +34,6 @@ def demo_ui(demo_project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield server
     finally:
         _stop(server.proc)
-
-
-def _click(driver, xpath: str) -> None:
-    """Click what `xpath` finds once no dialog covers it (the welcome dialog of a fresh browser can come late)."""
-    from selenium.common.exceptions import ElementClickInterceptedException
-
-    def clicked(d) -> bool:
-        _dismiss_welcome(d)
-        target = _visible(d, xpath)
-        if target is None:
-            return False
-        try:
-            target.click()
-        except ElementClickInterceptedException:
-            return False
-        return True
-
-    _until(driver, clicked)
 
 
 def test_lora_eval_shows_the_metrics_of_v1_and_v2_side_by_side_and_their_grid(demo_ui, driver, shots):

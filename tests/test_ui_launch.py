@@ -279,9 +279,12 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _until(drv, predicate, timeout: float = 30):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(drv, timeout, poll_frequency=0.2).until(lambda d: predicate(d))
+    # A stale element means the page re-rendered between finding and asking: not yet, ask again.
+    wait = WebDriverWait(drv, timeout, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(lambda d: predicate(d))
 
 
 def _visible(drv, xpath: str):
@@ -294,10 +297,16 @@ def _visible(drv, xpath: str):
         return None
 
 
+def _button_xpath(label: str, prefix: bool = False) -> str:
+    """The XPath of a button with this label (or starting with it)."""
+    test = f"starts-with(normalize-space(), '{label}')" if prefix else f"normalize-space()='{label}'"
+    return f"//button[{test}]"
+
+
 def _button(drv, label: str, prefix: bool = False, timeout: float = 30):
     """A visible, enabled button with this label (or starting with it)."""
-    test = f"starts-with(normalize-space(), '{label}')" if prefix else f"normalize-space()='{label}'"
-    return _until(drv, lambda d: (b := _visible(d, f"//button[{test}]")) is not None and b.is_enabled() and b, timeout)
+    xpath = _button_xpath(label, prefix)
+    return _until(drv, lambda d: (b := _visible(d, xpath)) is not None and b.is_enabled() and b, timeout)
 
 
 def _dismiss_welcome(drv) -> None:
@@ -308,19 +317,40 @@ def _dismiss_welcome(drv) -> None:
         _until(drv, lambda d: _visible(d, "//*[contains(text(), 'Join the Dagster community')]") is None)
 
 
+def _click(drv, target, timeout: float = 30):
+    """Click the visible, enabled element `target` finds (an XPath or a finder) once no dialog covers it; return it.
+
+    The welcome dialog of a fresh browser can come seconds after the page, and its backdrop takes the click.
+    """
+    from selenium.common.exceptions import ElementClickInterceptedException, StaleElementReferenceException
+
+    def clicked(d):
+        _dismiss_welcome(d)
+        element = _visible(d, target) if isinstance(target, str) else target(d)
+        if element is None or not element.is_enabled():
+            return False
+        try:
+            element.click()
+        except (ElementClickInterceptedException, StaleElementReferenceException):
+            return False
+        return element
+
+    return _until(drv, clicked, timeout)
+
+
 def _tick(drv, dimension: int, values: list[str]) -> None:
     """In the launch dialog, open the partition picker of a dimension (0 character, 1 iteration) and tick values."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    pickers = _until(drv, lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, "[role=dialog] [aria-haspopup=dialog]")
-                                     if e.is_displayed()][dimension:] or False)
-    pickers[0].click()
+    def picker(d):
+        shown = [e for e in d.find_elements(By.CSS_SELECTOR, "[role=dialog] [aria-haspopup=dialog]") if e.is_displayed()]
+        return shown[dimension] if len(shown) > dimension else None
+
+    _click(drv, picker)
     for value in values:
-        item = _until(drv, lambda d: _visible(d, f"//div[contains(@class,'dagster-popover')]"
-                                                 f"//li[.//span[normalize-space()='{value}']]"))
-        item.click()
+        _click(drv, f"//div[contains(@class,'dagster-popover')]//li[.//span[normalize-space()='{value}']]")
         box = f"//div[contains(@class,'dagster-popover')]//li[.//span[normalize-space()='{value}']]//input[@type='checkbox']"
         _until(drv, lambda d: any(b.is_selected() for b in d.find_elements(By.XPATH, box)))
     ActionChains(drv).send_keys(Keys.ESCAPE).perform()
@@ -328,8 +358,7 @@ def _tick(drv, dimension: int, values: list[str]) -> None:
 
 
 def _open_launch_dialog(drv) -> None:
-    _dismiss_welcome(drv)
-    _button(drv, "Materialize", prefix=True).click()
+    _click(drv, _button_xpath("Materialize", prefix=True))
     _until(drv, lambda d: _visible(d, "//*[normalize-space()='Launch runs to materialize source_images']"))
 
 
@@ -340,9 +369,9 @@ def test_ui_materializes_a_partition_then_a_backfill_of_two_iterations_in_order(
     _open_launch_dialog(driver)
     _tick(driver, 0, ["astronaut"])
     _tick(driver, 1, ["v1"])
-    launch = _button(driver, "Launch 1 run")
+    _button(driver, "Launch 1 run")
     driver.save_screenshot(str(shots / "ui-launch.png"))
-    launch.click()
+    _click(driver, _button_xpath("Launch 1 run"))
     _until(driver, lambda d: _visible(d, "//*[starts-with(normalize-space(), 'Launched run')]"))
     ui.launch_bob()  # another character: its runs go beside astronaut's
 
@@ -351,7 +380,7 @@ def test_ui_materializes_a_partition_then_a_backfill_of_two_iterations_in_order(
     _tick(driver, 0, ["astronaut"])
     _tick(driver, 1, ["v2", "v3"])
     _until(driver, lambda d: _visible(d, "//*[normalize-space()='2 partitions']"))
-    _button(driver, "Launch backfill").click()
+    _click(driver, _button_xpath("Launch backfill"))
     _until(driver, lambda d: _visible(d, "//*[normalize-space()='Launch runs to materialize source_images']") is None)
     # The backfill while it runs: v2 and v3 wait for v1 (their runs are queued or not yet made).
     running = get_instance(ui.project).get_backfills(limit=1)[0]
@@ -393,10 +422,7 @@ def test_the_launchpad_of_a_sized_job_opens_with_its_run_settings(ui, driver, sh
     from selenium.webdriver.common.keys import Keys
 
     driver.get(f"{ui.url}/locations/__repository__@flenwheel/jobs/flywheel_24gb_card/playground")
-    time.sleep(2)  # the welcome dialog, when it comes, comes a moment after the page
-    _dismiss_welcome(driver)
-    partition = _until(driver, lambda d: _visible(d, "//input[@placeholder='Partition']"))
-    partition.click()
+    partition = _click(driver, "//input[@placeholder='Partition']", timeout=60)
     partition.send_keys("astronaut|v1")
     _until(driver, lambda d: _visible(d, "//*[normalize-space()='astronaut|v1']"))
     partition.send_keys(Keys.ENTER)

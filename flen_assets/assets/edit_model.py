@@ -216,7 +216,7 @@ def qwen_adapter(context: dg.AssetExecutionContext, config: QwenAdapterConfig, p
 
     from flen_resources.trainers.qwen_edit_lora import Triplet
 
-    train_config = trainer.train_config({**config.knobs(), "min_images": config.min_triplets})
+    train_config = trainer.train_config({**config.knobs(), "min_images": config.min_triplets}, edit_model)
     triplets = [Triplet(controls=[edit_triplets.path / r["before_path"]], prompt=r["prompt"],
                         target=edit_triplets.path / r["after_path"]) for r in triplet_rows]
     # The run folder is keyed by the dataset version: a rerun on the same triplets resumes or reuses it; and

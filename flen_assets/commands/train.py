@@ -10,7 +10,7 @@ import typer
 
 from flen_assets.commands.common import SettingsOpt, check_settings, error_line, fail
 from flen_assets.console import traces_shown
-from flen_resources.models.quantization import QuantizationSetting
+from flen_resources.models.quantization import TrainingQuantizationSetting
 from flen_resources.trainers.config import Attention, LoraTrainConfig, Optimizer
 
 app = typer.Typer(help="Train LoRAs on a folder of captioned images.", no_args_is_help=True)
@@ -28,8 +28,9 @@ def train_flux(
     rank: Annotated[Optional[int], typer.Option(min=1, help="Default: the run settings'.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate. Default: the run settings'.")] = None,
     settings: SettingsOpt = None,
-    quantization: Annotated[QuantizationSetting, typer.Option(
-        envvar="FLEN_QUANTIZATION", help="auto: nf4 (QLoRA) on a CUDA GPU, none on the CPU.")] = "auto",
+    quantization: Annotated[TrainingQuantizationSetting, typer.Option(
+        envvar="FLEN_QUANTIZATION", help="auto: fp8 on an Ada/Hopper GPU when the model fits FLEN_MEMORY_BUDGET_GIB "
+                                         "in fp8, else nf4 (QLoRA) on a CUDA GPU; none on the CPU.")] = "auto",
     optimizer: Annotated[Optimizer, typer.Option(
         help="auto: 8-bit AdamW on a CUDA GPU, AdamW on the CPU.")] = LoraTrainConfig.optimizer,
     checkpoint_every: Annotated[Optional[int], typer.Option(
@@ -41,6 +42,9 @@ def train_flux(
     attention: Annotated[Attention, typer.Option(
         help="Attention kernel on a GPU: cuDNN, torch's flash SDPA, or auto (cuDNN on Hopper and newer).")]
     = LoraTrainConfig.attention,
+    memory_budget_gib: Annotated[Optional[float], typer.Option(
+        envvar="FLEN_MEMORY_BUDGET_GIB", min=0, help="Card memory the run may take (quantization auto); default 20.")]
+    = None,
     model: Annotated[str, typer.Option(envvar="FLEN_FLUX_MODEL", help="'tiny', a folder or a Hub id.")] = "tiny",
     device: Annotated[str, typer.Option(envvar="FLEN_DEVICE", help="auto: the CUDA GPU when there is one.")] = "auto",
     name: Annotated[str, typer.Option(help="File name of the LoRA (default: the --out folder's name).")] = "",
@@ -60,7 +64,7 @@ def train_flux(
                                                       checkpoint_every=checkpoint_every))
     config = LoraTrainConfig.from_knobs(**knobs, optimizer=optimizer, seed=seed, compile=compile, attention=attention,
                                         quantization=quantization, device=device)
-    trainer = FluxLoraTrainer(model=model, work_dir=out, log=typer.echo)
+    trainer = FluxLoraTrainer(model=model, work_dir=out, log=typer.echo, memory_budget_gib=memory_budget_gib)
     try:
         result = trainer.train(items, config, name=name or out.resolve().name, default_caption=default_caption,
                                dataset_md5=md5)

@@ -16,6 +16,7 @@ class ModelSpec:
     pipeline: str  # diffusers pipeline class name
     size_gb: float  # download size of the safetensors weights, for the missing-model message
     setting: str  # the variable that chooses its source (the `models` resource's field, `flen train --model`)
+    transformer_params: float  # parameters of its transformer at full size: whether an fp8 LoRA run fits the budget
     gated: bool = False
     # Its transformer's config flags that set it apart from the other releases of the same pipeline
     # (flags not named here are off): 2511's zero_cond_t modulates the control images' tokens with
@@ -42,11 +43,11 @@ class LoraSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "qwen-image-edit-2509": ModelSpec("qwen-image-edit-2509", "Qwen/Qwen-Image-Edit-2509",
-                                      "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_MODEL"),
+                                      "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_MODEL", 20.43e9),
     "qwen-image-edit-2511": ModelSpec("qwen-image-edit-2511", "Qwen/Qwen-Image-Edit-2511",
-                                      "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_2511_MODEL",
+                                      "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_2511_MODEL", 20.43e9,
                                       transformer_flags={"zero_cond_t": True}),
-    "flux.1-dev": ModelSpec("flux.1-dev", "black-forest-labs/FLUX.1-dev", "FluxPipeline", 33.7, "FLEN_FLUX_MODEL",
+    "flux.1-dev": ModelSpec("flux.1-dev", "black-forest-labs/FLUX.1-dev", "FluxPipeline", 33.7, "FLEN_FLUX_MODEL", 11.9e9,
                             gated=True),
 }
 

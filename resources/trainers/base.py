@@ -5,8 +5,8 @@
 1. check the inputs (`_check`);
 2. encode every example once through the feature cache, loading the model's encoders only on a
    cache miss and freeing them before the transformer loads (`_load_encoders`, `_encode`);
-3. load the frozen transformer (nf4 on CUDA, or plain) and add a fresh fp32 peft LoRA
-   (`_transformer_class`);
+3. load the frozen transformer (fp8 blocks with fp8 matmuls when the card has them and the budget allows,
+   nf4 on other CUDA cards, or plain) and add a fresh fp32 peft LoRA (`_transformer_class`);
 4. the training loop with checkpoints and resume (loop.py), the model giving its loss for one
    batch (`_loss`) and, every config.sample_every steps, previews (`_preview_pipeline`, `_preview`);
 5. write the LoRA, its ComfyUI-key twin (`_export_comfyui`) and the loss curve (lora_files.py).
@@ -30,6 +30,7 @@ from flen_resources.models.sources import ResolvedModel, resolve_model
 from flen_resources.trainers.attention import use_attention
 from flen_resources.trainers.cache import FeatureCache
 from flen_resources.trainers.config import LoraTrainConfig, TrainingError, TrainResult
+from flen_resources.trainers.fp8_linear import blocks_to_fp8
 from flen_resources.trainers.loop import free_memory, peak_gib, run_training_loop
 from flen_resources.trainers.lora_files import list_snapshots, snapshot_stem, write_lora_pair, write_outputs
 
@@ -42,6 +43,11 @@ def distilled_guidance(transformer: Any, config: LoraTrainConfig, batch: int, de
     if not transformer.config.guidance_embeds:
         return None
     return torch.full((batch,), config.guidance, device=device, dtype=dtype)
+
+
+def _blocks(transformer: Any) -> list[torch.nn.Module]:
+    """The transformer's blocks (FLUX: double then single; Qwen-Image: one kind), where the compute is."""
+    return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
 
 
 class LoraTrainer(Generic[Input]):
@@ -57,8 +63,9 @@ class LoraTrainer(Generic[Input]):
     keeps_snapshots: ClassVar[bool] = False
 
     def __init__(self, model: str = "tiny", work_dir: Path | None = None, cache_dir: Path | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, memory_budget_gib: float | None = None):
         self.model_source = model
+        self.memory_budget_gib = memory_budget_gib  # card memory the run may take (None: the default budget)
         self.work_dir = Path(work_dir if work_dir is not None else self.default_work_dir)
         self.cache = FeatureCache(cache_dir or self.work_dir / "cache")
         self.log = log
@@ -68,7 +75,7 @@ class LoraTrainer(Generic[Input]):
               dataset_md5: str = "") -> TrainResult:
         """Train (or resume) to config.max_steps; returns the LoRA files, loss curve and samples."""
         name = self.default_name if name is None else name
-        config = config.resolved()  # `auto` settings decided for the device before anything loads
+        config = self.settle(config)  # `auto` settings decided before anything loads
         self._check(inputs, config)  # before anything is loaded or written
         started = time.time()
         device = pick_device(config.device)
@@ -107,6 +114,10 @@ class LoraTrainer(Generic[Input]):
                            metadata=files.metadata,
                            checkpoints=list_snapshots(snapshots, config.max_steps) if self.keeps_snapshots else [])
 
+    def settle(self, config: LoraTrainConfig) -> LoraTrainConfig:
+        """`config` with its `auto` settings decided for the device, this model and the memory budget."""
+        return config.resolved(self.model_key, self.memory_budget_gib)
+
     # -- phase 1: encode everything once, then free the encoders --------------------------------
     def _encode_once(self, resolved: ResolvedModel, inputs: Sequence[Input], config: LoraTrainConfig,
                      device: torch.device, dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
@@ -138,8 +149,10 @@ class LoraTrainer(Generic[Input]):
             kwargs["quantization_config"] = BitsAndBytesConfig(**nf4_kwargs())
             kwargs["device_map"] = {"": str(device)}  # quantized straight onto the GPU
         transformer = self._transformer_class().from_pretrained(str(resolved.path / "transformer"), **kwargs)
+        if config.quantization == "fp8":  # loaded on the CPU, quantized one block at a time on its way to the card
+            blocks_to_fp8(_blocks(transformer), device, dtype)
         if config.quantization != "nf4":
-            transformer.to(device)
+            transformer.to(device)  # no dtype: it would cast the fp8 weights back up
         transformer.requires_grad_(False)
         torch.manual_seed(config.seed)  # the LoRA's initial weights: the one draw from the global RNG
         transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
@@ -151,7 +164,7 @@ class LoraTrainer(Generic[Input]):
         if config.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         if config.compile and device.type == "cuda":
-            for block in [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]:
+            for block in _blocks(transformer):
                 block.compile()
         transformer.train()
         return transformer

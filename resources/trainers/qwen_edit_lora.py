@@ -81,10 +81,11 @@ class QwenEditLoraTrainer(LoraTrainer[Triplet]):
     group_key: ClassVar[str] = "group"  # (bucket, number of controls): the shapes a batch must share
 
     def __init__(self, model: str = "tiny", work_dir: Path | None = None, cache_dir: Path | None = None,
-                 log: Callable[[str], None] = print, model_key: str = MODEL_KEY):
+                 log: Callable[[str], None] = print, model_key: str = MODEL_KEY,
+                 memory_budget_gib: float | None = None):
         if model_key not in QWEN_EDIT_MODELS:
             raise TrainingError(f"unknown Qwen-Image-Edit model {model_key!r}; known: {', '.join(QWEN_EDIT_MODELS)}")
-        super().__init__(model, work_dir, cache_dir, log)
+        super().__init__(model, work_dir, cache_dir, log, memory_budget_gib)
         self.model_key = model_key  # the release whose weights `model` holds (resolve_model checks its folder)
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -102,8 +103,8 @@ class QwenEditLoraTrainer(LoraTrainer[Triplet]):
     # -- encoding: latents per image and bucket, embeddings per prompt with its controls --------
     def _load_encoders(self, resolved: ResolvedModel, config: LoraTrainConfig, device: torch.device,
                        dtype: torch.dtype) -> Any:
-        """VAE and Qwen2.5-VL; with nf4 the text encoder loads in nf4, as the editor encodes (about 6 GiB on
-        the card instead of the 15.5 GiB of bf16, which would set the asset's card peak)."""
+        """VAE and Qwen2.5-VL; with nf4 (or fp8 on a GPU) the text encoder loads in nf4, as the editor encodes
+        (about 6 GiB on the card instead of the 15.5 GiB of bf16, which would set the asset's card peak)."""
         from diffusers import QwenImageEditPlusPipeline
 
         from flen_resources.models.architectures import patch_qwen2vl_processor_without_torchvision
@@ -111,7 +112,7 @@ class QwenEditLoraTrainer(LoraTrainer[Triplet]):
 
         patch_qwen2vl_processor_without_torchvision()
         kwargs = {"quantization_config": nf4_config("QwenImageEditPlusPipeline", ["text_encoder"])} \
-            if config.quantization == "nf4" else {}
+            if config.quantization == "nf4" or (config.quantization == "fp8" and device.type == "cuda") else {}
         return QwenImageEditPlusPipeline.from_pretrained(str(resolved.path), transformer=None, dtype=dtype,
                                                          use_safetensors=True, **kwargs).to(device)
 

@@ -1,0 +1,156 @@
+"""The fp8 base-weight path (trainers/fp8_linear.py) on torch's CPU fp8 kernel: the GEMMs' numerics, peft's
+LoRA beside an fp8 Linear, LoRA gradients of full-width FLUX blocks against bf16, a tiny-pack run, and the
+rule that picks fp8 (models/quantization.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+
+from flen_resources.models.quantization import FP8_TRAINING_RESERVE_GIB, fp8_fits, pick_training_quantization
+from flen_resources.models.registry import MODELS
+from flen_resources.trainers.config import LoraTrainConfig, TrainingError
+from flen_resources.trainers.fp8_linear import E4M3, Fp8Linear, blocks_to_fp8, fp8_matmuls, quantize_rows
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(not fp8_matmuls(CPU), reason="this torch has no CPU fp8 GEMM (torch._scaled_mm)")
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
+
+
+def test_rows_quantize_to_e4m3_within_its_precision():
+    x = torch.randn(8, 64) * torch.logspace(-3, 3, 8)[:, None]  # rows six orders of magnitude apart
+    q, scale = quantize_rows(x)
+    assert q.dtype == E4M3 and scale.shape == (8, 1)
+    back = q.float() * scale
+    assert ((back - x).abs() <= x.abs() * 2**-3 + scale * 2**-9).all()  # 3 mantissa bits: within 1/16 relative
+
+
+def test_fp8_linear_matches_bf16_forward_and_input_gradient_and_gives_the_weight_none():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 512).to(torch.bfloat16)
+    fp8 = Fp8Linear.from_linear(linear, CPU)
+    assert fp8.weight.dtype == E4M3 and not fp8.weight.requires_grad and fp8.weight.numel() == 256 * 512
+    x = torch.randn(2, 96, 256, dtype=torch.bfloat16, requires_grad=True)
+    ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = fp8(x), linear(ref)
+    assert y.shape == y_ref.shape and y.dtype == torch.bfloat16
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert _cos(y, y_ref) > 0.998 and _cos(x.grad, ref.grad) > 0.998
+    assert fp8.weight.grad is None
+
+
+def test_peft_wraps_an_fp8_linear_with_a_bf16_lora_that_trains():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).to(torch.bfloat16)
+    assert blocks_to_fp8([model], CPU, torch.bfloat16) == 2
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["0", "2"]))
+    lora = [p for p in peft_model.parameters() if p.requires_grad]
+    # compute_dtype (bf16), which peft upcasts to fp32 for training: never the base weight's fp8
+    assert lora and all(p.dtype == torch.float32 for p in lora), [p.dtype for p in lora]
+    peft_model(torch.randn(4, 64, dtype=torch.bfloat16)).float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora)
+
+
+def _lora_grad_cosines(device: torch.device, heads: int, latent_side: int) -> dict[str, float]:
+    """Cosine between the LoRA gradients of one double and one single FLUX.1-dev block (`heads` x 128 wide) on an
+    fp8 base and on its bf16 original, under the trainer's loss at `latent_side`^2 latents."""
+    from diffusers import FluxTransformer2DModel
+
+    from flen_resources.models.architectures import FLUX_TRANSFORMER
+    from flen_resources.trainers.batching import step_generator
+    from flen_resources.trainers.flux_lora import FluxLoraTrainer
+
+    config = LoraTrainConfig(resolution=latent_side * 8, device=device.type)
+    torch.manual_seed(0)
+    with device:
+        reference = FluxTransformer2DModel(**{**FLUX_TRANSFORMER["full"], "num_layers": 1, "num_single_layers": 1,
+                                              "num_attention_heads": heads})
+    reference.to(torch.bfloat16).requires_grad_(False)
+    fp8 = copy.deepcopy(reference)
+    assert blocks_to_fp8([*fp8.transformer_blocks, *fp8.single_transformer_blocks], device, torch.bfloat16) > 10
+    g = torch.Generator().manual_seed(0)
+    example = {"latents": torch.randn(16, latent_side, latent_side, generator=g),
+               "prompt_embeds": torch.randn(512, 4096, generator=g), "pooled": torch.randn(768, generator=g),
+               "bucket": (latent_side * 8, latent_side * 8)}
+
+    def lora_grads(module) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1)
+        module.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                      target_modules=config.target_modules))
+        torch.manual_seed(2)
+        for p in module.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+                torch.nn.init.normal_(p, std=0.02)  # B is zero at init: give every LoRA tensor a gradient
+        FluxLoraTrainer._loss(module, [example], step_generator(0, 0), config, device, torch.bfloat16).backward()
+        return {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+
+    ours, theirs = lora_grads(fp8), lora_grads(reference)
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * (8 + 3)  # double: 8 targets; single: to_q, to_k, to_v
+    return {n: _cos(ours[n], theirs[n]) for n in ours}
+
+
+def test_lora_gradients_of_narrow_flux_blocks_in_fp8_are_those_of_bf16():
+    """FLUX.1-dev's blocks at 4 of its 24 heads (512 wide, the CPU's share of the full-width test below), 256
+    image tokens and 512 text tokens: LoRA gradients within cosine 0.98 of bf16's."""
+    cosines = _lora_grad_cosines(CPU, heads=4, latent_side=32)
+    assert min(cosines.values()) >= 0.98, sorted(cosines.items(), key=lambda kv: kv[1])[:4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not fp8_matmuls(torch.device("cuda")),
+                    reason="needs a CUDA GPU with fp8 matmuls (Ada, Hopper)")
+def test_lora_gradients_of_full_width_flux_blocks_in_fp8_are_those_of_bf16():
+    """One double and one single FLUX.1-dev block at full width (3072, 24 heads), 1024x1024 (4,096 image tokens)
+    and 512 text tokens, the trainer's loss: LoRA gradients within cosine 0.98 of bf16's (issue 15's bound)."""
+    cosines = _lora_grad_cosines(torch.device("cuda"), heads=24, latent_side=128)
+    assert min(cosines.values()) >= 0.98, sorted(cosines.items(), key=lambda kv: kv[1])[:4]
+
+
+def test_the_trainer_trains_a_tiny_lora_on_an_fp8_base(tmp_path):
+    from PIL import Image
+
+    from flen_resources.trainers.flux_lora import FluxLoraTrainer, TrainItem
+
+    items = []
+    for i in range(4):
+        path = tmp_path / f"img{i}.png"
+        Image.effect_noise((64, 64), 40 + 10 * i).convert("RGB").save(path)
+        items.append(TrainItem(path, f"photo of alice_flen, pose {i}"))
+    config = LoraTrainConfig(resolution=64, rank=8, alpha=8.0, quantization="fp8", optimizer="adamw",
+                             lr_warmup_steps=0, sample_every=0, max_steps=6, checkpoint_every=3, device="cpu")
+    trainer = FluxLoraTrainer(model="tiny", work_dir=tmp_path / "run", log=lambda _: None)
+    result = trainer.train(items, config, name="fp8")
+    assert result.lora_path.is_file() and all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+    assert '"quantization": "fp8"' in result.metadata["flenwheel.config"]
+
+
+def test_auto_picks_fp8_when_the_model_fits_the_budget_in_fp8_and_the_card_has_fp8_matmuls():
+    cuda = torch.device("cuda")
+    flux, qwen = MODELS["flux.1-dev"].transformer_params, MODELS["qwen-image-edit-2509"].transformer_params
+    assert fp8_fits(flux, 20) and not fp8_fits(qwen, 20)
+    assert pick_training_quantization("auto", cuda, flux, 20, fp8_matmuls=True) == "fp8"
+    assert pick_training_quantization("auto", cuda, qwen, 20, fp8_matmuls=True) == "nf4"  # 19 GiB of fp8 weights
+    assert pick_training_quantization("auto", cuda, flux, 20, fp8_matmuls=False) == "nf4"  # Ampere and older
+    assert pick_training_quantization("auto", cuda, flux, flux / 2**30 + FP8_TRAINING_RESERVE_GIB - 1, True) == "nf4"
+    assert pick_training_quantization("auto", cuda, qwen, 40, fp8_matmuls=True) == "fp8"  # a 48 GB card's budget
+    assert pick_training_quantization("auto", CPU, flux, 20, fp8_matmuls=True) == "none"
+    assert LoraTrainConfig(device="cpu", quantization="fp8").resolved().quantization == "fp8"
+
+
+def test_fp8_where_there_are_no_fp8_matmuls_is_one_line_with_the_fix():
+    with pytest.raises(ValueError, match=r"fp8 quantization needs fp8 matmuls .* set FLEN_QUANTIZATION=auto"):
+        pick_training_quantization("fp8", torch.device("cuda"), 1e9, 20, fp8_matmuls=False)
+    with pytest.raises(TrainingError, match="quantization 'fp4' is not one of auto, none, nf4, fp8"):
+        LoraTrainConfig(device="cpu", quantization="fp4").resolved()
