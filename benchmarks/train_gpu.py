@@ -22,6 +22,12 @@ Variants:
                  all-ones text mask) with its attention (trainers/attention.py, "auto": cuDNN on Hopper+)
   ours-compile   + torch.compile of every transformer block: the trainers' defaults on a GPU
   ...-flash      the same with torch's flash SDPA instead of cuDNN (LoraTrainConfig.attention="flash")
+  ...-keepN      the same with the last N blocks' activations kept, not recomputed (LoraTrainConfig.kept_activations)
+  ...-fp8        the same on an fp8 base: e4m3 block weights, fp8 GEMMs forward and for the input gradient
+                 (trainers/fp8_linear.py; LoraTrainConfig.quantization="fp8", what `auto` picks for FLUX on an
+                 Ada/Hopper card within the 20 GiB budget). Others run nf4 on a GPU (none on the CPU).
+
+    python benchmarks/train_gpu.py --model flux --variants naive,ours-compile,ours-compile-fp8,naive,ours-compile,ours-compile-fp8
 MFU = model FLOPs of a step (forward + input-gradient backward of every Linear, attention forward x3;
 recomputation not counted) / step time / the card's measured bf16 matmul peak (8192^3 matmuls).
 """
@@ -32,6 +38,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -241,10 +248,13 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
 
             trainer = QwenEditLoraTrainer(model=str(workdir), work_dir=workdir / "run", log=lambda m: None,
                                           model_key=edit_model)
+        quantization = "fp8" if "-fp8" in variant else quantization
         config = LoraTrainConfig(rank=16, alpha=16, quantization=quantization, resolution=res,
                                  optimizer="adamw8bit" if cuda else "adamw",
                                  compile=variant.startswith("ours-compile"), device=device_name,
-                                 attention="flash" if variant.endswith("-flash") else "auto")
+                                 attention="flash" if "-flash" in variant else "auto",
+                                 kept_activations=int(re.search(r"-keep(\d+)", variant).group(1))
+                                 if "-keep" in variant else 0)
         resolved = ResolvedModel(model, str(workdir), "folder", workdir, "random-full", "0")
         module = trainer._transformer(resolved, config, device, dtype)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -288,7 +298,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         sync()
         times.append(time.perf_counter() - t)
         optimizer_times.append(time.perf_counter() - t_opt)
-    return {"variant": variant, "step_s": round(statistics.median(times), 4), "step_times_s": [round(x, 4) for x in times],
+    return {"variant": variant, "quantization": quantization, "step_s": round(statistics.median(times), 4), "step_times_s": [round(x, 4) for x in times],
             "optimizer_s": round(statistics.median(optimizer_times), 4),
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if cuda else None,
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3) if cuda else None,
@@ -361,7 +371,8 @@ def main() -> int:
     report = {"benchmark": f"{args.model}_lora_train_step", "command": " ".join([sys.executable, *sys.argv]),
               "gpu": gpu, "torch": torch.__version__, "scale": args.scale,
               **({"edit_model": args.edit_model} if args.model == "qwen-edit" else {}),
-              "setup": f"{args.res}x{args.res}, batch 1, LoRA r16 on attention projections, {quantization} base, "
+              "setup": f"{args.res}x{args.res}, batch 1, LoRA r16 on attention projections, {quantization} base "
+                       "(-fp8 variants: fp8), "
                        "gradient checkpointing" + (", one control image" if args.model == "qwen-edit" else ""),
               "results": []}
     print(json.dumps(build(args.workdir, args.model, args.scale, args.device, args.edit_model)), flush=True)

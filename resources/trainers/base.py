@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
+import torch.utils.checkpoint
 from PIL import Image
 
 from flen_resources.models.pipelines import nf4_kwargs, pick_device, pick_dtype
@@ -48,6 +49,19 @@ def distilled_guidance(transformer: Any, config: LoraTrainConfig, batch: int, de
 def _blocks(transformer: Any) -> list[torch.nn.Module]:
     """The transformer's blocks (FLUX: double then single; Qwen-Image: one kind), where the compute is."""
     return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+
+
+def recompute_except(kept: Sequence[torch.nn.Module]) -> Callable[..., Any]:
+    """diffusers' gradient-checkpointing function: every block is recomputed in backward except `kept`, which
+    keep their activations (less recomputation for more memory)."""
+    kept_ids = {id(block) for block in kept}
+
+    def run(block: torch.nn.Module, *args: Any) -> Any:
+        if id(block) in kept_ids:
+            return block(*args)
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+    return run
 
 
 class LoraTrainer(Generic[Input]):
@@ -162,7 +176,9 @@ class LoraTrainer(Generic[Input]):
                 p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
         use_attention(transformer, config.attention, device)
         if config.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+            kept = _blocks(transformer)[len(_blocks(transformer)) - config.kept_activations:] \
+                if config.kept_activations > 0 else []
+            transformer.enable_gradient_checkpointing(recompute_except(kept))
         if config.compile and device.type == "cuda":
             for block in _blocks(transformer):
                 block.compile()

@@ -57,6 +57,9 @@ class LoraTrainConfig:
     # none on the CPU (models/quantization.pick_training_quantization)
     quantization: TrainingQuantizationSetting = "auto"
     gradient_checkpointing: bool = True
+    # With checkpointing: this many blocks (the last ones) keep their activations on the card instead of
+    # recomputing them in backward; a card with memory to spare trades it for speed. 0: recompute every block.
+    kept_activations: int = 0
     optimizer: Optimizer = "auto"  # see OPTIMIZERS
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0

@@ -154,3 +154,4 @@ def test_fp8_where_there_are_no_fp8_matmuls_is_one_line_with_the_fix():
         pick_training_quantization("fp8", torch.device("cuda"), 1e9, 20, fp8_matmuls=False)
     with pytest.raises(TrainingError, match="quantization 'fp4' is not one of auto, none, nf4, fp8"):
         LoraTrainConfig(device="cpu", quantization="fp4").resolved()
+

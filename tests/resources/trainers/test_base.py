@@ -1,0 +1,37 @@
+"""LoraTrainer's shared model set-up (trainers/base.py) on the tiny pack, CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from flen_resources.trainers.config import LoraTrainConfig
+
+CPU = torch.device("cpu")
+
+
+def test_blocks_that_keep_their_activations_give_the_gradients_of_recomputed_ones(monkeypatch):
+    """LoraTrainConfig.kept_activations: the last N blocks run without checkpointing; the gradients are the same."""
+    from flen_resources.models.sources import resolve_model
+    from flen_resources.trainers.batching import step_generator
+    from flen_resources.trainers.flux_lora import FluxLoraTrainer
+
+    checkpointed = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *a, **k: checkpointed.append(fn) or real(fn, *a, **k))
+    trainer = FluxLoraTrainer(model="tiny", log=lambda _: None)
+    resolved = resolve_model("flux.1-dev", "tiny")
+    example = {"latents": torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(0)),
+               "prompt_embeds": torch.randn(16, 64), "pooled": torch.randn(64), "bucket": (64, 64)}
+
+    def grads(kept: int) -> tuple[list[torch.Tensor], int]:
+        checkpointed.clear()
+        config = LoraTrainConfig(resolution=64, rank=4, alpha=4.0, quantization="none", device="cpu",
+                                 kept_activations=kept)
+        module = trainer._transformer(resolved, config, CPU, torch.float32)
+        FluxLoraTrainer._loss(module, [example], step_generator(0, 0), config, CPU, torch.float32).backward()
+        return [p.grad for p in module.parameters() if p.requires_grad], len(checkpointed)
+
+    (recomputed, n_all), (kept, n_kept) = grads(0), grads(1)
+    blocks = n_all
+    assert blocks >= 2 and n_kept == blocks - 1
+    assert all(torch.equal(a, b) for a, b in zip(recomputed, kept, strict=True))
