@@ -4,10 +4,13 @@ Builds both pipelines at their real architecture size with random weights (no do
 them with `save_pretrained`, then runs the GPU work of every GPU asset of one iteration through
 the same resources the assets call, with short settings, nf4 where the 24 GB plan uses it:
 
-  enriched_images   QwenEditEditor (nf4, model CPU offload), recipe `angles`: camera presets with the
-                    Multiple-angles + Lightning 8-step LoRAs (random stand-ins), 1024x1024 outputs
-  qwen_adapter      QwenEditLoraTrainer on the (source, prompt, edit) triplets: encode + nf4 QLoRA
-  flux_lora         FluxLoraTrainer on the sources + edits at 1024: encode + nf4 QLoRA (compiled blocks)
+  enriched_images   QwenEditEditor (nf4, within the 20 GiB memory budget), recipe `angles`: camera presets with
+                    the Multiple-angles + Lightning 8-step LoRAs (random stand-ins), 1024x1024 outputs, one
+                    batch (edit_batch), as the asset sends them
+  qwen_adapter      QwenEditLoraTrainer on the (source, prompt, edit) triplets: encode + QLoRA (quantization
+                    auto, as the asset: nf4, since 20B parameters do not fit the budget in fp8)
+  flux_lora         FluxLoraTrainer on the sources at 1024: encode + LoRA (quantization auto: fp8 on an Ada or
+                    Hopper card within the budget, else nf4; compiled blocks)
   lora_eval         FluxGenerator (nf4) with LoRA v1: a prompt x seed grid at 1024, 28 steps
   synthetic_batch   FluxGenerator (nf4) with LoRA v1: a small batch at 1024, 28 steps
 
@@ -192,22 +195,27 @@ def enriched_images(args: argparse.Namespace) -> dict:
     srcs = sources(args)
     out = args.workdir / "enriched"
     out.mkdir(exist_ok=True)
-    triplets, edit_s = [], []
+    from flen_resources.editors.base import EditJob
+
+    triplets, done = [], []
     t = time.perf_counter()
     _ = editor.pipe
     load_s = time.perf_counter() - t
-    for i in range(args.edits):
-        entry, parent = recipe.entries[i % len(recipe.entries)], srcs[i % len(srcs)]
-        request = entry.request_for(parent.stem, recipe.version)
-        t = time.perf_counter()
-        result = editor.edit([Image.open(parent).convert("RGB")], request)
-        edit_s.append(round(time.perf_counter() - t, 2))
+    picks = [(recipe.entries[i % len(recipe.entries)], srcs[i % len(srcs)]) for i in range(args.edits)]
+    jobs = [EditJob([Image.open(parent).convert("RGB")], entry.request_for(parent.stem, recipe.version))
+            for entry, parent in picks]
+    t = time.perf_counter()
+    results = editor.edit_batch(jobs, progress=lambda: done.append(round(time.perf_counter() - t, 2)))
+    batch_s = time.perf_counter() - t
+    for i, ((entry, parent), job, result) in enumerate(zip(picks, jobs, results, strict=True)):
         target = out / f"{i:02d}-{entry.id}-{parent.stem}.png"
         result.image.save(target)
-        triplets.append({"controls": [str(parent)], "prompt": request.prompt, "target": str(target),
+        triplets.append({"controls": [str(parent)], "prompt": job.request.prompt, "target": str(target),
                          "caption": f"photo of {TRIGGER}, {entry.caption}"})
+    request = jobs[-1].request
     (args.workdir / "triplets.json").write_text(json.dumps(triplets, indent=1))
-    return {"edits": len(triplets), "load_s": round(load_s, 1), "edit_s": edit_s, "size": list(result.image.size),
+    return {"edits": len(triplets), "load_s": round(load_s, 1), "batch_s": round(batch_s, 1),
+            "transformer_done_at_s": done, "size": list(result.image.size),
             "loras": sorted(request.params.get("loras", {}))}
 
 
@@ -215,7 +223,8 @@ def train_config(args: argparse.Namespace, steps: int):
     from flen_resources.trainers.config import LoraTrainConfig
 
     cuda = args.device == "cuda"
-    return LoraTrainConfig(max_steps=steps, rank=16, alpha=16.0, resolution=args.res, quantization=args.quantization,
+    return LoraTrainConfig(max_steps=steps, rank=16, alpha=16.0, resolution=args.res,
+                           quantization="auto" if cuda else "none",
                            optimizer="adamw8bit" if cuda else "adamw", compile=cuda, checkpoint_every=steps,
                            lr_warmup_steps=min(50, steps // 10), sample_every=0, device=args.device)
 
@@ -251,8 +260,9 @@ def flux_lora(args: argparse.Namespace) -> dict:
     return trained(result, len(items))
 
 
-def generate(args: argparse.Namespace, prompts: list[str], seeds: list[int], name: str) -> dict:
-    """Images of LoRA v1 through FluxGenerator (what lora_eval and synthetic_batch call)."""
+def generate(args: argparse.Namespace, prompts: list[str], name: str) -> dict:
+    """`args.images` images of LoRA v1 through FluxGenerator (what lora_eval and synthetic_batch call), the prompts
+    in turn, a seed each."""
     from flen_resources.generators.flux import FluxGenerator
 
     gen = FluxGenerator(model=str(args.workdir / "flux"), quantization=args.quantization, device=args.device)
@@ -262,25 +272,24 @@ def generate(args: argparse.Namespace, prompts: list[str], seeds: list[int], nam
     t = time.perf_counter()
     _ = gen.pipe
     load_s = time.perf_counter() - t
-    image_s, n = [], 0
-    for prompt in prompts:
+    image_s = []
+    for n in range(args.images):
         t = time.perf_counter()
-        for img in gen.generate(prompt.format(trigger=TRIGGER), seeds, lora=lora, width=args.res, height=args.res,
-                                steps=args.eval_steps):
+        for img in gen.generate(prompts[n % len(prompts)].format(trigger=TRIGGER), [n + 1], lora=lora, width=args.res,
+                                height=args.res, steps=args.eval_steps):
             img.image.save(out / f"{n:03d}.png")
-            n += 1
-        image_s.append(round((time.perf_counter() - t) / len(seeds), 2))
-    return {"images": n, "load_s": round(load_s, 1), "s_per_image_by_prompt": image_s, "steps": args.eval_steps}
+        image_s.append(round(time.perf_counter() - t, 2))
+    return {"images": args.images, "load_s": round(load_s, 1), "s_per_image": image_s, "steps": args.eval_steps}
 
 
 def lora_eval(args: argparse.Namespace) -> dict:
     return generate(args, ["photo of {trigger}, portrait, looking at the camera",
-                           "photo of {trigger} outdoors in a park, natural light"], [1, 2], "eval")
+                           "photo of {trigger} outdoors in a park, natural light"], "eval")
 
 
 def synthetic_batch(args: argparse.Namespace) -> dict:
     return generate(args, ["photo of {trigger}, three-quarter view, studio light",
-                           "photo of {trigger} smiling outdoors"], [11, 12], "synthetic")
+                           "photo of {trigger} smiling outdoors"], "synthetic")
 
 
 PHASES = {f.__name__: f for f in (build_qwen, build_flux, enriched_images, qwen_adapter, flux_lora, lora_eval,
@@ -343,6 +352,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--train-steps", type=int, default=50, help="FLUX LoRA steps")
     ap.add_argument("--adapter-steps", type=int, default=30, help="Qwen adapter steps")
     ap.add_argument("--eval-steps", type=int, default=28, help="sampling steps of eval and synthetic images")
+    ap.add_argument("--images", type=int, default=4, help="images of lora_eval and of synthetic_batch, each")
     ap.add_argument("--chains", default="qwen,flux")
     ap.add_argument("--only", default="", help="run only these phases of the chains (comma-separated)")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # internal: one phase, print JSON
@@ -365,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     report = {"benchmark": "flywheel_rehearsal", "command": " ".join([sys.executable, *sys.argv]),
               "gpu": torch.cuda.get_device_name(0) if gpus else "cpu", "gpus": gpus, "scale": args.scale,
-              "settings": {k: getattr(args, k) for k in ("res", "edits", "train_steps", "adapter_steps", "eval_steps",
+              "settings": {k: getattr(args, k) for k in ("res", "edits", "train_steps", "adapter_steps", "eval_steps", "images",
                                                          "quantization")}, "phases": []}
     from qwen_edit_gpu import package_versions
 

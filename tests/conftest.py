@@ -12,7 +12,25 @@ from pathlib import Path
 
 import pytest
 
-from flen_resources.project import Project
+
+def _import_the_installed_flen_assets() -> None:
+    """Import the flen_assets package before tests/ (pyproject's pythonpath) can stand in for it.
+
+    The editable install finds the package after sys.path's own entries, so `import flen_assets` from a run of
+    tests/resources alone found tests/flen_assets first and made an empty namespace package of it.
+    """
+    here = str(Path(__file__).resolve().parent)
+    kept = list(sys.path)
+    sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != here]
+    try:
+        import flen_assets  # noqa: F401
+    finally:
+        sys.path[:] = kept
+
+
+_import_the_installed_flen_assets()
+
+from flen_resources.project import Project  # noqa: E402
 
 FLEN = [sys.executable, "-m", "flen_assets"]
 

@@ -1,0 +1,207 @@
+"""Benchmark: one production flywheel iteration on one card, projected from timed slices (issue 15).
+
+A production iteration (the large-card run settings, resources/run_settings.py): 40 edits, 500 Qwen
+adapter steps, 1,500 FLUX LoRA steps, lora_eval's prompts x seeds for every kept checkpoint, 16
+synthetic images, all at 1024x1024. Running all of it takes longer than one device call, so every GPU
+asset runs twice through benchmarks/rehearsal_gpu.py (the resources the assets call, each in its own
+process, on full-size random weights) with a small and a larger count, each slice at most 10 minutes:
+
+    seconds(n) = fixed + n * per_unit      fitted on the two slices:
+    per_unit   = (wall(b) - wall(a)) / (b - a)   the steady-state cost of one edit / step / image,
+                                                 warm-up, loading and compilation cancelled out
+    fixed      = wall(a) - a * per_unit          loading, encoding, compiling, writing
+    projected  = fixed + production_count * per_unit
+
+Peaks are the card's used memory (NVML, CUDA context included), the larger of the two slices.
+
+RTX 4090 projection (stated as one, never measured): per-unit time scales by the ratio of dense tensor
+throughput (bf16 for nf4/bf16 work, fp8 for the fp8 FLUX path), fixed time by the ratio of memory
+bandwidth; the card's 24 GB must hold each asset's peak.
+
+    python benchmarks/iteration_gpu.py                                    # on a GPU, full size
+    python benchmarks/iteration_gpu.py --scale tiny --device cpu --res 64 --workdir /tmp/it-tiny \\
+        --out /tmp/it-out                                                 # smoke test on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+REHEARSAL = REPO / "benchmarks" / "rehearsal_gpu.py"
+GOAL_MIN = 25.0
+GOAL_GIB = 20.0
+SLICE_LIMIT_S = 600
+# Checkpoints lora_eval scores: 1,500 steps, one kept every 250 (trainers/config.checkpoint_interval).
+PRODUCTION_CHECKPOINTS = 1500 // 250
+EVAL_PROMPTS = 3  # lora_eval's fixed prompts (flen_assets/assets/lora.py), 4 seeds each on a large card
+# lora_eval: every checkpoint's prompts x seeds, and the base model without the LoRA once per prompt.
+EVAL_IMAGES = EVAL_PROMPTS * 4 * PRODUCTION_CHECKPOINTS + EVAL_PROMPTS
+
+
+@dataclass(frozen=True)
+class Slice:
+    """How one asset is timed: the rehearsal argument that sets its count, two counts, and production's count."""
+
+    asset: str
+    argument: str
+    small: int
+    large: int
+    production: int
+    unit: str
+    work: str  # which throughput its per-unit time scales with on another card: "bf16" or "fp8"
+
+
+def production_slices(scale: str) -> list[Slice]:
+    """The assets of one iteration in run order, with the counts of a production run (tiny: a smoke test's)."""
+    tiny = scale == "tiny"
+    return [
+        Slice("enriched_images", "--edits", 4, 5 if tiny else 12, 40, "edit", "bf16"),
+        Slice("qwen_adapter", "--adapter-steps", 2, 4 if tiny else 30, 500, "step", "bf16"),
+        Slice("flux_lora", "--train-steps", 2, 4 if tiny else 60, 1500, "step", "fp8"),
+        Slice("lora_eval", "--images", 1, 2 if tiny else 4, EVAL_IMAGES, "image", "bf16"),
+        Slice("synthetic_batch", "--images", 1, 2 if tiny else 4, 16, "image", "bf16"),
+    ]
+
+
+@dataclass(frozen=True)
+class Card:
+    """A card's dense tensor throughput (TFLOPS, fp32 accumulation) and memory bandwidth (TB/s), from its datasheet."""
+
+    name: str
+    bf16_tflops: float
+    fp8_tflops: float
+    bandwidth_tbs: float
+    memory_gib: float
+
+
+H200 = Card("NVIDIA H200", 989.0, 1979.0, 4.8, 139.8)
+RTX_4090 = Card("NVIDIA GeForce RTX 4090", 165.2, 330.3, 1.008, 23.6)
+
+
+def fit(small: int, small_s: float, large: int, large_s: float) -> tuple[float, float]:
+    """(fixed seconds, seconds per unit) of the line through two slices."""
+    if large <= small:
+        raise ValueError(f"the larger slice ({large}) must count more than the smaller ({small})")
+    per_unit = max(0.0, (large_s - small_s) / (large - small))
+    return max(0.0, small_s - small * per_unit), per_unit
+
+
+def project(fixed_s: float, per_unit_s: float, count: int) -> float:
+    """Seconds for `count` units."""
+    return fixed_s + count * per_unit_s
+
+
+def on_card(fixed_s: float, per_unit_s: float, work: str, measured: Card, target: Card) -> tuple[float, float]:
+    """(fixed, per unit) seconds projected from `measured` to `target`: compute by the throughput ratio of `work`,
+    the rest by the bandwidth ratio."""
+    compute = getattr(measured, f"{work}_tflops") / getattr(target, f"{work}_tflops")
+    return fixed_s * measured.bandwidth_tbs / target.bandwidth_tbs, per_unit_s * compute
+
+
+def summarize(rows: list[dict], measured: Card | None) -> dict:
+    """The projected iteration, the peaks, and the 4090 projection (when measured on a known card)."""
+    done = [r for r in rows if "projected_s" in r]
+    summary = {"projected_iteration_min": round(sum(r["projected_s"] for r in done) / 60, 1),
+               "projected_min_by_asset": {r["asset"]: round(r["projected_s"] / 60, 2) for r in done},
+               "peak_card_gib_by_asset": {r["asset"]: r.get("peak_card_gib") for r in rows},
+               "failed": [r["asset"] for r in rows if "error" in r], "goal_min": GOAL_MIN, "goal_gib": GOAL_GIB}
+    summary["meets_goals"] = (not summary["failed"] and len(done) == len(rows)
+                              and summary["projected_iteration_min"] <= GOAL_MIN
+                              and all(v is not None and v <= GOAL_GIB for v in summary["peak_card_gib_by_asset"].values()))
+    if measured is not None and done:
+        minutes = {}
+        for r in done:
+            fixed, per_unit = on_card(r["fixed_s"], r["per_unit_s"], r["work"], measured, RTX_4090)
+            minutes[r["asset"]] = round(project(fixed, per_unit, r["production"]) / 60, 1)
+        summary["rtx_4090_projection"] = {
+            "projected_iteration_min": round(sum(minutes.values()), 1), "min_by_asset": minutes,
+            "fits_24gb": all(v is not None and v <= RTX_4090.memory_gib for v in summary["peak_card_gib_by_asset"].values()),
+            "how": (f"a projection, not a measurement: per-unit time x {measured.name}'s dense tensor TFLOPS / the "
+                    f"4090's ({measured.bf16_tflops:g}/{RTX_4090.bf16_tflops:g} bf16, {measured.fp8_tflops:g}/"
+                    f"{RTX_4090.fp8_tflops:g} fp8), fixed time x the bandwidth ratio ({measured.bandwidth_tbs:g}/"
+                    f"{RTX_4090.bandwidth_tbs:g} TB/s); PCIe, host RAM and clocks under load not modelled")}
+    return summary
+
+
+def known_card(name: str) -> Card | None:
+    """The datasheet figures of the card the slices ran on, when known."""
+    return next((c for c in (H200, RTX_4090) if c.name.lower() in name.lower()), None)
+
+
+def run_slice(s: Slice, count: int, args: argparse.Namespace, common: list[str]) -> dict:
+    """One rehearsal phase with `count` units in its own process; its RESULT (wall_s, peaks) or an error."""
+    cmd = [sys.executable, str(REHEARSAL), "--phase", s.asset, s.argument, str(count), *common]
+    # A fresh run folder: a trainer would resume from the last slice's checkpoint and reuse its feature cache.
+    shutil.rmtree(args.workdir / "runs" / s.asset, ignore_errors=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SLICE_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"{s.asset} with {count} {s.unit}s ran past {SLICE_LIMIT_S} s"}
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    return json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-2500:]}
+
+
+def measure(s: Slice, args: argparse.Namespace, common: list[str]) -> dict:
+    """Both slices of an asset and the projection from them."""
+    row: dict = {"asset": s.asset, "unit": s.unit, "production": s.production, "work": s.work, "slices": []}
+    for count in (s.small, s.large):
+        result = run_slice(s, count, args, common)
+        row["slices"].append({"count": count, **result})
+        print(json.dumps({"asset": s.asset, "count": count, **result})[:2000], flush=True)
+        if "error" in result:
+            row["error"] = result["error"]
+            return row
+    a, b = row["slices"]
+    row["fixed_s"], row["per_unit_s"] = (round(x, 3) for x in fit(s.small, a["wall_s"], s.large, b["wall_s"]))
+    row["projected_s"] = round(project(row["fixed_s"], row["per_unit_s"], s.production), 1)
+    peaks = [x.get("peak_card_used_gib", x.get("peak_reserved_gib")) for x in (a, b)]
+    row["peak_card_gib"] = max(peaks) if None not in peaks else None
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=["full", "tiny"], default="full")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--res", type=int, default=1024)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/flen-rehearsal"))
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--only", default="", help="measure only these assets (comma-separated); builds always run")
+    args = ap.parse_args(argv)
+    import torch
+    from rehearsal_gpu import write_json
+
+    common = ["--scale", args.scale, "--device", args.device, "--res", str(args.res), "--workdir", str(args.workdir),
+              "--eval-steps", "28" if args.scale == "full" else "2"]
+    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    report = {"benchmark": "iteration_gpu", "command": " ".join([sys.executable, *sys.argv]), "gpu": gpu,
+              "scale": args.scale, "res": args.res, "method": __doc__.split("\n\n")[1], "builds": [], "assets": []}
+    started = time.time()
+    for build in ("build_qwen", "build_flux"):
+        proc = subprocess.run([sys.executable, str(REHEARSAL), "--phase", build, *common], capture_output=True,
+                              text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        report["builds"].append({"phase": build, **(json.loads(line[7:]) if line else
+                                                    {"error": (proc.stderr or proc.stdout)[-2500:]})})
+    for s in production_slices(args.scale):
+        if args.only and s.asset not in args.only.split(","):
+            continue
+        report["assets"].append(measure(s, args, common))
+        report["summary"] = summarize(report["assets"], known_card(gpu))
+        report["wall_s"] = round(time.time() - started, 1)
+        write_json(report, "iteration_gpu", args.scale, args.out)
+    print(json.dumps({"summary": report.get("summary")}, indent=1), flush=True)
+    return 0 if report.get("summary", {}).get("failed") == [] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""benchmarks/iteration_gpu.py's arithmetic: the two-slice fit, the production counts, the 4090 projection."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import iteration_gpu as it  # noqa: E402
+
+
+def test_two_slices_give_the_fixed_cost_and_the_cost_per_unit():
+    fixed, per_unit = it.fit(4, 4 * 4.2 + 60, 12, 12 * 4.2 + 60)  # 60 s of loading, 4.2 s per edit
+    assert fixed == pytest.approx(60) and per_unit == pytest.approx(4.2)
+    assert it.project(fixed, per_unit, 40) == pytest.approx(60 + 40 * 4.2)
+    with pytest.raises(ValueError, match="must count more"):
+        it.fit(4, 10.0, 4, 10.0)
+
+
+def test_production_counts_are_the_issue_s_iteration():
+    counts = {s.asset: s.production for s in it.production_slices("full")}
+    assert counts == {"enriched_images": 40, "qwen_adapter": 500, "flux_lora": 1500,
+                      "lora_eval": 3 * 4 * 6 + 3, "synthetic_batch": 16}
+    assert all(s.large > s.small for scale in ("full", "tiny") for s in it.production_slices(scale))
+
+
+def test_the_4090_projection_scales_compute_by_throughput_and_loading_by_bandwidth():
+    fixed, per_unit = it.on_card(48.0, 1.0, "fp8", it.H200, it.RTX_4090)
+    assert per_unit == pytest.approx(1979 / 330.3) and fixed == pytest.approx(48.0 * 4.8 / 1.008)
+    rows = [{"asset": "flux_lora", "fixed_s": 60.0, "per_unit_s": 0.4, "production": 1500, "work": "fp8",
+             "projected_s": 660.0, "peak_card_gib": 15.0},
+            {"asset": "enriched_images", "fixed_s": 60.0, "per_unit_s": 4.0, "production": 40, "work": "bf16",
+             "projected_s": 220.0, "peak_card_gib": 21.0}]
+    summary = it.summarize(rows, it.H200)
+    assert summary["projected_iteration_min"] == pytest.approx(14.7, abs=0.05)
+    assert summary["peak_card_gib_by_asset"] == {"flux_lora": 15.0, "enriched_images": 21.0}
+    assert not summary["meets_goals"]  # 21 GiB is over the 20 GiB goal
+    projection = summary["rtx_4090_projection"]
+    assert projection["fits_24gb"] and "a projection, not a measurement" in projection["how"]
+    assert projection["min_by_asset"]["flux_lora"] == pytest.approx(
+        round((60 * 4.8 / 1.008 + 1500 * 0.4 * 1979 / 330.3) / 60, 1))
+    assert it.known_card("NVIDIA H200") is it.H200 and it.known_card("cpu") is None
