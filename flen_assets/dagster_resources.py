@@ -76,8 +76,9 @@ class ModelsResource(dg.ConfigurableResource):
     # Qwen-Image-Edit-2509 and -2511: the editor and the edit-model trainer (a recipe's edit_model picks one)
     qwen_edit_model: str = "tiny"
     qwen_edit_2511_model: str = "tiny"
-    # auto | none | nf4; auto: nf4 on a CUDA GPU, none on the CPU (models.pipelines.pick_quantization,
-    # which also refuses other values: a str, not a Literal, so that dg.EnvVar can fill it)
+    # auto | none | nf4 (| fp8, the trainers only); auto: nf4 on a CUDA GPU, none on the CPU, and for the trainers
+    # fp8 on an Ada/Hopper card when the model fits memory_budget_gib in fp8 (models.quantization, which also
+    # refuses other values: a str, not a Literal, so that dg.EnvVar can fill it)
     quantization: str = "auto"
     device: str = "auto"  # auto: the CUDA GPU when there is one
     # card memory the editor may keep its components resident in (models.residency); 0: one at a time

@@ -34,6 +34,10 @@ def pick_quantization(setting: str, device: torch.device) -> Quantization:
     """`auto`: nf4 on a CUDA GPU (FLUX and Qwen-Image-Edit fit a 24 GB card only in 4 bit), none on the CPU."""
     if setting == "auto":
         return "nf4" if device.type == "cuda" else "none"
+    if setting == "fp8":
+        raise QuantizationError("quantization 'fp8' is for the LoRA trainers; the editor and the generator load "
+                                "auto, none or nf4: set FLEN_QUANTIZATION=auto (the trainers then pick fp8 where the "
+                                "card and the memory budget allow)")
     if setting not in ("none", "nf4"):
         raise QuantizationError(f"quantization {setting!r} is not one of auto, none, nf4: set FLEN_QUANTIZATION "
                                 "(or --quantization) to one of them")

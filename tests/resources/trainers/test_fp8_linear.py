@@ -155,3 +155,10 @@ def test_fp8_where_there_are_no_fp8_matmuls_is_one_line_with_the_fix():
     with pytest.raises(TrainingError, match="quantization 'fp4' is not one of auto, none, nf4, fp8"):
         LoraTrainConfig(device="cpu", quantization="fp4").resolved()
 
+
+
+def test_fp8_for_the_editor_or_generator_names_the_trainers_and_the_fix():
+    from flen_resources.models.quantization import pick_quantization
+
+    with pytest.raises(ValueError, match="'fp8' is for the LoRA trainers.*set FLEN_QUANTIZATION=auto"):
+        pick_quantization("fp8", torch.device("cuda"))
