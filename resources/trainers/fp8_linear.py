@@ -41,10 +41,15 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
-def _scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_scale: torch.Tensor,
-               out_dtype: torch.dtype) -> torch.Tensor:
-    """a (m, k) row-major @ b_t (k, n) column-major, both e4m3 with row-wise scales (m, 1) and (1, n)."""
-    return torch._scaled_mm(a, b_t, scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
+def _scaled_mm(rows: torch.Tensor, b_t: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """rows (m, k), quantized here per row, @ b_t (k, n): e4m3, column-major, with column scales (1, n)."""
+    m = rows.shape[0]
+    pad = -m % ALIGNMENT  # CUDA's fp8 GEMM wants every dimension in multiples of 16: zero rows, cut off after
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, pad))
+    q, scale = quantize_rows(rows)
+    out = torch._scaled_mm(q.contiguous(), b_t, scale_a=scale, scale_b=b_scale, out_dtype=out_dtype)
+    return out[:m] if pad else out
 
 
 class _Fp8Matmul(torch.autograd.Function):
@@ -54,19 +59,16 @@ class _Fp8Matmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight, weight_scale)
         ctx.out_dtype = x.dtype
-        rows = x.reshape(-1, x.shape[-1])
-        q, scale = quantize_rows(rows)
-        y = _scaled_mm(q, scale, weight.t(), weight_scale.t(), x.dtype)
+        y = _scaled_mm(x.reshape(-1, x.shape[-1]), weight.t(), weight_scale.t(), x.dtype)
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         weight, weight_scale = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1]) * weight_scale.t()  # the weight's row scales, folded into g
-        q, scale = quantize_rows(rows)
         ones = torch.ones(1, weight.shape[1], device=weight.device, dtype=torch.float32)
         # b must be column-major (k, n) = W (out, in) laid out by columns: a transposed copy, 1 byte per weight.
-        dx = _scaled_mm(q, scale, weight.t().contiguous().t(), ones, ctx.out_dtype)
+        dx = _scaled_mm(rows, weight.t().contiguous().t(), ones, ctx.out_dtype)
         return dx.reshape(*grad.shape[:-1], weight.shape[1]), None, None
 
 
