@@ -19,6 +19,10 @@ throughput (bf16 for nf4/bf16 work, fp8 for the fp8 FLUX path), fixed time by th
 bandwidth; the card's 24 GB must hold each asset's peak.
 
     python benchmarks/iteration_gpu.py                                    # on a GPU, full size
+    # one command per chain (a device call's 10 minutes; 64 GiB of disk holds one chain's models at a time):
+    python benchmarks/iteration_gpu.py --only enriched_images,qwen_adapter
+    rm -rf /tmp/flen-rehearsal/qwen
+    python benchmarks/iteration_gpu.py --only flux_lora,lora_eval,synthetic_batch   # adds to the same JSON
     python benchmarks/iteration_gpu.py --scale tiny --device cpu --res 64 --workdir /tmp/it-tiny \\
         --out /tmp/it-out                                                 # smoke test on a CPU
 """
@@ -47,6 +51,11 @@ EVAL_PROMPTS = 3  # lora_eval's fixed prompts (flen_assets/assets/lora.py), 4 se
 EVAL_IMAGES = EVAL_PROMPTS * 4 * PRODUCTION_CHECKPOINTS + EVAL_PROMPTS
 
 
+# The model folder each asset needs (rehearsal_gpu.py's build phases).
+CHAIN_BUILDS = {"enriched_images": "build_qwen", "qwen_adapter": "build_qwen", "flux_lora": "build_flux",
+                "lora_eval": "build_flux", "synthetic_batch": "build_flux"}
+
+
 @dataclass(frozen=True)
 class Slice:
     """How one asset is timed: the rehearsal argument that sets its count, two counts, and production's count."""
@@ -57,7 +66,8 @@ class Slice:
     large: int
     production: int
     unit: str
-    work: str  # which throughput its per-unit time scales with on another card: "bf16" or "fp8"
+    work: str  # which throughput its per-unit time scales with on another card: "bf16" or "fp8" (a trainer's
+    # slice replaces it by the quantization it ran with)
 
 
 def production_slices(scale: str) -> list[Slice]:
@@ -161,6 +171,9 @@ def measure(s: Slice, args: argparse.Namespace, common: list[str]) -> dict:
             row["error"] = result["error"]
             return row
     a, b = row["slices"]
+    if b.get("quantization"):  # what the trainer chose (auto): its per-unit work scales with that throughput
+        row["quantization"] = b["quantization"]
+        row["work"] = "fp8" if b["quantization"] == "fp8" else "bf16"
     row["fixed_s"], row["per_unit_s"] = (round(x, 3) for x in fit(s.small, a["wall_s"], s.large, b["wall_s"]))
     row["projected_s"] = round(project(row["fixed_s"], row["per_unit_s"], s.production), 1)
     peaks = [x.get("peak_card_used_gib", x.get("peak_reserved_gib")) for x in (a, b)]
@@ -175,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/flen-rehearsal"))
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    ap.add_argument("--only", default="", help="measure only these assets (comma-separated); builds always run")
+    ap.add_argument("--only", default="", help="measure only these assets (comma-separated), building only their "
+                                               "models; the other assets' rows of an earlier run stay in the JSON")
     args = ap.parse_args(argv)
     import torch
+    from qwen_edit_gpu import slug
     from rehearsal_gpu import write_json
 
     common = ["--scale", args.scale, "--device", args.device, "--res", str(args.res), "--workdir", str(args.workdir),
@@ -185,17 +200,22 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     report = {"benchmark": "iteration_gpu", "command": " ".join([sys.executable, *sys.argv]), "gpu": gpu,
               "scale": args.scale, "res": args.res, "method": __doc__.split("\n\n")[1], "builds": [], "assets": []}
+    slices = [s for s in production_slices(args.scale) if not args.only or s.asset in args.only.split(",")]
+    earlier = args.out / f"iteration_gpu-{'' if args.scale == 'full' else args.scale + '-'}{slug(gpu)}.json"
+    if args.only and earlier.is_file():  # the rows this run does not measure, from the run before it
+        measured_now = {s.asset for s in slices}
+        report["assets"] = [r for r in json.loads(earlier.read_text())["assets"] if r["asset"] not in measured_now]
     started = time.time()
-    for build in ("build_qwen", "build_flux"):
+    for build in sorted({CHAIN_BUILDS[s.asset] for s in slices}):
         proc = subprocess.run([sys.executable, str(REHEARSAL), "--phase", build, *common], capture_output=True,
                               text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         report["builds"].append({"phase": build, **(json.loads(line[7:]) if line else
                                                     {"error": (proc.stderr or proc.stdout)[-2500:]})})
-    for s in production_slices(args.scale):
-        if args.only and s.asset not in args.only.split(","):
-            continue
+    order = [s.asset for s in production_slices(args.scale)]
+    for s in slices:
         report["assets"].append(measure(s, args, common))
+        report["assets"].sort(key=lambda r: order.index(r["asset"]))
         report["summary"] = summarize(report["assets"], known_card(gpu))
         report["wall_s"] = round(time.time() - started, 1)
         write_json(report, "iteration_gpu", args.scale, args.out)

@@ -243,7 +243,9 @@ def qwen_adapter(args: argparse.Namespace) -> dict:
 
 def trained(result, examples: int) -> dict:
     losses = [v for _, v in result.losses]
+    config = json.loads(result.metadata.get("flenwheel.config", "{}"))
     return {"examples": examples, "steps": result.steps, "train_s": round(result.seconds, 1),
+            "quantization": config.get("quantization"),
             "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)] if losses else None,
             "trainer_peak_gib": result.peak_gib, "lora": str(result.lora_path)}
 
@@ -334,8 +336,10 @@ def write(report: dict, args: argparse.Namespace) -> None:
 
 def write_json(report: dict, benchmark: str, scale: str, out: Path, machine: str = "") -> None:
     """<out>/<benchmark>-[<scale>-]<report's gpu, as a slug><machine>.json (no scale when full), a copy in $OUT when set."""
-    slug = "".join(c if c.isalnum() else "-" for c in report["gpu"].lower()).strip("-") + machine
-    name = f"{benchmark}-{slug}.json" if scale == "full" else f"{benchmark}-{scale}-{slug}.json"
+    from qwen_edit_gpu import slug
+
+    card = slug(report["gpu"]) + machine
+    name = f"{benchmark}-{card}.json" if scale == "full" else f"{benchmark}-{scale}-{card}.json"
     for folder in [out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(json.dumps(report, indent=1))
