@@ -84,6 +84,9 @@ class LoraTrainConfig:
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KERNELS:
             raise TrainingError(f"attention must be 'auto', 'cudnn' or 'flash', not {self.attention!r}")
+        if self.kept_activations < 0:
+            raise TrainingError(f"kept_activations must be 0 or more (blocks that skip checkpointing), "
+                                f"not {self.kept_activations}")
         if self.optimizer not in OPTIMIZERS:
             raise TrainingError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
 

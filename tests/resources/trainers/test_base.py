@@ -35,3 +35,12 @@ def test_blocks_that_keep_their_activations_give_the_gradients_of_recomputed_one
     blocks = n_all
     assert blocks >= 2 and n_kept == blocks - 1
     assert all(torch.equal(a, b) for a, b in zip(recomputed, kept, strict=True))
+
+
+def test_a_negative_kept_activations_is_one_line():
+    import pytest
+
+    from flen_resources.trainers.config import TrainingError
+
+    with pytest.raises(TrainingError, match="kept_activations must be 0 or more"):
+        LoraTrainConfig(kept_activations=-1)
