@@ -24,7 +24,7 @@ Variants:
   ...-flash      the same with torch's flash SDPA instead of cuDNN (LoraTrainConfig.attention="flash")
   ...-keepN      the same with the last N blocks' activations kept, not recomputed (LoraTrainConfig.kept_activations)
   ...-fp8        the same on an fp8 base: e4m3 block weights, fp8 GEMMs forward and for the input gradient
-                 (trainers/fp8_linear.py; LoraTrainConfig.quantization="fp8", what `auto` picks for FLUX on an
+                 (models/fp8_linear.py; LoraTrainConfig.quantization="fp8", what `auto` picks for FLUX on an
                  Ada/Hopper card within the 20 GiB budget). Others run nf4 on a GPU (none on the CPU).
 
     python benchmarks/train_gpu.py --model flux --variants naive,ours-compile,ours-compile-fp8,naive,ours-compile,ours-compile-fp8
@@ -330,11 +330,14 @@ def summarize(results: list[dict], peak_tflops: float | None) -> dict:
         out[variant] = row
     base = out.get("naive")
     if base:
-        for row in out.values():
+        for variant, row in out.items():
             row["speedup_vs_naive"] = round(base["step_s_median"] / row["step_s_median"], 3)
             if base["peak_allocated_gib"] is not None and row["peak_allocated_gib"] is not None:
                 row["peak_vs_naive_gib"] = round(row["peak_allocated_gib"] - base["peak_allocated_gib"], 3)
-                row["goals_met"] = row["speedup_vs_naive"] >= 1.25 and row["peak_vs_naive_gib"] <= 0.0
+                # issue 15: the fp8 path >= 2.0x within the 20 GiB budget; the nf4 path >= 1.25x at no more memory
+                row["goals_met"] = (row["speedup_vs_naive"] >= 2.0 and row["peak_allocated_gib"] <= 20.0
+                                    if "-fp8" in variant else
+                                    row["speedup_vs_naive"] >= 1.25 and row["peak_vs_naive_gib"] <= 0.0)
     return out
 
 
@@ -352,11 +355,14 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--tag", default="", help="added to the JSON's name (train_gpu-<model>-<tag>-<gpu>.json), so a "
+                                              "run of other variants keeps an earlier run's file")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print its JSON
     args = ap.parse_args()
     release = "" if args.model == "flux" or args.edit_model == "qwen-image-edit-2509" else \
         args.edit_model.rsplit("-", 1)[-1]  # '' keeps 2509's file names, from before the option
     label = args.model + (f"-{release}" if release else "")
+    file_label = label + (f"-{args.tag}" if args.tag else "")
     args.workdir = args.workdir or Path(f"/tmp/flen-{label}-{args.scale}")
     quantization = "nf4" if args.device == "cuda" else "none"
     if args.one:
@@ -379,7 +385,7 @@ def main() -> int:
     report["matmul_peak_tflops"] = round(matmul_peak_tflops(), 1) if cuda else None
     print(json.dumps({"matmul_peak_tflops": report["matmul_peak_tflops"]}), flush=True)
     slug = "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
-    name = f"train_gpu-{label}-{slug}.json" if args.scale == "full" else f"train_gpu-{label}-{args.scale}-{slug}.json"
+    name = f"train_gpu-{file_label}-{slug}.json" if args.scale == "full" else f"train_gpu-{file_label}-{args.scale}-{slug}.json"
     args.out.mkdir(parents=True, exist_ok=True)
     out_files = [args.out / name] + ([Path(os.environ["OUT"]) / name] if os.environ.get("OUT") else [])
     for variant in args.variants.split(","):

@@ -76,12 +76,13 @@ class ModelsResource(dg.ConfigurableResource):
     # Qwen-Image-Edit-2509 and -2511: the editor and the edit-model trainer (a recipe's edit_model picks one)
     qwen_edit_model: str = "tiny"
     qwen_edit_2511_model: str = "tiny"
-    # auto | none | nf4 (| fp8, the trainers only); auto: nf4 on a CUDA GPU, none on the CPU, and for the trainers
-    # fp8 on an Ada/Hopper card when the model fits memory_budget_gib in fp8 (models.quantization, which also
-    # refuses other values: a str, not a Literal, so that dg.EnvVar can fill it)
+    # auto | none | nf4 (| fp8, the trainers and the generator); auto: nf4 on a CUDA GPU, none on the CPU, and for
+    # the trainers and the generator fp8 on an Ada/Hopper card when the model fits memory_budget_gib in fp8
+    # (models.quantization, which also refuses other values: a str, not a Literal, so that dg.EnvVar can fill it)
     quantization: str = "auto"
     device: str = "auto"  # auto: the CUDA GPU when there is one
-    # card memory the editor may keep its components resident in (models.residency); 0: one at a time
+    # card memory the editor may keep its components resident in (models.residency; 0: one at a time), and the
+    # bound for the trainers' and the generator's fp8 choice
     memory_budget_gib: int = DEFAULT_MEMORY_BUDGET_GIB
 
     def read_now(self) -> ModelsResource:
@@ -169,7 +170,8 @@ class GeneratorResource(dg.ConfigurableResource):
             from flen_resources.generators.flux import FluxGenerator
 
             m = self.models
-            self._generator = FluxGenerator(model=m.flux_model, quantization=m.quantization, device=m.device)
+            self._generator = FluxGenerator(model=m.flux_model, quantization=m.quantization, device=m.device,
+                                            memory_budget_gib=m.memory_budget_gib)
         return self._generator
 
 

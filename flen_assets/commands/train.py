@@ -10,7 +10,7 @@ import typer
 
 from flen_assets.commands.common import SettingsOpt, check_settings, error_line, fail
 from flen_assets.console import traces_shown
-from flen_resources.models.quantization import TrainingQuantizationSetting
+from flen_resources.models.quantization import QuantizationSettingWithFp8
 from flen_resources.trainers.config import Attention, LoraTrainConfig, Optimizer
 
 app = typer.Typer(help="Train LoRAs on a folder of captioned images.", no_args_is_help=True)
@@ -28,7 +28,7 @@ def train_flux(
     rank: Annotated[Optional[int], typer.Option(min=1, help="Default: the run settings'.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate. Default: the run settings'.")] = None,
     settings: SettingsOpt = None,
-    quantization: Annotated[TrainingQuantizationSetting, typer.Option(
+    quantization: Annotated[QuantizationSettingWithFp8, typer.Option(
         envvar="FLEN_QUANTIZATION", help="auto: fp8 on an Ada/Hopper GPU when the model fits FLEN_MEMORY_BUDGET_GIB "
                                          "in fp8, else nf4 (QLoRA) on a CUDA GPU; none on the CPU.")] = "auto",
     optimizer: Annotated[Optimizer, typer.Option(

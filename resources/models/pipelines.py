@@ -8,11 +8,13 @@ from typing import Any, Literal
 
 import torch
 
+from flen_resources.models.fp8_linear import fp8_matmuls, transformer_to_fp8
 from flen_resources.models.quantization import (
     QuantizationError,
-    QuantizationSetting,
+    QuantizationSettingWithFp8,
     nf4_needs_cuda,
     pick_quantization,
+    pick_quantization_with_fp8,
 )
 from flen_resources.models.sources import ResolvedModel
 from flen_resources.run_settings import Machine
@@ -82,7 +84,8 @@ def load_nf4_components(model: ResolvedModel, pipeline: str, dtype: torch.dtype)
     return components
 
 
-def load_pipeline(model: ResolvedModel, pipeline: str, *, quantization: QuantizationSetting = "auto", device: str = "auto",
+def load_pipeline(model: ResolvedModel, pipeline: str, *, quantization: QuantizationSettingWithFp8 = "auto",
+                  device: str = "auto",
                   dtype: str = "auto",
                   offload: Literal["auto", "none", "model", "sequential", "manual"] = "auto") -> Any:
     """`<pipeline>.from_pretrained` on a checked folder: safetensors only, no remote code.
@@ -90,10 +93,14 @@ def load_pipeline(model: ResolvedModel, pipeline: str, *, quantization: Quantiza
     On a GPU, `offload=auto` keeps one large component on the card at a time (diffusers' model CPU
     offload: text encoder, then transformer, then VAE), which is what lets a 24 GB card run
     a 20B transformer next to a 7B text encoder. `manual` leaves every component on the CPU for the
-    caller to place (models.residency).
+    caller to place (models.residency). `fp8` (FluxPipeline, decided by the caller): the transformer's blocks in
+    e4m3 with fp8 matmuls (models.fp8_linear), loaded in bf16 on the CPU and quantized on the device.
     """
     target = pick_device(device)
-    quantization = pick_quantization(quantization, target)
+    if quantization == "fp8":  # refused where the device has no fp8 matmuls
+        quantization = pick_quantization_with_fp8("fp8", target, 0, 0, fp8_matmuls(target))
+    else:
+        quantization = pick_quantization(quantization, target)
     if quantization == "nf4" and target.type != "cuda":  # said before diffusers is even imported
         raise QuantizationError(nf4_needs_cuda(target))
     import diffusers
@@ -112,6 +119,8 @@ def load_pipeline(model: ResolvedModel, pipeline: str, *, quantization: Quantiza
             kwargs.update(load_nf4_components(model, pipeline, torch_dtype))
     cls = getattr(diffusers, pipeline)
     pipe = cls.from_pretrained(str(model.path), **kwargs)
+    if quantization == "fp8":  # one block at a time on the device, so it never holds the bf16 transformer
+        transformer_to_fp8(pipe.transformer, target, torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     if mode == "model":
         pipe.enable_model_cpu_offload(device=target)

@@ -1,5 +1,5 @@
-"""The quantization setting of base models (auto | none | nf4, and fp8 for the LoRA trainers) and its one rule
-per device; no torch import, so the CLI and the Dagster definitions can name it cheaply."""
+"""The quantization setting of base models (auto | none | nf4, and fp8 for FLUX's trainer and generator) and its
+one rule per device; no torch import, so the CLI and the Dagster definitions can name it cheaply."""
 
 from __future__ import annotations
 
@@ -10,13 +10,18 @@ if TYPE_CHECKING:
 
 Quantization = Literal["none", "nf4"]
 QuantizationSetting = Literal["auto", "none", "nf4"]
-# The LoRA trainers also take fp8: frozen base weights in e4m3 with fp8 matmuls (trainers/fp8_linear.py).
-TrainingQuantization = Literal["none", "nf4", "fp8"]
-TrainingQuantizationSetting = Literal["auto", "none", "nf4", "fp8"]
+# The LoRA trainers and the FLUX generator also take fp8: base weights in e4m3 with fp8 matmuls
+# (models/fp8_linear.py); the editor's 20B transformer does not fit a 24 GB card in fp8.
+QuantizationWithFp8 = Literal["none", "nf4", "fp8"]
+QuantizationSettingWithFp8 = Literal["auto", "none", "nf4", "fp8"]
 # Card memory an fp8 LoRA run takes beyond its fp8 block weights: the bf16 embedders, the LoRA with its
-# 8-bit AdamW state, checkpointed activations at 1024x1024 and the allocator's slack. A bound to refine with
-# benchmarks/train_gpu.py's ours-fp8 peak (FLUX's nf4 run peaks 2.2 GiB above its nf4 weights).
+# 8-bit AdamW state, checkpointed activations at 1024x1024 and the allocator's slack. FLUX.1-dev on an H200
+# (benchmarks/results/train_gpu-flux-fp8-nvidia-h200.json): 11.26 GiB of weights, peak 13.64 GiB allocated,
+# 15.2 GiB of the card in use (NVML, CUDA context included: iteration_gpu's flux_lora), so 5 GiB holds.
 FP8_TRAINING_RESERVE_GIB = 5.0
+# The same for generation (no gradients, no optimizer; the text encoders and the VAE take their turn on the
+# card under model offload, T5-XXL's 9 GiB in bf16 the largest): an estimate, not yet measured.
+FP8_GENERATION_RESERVE_GIB = 4.0
 GIB = 2**30
 
 
@@ -35,31 +40,34 @@ def pick_quantization(setting: str, device: torch.device) -> Quantization:
     if setting == "auto":
         return "nf4" if device.type == "cuda" else "none"
     if setting == "fp8":
-        raise QuantizationError("quantization 'fp8' is for the LoRA trainers; the editor and the generator load "
-                                "auto, none or nf4: set FLEN_QUANTIZATION=auto (the trainers then pick fp8 where the "
-                                "card and the memory budget allow)")
+        raise QuantizationError("quantization 'fp8' is for the LoRA trainers and the FLUX generator; the editor "
+                                "loads auto, none or nf4: set FLEN_QUANTIZATION=auto (the others then pick fp8 "
+                                "where the card and the memory budget allow)")
     if setting not in ("none", "nf4"):
         raise QuantizationError(f"quantization {setting!r} is not one of auto, none, nf4: set FLEN_QUANTIZATION "
                                 "(or --quantization) to one of them")
     return setting  # type: ignore[return-value]
 
 
-def fp8_fits(base_params: float, budget_gib: float) -> bool:
-    """Whether a transformer of `base_params` parameters trains in fp8 (1 byte each) within `budget_gib`."""
-    return base_params / GIB + FP8_TRAINING_RESERVE_GIB <= budget_gib
+def fp8_fits(base_params: float, budget_gib: float, reserve_gib: float = FP8_TRAINING_RESERVE_GIB) -> bool:
+    """Whether a transformer of `base_params` parameters runs in fp8 (1 byte each) plus `reserve_gib` within
+    `budget_gib`."""
+    return base_params / GIB + reserve_gib <= budget_gib
 
 
-def pick_training_quantization(setting: str, device: torch.device, base_params: float, budget_gib: float,
-                               fp8_matmuls: bool) -> TrainingQuantization:
-    """`auto` for a LoRA run: fp8 on a card with fp8 matmuls when the fp8 weights fit the memory budget (FLUX.1-dev's
-    11.9B parameters within 20 GiB), else nf4 on a CUDA GPU (Qwen-Image-Edit's 20.4B), none on the CPU."""
+def pick_quantization_with_fp8(setting: str, device: torch.device, base_params: float, budget_gib: float,
+                               fp8_matmuls: bool, reserve_gib: float = FP8_TRAINING_RESERVE_GIB
+                               ) -> QuantizationWithFp8:
+    """`auto` for a LoRA run (or, with its reserve, FLUX generation): fp8 on a card with fp8 matmuls when the fp8
+    weights fit the memory budget (FLUX.1-dev's 11.9B parameters within 20 GiB), else nf4 on a CUDA GPU
+    (Qwen-Image-Edit's 20.4B), none on the CPU."""
     if setting == "fp8":
         if not fp8_matmuls:
             raise QuantizationError(f"fp8 quantization needs fp8 matmuls (a CUDA GPU of compute capability 8.9 or "
                                     f"newer: Ada, Hopper) and {device} has none: set FLEN_QUANTIZATION=auto (or "
                                     "`flen train --quantization auto`), which picks nf4 there")
         return "fp8"
-    if setting == "auto" and device.type == "cuda" and fp8_matmuls and fp8_fits(base_params, budget_gib):
+    if setting == "auto" and device.type == "cuda" and fp8_matmuls and fp8_fits(base_params, budget_gib, reserve_gib):
         return "fp8"
     if setting not in ("auto", "none", "nf4"):
         raise QuantizationError(f"quantization {setting!r} is not one of auto, none, nf4, fp8: set FLEN_QUANTIZATION "

@@ -25,13 +25,13 @@ import torch
 import torch.utils.checkpoint
 from PIL import Image
 
+from flen_resources.models.fp8_linear import compute_blocks, transformer_to_fp8
 from flen_resources.models.pipelines import nf4_kwargs, pick_device, pick_dtype
 from flen_resources.models.quantization import nf4_needs_cuda
 from flen_resources.models.sources import ResolvedModel, resolve_model
 from flen_resources.trainers.attention import use_attention
 from flen_resources.trainers.cache import FeatureCache
 from flen_resources.trainers.config import LoraTrainConfig, TrainingError, TrainResult
-from flen_resources.trainers.fp8_linear import blocks_to_fp8
 from flen_resources.trainers.loop import free_memory, peak_gib, run_training_loop
 from flen_resources.trainers.lora_files import list_snapshots, snapshot_stem, write_lora_pair, write_outputs
 
@@ -44,11 +44,6 @@ def distilled_guidance(transformer: Any, config: LoraTrainConfig, batch: int, de
     if not transformer.config.guidance_embeds:
         return None
     return torch.full((batch,), config.guidance, device=device, dtype=dtype)
-
-
-def _blocks(transformer: Any) -> list[torch.nn.Module]:
-    """The transformer's blocks (FLUX: double then single; Qwen-Image: one kind), where the compute is."""
-    return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
 
 
 def recompute_except(kept: Sequence[torch.nn.Module]) -> Callable[..., Any]:
@@ -164,9 +159,9 @@ class LoraTrainer(Generic[Input]):
             kwargs["device_map"] = {"": str(device)}  # quantized straight onto the GPU
         transformer = self._transformer_class().from_pretrained(str(resolved.path / "transformer"), **kwargs)
         if config.quantization == "fp8":  # loaded on the CPU, quantized one block at a time on its way to the card
-            blocks_to_fp8(_blocks(transformer), device, dtype)
-        if config.quantization != "nf4":
-            transformer.to(device)  # no dtype: it would cast the fp8 weights back up
+            transformer_to_fp8(transformer, device, dtype)
+        elif config.quantization != "nf4":
+            transformer.to(device)
         transformer.requires_grad_(False)
         torch.manual_seed(config.seed)  # the LoRA's initial weights: the one draw from the global RNG
         transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
@@ -176,11 +171,11 @@ class LoraTrainer(Generic[Input]):
                 p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
         use_attention(transformer, config.attention, device)
         if config.gradient_checkpointing:
-            kept = _blocks(transformer)[len(_blocks(transformer)) - config.kept_activations:] \
+            kept = compute_blocks(transformer)[len(compute_blocks(transformer)) - config.kept_activations:] \
                 if config.kept_activations > 0 else []
             transformer.enable_gradient_checkpointing(recompute_except(kept))
         if config.compile and device.type == "cuda":
-            for block in _blocks(transformer):
+            for block in compute_blocks(transformer):
                 block.compile()
         transformer.train()
         return transformer

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:  # pipelines imports torch: the Dagster definitions import this module without it
-    from flen_resources.models.quantization import TrainingQuantizationSetting
+    from flen_resources.models.quantization import QuantizationSettingWithFp8
 
 # In every LoRA file's metadata: bump it when the same config and data would train a different LoRA.
 TRAINER_VERSION = "1"
@@ -54,8 +54,8 @@ class LoraTrainConfig:
     resolution: int = 1024  # bucket area = resolution^2
     seed: int = 0
     # auto: fp8 on a card with fp8 matmuls when the model fits the memory budget in fp8, else nf4 on a CUDA GPU,
-    # none on the CPU (models/quantization.pick_training_quantization)
-    quantization: TrainingQuantizationSetting = "auto"
+    # none on the CPU (models/quantization.pick_quantization_with_fp8)
+    quantization: QuantizationSettingWithFp8 = "auto"
     gradient_checkpointing: bool = True
     # With checkpointing: this many blocks (the last ones) keep their activations on the card instead of
     # recomputing them in backward; a card with memory to spare trades it for speed. 0: recompute every block.
@@ -102,17 +102,17 @@ class LoraTrainConfig:
     def resolved(self, model_key: str = "flux.1-dev", memory_budget_gib: float | None = None) -> LoraTrainConfig:
         """This config with `auto` quantization, optimizer and compile decided for its device, the model it trains
         and the card memory budget (what runs and is recorded)."""
+        from flen_resources.models.fp8_linear import fp8_matmuls
         from flen_resources.models.pipelines import pick_device
-        from flen_resources.models.quantization import nf4_needs_cuda, pick_training_quantization
+        from flen_resources.models.quantization import nf4_needs_cuda, pick_quantization_with_fp8
         from flen_resources.models.registry import MODELS
         from flen_resources.models.residency import DEFAULT_MEMORY_BUDGET_GIB
-        from flen_resources.trainers.fp8_linear import fp8_matmuls
 
         device = pick_device(self.device)
         cuda = device.type == "cuda"
         budget = DEFAULT_MEMORY_BUDGET_GIB if memory_budget_gib is None else memory_budget_gib
         try:
-            quantization = pick_training_quantization(self.quantization, device, MODELS[model_key].transformer_params,
+            quantization = pick_quantization_with_fp8(self.quantization, device, MODELS[model_key].transformer_params,
                                                       budget, fp8_matmuls(device))
         except ValueError as exc:
             raise TrainingError(str(exc)) from exc

@@ -43,3 +43,38 @@ def test_the_4090_projection_scales_compute_by_throughput_and_loading_by_bandwid
     assert projection["min_by_asset"]["flux_lora"] == pytest.approx(
         round((60 * 4.8 / 1.008 + 1500 * 0.4 * 1979 / 330.3) / 60, 1))
     assert it.known_card("NVIDIA H200") is it.H200 and it.known_card("cpu") is None
+
+
+def test_an_iteration_with_an_asset_unmeasured_does_not_meet_the_goals():
+    rows = [{"asset": a, "fixed_s": 10.0, "per_unit_s": 0.0, "production": 1, "work": "bf16", "projected_s": 10.0,
+             "peak_card_gib": 10.0} for a in ("enriched_images", "flux_lora", "lora_eval", "synthetic_batch")]
+    summary = it.summarize(rows, it.H200)
+    assert not summary["meets_goals"] and summary["unmeasured"] == ["qwen_adapter"]
+    rows.append({**rows[0], "asset": "qwen_adapter"})
+    assert it.summarize(rows, it.H200)["meets_goals"]
+
+
+def test_enrichment_slices_are_whole_cycles_of_the_angles_recipe():
+    from flen_assets.recipe import builtin_recipe_path, load_recipe
+
+    enrich = next(s for s in it.production_slices("full") if s.asset == "enriched_images")
+    cycle = len(load_recipe(builtin_recipe_path("angles")).entries)
+    assert it.RECIPE_CYCLE == cycle and enrich.small % cycle == 0 and enrich.large % cycle == 0
+
+
+def test_every_slice_compiles_from_empty_caches(tmp_path):
+    (tmp_path / "cache" / "inductor").mkdir(parents=True)
+    (tmp_path / "cache" / "inductor" / "stale").write_text("a kernel from the slice before")
+    env = it.cold_compile_env(tmp_path / "cache")
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
+    assert env["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "triton")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_an_asset_measured_alone_gets_its_input_from_a_rehearsal_phase():
+    import rehearsal_gpu
+
+    slices = {s.asset: s for s in it.production_slices("full")}
+    for asset, (_, before, argument, _count) in it.INPUTS.items():
+        assert before in rehearsal_gpu.PHASES and asset in rehearsal_gpu.PHASES
+        assert slices[before].argument == argument

@@ -59,3 +59,45 @@ def test_bad_sizes_and_empty_prompt(generator):
         generator.generate("x", [1], width=70, height=64, steps=1)
     with pytest.raises(ValueError, match="prompt is required"):
         generator.generate("", [1], **KW)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="this torch has no CPU fp8 GEMM (torch._scaled_mm)")
+def test_an_fp8_base_generates_the_plain_model_s_image_and_takes_the_lora(generator, tmp_path):
+    from flen_resources.models.fp8_linear import Fp8Linear
+
+    fp8 = FluxGenerator(model="tiny", quantization="fp8", device="cpu")
+    assert sum(isinstance(m, Fp8Linear) for m in fp8.pipe.transformer.modules()) > 10
+    path = tmp_path / "alice_v1.safetensors"
+    _flux_lora(generator, path)
+    plain = generator.generate("photo of alice_flen", [5], lora=path, **KW)[0]
+    ours = fp8.generate("photo of alice_flen", [5], lora=path, **KW)[0]
+    base = fp8.generate("photo of alice_flen", [5], **KW)[0]
+    assert ours.params["quantization"] == "fp8" and ours.adapters[0]["weight"] == 1.0
+    # e4m3 keeps about two significant digits: the same picture, not the same pixels
+    assert np.corrcoef(_arr(plain.image).ravel(), _arr(ours.image).ravel())[0, 1] > 0.95
+    assert np.abs(_arr(base.image) - _arr(ours.image)).mean() > 0.5, "the LoRA changes the fp8 model's output"
+
+
+def test_auto_generates_in_fp8_where_the_card_and_the_budget_allow():
+    from flen_resources.models.quantization import FP8_GENERATION_RESERVE_GIB, pick_quantization_with_fp8
+    from flen_resources.models.registry import MODELS
+
+    flux, cuda = MODELS["flux.1-dev"].transformer_params, torch.device("cuda")
+    pick = lambda budget, fp8: pick_quantization_with_fp8("auto", cuda, flux, budget, fp8,  # noqa: E731
+                                                          FP8_GENERATION_RESERVE_GIB)
+    assert pick(20, True) == "fp8" and pick(20, False) == "nf4" and pick(0, True) == "nf4"
+    assert FluxGenerator(model="tiny", device="cpu").quantization == "none"
+    with pytest.raises(ValueError, match="fp8 quantization needs fp8 matmuls"):
+        pick_quantization_with_fp8("fp8", cuda, flux, 20, False, FP8_GENERATION_RESERVE_GIB)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with fp8 matmuls (Ada, Hopper)")
+def test_auto_on_an_fp8_card_generates_in_fp8_with_model_offload(tmp_path):
+    generator = FluxGenerator(model="tiny", device="cuda")
+    assert generator.quantization == "fp8"
+    path = tmp_path / "alice_v1.safetensors"
+    _flux_lora(generator, path)
+    out = generator.generate("photo of alice_flen", [1], lora=path, **KW)[0]
+    assert out.params["quantization"] == "fp8" and np.isfinite(_arr(out.image)).all() and _arr(out.image).std() > 0

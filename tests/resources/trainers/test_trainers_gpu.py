@@ -3,6 +3,7 @@ bitsandbytes needs CUDA, so CI skips these; the device machine runs them."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -50,6 +51,18 @@ def test_flux_qlora_learns_on_gpu(tmp_path: Path):
     items = [TrainItem(p, "photo of alice_flen") for p in _images(tmp_path / "images", 4)]
     trainer = FluxLoraTrainer(model="tiny", work_dir=tmp_path / "run", log=lambda _: None)
     _assert_learned(trainer.train(items, _config(), name="alice_gpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs fp8 matmuls (Ada, Hopper)")
+def test_flux_lora_on_an_fp8_base_learns_on_gpu(tmp_path: Path):
+    from flen_resources.trainers.flux_lora import FluxLoraTrainer, TrainItem
+
+    items = [TrainItem(p, "photo of alice_flen") for p in _images(tmp_path / "images", 4)]
+    trainer = FluxLoraTrainer(model="tiny", work_dir=tmp_path / "run", log=lambda _: None)
+    result = trainer.train(items, _config(quantization="fp8"), name="alice_fp8")
+    assert json.loads(result.metadata["flenwheel.config"])["quantization"] == "fp8"
+    _assert_learned(result)
 
 
 def test_qwen_edit_qlora_learns_on_gpu(tmp_path: Path):

@@ -123,3 +123,16 @@ def blocks_to_fp8(blocks: Iterable[nn.Module], device: torch.device, dtype: torc
                     setattr(parent, attr, Fp8Linear.from_linear(linear, device))
                     converted += 1
     return converted
+
+
+def compute_blocks(transformer: nn.Module) -> list[nn.Module]:
+    """The transformer's blocks (FLUX: double then single; Qwen-Image: one kind), where the compute is."""
+    return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+
+
+def transformer_to_fp8(transformer: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
+    """Every block's Linears quantized to Fp8Linear on `device` (blocks_to_fp8), the rest of `transformer` moved
+    there as it is; how many Linears were quantized."""
+    converted = blocks_to_fp8(compute_blocks(transformer), device, dtype)
+    transformer.to(device)  # no dtype: it would cast the fp8 weights back up
+    return converted
