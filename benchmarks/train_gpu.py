@@ -26,6 +26,8 @@ Variants:
   ...-fp8        the same on an fp8 base: e4m3 block weights, fp8 GEMMs forward and for the input gradient
                  (models/fp8_linear.py; LoraTrainConfig.quantization="fp8", what `auto` picks for FLUX on an
                  Ada/Hopper card within the 20 GiB budget). Others run nf4 on a GPU (none on the CPU).
+  ...-prof       after the timed steps, two more under torch.profiler: the result's `profile` lists the kernels that
+                 took the most device time (where a step's time goes, e.g. whether fp8 casts run as kernels of their own)
 
     python benchmarks/train_gpu.py --model flux --variants naive,ours-compile,ours-compile-fp8,naive,ours-compile,ours-compile-fp8
 MFU = model FLOPs of a step (forward + input-gradient backward of every Linear, attention forward x3;
@@ -298,13 +300,35 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         sync()
         times.append(time.perf_counter() - t)
         optimizer_times.append(time.perf_counter() - t_opt)
+    profile = kernel_profile(lambda i: (forward_backward(i), optimizer_step()), warmup + reps, cuda) \
+        if "-prof" in variant else None
     return {"variant": variant, "quantization": quantization, "step_s": round(statistics.median(times), 4), "step_times_s": [round(x, 4) for x in times],
+            **({"profile": profile} if profile else {}),
             "optimizer_s": round(statistics.median(optimizer_times), 4),
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if cuda else None,
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3) if cuda else None,
             "weights_gib": round(weights_gib, 3) if cuda else None, "load_s": round(load_s, 1),
             "warmup_s": round(warmup_s, 1), "lora_params_m": round(sum(p.numel() for p in params) / 1e6, 2),
             "model_flops": model_flops(module, model, res)}
+
+
+def kernel_profile(step, first: int, cuda: bool, steps: int = 2, top: int = 30) -> list[dict]:
+    """The `top` kernels (or CPU ops) by total time over `steps` steps under torch.profiler, per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            step(first + i)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages()  # on a GPU the kernels themselves, not the ops that launched them
+              if not cuda or e.device_type == torch.autograd.DeviceType.CUDA]
+    rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [{"name": e.key[:160], "ms_per_step": round(getattr(e, key) / 1e3 / steps, 3), "calls_per_step": e.count // steps}
+            for e in rows]
 
 
 def summarize(results: list[dict], peak_tflops: float | None) -> dict:
