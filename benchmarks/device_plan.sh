@@ -30,11 +30,11 @@ COMMON="--scale full --device cuda --res 1024 --workdir /tmp/flen-rehearsal"
 PT="python3 -m pytest -c /dev/null -p no:cacheprovider -m gpu -v"
 mkdir -p /tmp/gputests && cp tests/resources/models/test_fp8_linear.py tests/resources/trainers/test_trainers_gpu.py \
   tests/resources/generators/test_flux.py /tmp/gputests/
-# The most wanted first: the FLUX step's variants (with a profile of the fp8 one), the FLUX chain with the fp8
-# generator, then the Qwen chain (its adapter was never measured by iteration_gpu), the slow GPU tests last.
+# The most wanted first: the FLUX step (fp8 and nf4 with their `auto` settings, interleaved with the naive loop),
+# the FLUX chain with the fp8 generator, then the Qwen chain, the slow GPU tests last.
 step build_flux 200 $B/rehearsal_gpu.py --phase build_flux $COMMON
-step train_flux 300 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag fp8 \
-  --variants naive,ours-compile-fp8-prof,ours-compile-fp8-keep8,ours-compile,ours-compile-fp8-keep16
+step train_flux 420 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag fp8 \
+  --variants naive,ours-compile-fp8,ours-compile,naive,ours-compile-fp8,ours-compile
 step pytest_fp8 60 $PT /tmp/gputests/test_fp8_linear.py /tmp/gputests/test_flux.py
 step flux_chain 420 $B/iteration_gpu.py --only flux_lora,lora_eval,synthetic_batch --out $R
 [ -f /tmp/plan/flux_chain ] && rm -rf /tmp/flen-rehearsal/flux  # 64 GiB of disk: one chain's models at a time

@@ -11,8 +11,9 @@ the same resources the assets call, with short settings, nf4 where the 24 GB pla
                     auto, as the asset: nf4, since 20B parameters do not fit the budget in fp8)
   flux_lora         FluxLoraTrainer on the sources at 1024: encode + LoRA (quantization auto: fp8 on an Ada or
                     Hopper card within the budget, else nf4; compiled blocks)
-  lora_eval         FluxGenerator (nf4) with LoRA v1: a prompt x seed grid at 1024, 28 steps
-  synthetic_batch   FluxGenerator (nf4) with LoRA v1: a small batch at 1024, 28 steps
+  lora_eval         FluxGenerator (auto: fp8 on Ada/Hopper within the budget, else nf4) with LoRA v1: a prompt x
+                    seed grid at 1024, 28 steps
+  synthetic_batch   FluxGenerator (auto, as lora_eval) with LoRA v1: a small batch at 1024, 28 steps
 
 Each asset runs in its own process (as a Dagster step does) and reports its wall time (loading
 included) and peak GPU memory: torch's peak allocated / reserved, and the whole card's used
@@ -225,7 +226,7 @@ def train_config(args: argparse.Namespace, steps: int):
     cuda = args.device == "cuda"
     return LoraTrainConfig(max_steps=steps, rank=16, alpha=16.0, resolution=args.res,
                            quantization="auto" if cuda else "none",
-                           optimizer="adamw8bit" if cuda else "adamw", compile=cuda, checkpoint_every=steps,
+                           compile=cuda, checkpoint_every=steps,  # optimizer and kept activations: auto
                            lr_warmup_steps=min(50, steps // 10), sample_every=0, device=args.device)
 
 
@@ -267,7 +268,9 @@ def generate(args: argparse.Namespace, prompts: list[str], name: str) -> dict:
     in turn, a seed each."""
     from flen_resources.generators.flux import FluxGenerator
 
-    gen = FluxGenerator(model=str(args.workdir / "flux"), quantization=args.quantization, device=args.device)
+    # the assets' generator setting: auto (fp8 on an Ada/Hopper card within the budget, else nf4 on a GPU)
+    gen = FluxGenerator(model=str(args.workdir / "flux"), quantization="auto" if args.device == "cuda" else "none",
+                        device=args.device)
     lora = args.workdir / "runs" / "flux_lora" / "output" / "astronaut_v1.safetensors"
     out = args.workdir / name
     out.mkdir(exist_ok=True)
@@ -281,7 +284,8 @@ def generate(args: argparse.Namespace, prompts: list[str], name: str) -> dict:
                                 height=args.res, steps=args.eval_steps):
             img.image.save(out / f"{n:03d}.png")
         image_s.append(round(time.perf_counter() - t, 2))
-    return {"images": args.images, "load_s": round(load_s, 1), "s_per_image": image_s, "steps": args.eval_steps}
+    return {"images": args.images, "quantization": gen.quantization, "load_s": round(load_s, 1),
+            "s_per_image": image_s, "steps": args.eval_steps}
 
 
 def lora_eval(args: argparse.Namespace) -> dict:

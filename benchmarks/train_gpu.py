@@ -18,11 +18,14 @@ Variants:
   naive          gpu_probe: nf4 transformer, peft LoRA r16 on attention, gradient checkpointing, torch AdamW
                  (Qwen: with gpu_probe's all-ones text mask)
   ours           the trainer's own transformer + loss (trainers/base.LoraTrainer._transformer and the trainer's
-                 _loss: fp32 LoRA weights, logit-normal timesteps, grad clipping, 8-bit AdamW; Qwen drops an
-                 all-ones text mask) with its attention (trainers/attention.py, "auto": cuDNN on Hopper+)
+                 _loss: fp32 LoRA weights with TF32 matmuls, logit-normal timesteps, grad clipping, the config's
+                 `auto` optimizer: 8-bit AdamW on nf4, fused AdamW on fp8; Qwen drops an all-ones text mask) with
+                 its attention (trainers/attention.py, "auto": cuDNN on Hopper+)
   ours-compile   + torch.compile of every transformer block: the trainers' defaults on a GPU
   ...-flash      the same with torch's flash SDPA instead of cuDNN (LoraTrainConfig.attention="flash")
-  ...-keepN      the same with the last N blocks' activations kept, not recomputed (LoraTrainConfig.kept_activations)
+  ...-keepN      the same with the last N blocks' activations kept, not recomputed (LoraTrainConfig.kept_activations;
+                 without it, `auto`: 8 on fp8, 0 on nf4)
+  ...-adamw8bit  the same with bitsandbytes' 8-bit AdamW whatever the base
   ...-fp8        the same on an fp8 base: e4m3 block weights, fp8 GEMMs forward and for the input gradient
                  (models/fp8_linear.py; LoraTrainConfig.quantization="fp8", what `auto` picks for FLUX on an
                  Ada/Hopper card within the 20 GiB budget). Others run nf4 on a GPU (none on the CPU).
@@ -239,7 +242,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         from flen_resources.trainers.attention import training_attention
         from flen_resources.trainers.batching import step_generator
         from flen_resources.trainers.config import LoraTrainConfig
-        from flen_resources.trainers.loop import make_optimizer
+        from flen_resources.trainers.loop import lora_matmuls_in_tf32, make_optimizer
 
         if model == "flux":
             from flen_resources.trainers.flux_lora import FluxLoraTrainer
@@ -251,12 +254,14 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
             trainer = QwenEditLoraTrainer(model=str(workdir), work_dir=workdir / "run", log=lambda m: None,
                                           model_key=edit_model)
         quantization = "fp8" if "-fp8" in variant else quantization
-        config = LoraTrainConfig(rank=16, alpha=16, quantization=quantization, resolution=res,
-                                 optimizer="adamw8bit" if cuda else "adamw",
-                                 compile=variant.startswith("ours-compile"), device=device_name,
-                                 attention="flash" if "-flash" in variant else "auto",
-                                 kept_activations=int(re.search(r"-keep(\d+)", variant).group(1))
-                                 if "-keep" in variant else 0)
+        # The trainer's own `auto` choices for this base (LoraTrainConfig.resolved): optimizer, kept activations
+        config = trainer.settle(LoraTrainConfig(
+            rank=16, alpha=16, quantization=quantization, resolution=res,
+            optimizer="adamw8bit" if "-adamw8bit" in variant else "auto",
+            compile=variant.startswith("ours-compile"), device=device_name,
+            attention="flash" if "-flash" in variant else "auto",
+            kept_activations=int(re.search(r"-keep(\d+)", variant).group(1)) if "-keep" in variant else "auto"))
+        quantization = config.quantization
         resolved = ResolvedModel(model, str(workdir), "folder", workdir, "random-full", "0")
         module = trainer._transformer(resolved, config, device, dtype)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -265,6 +270,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         # would be finalized at once and undo it) until this function returns.
         attention = contextlib.ExitStack()
         attention.enter_context(training_attention(config.attention, device))
+        attention.enter_context(lora_matmuls_in_tf32(device))
         example = ours_example(model, res, module.config)
 
         def forward_backward(i: int) -> None:
@@ -302,7 +308,8 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         optimizer_times.append(time.perf_counter() - t_opt)
     profile = kernel_profile(lambda i: (forward_backward(i), optimizer_step()), warmup + reps, cuda) \
         if "-prof" in variant else None
-    return {"variant": variant, "quantization": quantization, "step_s": round(statistics.median(times), 4), "step_times_s": [round(x, 4) for x in times],
+    settled = {} if variant == "naive" else {"optimizer": config.optimizer, "kept_activations": config.kept_activations}
+    return {"variant": variant, "quantization": quantization, **settled, "step_s": round(statistics.median(times), 4), "step_times_s": [round(x, 4) for x in times],
             **({"profile": profile} if profile else {}),
             "optimizer_s": round(statistics.median(optimizer_times), 4),
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if cuda else None,

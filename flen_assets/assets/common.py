@@ -133,7 +133,7 @@ class LoraAssetConfig(dg.Config):
     rank: int | None = None  # null: the run settings'
     learning_rate: float | None = None  # null: the run settings'
     resolution: int | None = None  # bucket area = resolution^2; null: the run settings'
-    optimizer: str = LoraTrainConfig.optimizer  # auto: 8-bit AdamW on a GPU, AdamW on the CPU; or adamw8bit | adamw
+    optimizer: str = LoraTrainConfig.optimizer  # auto: trainers/config.auto_optimizer; or adamw8bit | adamw
     # 0: every 250 steps, or a quarter of a shorter run (checkpoint_interval); null: the run settings'
     checkpoint_every: int | None = None
     seed: int = LoraTrainConfig.seed

@@ -32,7 +32,7 @@ def train_flux(
         envvar="FLEN_QUANTIZATION", help="auto: fp8 on an Ada/Hopper GPU when the model fits FLEN_MEMORY_BUDGET_GIB "
                                          "in fp8, else nf4 (QLoRA) on a CUDA GPU; none on the CPU.")] = "auto",
     optimizer: Annotated[Optimizer, typer.Option(
-        help="auto: 8-bit AdamW on a CUDA GPU, AdamW on the CPU.")] = LoraTrainConfig.optimizer,
+        help="auto: 8-bit AdamW on a CUDA GPU with an nf4 base, fused AdamW with fp8, AdamW on the CPU.")] = LoraTrainConfig.optimizer,
     checkpoint_every: Annotated[Optional[int], typer.Option(
         min=0, help="Steps between checkpoints; 0: 250, or a quarter of --steps when fewer. Default: the run "
                     "settings'.")] = None,

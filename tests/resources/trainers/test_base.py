@@ -42,5 +42,6 @@ def test_a_negative_kept_activations_is_one_line():
 
     from flen_resources.trainers.config import TrainingError
 
-    with pytest.raises(TrainingError, match="kept_activations must be 0 or more"):
-        LoraTrainConfig(kept_activations=-1)
+    for bad in (-1, "lots"):
+        with pytest.raises(TrainingError, match="kept_activations must be 'auto' or 0 or more"):
+            LoraTrainConfig(kept_activations=bad)

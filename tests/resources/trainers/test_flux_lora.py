@@ -24,10 +24,13 @@ from flen_resources.models.sources import resolve_model
 from flen_resources.models.tiny_pack import ensure_tiny_pack
 from flen_resources.trainers.comfy import export_flux_comfyui
 from flen_resources.trainers.config import (
+    FP8_KEPT_ACTIVATIONS,
     OPTIMIZERS,
     TRAINER_VERSION,
     LoraTrainConfig,
     TrainingError,
+    auto_kept_activations,
+    auto_optimizer,
     checkpoint_interval,
 )
 from flen_resources.trainers.flux_lora import FluxLoraTrainer, TrainItem
@@ -276,12 +279,23 @@ def test_an_unknown_optimizer_is_refused_by_name():
 
 def test_auto_settings_are_decided_for_the_device():
     cpu = LoraTrainConfig(device="cpu").resolved()
-    assert (cpu.quantization, cpu.optimizer, cpu.compile) == ("none", "adamw", False)
+    assert (cpu.quantization, cpu.optimizer, cpu.compile, cpu.kept_activations) == ("none", "adamw", False, 0)
+    fp8 = LoraTrainConfig(device="cpu", quantization="fp8").resolved()
+    assert (fp8.optimizer, fp8.kept_activations) == ("adamw", FP8_KEPT_ACTIVATIONS)
+    assert LoraTrainConfig(device="cpu", quantization="fp8", kept_activations=2).resolved().kept_activations == 2
     assert LoraTrainConfig(device="cpu", optimizer="adamw8bit").resolved().optimizer == "adamw8bit"
     with pytest.raises(TrainingError, match="nf4 .*needs a CUDA GPU"):
         LoraTrainConfig(device="cpu", quantization="nf4").resolved()
     with pytest.raises(TrainingError, match="quantization 'int3' is not one of auto, none, nf4"):
         LoraTrainConfig(device="cpu", quantization="int3").resolved()
+
+
+def test_auto_optimizer_and_kept_activations_follow_the_base():
+    """8-bit states where memory is tight (nf4 on a GPU); fused AdamW and kept blocks where fp8 leaves room."""
+    assert auto_optimizer("nf4", cuda=True) == "adamw8bit" and auto_optimizer("none", cuda=True) == "adamw8bit"
+    assert auto_optimizer("fp8", cuda=True) == "adamw" and auto_optimizer("none", cuda=False) == "adamw"
+    assert auto_kept_activations("fp8") == FP8_KEPT_ACTIVATIONS == 8
+    assert auto_kept_activations("nf4") == auto_kept_activations("none") == 0
 
 
 def test_knobs_give_the_same_config_to_the_cli_and_the_assets():
