@@ -184,11 +184,10 @@ def lora_eval(context: dg.AssetExecutionContext, config: EvalConfig, project: Pr
     rows, images, scores = [], {}, []
     for step, lora in lora_checkpoints(flux_lora):
         step_rows, step_images = [], []
-        for prompt in prompts:
-            for out in gen.generate(prompt, config.seeds, lora=lora, lora_weight=config.lora_weight, **shape):
-                step_images.append(out.image)
-                step_rows.append({"step": step, "prompt": prompt, "seed": out.seed, "model": out.model,
-                                  "lora_weight": config.lora_weight})
+        for out in gen.generate_grid(prompts, config.seeds, lora=lora, lora_weight=config.lora_weight, **shape):
+            step_images.append(out.image)
+            step_rows.append({"step": step, "prompt": out.prompt, "seed": out.seed, "model": out.model,
+                              "lora_weight": config.lora_weight})
         score, scored = score_checkpoint(step, step_images, faces.analyzer, reference, training)
         folder = staged / CHECKPOINT_DIR / f"step-{step:06d}"
         folder.mkdir(parents=True)
@@ -206,11 +205,10 @@ def lora_eval(context: dg.AssetExecutionContext, config: EvalConfig, project: Pr
     # The LoRA-off column: the same prompts and first seed with the LoRA at weight 0, i.e. the base model.
     # The LoRA stays loaded (only its weight changes); these images are for the sheet, not the metrics.
     off_images, off_rows = [], []
-    for prompt in prompts:
-        for out in gen.generate(prompt, config.seeds[:1], lora=flux_lora.path / FLUX_LORA_FILE, lora_weight=0.0,
-                                **shape):
-            off_images.append(out.image)
-            off_rows.append({"prompt": prompt, "seed": out.seed, "model": out.model, "lora_weight": 0.0})
+    for out in gen.generate_grid(prompts, config.seeds[:1], lora=flux_lora.path / FLUX_LORA_FILE, lora_weight=0.0,
+                                 **shape):
+        off_images.append(out.image)
+        off_rows.append({"prompt": out.prompt, "seed": out.seed, "model": out.model, "lora_weight": 0.0})
     _, off_scored = score_generations(off_images, faces.analyzer, reference)
     if off_images:
         (staged / "lora_off").mkdir()
@@ -446,31 +444,30 @@ def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, 
     judge = ImageJudge(faces.analyzer, reference, GateSettings(), policy,
                        human_decisions(run.project, run.lineage, run.asset, run.character, run.iteration), run.stamp)
     rows, tiles, image_rows, edge_rows, decision_rows = [], [], [], [], []
-    for template in config.prompts:
-        prompt = template.format(trigger=trigger)
-        for out in gen.generate(prompt, config.seeds, lora=lora.file,
-                                lora_weight=config.lora_weight, width=config.size, height=config.size,
-                                steps=config.steps):
-            image_id, png = save_png(out.image, staged / "images")
-            judged = judge.judge(image_id, out.image, image_id[:12])
-            caption_hint = prompt.removeprefix("photo of ").replace(trigger, "").strip(" ,")
-            # Generated images have no face_box column (their manifest predates it; its md5 stays).
-            measures = {k: v for k, v in judged.gate.measures.items() if k != "face_box"}
-            rows.append(dict(image_id=image_id, image_path=f"images/{png.name}", prompt=prompt, seed=out.seed,
-                             model=out.model, adapters=to_json(out.adapters),
-                             **judged.review_columns(reference.threshold), caption=caption_hint, **measures))
-            now = utcnow()
-            image_rows.append(run.stamp(image_id=image_id, path=f"{part_rel}/images/{png.name}", width=out.image.width,
-                                        height=out.image.height, status="generated", created_at=now))
-            edge_rows.append(run.stamp(child_id=image_id, parent_id=lora_id, operation="generate", prompt=prompt,
-                                       seed=out.seed, model=out.model,
-                                       params=to_json({**out.params, "loras": out.adapters,
-                                                       "checkpoint_step": lora.step}), created_at=now))
-            decision_rows += judged.decision_rows
-            failed = judged.gate.failed_names
-            tiles.append(Tile(out.image, f"s{out.seed} " + ("ok" if judged.accepted else
-                                                            failed[0] if failed else judged.verdict.status),
-                              judged.accepted))
+    prompts = [template.format(trigger=trigger) for template in config.prompts]
+    for out in gen.generate_grid(prompts, config.seeds, lora=lora.file, lora_weight=config.lora_weight,
+                                 width=config.size, height=config.size, steps=config.steps):
+        prompt = out.prompt
+        image_id, png = save_png(out.image, staged / "images")
+        judged = judge.judge(image_id, out.image, image_id[:12])
+        caption_hint = prompt.removeprefix("photo of ").replace(trigger, "").strip(" ,")
+        # Generated images have no face_box column (their manifest predates it; its md5 stays).
+        measures = {k: v for k, v in judged.gate.measures.items() if k != "face_box"}
+        rows.append(dict(image_id=image_id, image_path=f"images/{png.name}", prompt=prompt, seed=out.seed,
+                         model=out.model, adapters=to_json(out.adapters),
+                         **judged.review_columns(reference.threshold), caption=caption_hint, **measures))
+        now = utcnow()
+        image_rows.append(run.stamp(image_id=image_id, path=f"{part_rel}/images/{png.name}", width=out.image.width,
+                                    height=out.image.height, status="generated", created_at=now))
+        edge_rows.append(run.stamp(child_id=image_id, parent_id=lora_id, operation="generate", prompt=prompt,
+                                   seed=out.seed, model=out.model,
+                                   params=to_json({**out.params, "loras": out.adapters,
+                                                   "checkpoint_step": lora.step}), created_at=now))
+        decision_rows += judged.decision_rows
+        failed = judged.gate.failed_names
+        tiles.append(Tile(out.image, f"s{out.seed} " + ("ok" if judged.accepted else
+                                                        failed[0] if failed else judged.verdict.status),
+                          judged.accepted))
     write_manifest(rows, staged)
     run.lineage.append("images", image_rows)
     run.lineage.append("edges", edge_rows)

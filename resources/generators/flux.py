@@ -1,4 +1,11 @@
-"""FLUX.1-dev generation with a character LoRA (diffusers or ComfyUI/kohya keys) at a weight."""
+"""FLUX.1-dev generation with a character LoRA (diffusers or ComfyUI/kohya keys) at a weight.
+
+A grid of prompts x seeds runs phase by phase: the text encoders over every prompt not encoded before
+(their embeddings are kept, so evaluating six checkpoints on the same prompts encodes them once), then
+the transformer and the VAE over every image. Components stay on the card while the memory budget
+allows (models/residency.py) instead of diffusers' model CPU offload, which moved the 9 GiB T5 and
+the transformer on and off the card for every image.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +25,12 @@ from flen_resources.models.quantization import (
     pick_quantization_with_fp8,
 )
 from flen_resources.models.registry import MODELS
-from flen_resources.models.residency import DEFAULT_MEMORY_BUDGET_GIB
+from flen_resources.models.residency import DEFAULT_MEMORY_BUDGET_GIB, Residency
 from flen_resources.models.sources import ResolvedModel, resolve_model
 
 MODEL_KEY = "flux.1-dev"
 ADAPTER = "character"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP (pooled) and T5 (per token)
 
 
 @dataclass
@@ -51,9 +59,14 @@ class FluxGenerator:
                                                        FP8_GENERATION_RESERVE_GIB)
         self.device = device
         self.dtype = dtype
+        self.memory_budget_gib = memory_budget_gib
         self._resolved: ResolvedModel | None = None
         self._pipe: Any = None
+        self._residency: Residency | None = None
         self._lora: LoraFile | None = None
+        self._lora_weight = 0.0
+        # (prompt, max_sequence_length, the LoRA when it reaches a text encoder) -> (T5 embeddings, CLIP pooled)
+        self._texts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def resolved(self) -> ResolvedModel:
@@ -64,9 +77,18 @@ class FluxGenerator:
     @property
     def pipe(self) -> Any:
         if self._pipe is None:
+            # on the CPU (an fp8 transformer on the card already): the residency places each component
             self._pipe = load_pipeline(self.resolved, "FluxPipeline", quantization=self.quantization,
-                                       device=self.device, dtype=self.dtype)
+                                       device=self.device, dtype=self.dtype, offload="manual")
+            components = {n: getattr(self._pipe, n) for n in (*TEXT_ENCODERS, "transformer", "vae")}
+            self._residency = Residency(components, pick_device(self.device), self.memory_budget_gib)
         return self._pipe
+
+    @property
+    def residency(self) -> Residency:
+        """Where the pipeline's components are (loads the pipeline on first use)."""
+        _ = self.pipe
+        return self._residency
 
     def model_id(self) -> str:
         return self.resolved.ref
@@ -94,24 +116,52 @@ class FluxGenerator:
                                 "tensors match the model's modules (a LoRA for another model?)")
             self._lora = info
         pipe.set_adapters([ADAPTER], adapter_weights=[float(weight)])
+        self._lora_weight = float(weight)
         return [info.record(float(weight))]
+
+    def _encoded(self, prompt: str, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 embeddings, CLIP pooled) of `prompt`, as the pipeline encodes it; computed once per prompt and LoRA."""
+        pipe = self.pipe
+        # Our LoRAs touch only the transformer; one that reaches a text encoder (a kohya file can) changes the
+        # embeddings, so they are kept per LoRA file and weight.
+        text_lora = self._lora is not None and any(
+            ADAPTER in names for component, names in pipe.get_list_adapters().items() if component in TEXT_ENCODERS)
+        key = (prompt, max_sequence_length, (self._lora.sha256, self._lora_weight) if text_lora else None)
+        if key not in self._texts:
+            self.residency.use(*TEXT_ENCODERS)
+            with torch.no_grad():
+                embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=self.residency.device,
+                                                       max_sequence_length=max_sequence_length)
+            self._texts[key] = embeds, pooled
+        return self._texts[key]
 
     def generate(self, prompt: str, seeds: list[int], *, lora: str | Path | None = None, lora_weight: float = 1.0,
                  width: int = 1024, height: int = 1024, steps: int = 28, guidance: float = 3.5,
                  max_sequence_length: int = 512) -> list[Generated]:
         """One image per seed for `prompt`, with the LoRA at `lora_weight`."""
-        if not prompt:
+        return self.generate_grid([prompt], seeds, lora=lora, lora_weight=lora_weight, width=width, height=height,
+                                  steps=steps, guidance=guidance, max_sequence_length=max_sequence_length)
+
+    def generate_grid(self, prompts: list[str], seeds: list[int], *, lora: str | Path | None = None,
+                      lora_weight: float = 1.0, width: int = 1024, height: int = 1024, steps: int = 28,
+                      guidance: float = 3.5, max_sequence_length: int = 512) -> list[Generated]:
+        """One image per prompt and seed (prompt by prompt), the text encoders first, then the transformer."""
+        if not prompts or not all(prompts):
             raise ValueError("a prompt is required")
         if width % 16 or height % 16:
             raise ValueError(f"width and height must be multiples of 16, got {width}x{height}")
         adapters = self._use_lora(lora, lora_weight)
         params = {"width": width, "height": height, "steps": steps, "guidance": guidance,
                   "quantization": self.quantization}
+        texts = [self._encoded(prompt, max_sequence_length) for prompt in prompts]
+        # The VAE decodes inside the call; the pipeline runs on the device of its first module, the VAE.
+        self.residency.use("transformer", "vae")
         out = []
-        for seed in seeds:
-            generator = torch.Generator("cpu").manual_seed(int(seed))
-            image = self.pipe(prompt=prompt, width=width, height=height, num_inference_steps=steps,
-                              guidance_scale=guidance, generator=generator,
-                              max_sequence_length=max_sequence_length).images[0]
-            out.append(Generated(image, prompt, int(seed), params, self.model_id(), adapters))
+        for prompt, (embeds, pooled) in zip(prompts, texts, strict=True):
+            for seed in seeds:
+                generator = torch.Generator("cpu").manual_seed(int(seed))
+                image = self.pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, width=width, height=height,
+                                  num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                                  max_sequence_length=max_sequence_length).images[0]
+                out.append(Generated(image, prompt, int(seed), params, self.model_id(), adapters))
         return out

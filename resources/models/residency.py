@@ -44,6 +44,12 @@ def module_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+def _on_card(module: torch.nn.Module) -> bool:
+    """Whether `module`'s first parameter sits on a CUDA device."""
+    first = next(module.parameters(), None)
+    return first is not None and first.device.type == "cuda"
+
+
 class Residency:
     """Places a pipeline's components on `device` phase by phase, keeping them resident within `budget_gib`."""
 
@@ -54,7 +60,8 @@ class Residency:
         self.budget = budget_gib * GIB
         self.workspace = workspace_gib * GIB
         self.sizes = {name: module_bytes(m) for name, m in self.components.items()}
-        self.resident: set[str] = set()  # on the card now
+        # on the card now: what a loader put there already counts (an fp8 transformer is quantized on the card)
+        self.resident = {n for n, m in self.components.items() if device.type == "cuda" and _on_card(m)}
         self.moves = 0  # components moved onto the card so far (what batching saves)
 
     def use(self, *names: str) -> None:

@@ -41,6 +41,26 @@ def test_generates_one_image_per_seed_deterministically(generator):
     assert a[0].model.startswith("tiny/flux.1-dev@")
 
 
+def test_a_grid_is_the_pipeline_s_own_images_with_each_prompt_encoded_once(generator, monkeypatch):
+    """Phase by phase (text encoders, then the transformer) gives the pipeline's per-image pictures, seed for seed."""
+    prompts = ["photo of alice_flen", "photo of alice_flen outdoors"]
+    grid = generator.generate_grid(prompts, [1, 2], **KW)
+    assert [(g.prompt, g.seed) for g in grid] == [(p, s) for p in prompts for s in (1, 2)]
+    for g in grid:
+        plain = generator.pipe(prompt=g.prompt, width=64, height=64, num_inference_steps=2, guidance_scale=3.5,
+                               generator=torch.Generator("cpu").manual_seed(g.seed), max_sequence_length=64).images[0]
+        assert np.array_equal(_arr(g.image), _arr(plain))
+    encoded = []
+    real = generator.pipe.encode_prompt
+    # the pipeline's call passes the embeddings through encode_prompt too (prompt None): only texts count
+    monkeypatch.setattr(generator.pipe, "encode_prompt",
+                        lambda **kw: (kw.get("prompt") and encoded.append(kw["prompt"])) or real(**kw))
+    again = generator.generate_grid(prompts, [1], **KW)
+    assert encoded == [] and np.array_equal(_arr(again[0].image), _arr(grid[0].image))
+    generator.generate("photo of bob_flen", [1], **KW)
+    assert encoded == ["photo of bob_flen"]
+
+
 def test_character_lora_changes_output_and_weight_matters(generator, tmp_path):
     path = tmp_path / "alice_v1.safetensors"
     _flux_lora(generator, path)
@@ -59,6 +79,8 @@ def test_bad_sizes_and_empty_prompt(generator):
         generator.generate("x", [1], width=70, height=64, steps=1)
     with pytest.raises(ValueError, match="prompt is required"):
         generator.generate("", [1], **KW)
+    with pytest.raises(ValueError, match="prompt is required"):
+        generator.generate_grid([], [1], **KW)
 
 
 @pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="this torch has no CPU fp8 GEMM (torch._scaled_mm)")
@@ -94,10 +116,15 @@ def test_auto_generates_in_fp8_where_the_card_and_the_budget_allow():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs a CUDA GPU with fp8 matmuls (Ada, Hopper)")
-def test_auto_on_an_fp8_card_generates_in_fp8_with_model_offload(tmp_path):
+def test_auto_on_an_fp8_card_generates_in_fp8_with_its_components_resident(tmp_path):
     generator = FluxGenerator(model="tiny", device="cuda")
     assert generator.quantization == "fp8"
+    assert "transformer" in generator.residency.resident, "quantized on the card: counted as resident"
     path = tmp_path / "alice_v1.safetensors"
     _flux_lora(generator, path)
-    out = generator.generate("photo of alice_flen", [1], lora=path, **KW)[0]
-    assert out.params["quantization"] == "fp8" and np.isfinite(_arr(out.image)).all() and _arr(out.image).std() > 0
+    out = generator.generate_grid(["photo of alice_flen", "photo of alice_flen outdoors"], [1, 2], lora=path, **KW)
+    assert out[0].params["quantization"] == "fp8" and all(np.isfinite(_arr(o.image)).all() for o in out)
+    assert _arr(out[0].image).std() > 0
+    # the tiny pack fits the budget whole: every component went onto the card once and stayed
+    assert generator.residency.resident == {"text_encoder", "text_encoder_2", "transformer", "vae"}
+    assert generator.residency.moves == 3
