@@ -31,15 +31,23 @@ PT="python3 -m pytest -c /dev/null -p no:cacheprovider -m gpu -v"
 mkdir -p /tmp/gputests && cp tests/resources/models/test_fp8_linear.py tests/resources/trainers/test_trainers_gpu.py \
   tests/resources/generators/test_flux.py /tmp/gputests/
 # The most wanted first: the FLUX step (fp8 and nf4 with their `auto` settings, interleaved with the naive loop),
-# the FLUX chain with the fp8 generator, then the Qwen chain, the slow GPU tests last.
+# the FLUX chain (the generator now fp8 by `auto`, grids phase by phase), then the Qwen chain (the adapter, its
+# peak with expandable segments, its step with TF32 LoRA matmuls), the slow GPU tests last.
 step build_flux 200 $B/rehearsal_gpu.py --phase build_flux $COMMON
 step train_flux 420 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag fp8 \
   --variants naive,ours-compile-fp8,ours-compile,naive,ours-compile-fp8,ours-compile
 step pytest_fp8 60 $PT /tmp/gputests/test_fp8_linear.py /tmp/gputests/test_flux.py
-step flux_chain 420 $B/iteration_gpu.py --only flux_lora,lora_eval,synthetic_batch --out $R
-[ -f /tmp/plan/flux_chain ] && rm -rf /tmp/flen-rehearsal/flux  # 64 GiB of disk: one chain's models at a time
+# flux_lora's two slices compile from cold caches (~6 min together): the generation slices get a call of their own
+step flux_lora 400 $B/iteration_gpu.py --only flux_lora --out $R
+step flux_gen 360 $B/iteration_gpu.py --only lora_eval,synthetic_batch --out $R
+[ -f /tmp/plan/flux_gen ] && rm -rf /tmp/flen-rehearsal/flux  # 64 GiB of disk: one chain's models at a time
 step build_qwen 200 $B/rehearsal_gpu.py --phase build_qwen $COMMON
 step adapter 360 $B/iteration_gpu.py --only qwen_adapter --out $R
+# the adapter's card peak (16.43 GiB, goal 16) with the allocator's expandable segments: is the gap to allocated slack?
+step adapter_expandable 360 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+  $B/rehearsal_gpu.py --phase qwen_adapter $COMMON --adapter-steps 30
+step train_qwen 420 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag tf32 \
+  --variants naive,ours-compile,naive,ours-compile
 step enriched 240 $B/iteration_gpu.py --only enriched_images --out $R
 step pytest_trainers 150 $PT /tmp/gputests/test_trainers_gpu.py
 say "plan done"; finish
