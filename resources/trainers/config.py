@@ -28,8 +28,9 @@ ATTENTION_KERNELS: tuple[str, ...] = get_args(Attention)
 
 DEFAULT_CHECKPOINT_EVERY = 250
 # kept_activations "auto" with an fp8 base: FLUX's last 8 of 57 blocks skip recomputation. Measured on one H200
-# (train_gpu-flux-fp8-nvidia-h200.json): 4 kept 14.6 GiB, 8 kept 15.9 GiB and the fastest, 16 kept 18.4 GiB
-# and slower (the allocator's churn); none kept 13.6 GiB. An nf4 base (a small card) keeps none.
+# (train_gpu-flux-fp8*-nvidia-h200.json, one run each): none kept 13.6 GiB, 4 kept 14.6, 8 kept 15.9 and the
+# fastest, 16 kept 18.4 GiB and slower; within the 5 GiB the fp8 choice leaves above the weights. An nf4 base
+# (a small card) keeps none.
 FP8_KEPT_ACTIVATIONS = 8
 
 
@@ -118,8 +119,8 @@ class LoraTrainConfig:
                    lr_warmup_steps=min(cls.lr_warmup_steps, steps // 10), **rest)
 
     def resolved(self, model_key: str = "flux.1-dev", memory_budget_gib: float | None = None) -> LoraTrainConfig:
-        """This config with `auto` quantization, optimizer, kept activations and compile decided for its device, the model it trains
-        and the card memory budget (what runs and is recorded)."""
+        """This config with `auto` quantization, optimizer, kept activations and compile decided for its device,
+        the model it trains and the card memory budget (what runs and is recorded)."""
         from flen_resources.models.fp8_linear import fp8_matmuls
         from flen_resources.models.pipelines import pick_device
         from flen_resources.models.quantization import nf4_needs_cuda, pick_quantization_with_fp8
