@@ -154,7 +154,8 @@ class FluxGenerator:
         params = {"width": width, "height": height, "steps": steps, "guidance": guidance,
                   "quantization": self.quantization}
         texts = [self._encoded(prompt, max_sequence_length) for prompt in prompts]
-        # The VAE decodes inside the call; the pipeline runs on the device of its first module, the VAE.
+        # The VAE decodes inside the call; without offload hooks the pipeline runs on the device of its first
+        # module that is not on the CPU (diffusers' DiffusionPipeline.device): the card, once these are there.
         self.residency.use("transformer", "vae")
         out = []
         for prompt, (embeds, pooled) in zip(prompts, texts, strict=True):

@@ -53,6 +53,11 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def checkpoint_config(path: Path) -> dict:
+    """The config a checkpoint was saved with (its state.json's), before anything is restored from it."""
+    return json.loads((path / "state.json").read_text()).get("config") or {}
+
+
 def load_checkpoint(path: Path, optimizer: Any, lr_scheduler: Any,
                     device: torch.device) -> tuple[int, dict[str, torch.Tensor], dict]:
     """Restore optimizer and scheduler; returns (step, LoRA state dict, the state.json content)."""

@@ -49,9 +49,9 @@ def auto_optimizer(quantization: str, cuda: bool) -> str:
     return "adamw8bit" if cuda and quantization != "fp8" else "adamw"
 
 
-def auto_kept_activations(quantization: str) -> int:
-    """The `auto` kept activations: FP8_KEPT_ACTIVATIONS blocks with an fp8 base, none otherwise."""
-    return FP8_KEPT_ACTIVATIONS if quantization == "fp8" else 0
+def auto_kept_activations(quantization: str, fits_budget: bool) -> int:
+    """The `auto` kept activations: FP8_KEPT_ACTIVATIONS blocks with an fp8 base that fits the budget, else none."""
+    return FP8_KEPT_ACTIVATIONS if quantization == "fp8" and fits_budget else 0
 
 
 @dataclass
@@ -123,7 +123,7 @@ class LoraTrainConfig:
         the model it trains and the card memory budget (what runs and is recorded)."""
         from flen_resources.models.fp8_linear import fp8_matmuls
         from flen_resources.models.pipelines import pick_device
-        from flen_resources.models.quantization import nf4_needs_cuda, pick_quantization_with_fp8
+        from flen_resources.models.quantization import fp8_fits, nf4_needs_cuda, pick_quantization_with_fp8
         from flen_resources.models.registry import MODELS
         from flen_resources.models.residency import DEFAULT_MEMORY_BUDGET_GIB
 
@@ -138,7 +138,9 @@ class LoraTrainConfig:
         if quantization == "nf4" and not cuda:
             raise TrainingError(nf4_needs_cuda(device))
         optimizer = self.optimizer if self.optimizer != "auto" else auto_optimizer(quantization, cuda)
-        kept = self.kept_activations if self.kept_activations != "auto" else auto_kept_activations(quantization)
+        # fp8 asked for by hand on a card it does not fit with its reserve: no memory to spare for kept blocks
+        fits = fp8_fits(MODELS[model_key].transformer_params, budget)
+        kept = self.kept_activations if self.kept_activations != "auto" else auto_kept_activations(quantization, fits)
         return replace(self, quantization=quantization, optimizer=optimizer, kept_activations=kept,
                        compile=self.compile and cuda)
 

@@ -11,7 +11,7 @@ import gc
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,12 @@ from tqdm import tqdm
 
 from flen_resources.trainers.attention import training_attention
 from flen_resources.trainers.batching import batch_at, step_generator
-from flen_resources.trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from flen_resources.trainers.checkpoints import (
+    checkpoint_config,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from flen_resources.trainers.config import LoraTrainConfig
 
 # loss(batch, generator) -> scalar: the model's flow-matching loss on one batch, drawing from `generator`
@@ -109,11 +114,17 @@ def _training_loop(transformer: Any, examples: list[dict], config: LoraTrainConf
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     params = [p for p in transformer.parameters() if p.requires_grad]
+    checkpoint = latest_checkpoint(work_dir / "checkpoints")
+    saved_optimizer = checkpoint_config(checkpoint).get("optimizer") if checkpoint is not None else None
+    if saved_optimizer in ("adamw8bit", "adamw") and saved_optimizer != config.optimizer:
+        # Its states only load into the optimizer that saved them (8-bit blocks vs torch's moments); what
+        # `auto` picks may have changed since the run began.
+        log(f"resuming with the checkpoint's optimizer {saved_optimizer}, not {config.optimizer}")
+        config = replace(config, optimizer=saved_optimizer)
     optimizer = make_optimizer(params, config, device)
     lr_scheduler = make_lr_scheduler(optimizer, config)
 
     start, losses, eval_start = 0, [], float("nan")
-    checkpoint = latest_checkpoint(work_dir / "checkpoints")
     if checkpoint is not None:
         start, lora_state, state = load_checkpoint(checkpoint, optimizer, lr_scheduler, device)
         set_peft_model_state_dict(transformer, lora_state)

@@ -253,6 +253,21 @@ def test_comfyui_export_round_trips_through_diffusers(tmp_path: Path):
         assert gram(*factors(converted, name, 1.0), *factors(converted, name, 1.0)) == 0, name
 
 
+def test_a_resumed_run_keeps_the_optimizer_its_checkpoint_was_saved_with(dataset: Path, tmp_path: Path):
+    """An 8-bit AdamW checkpoint cannot load into torch's AdamW: a run resumed after `auto` changed keeps its own."""
+    items = _items(dataset)
+    said = []
+    trainer = FluxLoraTrainer(model="tiny", work_dir=tmp_path / "run", log=said.append)
+    trainer.train(items, _config(max_steps=2, checkpoint_every=1, optimizer="adamw8bit"), name="k")
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert state["config"]["optimizer"] == "adamw8bit"
+    said.clear()
+    trainer.train(items, _config(max_steps=3, checkpoint_every=1, optimizer="adamw"), name="k")
+    assert "resuming with the checkpoint's optimizer adamw8bit, not adamw" in said
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000003" / "state.json").read_text())
+    assert state["config"]["optimizer"] == "adamw8bit"
+
+
 # -- (e) bad input ----------------------------------------------------------------------------------
 def test_bad_input_raises_training_error(tmp_path: Path):
     trainer = FluxLoraTrainer(model="tiny", work_dir=tmp_path / "run", log=lambda _: None)
@@ -283,6 +298,7 @@ def test_auto_settings_are_decided_for_the_device():
     fp8 = LoraTrainConfig(device="cpu", quantization="fp8").resolved()
     assert (fp8.optimizer, fp8.kept_activations) == ("adamw", FP8_KEPT_ACTIVATIONS)
     assert LoraTrainConfig(device="cpu", quantization="fp8", kept_activations=2).resolved().kept_activations == 2
+    assert LoraTrainConfig(device="cpu", quantization="fp8").resolved(memory_budget_gib=12).kept_activations == 0
     assert LoraTrainConfig(device="cpu", optimizer="adamw8bit").resolved().optimizer == "adamw8bit"
     with pytest.raises(TrainingError, match="nf4 .*needs a CUDA GPU"):
         LoraTrainConfig(device="cpu", quantization="nf4").resolved()
@@ -294,8 +310,9 @@ def test_auto_optimizer_and_kept_activations_follow_the_base():
     """8-bit states where memory is tight (nf4 on a GPU); fused AdamW and kept blocks where fp8 leaves room."""
     assert auto_optimizer("nf4", cuda=True) == "adamw8bit" and auto_optimizer("none", cuda=True) == "adamw8bit"
     assert auto_optimizer("fp8", cuda=True) == "adamw" and auto_optimizer("none", cuda=False) == "adamw"
-    assert auto_kept_activations("fp8") == FP8_KEPT_ACTIVATIONS == 8
-    assert auto_kept_activations("nf4") == auto_kept_activations("none") == 0
+    assert auto_kept_activations("fp8", fits_budget=True) == FP8_KEPT_ACTIVATIONS == 8
+    assert auto_kept_activations("fp8", fits_budget=False) == 0, "fp8 by hand on a small budget: nothing to spare"
+    assert auto_kept_activations("nf4", fits_budget=True) == auto_kept_activations("none", fits_budget=True) == 0
 
 
 def test_knobs_give_the_same_config_to_the_cli_and_the_assets():
