@@ -19,7 +19,7 @@ def test_lora_matmuls_run_in_tf32_on_a_gpu_and_the_setting_comes_back():
     assert torch.get_float32_matmul_precision() == before
 
 
-def test_torch_adamw_is_fused_only_on_a_gpu():
+def test_torch_adamw_on_the_cpu_is_not_fused_and_takes_the_config():
     params = [torch.nn.Parameter(torch.zeros(4))]
     optimizer = make_optimizer(params, LoraTrainConfig(optimizer="adamw"), torch.device("cpu"))
     assert isinstance(optimizer, torch.optim.AdamW) and not optimizer.defaults["fused"]
