@@ -30,24 +30,25 @@ COMMON="--scale full --device cuda --res 1024 --workdir /tmp/flen-rehearsal"
 PT="python3 -m pytest -c /dev/null -p no:cacheprovider -m gpu -v"
 mkdir -p /tmp/gputests && cp tests/resources/models/test_fp8_linear.py tests/resources/trainers/test_trainers_gpu.py \
   tests/resources/generators/test_flux.py /tmp/gputests/
-# The most wanted first: the FLUX step (fp8 and nf4 with their `auto` settings, interleaved with the naive loop),
-# the FLUX chain (the generator now fp8 by `auto`, grids phase by phase), then the Qwen chain (the adapter, its
-# peak with expandable segments, its step with TF32 LoRA matmuls), the slow GPU tests last.
-step build_flux 200 $B/rehearsal_gpu.py --phase build_flux $COMMON
-step train_flux 420 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag fp8 \
-  --variants naive,ours-compile-fp8,ours-compile,naive,ours-compile-fp8,ours-compile
-step pytest_fp8 60 $PT /tmp/gputests/test_fp8_linear.py /tmp/gputests/test_flux.py
-# flux_lora's two slices compile from cold caches (~6 min together): the generation slices get a call of their own
+# The most wanted first (STEPS picks; each session sends what its device minutes allow):
+# - FLUX: lora_eval's grid through the fp8 generator (flux_eval; the LoRA it loads is a 2-step rehearsal run), the
+#   step with fp8 `auto` (the LoRA's matmuls in bf16) interleaved with the naive loop, the nf4 path and the LoRA in
+#   fp32 (-lora32) when there is time, the whole FLUX LoRA asset (flux_lora);
+# - Qwen: its step with expandable segments (the card peak of the adapter: is reserved-over-allocated slack?), the
+#   adapter asset, the enrichment; the GPU tests last.
+step build_flux 100 $B/rehearsal_gpu.py --phase build_flux $COMMON
+step flux_eval 300 $B/iteration_gpu.py --only lora_eval --out $R
+step train_flux 280 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag bf16-lora \
+  --variants naive,ours-compile-fp8,naive,ours-compile-fp8
+step train_flux_more 300 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag bf16-lora-more \
+  --variants naive,ours-compile,ours-compile-fp8-lora32
 step flux_lora 400 $B/iteration_gpu.py --only flux_lora --out $R
-step flux_gen 360 $B/iteration_gpu.py --only lora_eval,synthetic_batch --out $R
-[ -f /tmp/plan/flux_gen ] && rm -rf /tmp/flen-rehearsal/flux  # 64 GiB of disk: one chain's models at a time
-step build_qwen 200 $B/rehearsal_gpu.py --phase build_qwen $COMMON
+step synthetic 300 $B/iteration_gpu.py --only synthetic_batch --out $R
+# 64 GiB of disk: one chain's models at a time
+step build_qwen 150 bash -c "rm -rf /tmp/flen-rehearsal/flux && $B/rehearsal_gpu.py --phase build_qwen $COMMON"
+step train_qwen 260 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $B/train_gpu.py --model qwen-edit \
+  --workdir /tmp/flen-rehearsal/qwen --out $R --tag bf16-lora-expandable --variants naive,ours-compile,naive,ours-compile
+step pytest_gpu 200 $PT /tmp/gputests/test_fp8_linear.py /tmp/gputests/test_flux.py /tmp/gputests/test_trainers_gpu.py
 step adapter 360 $B/iteration_gpu.py --only qwen_adapter --out $R
-# the adapter's card peak (16.43 GiB, goal 16) with the allocator's expandable segments: is the gap to allocated slack?
-step adapter_expandable 360 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-  $B/rehearsal_gpu.py --phase qwen_adapter $COMMON --adapter-steps 30
-step train_qwen 420 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag tf32 \
-  --variants naive,ours-compile,naive,ours-compile
 step enriched 240 $B/iteration_gpu.py --only enriched_images --out $R
-step pytest_trainers 150 $PT /tmp/gputests/test_trainers_gpu.py
 say "plan done"; finish

@@ -94,8 +94,9 @@ def production_slices(scale: str) -> list[Slice]:
               "bf16"),
         Slice("qwen_adapter", "--adapter-steps", 2, 4 if tiny else 30, 500, "step", "bf16"),
         Slice("flux_lora", "--train-steps", 2, 4 if tiny else 60, 1500, "step", "fp8"),
-        Slice("lora_eval", "--images", 1, 2 if tiny else 4, EVAL_IMAGES, "image", "bf16"),
-        Slice("synthetic_batch", "--images", 1, 2 if tiny else 4, 16, "image", "bf16"),
+        # a grid of 2 prompts (rehearsal_gpu's), as the assets send theirs: both slices encode the same prompts
+        Slice("lora_eval", "--images", 2, 4 if tiny else 6, EVAL_IMAGES, "image", "bf16"),
+        Slice("synthetic_batch", "--images", 2, 4 if tiny else 6, 16, "image", "bf16"),
     ]
 
 

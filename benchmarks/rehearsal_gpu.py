@@ -264,10 +264,12 @@ def flux_lora(args: argparse.Namespace) -> dict:
 
 
 def generate(args: argparse.Namespace, prompts: list[str], name: str) -> dict:
-    """`args.images` images of LoRA v1 through FluxGenerator (what lora_eval and synthetic_batch call), the prompts
-    in turn, a seed each."""
+    """`args.images` images of LoRA v1 through FluxGenerator, as lora_eval and synthetic_batch call it: one grid of
+    the prompts x seeds 1..images/prompts (the text encoders once per prompt, then the transformer)."""
     from flen_resources.generators.flux import FluxGenerator
 
+    if args.images % len(prompts):
+        raise SystemExit(f"--images {args.images}: give a multiple of the {len(prompts)} prompts")
     # the assets' generator setting: auto (fp8 on an Ada/Hopper card within the budget, else nf4 on a GPU)
     gen = FluxGenerator(model=str(args.workdir / "flux"), quantization="auto" if args.device == "cuda" else "none",
                         device=args.device)
@@ -277,15 +279,16 @@ def generate(args: argparse.Namespace, prompts: list[str], name: str) -> dict:
     t = time.perf_counter()
     _ = gen.pipe
     load_s = time.perf_counter() - t
-    image_s = []
-    for n in range(args.images):
-        t = time.perf_counter()
-        for img in gen.generate(prompts[n % len(prompts)].format(trigger=TRIGGER), [n + 1], lora=lora, width=args.res,
-                                height=args.res, steps=args.eval_steps):
-            img.image.save(out / f"{n:03d}.png")
-        image_s.append(round(time.perf_counter() - t, 2))
-    return {"images": args.images, "quantization": gen.quantization, "load_s": round(load_s, 1),
-            "s_per_image": image_s, "steps": args.eval_steps}
+    t = time.perf_counter()
+    images = gen.generate_grid([p.format(trigger=TRIGGER) for p in prompts],
+                               list(range(1, args.images // len(prompts) + 1)), lora=lora, width=args.res,
+                               height=args.res, steps=args.eval_steps)
+    grid_s = time.perf_counter() - t
+    for n, img in enumerate(images):
+        img.image.save(out / f"{n:03d}.png")
+    return {"images": len(images), "quantization": gen.quantization, "load_s": round(load_s, 1),
+            "grid_s": round(grid_s, 1), "s_per_image_in_grid": round(grid_s / len(images), 2),
+            "steps": args.eval_steps}
 
 
 def lora_eval(args: argparse.Namespace) -> dict:
@@ -360,7 +363,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--train-steps", type=int, default=50, help="FLUX LoRA steps")
     ap.add_argument("--adapter-steps", type=int, default=30, help="Qwen adapter steps")
     ap.add_argument("--eval-steps", type=int, default=28, help="sampling steps of eval and synthetic images")
-    ap.add_argument("--images", type=int, default=4, help="images of lora_eval and of synthetic_batch, each")
+    ap.add_argument("--images", type=int, default=4, help="images of lora_eval and of synthetic_batch, each (a multiple "
+                    "of their 2 prompts)")
     ap.add_argument("--chains", default="qwen,flux")
     ap.add_argument("--only", default="", help="run only these phases of the chains (comma-separated)")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # internal: one phase, print JSON

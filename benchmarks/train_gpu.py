@@ -18,7 +18,7 @@ Variants:
   naive          gpu_probe: nf4 transformer, peft LoRA r16 on attention, gradient checkpointing, torch AdamW
                  (Qwen: with gpu_probe's all-ones text mask)
   ours           the trainer's own transformer + loss (trainers/base.LoraTrainer._transformer and the trainer's
-                 _loss: fp32 LoRA weights with TF32 matmuls, logit-normal timesteps, grad clipping, the config's
+                 _loss: fp32 LoRA weights with bf16 matmuls, logit-normal timesteps, grad clipping, the config's
                  `auto` optimizer: 8-bit AdamW on nf4, fused AdamW on fp8; Qwen drops an all-ones text mask) with
                  its attention (trainers/attention.py, "auto": cuDNN on Hopper+)
   ours-compile   + torch.compile of every transformer block: the trainers' defaults on a GPU
@@ -26,6 +26,7 @@ Variants:
   ...-keepN      the same with the last N blocks' activations kept, not recomputed (LoraTrainConfig.kept_activations;
                  without it, `auto`: 8 on fp8, 0 on nf4)
   ...-adamw8bit  the same with bitsandbytes' 8-bit AdamW whatever the base
+  ...-lora32     the same with the LoRA's matmuls in fp32, as peft runs them by itself (trainers/lora_precision.py)
   ...-fp8        the same on an fp8 base: e4m3 block weights, fp8 GEMMs forward and for the input gradient
                  (models/fp8_linear.py; LoraTrainConfig.quantization="fp8", what `auto` picks for FLUX on an
                  Ada/Hopper card within the 20 GiB budget). Others run nf4 on a GPU (none on the CPU).
@@ -242,7 +243,8 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         from flen_resources.trainers.attention import training_attention
         from flen_resources.trainers.batching import step_generator
         from flen_resources.trainers.config import LoraTrainConfig
-        from flen_resources.trainers.loop import lora_matmuls_in_tf32, make_optimizer
+        from flen_resources.trainers.loop import make_optimizer
+        from flen_resources.trainers.lora_precision import ComputeDtypeLinear, lora_matmuls_in
 
         if model == "flux":
             from flen_resources.trainers.flux_lora import FluxLoraTrainer
@@ -264,13 +266,16 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         quantization = config.quantization
         resolved = ResolvedModel(model, str(workdir), "folder", workdir, "random-full", "0")
         module = trainer._transformer(resolved, config, device, dtype)
+        if "-lora32" in variant:  # the LoRA's matmuls in fp32, as peft runs them by itself: what bf16 saves
+            lora_matmuls_in(module, torch.float32)
+        lora_dtype = next((m.compute_dtype for m in module.modules() if isinstance(m, ComputeDtypeLinear)),
+                          torch.float32)
         params = [p for p in module.parameters() if p.requires_grad]
         opt = make_optimizer(params, config, device)
         # Training's attention, as run_training_loop sets it; held open (a dropped context manager
         # would be finalized at once and undo it) until this function returns.
         attention = contextlib.ExitStack()
         attention.enter_context(training_attention(config.attention, device))
-        attention.enter_context(lora_matmuls_in_tf32(device))
         example = ours_example(model, res, module.config)
 
         def forward_backward(i: int) -> None:
@@ -308,7 +313,8 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         optimizer_times.append(time.perf_counter() - t_opt)
     profile = kernel_profile(lambda i: (forward_backward(i), optimizer_step()), warmup + reps, cuda) \
         if "-prof" in variant else None
-    settled = {} if variant == "naive" else {"optimizer": config.optimizer, "kept_activations": config.kept_activations}
+    settled = {} if variant == "naive" else {"optimizer": config.optimizer, "kept_activations": config.kept_activations,
+                                           "lora_matmuls": str(lora_dtype).removeprefix("torch.")}
     return {"variant": variant, "quantization": quantization, **settled, "step_s": round(statistics.median(times), 4), "step_times_s": [round(x, 4) for x in times],
             **({"profile": profile} if profile else {}),
             "optimizer_s": round(statistics.median(optimizer_times), 4),

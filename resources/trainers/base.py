@@ -6,7 +6,8 @@
 2. encode every example once through the feature cache, loading the model's encoders only on a
    cache miss and freeing them before the transformer loads (`_load_encoders`, `_encode`);
 3. load the frozen transformer (fp8 blocks with fp8 matmuls when the card has them and the budget allows,
-   nf4 on other CUDA cards, or plain) and add a fresh fp32 peft LoRA (`_transformer_class`);
+   nf4 on other CUDA cards, or plain) and add a fresh fp32 peft LoRA, its matmuls in bf16 on a GPU
+   (`_transformer_class`, lora_precision.py);
 4. the training loop with checkpoints and resume (loop.py), the model giving its loss for one
    batch (`_loss`) and, every config.sample_every steps, previews (`_preview_pipeline`, `_preview`);
 5. write the LoRA, its ComfyUI-key twin (`_export_comfyui`) and the loss curve (lora_files.py).
@@ -34,6 +35,7 @@ from flen_resources.trainers.cache import FeatureCache
 from flen_resources.trainers.config import LoraTrainConfig, TrainingError, TrainResult
 from flen_resources.trainers.loop import free_memory, peak_gib, run_training_loop
 from flen_resources.trainers.lora_files import list_snapshots, snapshot_stem, write_lora_pair, write_outputs
+from flen_resources.trainers.lora_precision import lora_matmuls_in
 
 Input = TypeVar("Input")  # one training example as the caller gives it (TrainItem, Triplet)
 
@@ -169,6 +171,8 @@ class LoraTrainer(Generic[Input]):
         for p in transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
+        if device.type == "cuda":  # their matmuls run in the base's dtype (lora_precision.py); a CPU keeps fp32
+            lora_matmuls_in(transformer, dtype)
         use_attention(transformer, config.attention, device)
         if config.gradient_checkpointing:
             kept = compute_blocks(transformer)[len(compute_blocks(transformer)) - config.kept_activations:] \

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,22 +51,6 @@ def make_optimizer(params: list[torch.nn.Parameter], config: LoraTrainConfig,
     return torch.optim.AdamW(params, **options, fused=device.type == "cuda")
 
 
-@contextmanager
-def lora_matmuls_in_tf32(device: torch.device) -> Iterator[None]:
-    """While inside, a GPU runs fp32 matmuls in TF32 on tensor cores; the process's setting comes back on exit."""
-    # The LoRA weights train in fp32, so peft runs their matmuls in fp32: on an H200 these took the CUDA
-    # cores' FFMA kernels, about 50 ms of a 0.49 s FLUX step (train_gpu's -prof variant). TF32 keeps fp32's range.
-    if device.type != "cuda":
-        yield
-        return
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # "high": TF32 (or better) for fp32 matmuls
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-
-
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: LoraTrainConfig) -> Any:
     """diffusers' named schedule (config.lr_scheduler) with config.lr_warmup_steps over config.max_steps."""
     from diffusers.optimization import get_scheduler
@@ -92,9 +75,9 @@ def run_training_loop(transformer: Any, examples: list[dict], config: LoraTrainC
                       device: torch.device, loss: LossFn, log: Callable[[str], None], group_key: str = "bucket",
                       previews: Callable[[int], list[Path]] | None = None,
                       snapshot: Callable[[int], None] | None = None) -> LoopResult:
-    """Train (or resume from work_dir/checkpoints) to config.max_steps, with training's attention
-    kernel and TF32 LoRA matmuls (see `_training_loop`)."""
-    with training_attention(config.attention, device), lora_matmuls_in_tf32(device):
+    """Train (or resume from work_dir/checkpoints) to config.max_steps with training's attention kernel
+    (see `_training_loop`)."""
+    with training_attention(config.attention, device):
         return _training_loop(transformer, examples, config, work_dir, name, device, loss, log, group_key, previews,
                               snapshot)
 

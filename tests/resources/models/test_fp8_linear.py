@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from torch.nn.attention import SDPBackend
 
-from flen_resources.models.fp8_linear import E4M3, Fp8Linear, blocks_to_fp8, fp8_matmuls, quantize_rows
+from flen_resources.models.fp8_linear import (
+    E4M3,
+    Fp8Linear,
+    _quantize_activation,
+    blocks_to_fp8,
+    fp8_matmuls,
+    quantize_rows,
+)
 from flen_resources.models.quantization import FP8_TRAINING_RESERVE_GIB, fp8_fits, pick_quantization_with_fp8
 from flen_resources.models.registry import MODELS
 from flen_resources.trainers.config import LoraTrainConfig, TrainingError
@@ -120,6 +127,17 @@ def test_lora_gradients_of_full_width_flux_blocks_in_fp8_are_those_of_bf16():
     and 512 text tokens, the trainer's loss: LoRA gradients within cosine 0.98 of bf16's (issue 15's bound)."""
     cosines = _lora_grad_cosines(torch.device("cuda"), heads=24, latent_side=128)
     assert min(cosines.values()) >= 0.98, sorted(cosines.items(), key=lambda kv: kv[1])[:4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not fp8_matmuls(torch.device("cuda")),
+                    reason="needs a CUDA GPU with fp8 matmuls (Ada, Hopper)")
+def test_an_eager_forward_on_the_card_quantizes_its_activation_in_one_compiled_kernel_to_the_same_values():
+    x = torch.randn(4608, 3072, device="cuda", dtype=torch.bfloat16) * 3
+    q, scale = _quantize_activation(x)  # eager on CUDA: the compiled quantize_rows
+    q_ref, scale_ref = quantize_rows(x)
+    assert torch.equal(scale, scale_ref)
+    assert (q.float() != q_ref.float()).float().mean() < 1e-3  # a last-bit rounding at most, on a few values
 
 
 def test_the_trainer_trains_a_tiny_lora_on_an_fp8_base(tmp_path):
