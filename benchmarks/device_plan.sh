@@ -35,7 +35,7 @@ mkdir -p /tmp/gputests && cp tests/resources/models/test_fp8_linear.py tests/res
 #   step with fp8 `auto` (the LoRA's matmuls in bf16) interleaved with the naive loop, the nf4 path and the LoRA in
 #   fp32 (-lora32) when there is time, the whole FLUX LoRA asset (flux_lora);
 # - Qwen: its step with expandable segments (the card peak of the adapter: is reserved-over-allocated slack?), the
-#   adapter asset, the enrichment; the GPU tests last.
+#   adapter asset, the enrichment. The GPU tests (tiny pack) before the Qwen build.
 step build_flux 100 $B/rehearsal_gpu.py --phase build_flux $COMMON
 step flux_eval 300 $B/iteration_gpu.py --only lora_eval --out $R
 step train_flux 280 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag bf16-lora \
@@ -44,11 +44,11 @@ step train_flux_more 300 $B/train_gpu.py --model flux --workdir /tmp/flen-rehear
   --variants naive,ours-compile,ours-compile-fp8-lora32
 step flux_lora 400 $B/iteration_gpu.py --only flux_lora --out $R
 step synthetic 300 $B/iteration_gpu.py --only synthetic_batch --out $R
+step pytest_gpu 200 $PT /tmp/gputests/test_fp8_linear.py /tmp/gputests/test_flux.py /tmp/gputests/test_trainers_gpu.py
 # 64 GiB of disk: one chain's models at a time
 step build_qwen 150 bash -c "rm -rf /tmp/flen-rehearsal/flux && $B/rehearsal_gpu.py --phase build_qwen $COMMON"
-step train_qwen 260 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $B/train_gpu.py --model qwen-edit \
-  --workdir /tmp/flen-rehearsal/qwen --out $R --tag bf16-lora-expandable --variants naive,ours-compile,naive,ours-compile
-step pytest_gpu 200 $PT /tmp/gputests/test_fp8_linear.py /tmp/gputests/test_flux.py /tmp/gputests/test_trainers_gpu.py
+step train_qwen 150 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $B/train_gpu.py --model qwen-edit \
+  --workdir /tmp/flen-rehearsal/qwen --out $R --tag bf16-lora-expandable --variants naive,ours-compile
 step adapter 360 $B/iteration_gpu.py --only qwen_adapter --out $R
 step enriched 240 $B/iteration_gpu.py --only enriched_images --out $R
 say "plan done"; finish
