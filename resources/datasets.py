@@ -39,6 +39,27 @@ def dataset_items(folder: Path) -> tuple[list[TrainItem], str]:
     return items, digest.hexdigest()
 
 
+class PromptError(ValueError):
+    """A prompt template a generating asset cannot use; the message names the setting and the fix."""
+
+
+def prompts_with_trigger(templates: list[str], trigger: str, setting: str) -> list[str]:
+    """Each template with `{trigger}` filled in; PromptError naming `setting` for none, a blank or a bad field."""
+    if not templates:
+        raise PromptError(f"{setting} is empty: give at least one prompt, e.g. \"photo of {{trigger}}, portrait\"")
+    prompts = []
+    for i, template in enumerate(templates):
+        try:
+            prompt = template.format(trigger=trigger)
+        except (KeyError, IndexError, ValueError) as exc:  # {name}, {0}, a lone brace
+            raise PromptError(f"{setting}[{i}] {template!r}: only {{trigger}} can be filled in ({exc!r}); write "
+                              "a literal brace as {{ or }}") from exc
+        if not prompt.strip():
+            raise PromptError(f"{setting}[{i}] is blank: give the prompt text, e.g. \"photo of {{trigger}}\"")
+        prompts.append(prompt)
+    return prompts
+
+
 def trigger_word(training_set_rows: list[dict], character: str) -> str:
     """The trigger word of a training set: its captions read 'photo of <trigger>[, what changed]'."""
     caption = training_set_rows[0]["caption"] if training_set_rows else ""

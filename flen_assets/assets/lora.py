@@ -42,7 +42,7 @@ from flen_resources.checkpoint_selection import (
     promotion_in_force,
     score_checkpoint,
 )
-from flen_resources.datasets import trigger_word
+from flen_resources.datasets import PromptError, prompts_with_trigger, trigger_word
 from flen_resources.evaluation import (
     compare_consistency,
     format_metric,
@@ -134,6 +134,14 @@ def stage_checkpoints(snapshots: list[tuple[int, Path]], staged: Path, losses: l
     return listed
 
 
+def config_prompts(asset: str, templates: list[str], trigger: str) -> list[str]:
+    """The config's prompt templates with the trigger word; a run that cannot use them fails with the fix."""
+    try:
+        return prompts_with_trigger(templates, trigger, f"{asset}'s config `prompts`")
+    except PromptError as exc:
+        raise dg.Failure(str(exc)) from exc
+
+
 class EvalConfig(dg.Config):
     """The fixed evaluation grid: every prompt x every seed, with the LoRA at `lora_weight`."""
 
@@ -175,9 +183,9 @@ def lora_eval(context: dg.AssetExecutionContext, config: EvalConfig, project: Pr
     config = run.sized(config, run_settings)
     reference = Reference.load(identity_reference.path)
     trigger = trigger_word(training_set.rows(), run.character)
+    prompts = config_prompts("lora_eval", config.prompts, trigger)
     gen = generator.get()
     shape = {"width": config.size, "height": config.size, "steps": config.steps}
-    prompts = [template.format(trigger=trigger) for template in config.prompts]
     training = TrainingFaces.of([Image.open(training_set.path / r["file"]) for r in training_set.rows()],
                                 faces.analyzer)
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
@@ -432,6 +440,7 @@ def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, 
     config = run.sized(config, run_settings)
     reference = Reference.load(identity_reference.path)
     trigger = trigger_word(training_set.rows(), run.character)
+    prompts = config_prompts("synthetic_batch", config.prompts, trigger)
     gen = generator.get()
     staged = project.dvc.stage(run.asset, run.character, run.iteration)
     (staged / "images").mkdir()
@@ -444,7 +453,6 @@ def synthetic_batch(context: dg.AssetExecutionContext, config: SyntheticConfig, 
     judge = ImageJudge(faces.analyzer, reference, GateSettings(), policy,
                        human_decisions(run.project, run.lineage, run.asset, run.character, run.iteration), run.stamp)
     rows, tiles, image_rows, edge_rows, decision_rows = [], [], [], [], []
-    prompts = [template.format(trigger=trigger) for template in config.prompts]
     for out in gen.generate_grid(prompts, config.seeds, lora=lora.file, lora_weight=config.lora_weight,
                                  width=config.size, height=config.size, steps=config.steps):
         prompt = out.prompt

@@ -11,12 +11,18 @@ import pytest
 from PIL import Image
 
 from flen_assets.assets.common import readable_metadata
-from flen_assets.assets.lora import EvalConfig, _sheet_tiles
+from flen_assets.assets.lora import EvalConfig, _sheet_tiles, config_prompts
 from flen_assets.instance import get_instance
 from flen_assets.visuals import NEUTRAL, REJECT, contact_sheet, labelled_grid
 from flen_resources.project import CONTACT_SHEET, EVAL_EVOLUTION, EVAL_HISTORY
 
 NAN = float("nan")
+
+
+def test_an_empty_prompt_list_fails_the_run_naming_the_asset_and_its_setting():
+    with pytest.raises(dg.Failure, match="lora_eval's config `prompts` is empty: give at least one prompt"):
+        config_prompts("lora_eval", [], "ada_flen")
+    assert config_prompts("synthetic_batch", ["photo of {trigger}"], "ada_flen") == ["photo of ada_flen"]
 
 
 def test_nan_metadata_reads_as_why():

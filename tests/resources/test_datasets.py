@@ -1,10 +1,13 @@
-"""dataset_items: a training_set folder or a flat folder of images, with captions, and one md5 of it all."""
+"""dataset_items: a training_set folder or a flat folder of images, with captions, and one md5 of it all; the
+generating assets' prompt templates with the trigger word."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from flen_resources.datasets import dataset_images, dataset_items
+import pytest
+
+from flen_resources.datasets import PromptError, dataset_images, dataset_items, prompts_with_trigger
 
 
 def _folder(root: Path) -> list[Path]:
@@ -55,3 +58,20 @@ def test_md5_follows_names_bytes_and_captions(tmp_path: Path):
 def test_empty_folder(tmp_path: Path):
     items, md5 = dataset_items(tmp_path)
     assert items == [] and md5 == "d41d8cd98f00b204e9800998ecf8427e"
+
+
+def test_prompt_templates_take_the_trigger_word():
+    assert prompts_with_trigger(["photo of {trigger}", "{trigger} {{smiling}}"], "ada_flen", "cfg") == [
+        "photo of ada_flen", "ada_flen {smiling}"]
+
+
+@pytest.mark.parametrize(("templates", "names"), [
+    ([], ["cfg is empty", "give at least one prompt"]),
+    (["photo of {trigger}", "  "], ["cfg[1] is blank"]),
+    (["photo of {name}"], ["cfg[0] 'photo of {name}'", "only {trigger}", "{{"]),
+    (["photo of {trigger"], ["cfg[0]", "only {trigger}"]),
+])
+def test_unusable_prompt_templates_name_the_setting_the_entry_and_the_fix(templates, names):
+    with pytest.raises(PromptError) as err:
+        prompts_with_trigger(templates, "ada_flen", "cfg")
+    assert all(name in str(err.value) for name in names), str(err.value)
