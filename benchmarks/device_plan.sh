@@ -40,6 +40,10 @@ step build_flux 100 $B/rehearsal_gpu.py --phase build_flux $COMMON
 step flux_eval 300 $B/iteration_gpu.py --only lora_eval --out $R
 step train_flux 280 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag bf16-lora \
   --variants naive,ours-compile-fp8,naive,ours-compile-fp8
+# trials for the fp8 step's 2.0x (0.420 s against 0.761 in session 12): no whole-block checkpoints, torch's activation
+# memory budget choosing what the compiled blocks recompute (attention and matmul outputs saved first)
+step flux_trials 420 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag memory-budget \
+  --variants naive,ours-compile-fp8,ours-compile-fp8-keep57-mbudget0.2,ours-compile-fp8-keep57-mbudget0.35,naive,ours-compile-fp8
 step train_flux_more 300 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag bf16-lora-more \
   --variants naive,ours-compile,ours-compile-fp8-lora32
 step flux_lora 400 $B/iteration_gpu.py --only flux_lora --out $R
@@ -49,6 +53,9 @@ step pytest_gpu 200 $PT /tmp/gputests/test_fp8_linear.py /tmp/gputests/test_flux
 step build_qwen 150 bash -c "rm -rf /tmp/flen-rehearsal/flux && $B/rehearsal_gpu.py --phase build_qwen $COMMON"
 step train_qwen 150 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $B/train_gpu.py --model qwen-edit \
   --workdir /tmp/flen-rehearsal/qwen --out $R --tag bf16-lora-expandable --variants naive,ours-compile
+# a trial for the adapter's 16 GiB: nf4 with double quantization (its absmax in 8 bits), and the step's profile
+step qwen_trials 260 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag dq \
+  --variants naive,ours-compile-dq,ours-compile-prof
 step adapter 360 $B/iteration_gpu.py --only qwen_adapter --out $R
 step enriched 240 $B/iteration_gpu.py --only enriched_images --out $R
 say "plan done"; finish

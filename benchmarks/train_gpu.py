@@ -27,6 +27,11 @@ Variants:
                  without it, `auto`: 8 on fp8, 0 on nf4)
   ...-adamw8bit  the same with bitsandbytes' 8-bit AdamW whatever the base
   ...-lora32     the same with the LoRA's matmuls in fp32, as peft runs them by itself (trainers/lora_precision.py)
+  ...-mbudgetF   trial: torch's activation memory budget F (0-1) for the compiled blocks' own forward/backward split
+                 (AOTAutograd's partitioner saves matmul and attention outputs, recomputes what is cheap, within F
+                 of saving everything); with -keep57 no block is wrapped in a whole-block checkpoint
+  ...-dq         trial: the nf4 base with bitsandbytes' double quantization (absmax in 8 bits: ~1 GiB less on
+                 Qwen-Image-Edit's 20B transformer)
   ...-fp8        the same on an fp8 base: e4m3 block weights, fp8 GEMMs forward and for the input gradient
                  (models/fp8_linear.py; LoraTrainConfig.quantization="fp8", what `auto` picks for FLUX on an
                  Ada/Hopper card within the 20 GiB budget). Others run nf4 on a GPU (none on the CPU).
@@ -239,6 +244,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
+        from flen_resources.models.pipelines import nf4_kwargs
         from flen_resources.models.sources import ResolvedModel
         from flen_resources.trainers.attention import training_attention
         from flen_resources.trainers.batching import step_generator
@@ -264,6 +270,14 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
             attention="flash" if "-flash" in variant else "auto",
             kept_activations=int(re.search(r"-keep(\d+)", variant).group(1)) if "-keep" in variant else "auto"))
         quantization = config.quantization
+        if "-mbudget" in variant:  # trials for the next defaults, this process only: see the variants above
+            import torch._functorch.config as functorch_config
+
+            functorch_config.activation_memory_budget = float(re.search(r"-mbudget([\d.]+)", variant).group(1))
+        if "-dq" in variant:
+            import flen_resources.trainers.base as trainer_base
+
+            trainer_base.nf4_kwargs = lambda: {**nf4_kwargs(), "bnb_4bit_use_double_quant": True}
         resolved = ResolvedModel(model, str(workdir), "folder", workdir, "random-full", "0")
         module = trainer._transformer(resolved, config, device, dtype)
         if "-lora32" in variant:  # the LoRA's matmuls in fp32, as peft runs them by itself: what bf16 saves
@@ -314,6 +328,9 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
     profile = kernel_profile(lambda i: (forward_backward(i), optimizer_step()), warmup + reps, cuda) \
         if "-prof" in variant else None
     settled = {} if variant == "naive" else {"optimizer": config.optimizer, "kept_activations": config.kept_activations,
+                                           **({"activation_memory_budget": functorch_config.activation_memory_budget}
+                                              if "-mbudget" in variant else {}),
+                                           **({"nf4_double_quant": True} if "-dq" in variant else {}),
                                            "lora_matmuls": str(lora_dtype).removeprefix("torch.")}
     return {"variant": variant, "quantization": quantization, **settled, "step_s": round(statistics.median(times), 4), "step_times_s": [round(x, 4) for x in times],
             **({"profile": profile} if profile else {}),
