@@ -9,6 +9,7 @@ another one's run.
 from __future__ import annotations
 
 import hashlib
+import string
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,11 +50,17 @@ def prompts_with_trigger(templates: list[str], trigger: str, setting: str) -> li
         raise PromptError(f"{setting} is empty: give at least one prompt, e.g. \"photo of {{trigger}}, portrait\"")
     prompts = []
     for i, template in enumerate(templates):
-        try:
-            prompt = template.format(trigger=trigger)
-        except (KeyError, IndexError, ValueError) as exc:  # {name}, {0}, a lone brace
-            raise PromptError(f"{setting}[{i}] {template!r}: only {{trigger}} can be filled in ({exc!r}); write "
-                              "a literal brace as {{ or }}") from exc
+        where = f"{setting}[{i}] {template!r}"
+        try:  # only a bare {trigger}: str.format would also run {trigger.upper}, {trigger!r} or {trigger:>9999}
+            fields = [field for _, *field in string.Formatter().parse(template) if field[0] is not None]
+        except ValueError as exc:  # a lone brace
+            raise PromptError(f"{where}: {exc}; write a literal brace as {{{{ or }}}}") from exc
+        bad = next(("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+                    for name, spec, conversion in fields if (name, spec, conversion) != ("trigger", "", None)), None)
+        if bad is not None:
+            raise PromptError(f"{where}: only {{trigger}} can be filled in, not {bad}; write a literal brace as "
+                              "{{ or }}")
+        prompt = template.format(trigger=trigger)
         if not prompt.strip():
             raise PromptError(f"{setting}[{i}] is blank: give the prompt text, e.g. \"photo of {{trigger}}\"")
         prompts.append(prompt)

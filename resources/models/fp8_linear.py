@@ -16,11 +16,13 @@ The first and last layers of the model (embedders, output projection) stay in bf
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max
 # torch._scaled_mm on CUDA needs both sides of the GEMM in multiples of 16.
@@ -54,7 +56,12 @@ def _quantize_activation(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         return quantize_rows(rows)
     if _compiled_quantize_rows is None:
         _compiled_quantize_rows = torch.compile(quantize_rows)
-    return _compiled_quantize_rows(rows)
+    try:
+        return _compiled_quantize_rows(rows)
+    except Exception as exc:  # torch.compile needs Triton and a C compiler: without them, the eager kernels
+        log.warning("fp8 layers quantize their activations eagerly (slower): torch.compile failed: %s", exc)
+        _compiled_quantize_rows = quantize_rows
+        return quantize_rows(rows)
 
 
 def _scaled_mm(rows: torch.Tensor, b_t: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -34,11 +34,12 @@ def lora_matmuls_in(transformer: nn.Module, dtype: torch.dtype) -> int:
     for layer in transformer.modules():
         if not isinstance(layer, LoraLayer):
             continue
+        linears = [m for adapters in (layer.lora_A, layer.lora_B) for m in adapters.values()]
+        if not linears or any(type(m) not in (nn.Linear, ComputeDtypeLinear) for m in linears):
+            continue  # a Conv or another kind of LoRA keeps peft's cast of its input to its weights' dtype
+        for linear in linears:
+            linear.__class__ = ComputeDtypeLinear  # same parameters, same names: only the forward changes
+            linear.compute_dtype = dtype
+            swapped += 1
         layer.cast_input_dtype_enabled = False  # peft's cast of the input to the LoRA weights' dtype (fp32)
-        for adapters in (layer.lora_A, layer.lora_B):
-            for linear in adapters.values():
-                if type(linear) in (nn.Linear, ComputeDtypeLinear):
-                    linear.__class__ = ComputeDtypeLinear  # same parameters, same names: only the forward changes
-                    linear.compute_dtype = dtype
-                    swapped += 1
     return swapped

@@ -68,8 +68,12 @@ def test_prompt_templates_take_the_trigger_word():
 @pytest.mark.parametrize(("templates", "names"), [
     ([], ["cfg is empty", "give at least one prompt"]),
     (["photo of {trigger}", "  "], ["cfg[1] is blank"]),
-    (["photo of {name}"], ["cfg[0] 'photo of {name}'", "only {trigger}", "{{"]),
-    (["photo of {trigger"], ["cfg[0]", "only {trigger}"]),
+    (["photo of {name}"], ["cfg[0] 'photo of {name}'", "only {trigger} can be filled in, not {name}", "{{"]),
+    (["photo of {trigger"], ["cfg[0]", "expected '}'", "{{"]),
+    (["{trigger.upper}"], ["not {trigger.upper}"]),  # str.format would put a bound method's repr in the prompt
+    (["{trigger!r}"], ["not {trigger!r}"]),
+    (["{trigger:>99999999999}"], ["not {trigger:>99999999999}"]),  # str.format: MemoryError
+    (["{trigger[x]}"], ["not {trigger[x]}"]),  # str.format: TypeError
 ])
 def test_unusable_prompt_templates_name_the_setting_the_entry_and_the_fix(templates, names):
     with pytest.raises(PromptError) as err:

@@ -140,6 +140,22 @@ def test_an_eager_forward_on_the_card_quantizes_its_activation_in_one_compiled_k
     assert (q.float() != q_ref.float()).float().mean() < 1e-3  # a last-bit rounding at most, on a few values
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not fp8_matmuls(torch.device("cuda")),
+                    reason="needs a CUDA GPU with fp8 matmuls (Ada, Hopper)")
+def test_without_a_working_compiler_the_activation_is_quantized_eagerly(monkeypatch, caplog):
+    import flen_resources.models.fp8_linear as fp8_linear
+
+    def broken(rows):
+        raise RuntimeError("no Triton here")
+
+    monkeypatch.setattr(fp8_linear, "_compiled_quantize_rows", broken)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    q, scale = _quantize_activation(x)
+    assert torch.equal(q.float(), quantize_rows(x)[0].float()) and "torch.compile failed" in caplog.text
+    assert fp8_linear._compiled_quantize_rows is quantize_rows  # tried once, not at every layer
+
+
 def test_the_trainer_trains_a_tiny_lora_on_an_fp8_base(tmp_path):
     from PIL import Image
 

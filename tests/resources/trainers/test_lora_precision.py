@@ -56,3 +56,17 @@ def test_fp32_matmuls_again_give_peft_s_own_result():
     lora_matmuls_in(model, torch.float32)  # what train_gpu's -lora32 variant measures
     out, _ = lora_grads(model, x)
     assert torch.equal(out, reference)
+
+
+def test_a_conv_lora_is_left_to_peft_s_own_cast():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(4)).to(torch.bfloat16)
+    model(torch.zeros(1, 3, 6, 6, dtype=torch.bfloat16))  # materialize the lazy Linear
+    model.requires_grad_(False)
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0", "2"]), model)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    assert lora_matmuls_in(model, torch.bfloat16) == 2  # the Linear's A and B; the Conv's are not Linears
+    out = model(torch.randn(1, 3, 6, 6, dtype=torch.bfloat16))  # the Conv LoRA still gets fp32 input
+    assert out.dtype == torch.bfloat16
