@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # pipelines imports torch: the Dagster definitions import thi
     from flen_resources.models.quantization import QuantizationSettingWithFp8
 
 # In every LoRA file's metadata: bump it when the same config and data would train a different LoRA.
-TRAINER_VERSION = "2"  # 2: on a GPU, TF32 LoRA matmuls and fused AdamW with an fp8 base
+TRAINER_VERSION = "3"  # 2: on a GPU, fused AdamW with an fp8 base; 3: on a GPU, the LoRA's matmuls in bf16
 
 # auto: 8-bit AdamW on a CUDA GPU with an nf4 base (its states take a quarter of the memory), torch's fused
 # AdamW with an fp8 base (the budget has room: bitsandbytes launches kernels per tensor, 33 ms of a 0.49 s
