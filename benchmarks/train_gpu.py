@@ -24,14 +24,14 @@ Variants:
   ours-compile   + torch.compile of every transformer block: the trainers' defaults on a GPU
   ...-flash      the same with torch's flash SDPA instead of cuDNN (LoraTrainConfig.attention="flash")
   ...-keepN      the same with the last N blocks' activations kept, not recomputed (LoraTrainConfig.kept_activations;
-                 without it, `auto`: 8 on fp8, 0 on nf4)
+                 -keepall: no block checkpointed; without it, `auto`: all on a compiled fp8 base, 0 on nf4)
   ...-adamw8bit  the same with bitsandbytes' 8-bit AdamW whatever the base
   ...-lora32     the same with the LoRA's matmuls in fp32, as peft runs them by itself (trainers/lora_precision.py)
-  ...-mbudgetF   trial: torch's activation memory budget F (0-1) for the compiled blocks' own forward/backward split
-                 (AOTAutograd's partitioner saves matmul and attention outputs, recomputes what is cheap, within F
-                 of saving everything); with -keep57 no block is wrapped in a whole-block checkpoint
-  ...-dq         trial: the nf4 base with bitsandbytes' double quantization (absmax in 8 bits: ~1 GiB less on
-                 Qwen-Image-Edit's 20B transformer)
+  ...-mbudgetF   the compiled blocks' activation memory budget F (0-1]: AOTAutograd's partitioner saves matmul and
+                 attention outputs, recomputes what is cheap, within F of saving everything
+                 (LoraTrainConfig.activation_budget; without it, `auto`: 0.2 with every block kept, else 1.0)
+  ...-nodq       the nf4 base without bitsandbytes' double quantization (the trainer's nf4 quantizes its absmax in
+                 8 bits: ~1 GiB less on Qwen-Image-Edit's 20B transformer)
   ...-fp8        the same on an fp8 base: e4m3 block weights, fp8 GEMMs forward and for the input gradient
                  (models/fp8_linear.py; LoraTrainConfig.quantization="fp8", what `auto` picks for FLUX on an
                  Ada/Hopper card within the 20 GiB budget). Others run nf4 on a GPU (none on the CPU).
@@ -249,7 +249,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         from flen_resources.trainers.attention import training_attention
         from flen_resources.trainers.batching import step_generator
         from flen_resources.trainers.config import LoraTrainConfig
-        from flen_resources.trainers.loop import make_optimizer
+        from flen_resources.trainers.loop import compiled_activation_budget, grow_segments_in_place, make_optimizer
         from flen_resources.trainers.lora_precision import ComputeDtypeLinear, lora_matmuls_in
 
         if model == "flux":
@@ -262,22 +262,21 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
             trainer = QwenEditLoraTrainer(model=str(workdir), work_dir=workdir / "run", log=lambda m: None,
                                           model_key=edit_model)
         quantization = "fp8" if "-fp8" in variant else quantization
+        grow_segments_in_place(device)  # as LoraTrainer.train sets the allocator on a GPU
         # The trainer's own `auto` choices for this base (LoraTrainConfig.resolved): optimizer, kept activations
         config = trainer.settle(LoraTrainConfig(
             rank=16, alpha=16, quantization=quantization, resolution=res,
             optimizer="adamw8bit" if "-adamw8bit" in variant else "auto",
             compile=variant.startswith("ours-compile"), device=device_name,
             attention="flash" if "-flash" in variant else "auto",
-            kept_activations=int(re.search(r"-keep(\d+)", variant).group(1)) if "-keep" in variant else "auto"))
+            kept_activations=kept_variant(variant),
+            activation_budget=float(re.search(r"-mbudget([\d.]+)", variant).group(1)) if "-mbudget" in variant
+            else "auto"))
         quantization = config.quantization
-        if "-mbudget" in variant:  # trials for the next defaults, this process only: see the variants above
-            import torch._functorch.config as functorch_config
-
-            functorch_config.activation_memory_budget = float(re.search(r"-mbudget([\d.]+)", variant).group(1))
-        if "-dq" in variant:
+        if "-nodq" in variant:  # the trainer's nf4 without double quantization: what it saves
             import flen_resources.trainers.base as trainer_base
 
-            trainer_base.nf4_kwargs = lambda: {**nf4_kwargs(), "bnb_4bit_use_double_quant": True}
+            trainer_base.nf4_kwargs = lambda double_quant=False: nf4_kwargs()
         resolved = ResolvedModel(model, str(workdir), "folder", workdir, "random-full", "0")
         module = trainer._transformer(resolved, config, device, dtype)
         if "-lora32" in variant:  # the LoRA's matmuls in fp32, as peft runs them by itself: what bf16 saves
@@ -290,6 +289,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         # would be finalized at once and undo it) until this function returns.
         attention = contextlib.ExitStack()
         attention.enter_context(training_attention(config.attention, device))
+        attention.enter_context(compiled_activation_budget(config.activation_budget))
         example = ours_example(model, res, module.config)
 
         def forward_backward(i: int) -> None:
@@ -328,9 +328,9 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
     profile = kernel_profile(lambda i: (forward_backward(i), optimizer_step()), warmup + reps, cuda) \
         if "-prof" in variant else None
     settled = {} if variant == "naive" else {"optimizer": config.optimizer, "kept_activations": config.kept_activations,
-                                           **({"activation_memory_budget": functorch_config.activation_memory_budget}
-                                              if "-mbudget" in variant else {}),
-                                           **({"nf4_double_quant": True} if "-dq" in variant else {}),
+                                           "activation_budget": config.activation_budget,
+                                           **({"nf4_double_quant": "-nodq" not in variant}
+                                              if quantization == "nf4" else {}),
                                            "lora_matmuls": str(lora_dtype).removeprefix("torch.")}
     return {"variant": variant, "quantization": quantization, **settled, "step_s": round(statistics.median(times), 4), "step_times_s": [round(x, 4) for x in times],
             **({"profile": profile} if profile else {}),
@@ -340,6 +340,12 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
             "weights_gib": round(weights_gib, 3) if cuda else None, "load_s": round(load_s, 1),
             "warmup_s": round(warmup_s, 1), "lora_params_m": round(sum(p.numel() for p in params) / 1e6, 2),
             "model_flops": model_flops(module, model, res)}
+
+
+def kept_variant(variant: str) -> int | str:
+    """LoraTrainConfig.kept_activations for a variant: -keepN, -keepall, else auto."""
+    found = re.search(r"-keep(\d+|all)", variant)
+    return "auto" if not found else found.group(1) if found.group(1) == "all" else int(found.group(1))
 
 
 def kernel_profile(step, first: int, cuda: bool, steps: int = 2, top: int = 30) -> list[dict]:

@@ -50,10 +50,10 @@ def nf4_config(pipeline: str, components: list[str] | None = None) -> Any:
                                       components_to_quantize=components or QUANTIZABLE[pipeline])
 
 
-def nf4_kwargs() -> dict[str, Any]:
-    """The one nf4 setting (bitsandbytes 4-bit NormalFloat, bf16 compute) for inference and training alike."""
+def nf4_kwargs(double_quant: bool = False) -> dict[str, Any]:
+    """The one nf4 setting (bitsandbytes 4-bit NormalFloat, bf16 compute); training adds double quantization."""
     return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16,
-            "bnb_4bit_use_double_quant": False}
+            "bnb_4bit_use_double_quant": double_quant}
 
 
 def load_nf4_components(model: ResolvedModel, pipeline: str, dtype: torch.dtype) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from flen_resources.models.sources import ResolvedModel, resolve_model
 from flen_resources.trainers.attention import use_attention
 from flen_resources.trainers.cache import FeatureCache
 from flen_resources.trainers.config import LoraTrainConfig, TrainingError, TrainResult
-from flen_resources.trainers.loop import free_memory, peak_gib, run_training_loop
+from flen_resources.trainers.loop import free_memory, grow_segments_in_place, peak_gib, run_training_loop
 from flen_resources.trainers.lora_files import list_snapshots, snapshot_stem, write_lora_pair, write_outputs
 from flen_resources.trainers.lora_precision import lora_matmuls_in
 
@@ -92,6 +92,7 @@ class LoraTrainer(Generic[Input]):
         device = pick_device(config.device)
         dtype = pick_dtype(device)
         if device.type == "cuda":
+            grow_segments_in_place(device)
             torch.cuda.reset_peak_memory_stats()
         resolved = resolve_model(self.model_key, self.model_source)
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +158,9 @@ class LoraTrainer(Generic[Input]):
         if config.quantization == "nf4":
             if device.type != "cuda":
                 raise TrainingError(nf4_needs_cuda(device))
-            kwargs["quantization_config"] = BitsAndBytesConfig(**nf4_kwargs())
+            # double quantization: the absmax in 8 bits, ~1 GiB off Qwen-Image's 20B transformer at the same
+            # step time (train_gpu-qwen-edit-dq-nvidia-h200.json): the adapter's card peak under 16 GiB
+            kwargs["quantization_config"] = BitsAndBytesConfig(**nf4_kwargs(double_quant=True))
             kwargs["device_map"] = {"": str(device)}  # quantized straight onto the GPU
         transformer = self._transformer_class().from_pretrained(str(resolved.path / "transformer"), **kwargs)
         if config.quantization == "fp8":  # loaded on the CPU, quantized one block at a time on its way to the card
@@ -175,8 +178,9 @@ class LoraTrainer(Generic[Input]):
             lora_matmuls_in(transformer, dtype)
         use_attention(transformer, config.attention, device)
         if config.gradient_checkpointing:
-            kept = compute_blocks(transformer)[len(compute_blocks(transformer)) - config.kept_activations:] \
-                if config.kept_activations > 0 else []
+            blocks = compute_blocks(transformer)
+            count = len(blocks) if config.kept_activations == "all" else min(config.kept_activations, len(blocks))
+            kept = blocks[len(blocks) - count:] if count else []
             transformer.enable_gradient_checkpointing(recompute_except(kept))
         if config.compile and device.type == "cuda":
             for block in compute_blocks(transformer):

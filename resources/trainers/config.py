@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # pipelines imports torch: the Dagster definitions import thi
     from flen_resources.models.quantization import QuantizationSettingWithFp8
 
 # In every LoRA file's metadata: bump it when the same config and data would train a different LoRA.
-TRAINER_VERSION = "3"  # 2: on a GPU, fused AdamW with an fp8 base; 3: on a GPU, the LoRA's matmuls in bf16
+TRAINER_VERSION = "4"  # 2: on a GPU, fused AdamW with an fp8 base; 3: on a GPU, the LoRA's matmuls in bf16;
+# 4: an fp8 base keeps every block (the compiler's activation budget recomputes), nf4 with double quantization
 
 # auto: 8-bit AdamW on a CUDA GPU with an nf4 base (its states take a quarter of the memory), torch's fused
 # AdamW with an fp8 base (the budget has room: bitsandbytes launches kernels per tensor, 33 ms of a 0.49 s
@@ -27,11 +28,16 @@ Attention = Literal["auto", "cudnn", "flash"]
 ATTENTION_KERNELS: tuple[str, ...] = get_args(Attention)
 
 DEFAULT_CHECKPOINT_EVERY = 250
-# kept_activations "auto" with an fp8 base: FLUX's last 8 of 57 blocks skip recomputation. Measured on one H200
-# (train_gpu-flux-fp8*-nvidia-h200.json, one run each): none kept 13.6 GiB, 4 kept 14.6, 8 kept 15.9 and the
-# fastest, 16 kept 18.4 GiB and slower; within the 5 GiB the fp8 choice leaves above the weights. An nf4 base
-# (a small card) keeps none.
+# kept_activations "auto" with an fp8 base: no block is wrapped in a whole-block checkpoint ("all" kept) and
+# torch.compile's partitioner recomputes inside each compiled block what its activation memory budget leaves out
+# (COMPILED_ACTIVATION_BUDGET: the share of the block's activations saved; attention and matmul outputs first).
+# Measured on one H200, FLUX 1024², r16, interleaved with the naive loop (train_gpu-flux-memory-budget-*.json):
+# last 8 blocks kept and the rest checkpointed 0.488 s at 15.76 GiB; all kept, budget 0.2: 0.370 s at 16.64 GiB;
+# budget 0.35: 0.370 s at 18.53 GiB. Without compile (the CPU, or compile off) the budget cannot act, so an fp8
+# base keeps FP8_KEPT_ACTIVATIONS blocks and checkpoints the rest. An nf4 base (a small card) keeps none.
+COMPILED_ACTIVATION_BUDGET = 0.2
 FP8_KEPT_ACTIVATIONS = 8
+KeptActivations = int | Literal["auto", "all"]
 
 
 class TrainingError(ValueError):
@@ -49,9 +55,18 @@ def auto_optimizer(quantization: str, cuda: bool) -> str:
     return "adamw8bit" if cuda and quantization != "fp8" else "adamw"
 
 
-def auto_kept_activations(quantization: str, fits_budget: bool) -> int:
-    """The `auto` kept activations: FP8_KEPT_ACTIVATIONS blocks with an fp8 base that fits the budget, else none."""
-    return FP8_KEPT_ACTIVATIONS if quantization == "fp8" and fits_budget else 0
+def auto_kept_activations(quantization: str, fits_budget: bool, compiled: bool) -> int | str:
+    """The `auto` kept activations: with an fp8 base that fits the budget every block when compiled (the
+    compiler's activation budget recomputes) and FP8_KEPT_ACTIVATIONS blocks when eager; else none."""
+    if quantization != "fp8" or not fits_budget:
+        return 0
+    return "all" if compiled else FP8_KEPT_ACTIVATIONS
+
+
+def auto_activation_budget(kept_activations: int | str, compiled: bool) -> float:
+    """The `auto` activation memory budget of the compiled blocks: COMPILED_ACTIVATION_BUDGET when no block is
+    checkpointed as a whole, else 1.0 (torch's default: save what the block needs, checkpoints recompute)."""
+    return COMPILED_ACTIVATION_BUDGET if kept_activations == "all" and compiled else 1.0
 
 
 @dataclass
@@ -76,8 +91,12 @@ class LoraTrainConfig:
     gradient_checkpointing: bool = True
     # With checkpointing: this many blocks (the last ones) keep their activations on the card instead of
     # recomputing them in backward; a card with memory to spare trades it for speed. 0: recompute every block;
-    # auto: FP8_KEPT_ACTIVATIONS with an fp8 base (chosen when the budget has room), else 0.
-    kept_activations: int | Literal["auto"] = "auto"
+    # "all": no block checkpointed; auto: auto_kept_activations (every block with a compiled fp8 base).
+    kept_activations: KeptActivations = "auto"
+    # torch.compile's activation memory budget for the compiled blocks (0-1]: the share of a block's activations
+    # saved for backward, the rest recomputed; auto: auto_activation_budget (COMPILED_ACTIVATION_BUDGET with
+    # every block kept, else 1.0).
+    activation_budget: float | Literal["auto"] = "auto"
     optimizer: Optimizer = "auto"  # see OPTIMIZERS
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
@@ -102,10 +121,14 @@ class LoraTrainConfig:
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KERNELS:
             raise TrainingError(f"attention must be 'auto', 'cudnn' or 'flash', not {self.attention!r}")
-        if self.kept_activations != "auto" and (not isinstance(self.kept_activations, int)
-                                                or self.kept_activations < 0):
-            raise TrainingError(f"kept_activations must be 'auto' or 0 or more (blocks that skip checkpointing), "
-                                f"not {self.kept_activations!r}")
+        if self.kept_activations not in ("auto", "all") and (not isinstance(self.kept_activations, int)
+                                                             or self.kept_activations < 0):
+            raise TrainingError(f"kept_activations must be 'auto', 'all' or 0 or more (blocks that skip "
+                                f"checkpointing), not {self.kept_activations!r}")
+        if self.activation_budget != "auto" and (not isinstance(self.activation_budget, (int, float))
+                                                 or not 0 < self.activation_budget <= 1):
+            raise TrainingError(f"activation_budget must be 'auto' or a share in (0, 1] (of the compiled blocks' "
+                                f"activations saved for backward), not {self.activation_budget!r}")
         if self.optimizer not in OPTIMIZERS:
             raise TrainingError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
 
@@ -119,8 +142,8 @@ class LoraTrainConfig:
                    lr_warmup_steps=min(cls.lr_warmup_steps, steps // 10), **rest)
 
     def resolved(self, model_key: str = "flux.1-dev", memory_budget_gib: float | None = None) -> LoraTrainConfig:
-        """This config with `auto` quantization, optimizer, kept activations and compile decided for its device,
-        the model it trains and the card memory budget (what runs and is recorded)."""
+        """This config with `auto` quantization, optimizer, kept activations, activation budget and compile decided
+        for its device, the model it trains and the card memory budget (what runs and is recorded)."""
         from flen_resources.models.fp8_linear import fp8_matmuls
         from flen_resources.models.pipelines import pick_device
         from flen_resources.models.quantization import fp8_fits, nf4_needs_cuda, pick_quantization_with_fp8
@@ -140,9 +163,13 @@ class LoraTrainConfig:
         optimizer = self.optimizer if self.optimizer != "auto" else auto_optimizer(quantization, cuda)
         # fp8 asked for by hand on a card it does not fit with its reserve: no memory to spare for kept blocks
         fits = fp8_fits(MODELS[model_key].transformer_params, budget)
-        kept = self.kept_activations if self.kept_activations != "auto" else auto_kept_activations(quantization, fits)
+        compiled = self.compile and cuda
+        kept = self.kept_activations if self.kept_activations != "auto" \
+            else auto_kept_activations(quantization, fits, compiled)
+        budget = self.activation_budget if self.activation_budget != "auto" \
+            else auto_activation_budget(kept, compiled)
         return replace(self, quantization=quantization, optimizer=optimizer, kept_activations=kept,
-                       compile=self.compile and cuda)
+                       activation_budget=budget, compile=compiled)
 
     def to_json(self) -> str:
         """The config as sorted JSON: what LoRA metadata and checkpoints record."""

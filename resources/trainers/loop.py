@@ -7,9 +7,11 @@ A trainer hands in its LoRA transformer, its encoded examples and its loss for o
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -75,9 +77,9 @@ def run_training_loop(transformer: Any, examples: list[dict], config: LoraTrainC
                       device: torch.device, loss: LossFn, log: Callable[[str], None], group_key: str = "bucket",
                       previews: Callable[[int], list[Path]] | None = None,
                       snapshot: Callable[[int], None] | None = None) -> LoopResult:
-    """Train (or resume from work_dir/checkpoints) to config.max_steps with training's attention kernel
-    (see `_training_loop`)."""
-    with training_attention(config.attention, device):
+    """Train (or resume from work_dir/checkpoints) to config.max_steps with training's attention kernel and the
+    compiled blocks' activation budget (see `_training_loop`)."""
+    with training_attention(config.attention, device), compiled_activation_budget(config.activation_budget):
         return _training_loop(transformer, examples, config, work_dir, name, device, loss, log, group_key, previews,
                               snapshot)
 
@@ -175,6 +177,33 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def compiled_activation_budget(budget: float | str) -> Iterator[None]:
+    """torch.compile's activation memory budget (the share of activations its partitioner saves) while inside."""
+    import torch._functorch.config as functorch_config
+
+    # the partitioner reads it when a block compiles: inside the loop, at the first forward with gradients
+    with functorch_config.patch(activation_memory_budget=float(budget)):
+        yield
+
+
+ALLOCATOR_SETTING = "expandable_segments:True"
+
+
+def grow_segments_in_place(device: torch.device) -> bool:
+    """Let CUDA's caching allocator grow its segments in place (less reserved over allocated); True when set.
+
+    The Qwen-Edit adapter on one H200: card peak 16.01 GiB with the default allocator, 15.34 with this
+    (iteration_gpu-nvidia-h200.json). A PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF the user set wins.
+    """
+    if device.type != "cuda" or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
+        return False
+    # torch has no public setter after start-up; the env var is read once, before this process's first CUDA call
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    setter(ALLOCATOR_SETTING)
+    return True
 
 
 def peak_gib(device: torch.device) -> float | None:

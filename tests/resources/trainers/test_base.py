@@ -31,10 +31,12 @@ def test_blocks_that_keep_their_activations_give_the_gradients_of_recomputed_one
         FluxLoraTrainer._loss(module, [example], step_generator(0, 0), config, CPU, torch.float32).backward()
         return [p.grad for p in module.parameters() if p.requires_grad], len(checkpointed)
 
-    (recomputed, n_all), (kept, n_kept) = grads(0), grads(1)
+    (recomputed, n_all), (kept, n_kept), (every, n_none) = grads(0), grads(1), grads("all")
     blocks = n_all
-    assert blocks >= 2 and n_kept == blocks - 1
+    assert blocks >= 2 and n_kept == blocks - 1 and n_none == 0
+    assert grads(blocks + 5)[1] == 0, "more kept blocks than the model has: all of them"
     assert all(torch.equal(a, b) for a, b in zip(recomputed, kept, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(recomputed, every, strict=True))
 
 
 def test_a_negative_kept_activations_is_one_line():
@@ -43,5 +45,28 @@ def test_a_negative_kept_activations_is_one_line():
     from flen_resources.trainers.config import TrainingError
 
     for bad in (-1, "lots"):
-        with pytest.raises(TrainingError, match="kept_activations must be 'auto' or 0 or more"):
+        with pytest.raises(TrainingError, match="kept_activations must be 'auto', 'all' or 0 or more"):
             LoraTrainConfig(kept_activations=bad)
+    for bad in (0, 1.5, -0.2, "half"):
+        with pytest.raises(TrainingError, match=r"activation_budget must be 'auto' or a share in \(0, 1\]"):
+            LoraTrainConfig(activation_budget=bad)
+
+
+def test_the_activation_budget_holds_inside_the_loop_only():
+    """compiled_activation_budget sets torch's partitioner budget while training and puts the old one back."""
+    import torch._functorch.config as functorch_config
+
+    from flen_resources.trainers.loop import compiled_activation_budget
+
+    before = functorch_config.activation_memory_budget
+    with compiled_activation_budget(0.2):
+        assert functorch_config.activation_memory_budget == 0.2
+    assert functorch_config.activation_memory_budget == before
+
+
+def test_the_allocator_is_left_alone_on_a_cpu_and_when_the_user_chose(monkeypatch):
+    from flen_resources.trainers.loop import grow_segments_in_place
+
+    assert grow_segments_in_place(CPU) is False
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert grow_segments_in_place(torch.device("cuda")) is False, "the user's allocator setting wins"

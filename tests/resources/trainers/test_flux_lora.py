@@ -24,11 +24,13 @@ from flen_resources.models.sources import resolve_model
 from flen_resources.models.tiny_pack import ensure_tiny_pack
 from flen_resources.trainers.comfy import export_flux_comfyui
 from flen_resources.trainers.config import (
+    COMPILED_ACTIVATION_BUDGET,
     FP8_KEPT_ACTIVATIONS,
     OPTIMIZERS,
     TRAINER_VERSION,
     LoraTrainConfig,
     TrainingError,
+    auto_activation_budget,
     auto_kept_activations,
     auto_optimizer,
     checkpoint_interval,
@@ -295,10 +297,12 @@ def test_an_unknown_optimizer_is_refused_by_name():
 def test_auto_settings_are_decided_for_the_device():
     cpu = LoraTrainConfig(device="cpu").resolved()
     assert (cpu.quantization, cpu.optimizer, cpu.compile, cpu.kept_activations) == ("none", "adamw", False, 0)
-    fp8 = LoraTrainConfig(device="cpu", quantization="fp8").resolved()
-    assert (fp8.optimizer, fp8.kept_activations) == ("adamw", FP8_KEPT_ACTIVATIONS)
+    assert cpu.activation_budget == 1.0
+    fp8 = LoraTrainConfig(device="cpu", quantization="fp8").resolved()  # not compiled on a CPU: the budget can't act
+    assert (fp8.optimizer, fp8.kept_activations, fp8.activation_budget) == ("adamw", FP8_KEPT_ACTIVATIONS, 1.0)
     assert LoraTrainConfig(device="cpu", quantization="fp8", kept_activations=2).resolved().kept_activations == 2
     assert LoraTrainConfig(device="cpu", quantization="fp8").resolved(memory_budget_gib=12).kept_activations == 0
+    assert LoraTrainConfig(device="cpu", activation_budget=0.5).resolved().activation_budget == 0.5
     assert LoraTrainConfig(device="cpu", optimizer="adamw8bit").resolved().optimizer == "adamw8bit"
     with pytest.raises(TrainingError, match="nf4 .*needs a CUDA GPU"):
         LoraTrainConfig(device="cpu", quantization="nf4").resolved()
@@ -310,9 +314,17 @@ def test_auto_optimizer_and_kept_activations_follow_the_base():
     """8-bit states where memory is tight (nf4 on a GPU); fused AdamW and kept blocks where fp8 leaves room."""
     assert auto_optimizer("nf4", cuda=True) == "adamw8bit" and auto_optimizer("none", cuda=True) == "adamw8bit"
     assert auto_optimizer("fp8", cuda=True) == "adamw" and auto_optimizer("none", cuda=False) == "adamw"
-    assert auto_kept_activations("fp8", fits_budget=True) == FP8_KEPT_ACTIVATIONS == 8
-    assert auto_kept_activations("fp8", fits_budget=False) == 0, "fp8 by hand on a small budget: nothing to spare"
-    assert auto_kept_activations("nf4", fits_budget=True) == auto_kept_activations("none", fits_budget=True) == 0
+    assert auto_kept_activations("fp8", fits_budget=True, compiled=True) == "all"
+    assert auto_kept_activations("fp8", fits_budget=True, compiled=False) == FP8_KEPT_ACTIVATIONS == 8
+    assert auto_kept_activations("fp8", fits_budget=False, compiled=True) == 0, "fp8 by hand on a small budget"
+    assert auto_kept_activations("nf4", True, True) == auto_kept_activations("none", True, True) == 0
+
+
+def test_the_compiler_recomputes_only_when_no_block_is_checkpointed():
+    """The activation budget is the compiled blocks' recomputation; with whole-block checkpoints torch's default."""
+    assert auto_activation_budget("all", compiled=True) == COMPILED_ACTIVATION_BUDGET == 0.2
+    assert auto_activation_budget("all", compiled=False) == 1.0, "eager blocks: no partitioner to obey it"
+    assert auto_activation_budget(8, compiled=True) == auto_activation_budget(0, compiled=True) == 1.0
 
 
 def test_knobs_give_the_same_config_to_the_cli_and_the_assets():

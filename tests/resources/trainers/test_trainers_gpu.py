@@ -61,8 +61,22 @@ def test_flux_lora_on_an_fp8_base_learns_on_gpu(tmp_path: Path):
     items = [TrainItem(p, "photo of alice_flen") for p in _images(tmp_path / "images", 4)]
     trainer = FluxLoraTrainer(model="tiny", work_dir=tmp_path / "run", log=lambda _: None)
     result = trainer.train(items, _config(quantization="fp8"), name="alice_fp8")
-    assert json.loads(result.metadata["flenwheel.config"])["quantization"] == "fp8"
+    recorded = json.loads(result.metadata["flenwheel.config"])
+    assert recorded["quantization"] == "fp8"
+    # every block kept, the compiled blocks recompute within torch's activation budget
+    assert (recorded["kept_activations"], recorded["activation_budget"]) == ("all", 0.2)
     _assert_learned(result)
+
+
+def test_the_allocator_grows_segments_in_place_on_gpu(monkeypatch):
+    """torch 2.11's private allocator setter (no public one after start-up) still takes the setting."""
+    from flen_resources.trainers.loop import grow_segments_in_place
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    assert grow_segments_in_place(torch.device("cuda")) is True
+    x = torch.ones(64 << 20, device="cuda")  # allocations go on working
+    assert x.sum().item() == 64 << 20
 
 
 def test_qwen_edit_qlora_learns_on_gpu(tmp_path: Path):
