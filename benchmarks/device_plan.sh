@@ -31,31 +31,25 @@ PT="python3 -m pytest -c /dev/null -p no:cacheprovider -m gpu -v"
 mkdir -p /tmp/gputests && cp tests/resources/models/test_fp8_linear.py tests/resources/trainers/test_trainers_gpu.py \
   tests/resources/generators/test_flux.py /tmp/gputests/
 # The most wanted first (STEPS picks; each session sends what its device minutes allow):
-# - FLUX: lora_eval's grid through the fp8 generator (flux_eval; the LoRA it loads is a 2-step rehearsal run), the
-#   step with fp8 `auto` (the LoRA's matmuls in bf16) interleaved with the naive loop, the nf4 path and the LoRA in
-#   fp32 (-lora32) when there is time, the whole FLUX LoRA asset (flux_lora);
-# - Qwen: its step with expandable segments (the card peak of the adapter: is reserved-over-allocated slack?), the
-#   adapter asset, the enrichment. The GPU tests (tiny pack) before the Qwen build.
+# - FLUX: the step with session 13's fp8 `auto` (every block kept, the compiled blocks' activation budget 0.2)
+#   interleaved with the naive loop and the old 8-kept-blocks setting; the whole FLUX LoRA asset with it (flux_lora)
+#   and the synthetic batch through the grid rehearsal; lora_eval's grid (flux_eval); the nf4 path;
+# - the GPU tests (tiny pack) before the Qwen build;
+# - Qwen: the adapter's step with double quantization and expandable segments set in process (train_qwen), the
+#   adapter asset, the enrichment.
 step build_flux 100 $B/rehearsal_gpu.py --phase build_flux $COMMON
-step flux_eval 300 $B/iteration_gpu.py --only lora_eval --out $R
-step train_flux 280 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag bf16-lora \
-  --variants naive,ours-compile-fp8,naive,ours-compile-fp8
-# trials for the fp8 step's 2.0x (0.420 s against 0.761 in session 12): no whole-block checkpoints, torch's activation
-# memory budget choosing what the compiled blocks recompute (attention and matmul outputs saved first)
-step flux_trials 420 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag memory-budget \
-  --variants naive,ours-compile-fp8,ours-compile-fp8-keep57-mbudget0.2,ours-compile-fp8-keep57-mbudget0.35,naive,ours-compile-fp8
-step train_flux_more 300 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag bf16-lora-more \
-  --variants naive,ours-compile,ours-compile-fp8-lora32
+step train_flux 330 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag activation-budget \
+  --variants naive,ours-compile-fp8,ours-compile-fp8-keep8-mbudget1,naive,ours-compile-fp8
 step flux_lora 400 $B/iteration_gpu.py --only flux_lora --out $R
 step synthetic 300 $B/iteration_gpu.py --only synthetic_batch --out $R
 step pytest_gpu 200 $PT /tmp/gputests/test_fp8_linear.py /tmp/gputests/test_flux.py /tmp/gputests/test_trainers_gpu.py
+step flux_eval 300 $B/iteration_gpu.py --only lora_eval --out $R
+step train_flux_nf4 240 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag nf4-dq \
+  --variants naive,ours-compile,ours-compile-nodq
 # 64 GiB of disk: one chain's models at a time
 step build_qwen 150 bash -c "rm -rf /tmp/flen-rehearsal/flux && $B/rehearsal_gpu.py --phase build_qwen $COMMON"
-step train_qwen 150 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $B/train_gpu.py --model qwen-edit \
-  --workdir /tmp/flen-rehearsal/qwen --out $R --tag bf16-lora-expandable --variants naive,ours-compile
-# a trial for the adapter's 16 GiB: nf4 with double quantization (its absmax in 8 bits), and the step's profile
-step qwen_trials 260 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag dq \
-  --variants naive,ours-compile-dq,ours-compile-prof
+step train_qwen 200 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag dq-expandable \
+  --variants naive,ours-compile,ours-compile-nodq
 step adapter 360 $B/iteration_gpu.py --only qwen_adapter --out $R
 step enriched 240 $B/iteration_gpu.py --only enriched_images --out $R
 say "plan done"; finish
