@@ -33,9 +33,14 @@ DEFAULT_CHECKPOINT_EVERY = 250
 # (COMPILED_ACTIVATION_BUDGET: the share of the block's activations saved; attention and matmul outputs first).
 # Measured on one H200, FLUX 1024², r16, interleaved with the naive loop (train_gpu-flux-memory-budget-*.json):
 # last 8 blocks kept and the rest checkpointed 0.488 s at 15.76 GiB; all kept, budget 0.2: 0.370 s at 16.64 GiB;
-# budget 0.35: 0.370 s at 18.53 GiB. Without compile (the CPU, or compile off) the budget cannot act, so an fp8
-# base keeps FP8_KEPT_ACTIVATIONS blocks and checkpoints the rest. An nf4 base (a small card) keeps none.
+# budget 0.35: 0.370 s at 18.53 GiB. Every block is kept only when it fits the card's memory budget: the fp8
+# weights plus ALL_KEPT_ACTIVATIONS_GIB (16.64 - 11.08 GiB of weights at 1024², batch 1; activations grow with the
+# pixels and the batch) plus ALL_KEPT_SLACK_GIB (CUDA context and allocator). Without compile (the CPU, or compile
+# off) the budget cannot act, and on a tighter budget or a larger picture an fp8 base keeps FP8_KEPT_ACTIVATIONS
+# blocks and checkpoints the rest. An nf4 base (a small card) keeps none.
 COMPILED_ACTIVATION_BUDGET = 0.2
+ALL_KEPT_ACTIVATIONS_GIB = 5.6
+ALL_KEPT_SLACK_GIB = 1.5
 FP8_KEPT_ACTIVATIONS = 8
 KeptActivations = int | Literal["auto", "all"]
 
@@ -55,12 +60,17 @@ def auto_optimizer(quantization: str, cuda: bool) -> str:
     return "adamw8bit" if cuda and quantization != "fp8" else "adamw"
 
 
-def auto_kept_activations(quantization: str, fits_budget: bool, compiled: bool) -> int | str:
-    """The `auto` kept activations: with an fp8 base that fits the budget every block when compiled (the
-    compiler's activation budget recomputes) and FP8_KEPT_ACTIVATIONS blocks when eager; else none."""
+def all_kept_reserve_gib(resolution: int, batch_size: int) -> float:
+    """Card memory beyond the fp8 weights that every kept block needs, compiled at COMPILED_ACTIVATION_BUDGET."""
+    return ALL_KEPT_ACTIVATIONS_GIB * (resolution / 1024) ** 2 * batch_size + ALL_KEPT_SLACK_GIB
+
+
+def auto_kept_activations(quantization: str, fits_budget: bool, all_fit: bool) -> int | str:
+    """The `auto` kept activations with an fp8 base: every block when `all_fit` (compiled, and within the budget
+    with all_kept_reserve_gib), else FP8_KEPT_ACTIVATIONS when the base fits the budget; none otherwise."""
     if quantization != "fp8" or not fits_budget:
         return 0
-    return "all" if compiled else FP8_KEPT_ACTIVATIONS
+    return "all" if all_fit else FP8_KEPT_ACTIVATIONS
 
 
 def auto_activation_budget(kept_activations: int | str, compiled: bool) -> float:
@@ -162,10 +172,12 @@ class LoraTrainConfig:
             raise TrainingError(nf4_needs_cuda(device))
         optimizer = self.optimizer if self.optimizer != "auto" else auto_optimizer(quantization, cuda)
         # fp8 asked for by hand on a card it does not fit with its reserve: no memory to spare for kept blocks
-        fits = fp8_fits(MODELS[model_key].transformer_params, budget)
+        params = MODELS[model_key].transformer_params
+        fits = fp8_fits(params, budget)
         compiled = self.compile and cuda
+        all_fit = compiled and fp8_fits(params, budget, all_kept_reserve_gib(self.resolution, self.batch_size))
         kept = self.kept_activations if self.kept_activations != "auto" \
-            else auto_kept_activations(quantization, fits, compiled)
+            else auto_kept_activations(quantization, fits, all_fit)
         budget = self.activation_budget if self.activation_budget != "auto" \
             else auto_activation_budget(kept, compiled)
         return replace(self, quantization=quantization, optimizer=optimizer, kept_activations=kept,

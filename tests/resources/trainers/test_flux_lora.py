@@ -30,6 +30,7 @@ from flen_resources.trainers.config import (
     TRAINER_VERSION,
     LoraTrainConfig,
     TrainingError,
+    all_kept_reserve_gib,
     auto_activation_budget,
     auto_kept_activations,
     auto_optimizer,
@@ -314,10 +315,24 @@ def test_auto_optimizer_and_kept_activations_follow_the_base():
     """8-bit states where memory is tight (nf4 on a GPU); fused AdamW and kept blocks where fp8 leaves room."""
     assert auto_optimizer("nf4", cuda=True) == "adamw8bit" and auto_optimizer("none", cuda=True) == "adamw8bit"
     assert auto_optimizer("fp8", cuda=True) == "adamw" and auto_optimizer("none", cuda=False) == "adamw"
-    assert auto_kept_activations("fp8", fits_budget=True, compiled=True) == "all"
-    assert auto_kept_activations("fp8", fits_budget=True, compiled=False) == FP8_KEPT_ACTIVATIONS == 8
-    assert auto_kept_activations("fp8", fits_budget=False, compiled=True) == 0, "fp8 by hand on a small budget"
+    assert auto_kept_activations("fp8", fits_budget=True, all_fit=True) == "all"
+    assert auto_kept_activations("fp8", fits_budget=True, all_fit=False) == FP8_KEPT_ACTIVATIONS == 8
+    assert auto_kept_activations("fp8", fits_budget=False, all_fit=False) == 0, "fp8 by hand on a small budget"
     assert auto_kept_activations("nf4", True, True) == auto_kept_activations("none", True, True) == 0
+
+
+def test_every_block_is_kept_only_where_its_activations_fit_the_budget():
+    """FLUX.1-dev's fp8 weights (11.08 GiB) + 5.6 GiB of activations at 1024² + 1.5 of slack: 18.2 of 20 GiB."""
+    from flen_resources.models.quantization import fp8_fits
+    from flen_resources.models.registry import MODELS
+
+    flux = MODELS["flux.1-dev"].transformer_params
+    assert all_kept_reserve_gib(1024, 1) == pytest.approx(7.1)
+    assert all_kept_reserve_gib(512, 1) == pytest.approx(1.4 + 1.5) and all_kept_reserve_gib(1024, 2) > 12
+    assert fp8_fits(flux, 20, all_kept_reserve_gib(1024, 1)), "the default run keeps every block on a 24 GB card"
+    assert not fp8_fits(flux, 20, all_kept_reserve_gib(1280, 1)), "1280²: 8.75 GiB more would pass the budget"
+    assert not fp8_fits(flux, 20, all_kept_reserve_gib(1024, 2)), "a batch of 2 doubles the activations"
+    assert not fp8_fits(flux, 18, all_kept_reserve_gib(1024, 1)) and fp8_fits(flux, 18)
 
 
 def test_the_compiler_recomputes_only_when_no_block_is_checkpointed():
