@@ -21,7 +21,9 @@ Variants:
                  _loss: fp32 LoRA weights with bf16 matmuls, logit-normal timesteps, grad clipping, the config's
                  `auto` optimizer: 8-bit AdamW on nf4, fused AdamW on fp8; Qwen drops an all-ones text mask) with
                  its attention (trainers/attention.py, "auto": cuDNN on Hopper+)
-  ours-compile   + torch.compile of every transformer block: the trainers' defaults on a GPU
+  ours-compile   + torch.compile of every transformer block: the trainers' defaults on a GPU (ours variants also set
+                 the allocator's expandable segments, as LoraTrainer.train does; naive keeps the default allocator
+                 unless PYTORCH_CUDA_ALLOC_CONF says otherwise: peak allocated, the compared figure, is unaffected)
   ...-flash      the same with torch's flash SDPA instead of cuDNN (LoraTrainConfig.attention="flash")
   ...-keepN      the same with the last N blocks' activations kept, not recomputed (LoraTrainConfig.kept_activations;
                  -keepall: no block checkpointed; without it, `auto`: all on a compiled fp8 base, 0 on nf4)

@@ -65,7 +65,7 @@ def all_kept_reserve_gib(resolution: int, batch_size: int) -> float:
     return ALL_KEPT_ACTIVATIONS_GIB * (resolution / 1024) ** 2 * batch_size + ALL_KEPT_SLACK_GIB
 
 
-def auto_kept_activations(quantization: str, fits_budget: bool, all_fit: bool) -> int | str:
+def auto_kept_activations(quantization: str, fits_budget: bool, all_fit: bool) -> int | Literal["all"]:
     """The `auto` kept activations with an fp8 base: every block when `all_fit` (compiled, and within the budget
     with all_kept_reserve_gib), else FP8_KEPT_ACTIVATIONS when the base fits the budget; none otherwise."""
     if quantization != "fp8" or not fits_budget:
@@ -73,7 +73,7 @@ def auto_kept_activations(quantization: str, fits_budget: bool, all_fit: bool) -
     return "all" if all_fit else FP8_KEPT_ACTIVATIONS
 
 
-def auto_activation_budget(kept_activations: int | str, compiled: bool) -> float:
+def auto_activation_budget(kept_activations: KeptActivations, compiled: bool) -> float:
     """The `auto` activation memory budget of the compiled blocks: COMPILED_ACTIVATION_BUDGET when no block is
     checkpointed as a whole, else 1.0 (torch's default: save what the block needs, checkpoints recompute)."""
     return COMPILED_ACTIVATION_BUDGET if kept_activations == "all" and compiled else 1.0
@@ -101,7 +101,8 @@ class LoraTrainConfig:
     gradient_checkpointing: bool = True
     # With checkpointing: this many blocks (the last ones) keep their activations on the card instead of
     # recomputing them in backward; a card with memory to spare trades it for speed. 0: recompute every block;
-    # "all": no block checkpointed; auto: auto_kept_activations (every block with a compiled fp8 base).
+    # "all": no block checkpointed (a number at or above the block count keeps them all too, but its activation
+    # budget stays 1.0 under auto); auto: auto_kept_activations (every block with a compiled fp8 base that fits).
     kept_activations: KeptActivations = "auto"
     # torch.compile's activation memory budget for the compiled blocks (0-1]: the share of a block's activations
     # saved for backward, the rest recomputed; auto: auto_activation_budget (COMPILED_ACTIVATION_BUDGET with
@@ -135,10 +136,12 @@ class LoraTrainConfig:
                                                              or self.kept_activations < 0):
             raise TrainingError(f"kept_activations must be 'auto', 'all' or 0 or more (blocks that skip "
                                 f"checkpointing), not {self.kept_activations!r}")
-        if self.activation_budget != "auto" and (not isinstance(self.activation_budget, (int, float))
-                                                 or not 0 < self.activation_budget <= 1):
-            raise TrainingError(f"activation_budget must be 'auto' or a share in (0, 1] (of the compiled blocks' "
-                                f"activations saved for backward), not {self.activation_budget!r}")
+        if self.activation_budget != "auto":
+            if isinstance(self.activation_budget, bool) or not isinstance(self.activation_budget, (int, float)) \
+                    or not 0 < self.activation_budget <= 1:
+                raise TrainingError(f"activation_budget must be 'auto' or a share in (0, 1] (of the compiled "
+                                    f"blocks' activations saved for backward), not {self.activation_budget!r}")
+            self.activation_budget = float(self.activation_budget)  # 1 and 1.0: the same LoRA metadata
         if self.optimizer not in OPTIMIZERS:
             raise TrainingError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
 
@@ -178,10 +181,10 @@ class LoraTrainConfig:
         all_fit = compiled and fp8_fits(params, budget, all_kept_reserve_gib(self.resolution, self.batch_size))
         kept = self.kept_activations if self.kept_activations != "auto" \
             else auto_kept_activations(quantization, fits, all_fit)
-        budget = self.activation_budget if self.activation_budget != "auto" \
+        activation_budget = self.activation_budget if self.activation_budget != "auto" \
             else auto_activation_budget(kept, compiled)
         return replace(self, quantization=quantization, optimizer=optimizer, kept_activations=kept,
-                       activation_budget=budget, compile=compiled)
+                       activation_budget=activation_budget, compile=compiled)
 
     def to_json(self) -> str:
         """The config as sorted JSON: what LoRA metadata and checkpoints record."""

@@ -179,11 +179,19 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+_partitioned_with: dict[str, float] = {}  # the activation budget this process's compiled blocks were split under
+
+
 @contextlib.contextmanager
-def compiled_activation_budget(budget: float | str) -> Iterator[None]:
+def compiled_activation_budget(budget: float) -> Iterator[None]:
     """torch.compile's activation memory budget (the share of activations its partitioner saves) while inside."""
     import torch._functorch.config as functorch_config
 
+    # dynamo hands a block class's compiled graph to every later instance without looking at this setting, so a
+    # run under another budget than the process's last would inherit that run's partition: compile afresh
+    if _partitioned_with.get("budget", budget) != budget:
+        torch.compiler.reset()
+    _partitioned_with["budget"] = budget
     # the partitioner reads it when a block compiles: inside the loop, at the first forward with gradients
     with functorch_config.patch(activation_memory_budget=float(budget)):
         yield
@@ -193,17 +201,21 @@ ALLOCATOR_SETTING = "expandable_segments:True"
 
 
 def grow_segments_in_place(device: torch.device) -> bool:
-    """Let CUDA's caching allocator grow its segments in place (less reserved over allocated); True when set.
-
-    The Qwen-Edit adapter on one H200: card peak 16.01 GiB with the default allocator, 15.34 with this
-    (iteration_gpu-nvidia-h200.json). A PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF the user set wins.
-    """
+    """Let CUDA's caching allocator grow its segments in place, for the rest of the process; True when set."""
+    # The Qwen-Edit adapter on one H200: card peak 16.01 GiB with the default allocator, 15.34 with this
+    # (iteration_gpu-nvidia-h200.json). A PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF the user set wins.
     if device.type != "cuda" or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
         return False
-    # torch has no public setter after start-up; the env var is read once, before this process's first CUDA call
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
-    setter(ALLOCATOR_SETTING)
+    set_allocator(ALLOCATOR_SETTING)
     return True
+
+
+def set_allocator(setting: str) -> None:
+    """Change the CUDA caching allocator's settings now, e.g. "expandable_segments:True"."""
+    # torch has no public setter after start-up (the env var is read once, at this process's first CUDA call);
+    # torch 2.10+ names it _accelerator_setAllocatorSettings, older ones torch.cuda.memory._set_allocator_settings
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    setter(setting)
 
 
 def peak_gib(device: torch.device) -> float | None:

@@ -321,6 +321,27 @@ def test_auto_optimizer_and_kept_activations_follow_the_base():
     assert auto_kept_activations("nf4", True, True) == auto_kept_activations("none", True, True) == 0
 
 
+def test_a_compiled_fp8_run_on_a_gpu_keeps_every_block_where_they_fit(monkeypatch):
+    """resolved() as on an H200 (a CUDA device with fp8 matmuls), checked on the CPU."""
+    import flen_resources.models.fp8_linear as fp8_linear
+    import flen_resources.models.pipelines as pipelines
+
+    monkeypatch.setattr(pipelines, "pick_device", lambda _: torch.device("cuda"))
+    monkeypatch.setattr(fp8_linear, "fp8_matmuls", lambda _: True)
+
+    def settled(**knobs) -> tuple:
+        config = LoraTrainConfig(**knobs).resolved()
+        return config.quantization, config.kept_activations, config.activation_budget
+
+    assert settled() == ("fp8", "all", COMPILED_ACTIVATION_BUDGET)
+    assert settled(resolution=1280) == ("fp8", FP8_KEPT_ACTIVATIONS, 1.0), "the activations would pass 20 GiB"
+    assert settled(batch_size=2) == ("fp8", FP8_KEPT_ACTIVATIONS, 1.0)
+    assert settled(compile=False) == ("fp8", FP8_KEPT_ACTIVATIONS, 1.0), "eager: no partitioner to recompute"
+    assert settled(kept_activations=0) == ("fp8", 0, 1.0)
+    assert settled(activation_budget=0.35) == ("fp8", "all", 0.35)
+    assert settled(quantization="nf4") == ("nf4", 0, 1.0)
+
+
 def test_every_block_is_kept_only_where_its_activations_fit_the_budget():
     """FLUX.1-dev's fp8 weights (11.08 GiB) + 5.6 GiB of activations at 1024² + 1.5 of slack: 18.2 of 20 GiB."""
     from flen_resources.models.quantization import fp8_fits

@@ -70,13 +70,20 @@ def test_flux_lora_on_an_fp8_base_learns_on_gpu(tmp_path: Path):
 
 def test_the_allocator_grows_segments_in_place_on_gpu(monkeypatch):
     """torch 2.11's private allocator setter (no public one after start-up) still takes the setting."""
-    from flen_resources.trainers.loop import grow_segments_in_place
+    from flen_resources.trainers.loop import grow_segments_in_place, set_allocator
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
-    assert grow_segments_in_place(torch.device("cuda")) is True
-    x = torch.ones(64 << 20, device="cuda")  # allocations go on working
-    assert x.sum().item() == 64 << 20
+    try:
+        assert grow_segments_in_place(torch.device("cuda")) is True
+        x = torch.ones(64 << 20, device="cuda")  # a new segment, 256 MiB: made expandable
+        segments = [s for s in torch.cuda.memory_snapshot() if s["total_size"] >= x.numel() * 4]
+        assert segments and any(s.get("is_expandable") for s in segments), segments[:2]
+        assert x.sum().item() == 64 << 20
+        del x
+    finally:  # the other tests in this process get the default allocator back
+        torch.cuda.empty_cache()
+        set_allocator("expandable_segments:False")
 
 
 def test_qwen_edit_qlora_learns_on_gpu(tmp_path: Path):
