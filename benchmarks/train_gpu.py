@@ -28,6 +28,7 @@ Variants:
   ...-keepN      the same with the last N blocks' activations kept, not recomputed (LoraTrainConfig.kept_activations;
                  -keepall: no block checkpointed; without it, `auto`: all on a compiled fp8 base, 0 on nf4)
   ...-adamw8bit  the same with bitsandbytes' 8-bit AdamW whatever the base
+  ...-torchadamw the same with torch's AdamW (fused on a GPU) whatever the base: fp32 states, one kernel launch
   ...-lora32     the same with the LoRA's matmuls in fp32, as peft runs them by itself (trainers/lora_precision.py)
   ...-mbudgetF   the compiled blocks' activation memory budget F (0-1]: AOTAutograd's partitioner saves matmul and
                  attention outputs, recomputes what is cheap, within F of saving everything
@@ -268,7 +269,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         # The trainer's own `auto` choices for this base (LoraTrainConfig.resolved): optimizer, kept activations
         config = trainer.settle(LoraTrainConfig(
             rank=16, alpha=16, quantization=quantization, resolution=res,
-            optimizer="adamw8bit" if "-adamw8bit" in variant else "auto",
+            optimizer="adamw8bit" if "-adamw8bit" in variant else "adamw" if "-torchadamw" in variant else "auto",
             compile=variant.startswith("ours-compile"), device=device_name,
             attention="flash" if "-flash" in variant else "auto",
             kept_activations=kept_variant(variant),
