@@ -51,7 +51,7 @@ def nf4_config(pipeline: str, components: list[str] | None = None) -> Any:
 
 
 def nf4_kwargs(double_quant: bool = False) -> dict[str, Any]:
-    """The one nf4 setting (bitsandbytes 4-bit NormalFloat, bf16 compute); training adds double quantization."""
+    """The one nf4 setting (bitsandbytes 4-bit NormalFloat, bf16 compute); double_quant: its absmax in 8 bits."""
     return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16,
             "bnb_4bit_use_double_quant": double_quant}
 

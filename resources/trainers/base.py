@@ -91,8 +91,8 @@ class LoraTrainer(Generic[Input]):
         started = time.time()
         device = pick_device(config.device)
         dtype = pick_dtype(device)
+        grow_segments_in_place(device)  # a GPU only
         if device.type == "cuda":
-            grow_segments_in_place(device)
             torch.cuda.reset_peak_memory_stats()
         resolved = resolve_model(self.model_key, self.model_source)
         self.work_dir.mkdir(parents=True, exist_ok=True)

@@ -132,7 +132,8 @@ class LoraTrainConfig:
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KERNELS:
             raise TrainingError(f"attention must be 'auto', 'cudnn' or 'flash', not {self.attention!r}")
-        if self.kept_activations not in ("auto", "all") and (not isinstance(self.kept_activations, int)
+        if self.kept_activations not in ("auto", "all") and (isinstance(self.kept_activations, bool)
+                                                             or not isinstance(self.kept_activations, int)
                                                              or self.kept_activations < 0):
             raise TrainingError(f"kept_activations must be 'auto', 'all' or 0 or more (blocks that skip "
                                 f"checkpointing), not {self.kept_activations!r}")

@@ -44,7 +44,7 @@ def test_a_negative_kept_activations_is_one_line():
 
     from flen_resources.trainers.config import TrainingError
 
-    for bad in (-1, "lots"):
+    for bad in (-1, "lots", True):
         with pytest.raises(TrainingError, match="kept_activations must be 'auto', 'all' or 0 or more"):
             LoraTrainConfig(kept_activations=bad)
     for bad in (0, 1.5, -0.2, "half", True):
