@@ -153,6 +153,14 @@ def compute_blocks(transformer: nn.Module) -> list[nn.Module]:
     return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
 
 
+def compile_blocks(transformer: nn.Module) -> int:
+    """torch.compile each of the transformer's blocks in place (one graph per block class); how many."""
+    blocks = compute_blocks(transformer)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def transformer_to_fp8(transformer: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
     """Every block's Linears quantized to Fp8Linear on `device` (blocks_to_fp8), the rest of `transformer` moved
     there as it is; how many Linears were quantized."""

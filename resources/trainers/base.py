@@ -26,7 +26,7 @@ import torch
 import torch.utils.checkpoint
 from PIL import Image
 
-from flen_resources.models.fp8_linear import compute_blocks, transformer_to_fp8
+from flen_resources.models.fp8_linear import compile_blocks, compute_blocks, transformer_to_fp8
 from flen_resources.models.pipelines import nf4_kwargs, pick_device, pick_dtype
 from flen_resources.models.quantization import nf4_needs_cuda
 from flen_resources.models.sources import ResolvedModel, resolve_model
@@ -183,8 +183,7 @@ class LoraTrainer(Generic[Input]):
             kept = blocks[len(blocks) - count:] if count else []
             transformer.enable_gradient_checkpointing(recompute_except(kept))
         if config.compile and device.type == "cuda":
-            for block in compute_blocks(transformer):
-                block.compile()
+            compile_blocks(transformer)
         transformer.train()
         return transformer
 

@@ -113,6 +113,12 @@ def test_auto_generates_in_fp8_where_the_card_and_the_budget_allow():
         pick_quantization_with_fp8("fp8", cuda, flux, 20, False, FP8_GENERATION_RESERVE_GIB)
 
 
+def test_the_blocks_compile_on_a_gpu_only(generator):
+    assert FluxGenerator(model="tiny", device="cpu").compiles is False  # a CPU runs eager
+    assert FluxGenerator(model="tiny", device="cpu", compile=False).compiles is False
+    assert not any(getattr(b, "_compiled_call_impl", None) for b in generator.pipe.transformer.transformer_blocks)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs a CUDA GPU with fp8 matmuls (Ada, Hopper)")
@@ -128,3 +134,17 @@ def test_auto_on_an_fp8_card_generates_in_fp8_with_its_components_resident(tmp_p
     # the tiny pack fits the budget whole: every component went onto the card once and stayed
     assert generator.residency.resident == {"text_encoder", "text_encoder_2", "transformer", "vae"}
     assert generator.residency.moves == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_blocks_generate_the_eager_pipeline_s_images(tmp_path):
+    compiled, eager = FluxGenerator(model="tiny", device="cuda"), FluxGenerator(model="tiny", device="cuda", compile=False)
+    assert compiled.compiles and not eager.compiles
+    assert all(b._compiled_call_impl is not None for b in compiled.pipe.transformer.transformer_blocks)
+    path = tmp_path / "alice_v1.safetensors"
+    _flux_lora(eager, path)
+    for lora in (path, None, path):  # a LoRA loaded, unloaded and loaded again under the compiled blocks
+        ours = compiled.generate("photo of alice_flen", [3], lora=lora, **KW)[0]
+        plain = eager.generate("photo of alice_flen", [3], lora=lora, **KW)[0]
+        assert np.corrcoef(_arr(plain.image).ravel(), _arr(ours.image).ravel())[0, 1] > 0.99
