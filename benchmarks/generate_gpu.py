@@ -1,8 +1,8 @@
 """Benchmark: FLUX.1-dev images through FluxGenerator with its blocks compiled against eager, side by side (issue 15).
 
 Every variant runs in its own process on the rehearsal's full-size random-weight FLUX and LoRA v1
-(rehearsal_gpu.py --phase build_flux, then --phase flux_lora): load the pipeline, one warm-up image of 2
-steps (where the compiled variant compiles its blocks), then a timed grid of lora_eval's two prompts x
+(rehearsal_gpu.py --phase build_flux, then --phase flux_lora): load the pipeline, a warm-up image of 2
+steps per prompt (the prompts encoded, the compiled variant's blocks compiled), then a timed grid of lora_eval's two prompts x
 seeds at 1024x1024, 28 steps, as lora_eval and synthetic_batch call it. The generator's quantization is
 its `auto` (fp8 on an Ada/Hopper card). Writes benchmarks/results/generate_gpu-<gpu>.json.
 
@@ -41,7 +41,9 @@ def one_variant(args: argparse.Namespace) -> dict:
     _ = gen.pipe
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    gen.generate_grid(prompts[:1], [0], lora=lora, width=args.res, height=args.res, steps=2)
+    # every prompt: the timed grid then encodes nothing and moves no text encoder (session 14's run warmed
+    # up on one prompt, so its timed grids also encoded the second and moved the encoders on and off)
+    gen.generate_grid(prompts, [0], lora=lora, width=args.res, height=args.res, steps=2)
     warmup_s = time.perf_counter() - t
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "flux_generation", "command": " ".join([sys.executable, *sys.argv]),
               "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "setup": f"{args.res}x{args.res}, {args.steps} steps, LoRA v1 (r16), the generator's auto quantization, "
-                       "timed after one 2-step warm-up image", "results": []}
+                       "timed after a 2-step warm-up image per prompt", "results": []}
     for variant in args.variants.split(","):
         passed = [a for a in (argv if argv is not None else sys.argv[1:])]
         proc = subprocess.run([sys.executable, __file__, *passed, "--variant", variant], capture_output=True, text=True)

@@ -3,20 +3,27 @@
 A production iteration (the large-card run settings, resources/run_settings.py): 40 edits, 500 Qwen
 adapter steps, 1,500 FLUX LoRA steps, lora_eval's prompts x seeds for every kept checkpoint, 16
 synthetic images, all at 1024x1024. Running all of it takes longer than one device call, so every GPU
-asset runs twice through benchmarks/rehearsal_gpu.py (the resources the assets call, each in its own
-process, on full-size random weights) with a small and a larger count, each slice at most 10 minutes:
+asset runs as a slice of at most 10 minutes through benchmarks/rehearsal_gpu.py (the resources the assets
+call, each in its own process, on full-size random weights), and its production count is extrapolated:
 
-    seconds(n) = fixed + n * per_unit      fitted on the two slices:
-    per_unit   = (wall(b) - wall(a)) / (b - a)   the steady-state cost of one edit / step / image,
-                                                 warm-up, loading and compilation cancelled out
-    fixed      = wall(a) - a * per_unit          loading, encoding, compiling, writing
     projected  = fixed + production_count * per_unit
+    per_unit   = the steady-state cost of one step / image, timed inside the slice's process: a trainer's
+                 logged steps from the first to the last (step 10 to the end), a generator's images from the
+                 first to the last (the first image, which compiles the blocks, left out)
+    fixed      = wall - count * per_unit       loading, encoding, compiling, the first steps, writing
 
-Peaks are the card's used memory (NVML, CUDA context included), the larger of the two slices.
+The enrichment (not compiled; its edits run phase by phase, the VAE after every transformer pass) runs twice,
+with a small and a larger count, and its line is fitted:
 
-Every slice starts with empty torch.compile caches (inductor's and Triton's), so both slices of an asset
-pay the same compilation and it lands in `fixed`: a first iteration's cost, the conservative one (a warm
-cache from a slice before made the later slice cheaper than the earlier one, a per-unit cost of 0).
+    per_unit   = (wall(b) - wall(a)) / (b - a)     fixed = wall(a) - a * per_unit
+
+A fit over two processes is only as good as their fixed costs are equal: session 14's FLUX LoRA slices of 2
+and 60 steps differed by 9.4 s (0.16 s a step, against 0.40 s timed in train_gpu.py the same hour), so the
+compiled assets are paced in process. Peaks are the card's used memory (NVML, CUDA context included), the
+largest of the slices.
+
+Every slice starts with empty torch.compile caches (inductor's and Triton's), so compilation lands in
+`fixed`: a first iteration's cost, the conservative one.
 Enrichment counts whole cycles of the `angles` recipe (7 entries: 4 with the angles + Lightning LoRAs,
 2 Lightning only, 1 without LoRAs at 40 steps and true_cfg 4), so its per-edit cost is the recipe's mix.
 An asset measured alone gets its input first, untimed: the adapter the enrichment's triplets, the FLUX
@@ -82,6 +89,7 @@ class Slice:
     large: int
     production: int
     unit: str
+    paced: bool  # the rehearsal times its units in process (unit_s): one slice, the larger
     work: str  # which throughput its per-unit time scales with on another card: "bf16" or "fp8" (a trainer's
     # slice replaces it by the quantization it ran with)
 
@@ -91,12 +99,13 @@ def production_slices(scale: str) -> list[Slice]:
     tiny = scale == "tiny"
     return [
         Slice("enriched_images", "--edits", 4 if tiny else RECIPE_CYCLE, 5 if tiny else 2 * RECIPE_CYCLE, 40, "edit",
-              "bf16"),
-        Slice("qwen_adapter", "--adapter-steps", 2, 4 if tiny else 30, 500, "step", "bf16"),
-        Slice("flux_lora", "--train-steps", 2, 4 if tiny else 60, 1500, "step", "fp8"),
-        # a grid of 2 prompts (rehearsal_gpu's), as the assets send theirs: both slices encode the same prompts
-        Slice("lora_eval", "--images", 2, 4 if tiny else 6, EVAL_IMAGES, "image", "bf16"),
-        Slice("synthetic_batch", "--images", 2, 4 if tiny else 6, 16, "image", "bf16"),
+              False, "bf16"),
+        # trainers log every 10 steps: the pace from step 10 to the last
+        Slice("qwen_adapter", "--adapter-steps", 2, 20 if tiny else 30, 500, "step", True, "bf16"),
+        Slice("flux_lora", "--train-steps", 2, 20 if tiny else 60, 1500, "step", True, "fp8"),
+        # a grid of 2 prompts (rehearsal_gpu's), as the assets send theirs
+        Slice("lora_eval", "--images", 2, 4 if tiny else 6, EVAL_IMAGES, "image", True, "bf16"),
+        Slice("synthetic_batch", "--images", 2, 4 if tiny else 6, 16, "image", True, "bf16"),
     ]
 
 
@@ -121,6 +130,11 @@ def fit(small: int, small_s: float, large: int, large_s: float) -> tuple[float, 
         raise ValueError(f"the larger slice ({large}) must count more than the smaller ({small})")
     per_unit = max(0.0, (large_s - small_s) / (large - small))
     return max(0.0, small_s - small * per_unit), per_unit
+
+
+def paced(count: int, wall_s: float, unit_s: float) -> tuple[float, float]:
+    """(fixed seconds, seconds per unit) of a slice whose units were timed in process."""
+    return max(0.0, wall_s - count * unit_s), unit_s
 
 
 def project(fixed_s: float, per_unit_s: float, count: int) -> float:
@@ -184,12 +198,16 @@ def phase(asset: str, argument: str, count: int, args: argparse.Namespace, commo
                               env=cold_compile_env(args.workdir / "compile-cache"))
     except subprocess.TimeoutExpired:
         return {"error": f"{asset} with {count} units ran past {SLICE_LIMIT_S} s"}
+    # the phase's own log (a trainer's steps, loading, compiling): where its fixed seconds went
+    logs = args.out / "slice-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / f"{asset}-{count}.log").write_text(proc.stderr)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     return json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-2500:]}
 
 
 def measure(s: Slice, args: argparse.Namespace, common: list[str]) -> dict:
-    """Both slices of an asset and the projection from them."""
+    """An asset's slices (one when paced in process, else two) and the projection from them."""
     row: dict = {"asset": s.asset, "unit": s.unit, "production": s.production, "work": s.work, "slices": []}
     if s.asset in INPUTS and not (args.workdir / INPUTS[s.asset][0]).exists():
         _, before, argument, count = INPUTS[s.asset]
@@ -197,20 +215,29 @@ def measure(s: Slice, args: argparse.Namespace, common: list[str]) -> dict:
         if "error" in row["input"]:
             row["error"] = row["input"]["error"]
             return row
-    for count in (s.small, s.large):
+    for count in (s.large,) if s.paced else (s.small, s.large):
         result = phase(s.asset, s.argument, count, args, common)
         row["slices"].append({"count": count, **result})
         print(json.dumps({"asset": s.asset, "count": count, **result})[:2000], flush=True)
         if "error" in result:
             row["error"] = result["error"]
             return row
-    a, b = row["slices"]
+    b = row["slices"][-1]
     if b.get("quantization"):  # what the trainer chose (auto): its per-unit work scales with that throughput
         row["quantization"] = b["quantization"]
         row["work"] = "fp8" if b["quantization"] == "fp8" else "bf16"
-    row["fixed_s"], row["per_unit_s"] = (round(x, 3) for x in fit(s.small, a["wall_s"], s.large, b["wall_s"]))
+    if s.paced:
+        if not b.get("unit_s"):
+            row["error"] = f"{s.asset}: the slice of {s.large} reported no in-process pace (unit_s)"
+            return row
+        row["per_unit_from"] = "in process"
+        fixed, per_unit = paced(s.large, b["wall_s"], b["unit_s"])
+    else:
+        row["per_unit_from"] = "two-slice fit"
+        fixed, per_unit = fit(s.small, row["slices"][0]["wall_s"], s.large, b["wall_s"])
+    row["fixed_s"], row["per_unit_s"] = round(fixed, 3), round(per_unit, 4)
     row["projected_s"] = round(project(row["fixed_s"], row["per_unit_s"], s.production), 1)
-    peaks = [x.get("peak_card_used_gib", x.get("peak_reserved_gib")) for x in (a, b)]
+    peaks = [x.get("peak_card_used_gib", x.get("peak_reserved_gib")) for x in row["slices"]]
     row["peak_card_gib"] = max(peaks) if None not in peaks else None
     return row
 

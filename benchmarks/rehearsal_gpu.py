@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,46 @@ def measured(fn) -> dict:
     if card.peak is not None:
         out["peak_card_used_gib"] = round(card.peak / GIB, 2)
     return out
+
+
+class Ticks:
+    """When each unit of a phase ended (a trainer's logged steps, a generator's images): its steady-state pace."""
+
+    def __init__(self) -> None:
+        self.at: list[tuple[int, float]] = []
+
+    def mark(self, unit: int) -> None:
+        self.at.append((unit, time.perf_counter()))
+
+    def unit_s(self) -> float | None:
+        """Seconds per unit from the first mark to the last (what came before the first, warm-up included, left
+        out); None with fewer than two marks."""
+        if len(self.at) < 2 or self.at[-1][0] <= self.at[0][0]:
+            return None
+        (first, t0), (last, t1) = self.at[0], self.at[-1]
+        return round((t1 - t0) / (last - first), 4)
+
+    def trainer_log(self, message: str) -> None:
+        """A trainer's log callback: the message to stderr, and a mark at every logged step ("step N/M ...")."""
+        print(message, file=sys.stderr, flush=True)
+        found = re.match(r"step (\d+)/\d+", message)
+        if found:
+            self.mark(int(found.group(1)))
+
+
+class TimedPipeline:
+    """A diffusers pipeline whose calls (one image each, as FluxGenerator makes them) mark `ticks`."""
+
+    def __init__(self, pipe: Any, ticks: Ticks) -> None:
+        self._pipe, self._ticks = pipe, ticks
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self._pipe(*args, **kwargs)  # PIL images: the card's work is done when it returns
+        self._ticks.mark(len(self._ticks.at) + 1)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
 
 
 # -- the phases ---------------------------------------------------------------------------------------
@@ -236,16 +277,17 @@ def qwen_adapter(args: argparse.Namespace) -> dict:
 
     rows = json.loads((args.workdir / "triplets.json").read_text())
     triplets = [Triplet([Path(c) for c in r["controls"]], r["prompt"], Path(r["target"])) for r in rows]
+    ticks = Ticks()
     trainer = QwenEditLoraTrainer(model=str(args.workdir / "qwen"), work_dir=args.workdir / "runs" / "qwen_adapter",
-                                  log=lambda m: print(m, file=sys.stderr, flush=True))
+                                  log=ticks.trainer_log)
     result = trainer.train(triplets, train_config(args, args.adapter_steps), name="astronaut_v1_adapter")
-    return trained(result, len(triplets))
+    return trained(result, len(triplets), ticks)
 
 
-def trained(result, examples: int) -> dict:
+def trained(result, examples: int, ticks: Ticks) -> dict:
     losses = [v for _, v in result.losses]
     config = json.loads(result.metadata.get("flenwheel.config", "{}"))
-    return {"examples": examples, "steps": result.steps, "train_s": round(result.seconds, 1),
+    return {"examples": examples, "steps": result.steps, "train_s": round(result.seconds, 1), "unit_s": ticks.unit_s(),
             "quantization": config.get("quantization"),
             "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)] if losses else None,
             "trainer_peak_gib": result.peak_gib, "lora": str(result.lora_path)}
@@ -257,10 +299,11 @@ def flux_lora(args: argparse.Namespace) -> dict:
     from flen_resources.trainers.flux_lora import FluxLoraTrainer, TrainItem
 
     items = [TrainItem(p, f"photo of {TRIGGER}") for p in sources(args)]
+    ticks = Ticks()
     trainer = FluxLoraTrainer(model=str(args.workdir / "flux"), work_dir=args.workdir / "runs" / "flux_lora",
-                              log=lambda m: print(m, file=sys.stderr, flush=True))
+                              log=ticks.trainer_log)
     result = trainer.train(items, train_config(args, args.train_steps), name="astronaut_v1")
-    return trained(result, len(items))
+    return trained(result, len(items), ticks)
 
 
 def generate(args: argparse.Namespace, prompts: list[str], name: str) -> dict:
@@ -277,7 +320,8 @@ def generate(args: argparse.Namespace, prompts: list[str], name: str) -> dict:
     out = args.workdir / name
     out.mkdir(exist_ok=True)
     t = time.perf_counter()
-    _ = gen.pipe
+    ticks = Ticks()
+    gen._pipe = TimedPipeline(gen.pipe, ticks)  # each image's end: the pace after the first (which compiles)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     images = gen.generate_grid([p.format(trigger=TRIGGER) for p in prompts],
@@ -287,7 +331,7 @@ def generate(args: argparse.Namespace, prompts: list[str], name: str) -> dict:
     for n, img in enumerate(images):
         img.image.save(out / f"{n:03d}.png")
     return {"images": len(images), "quantization": gen.quantization, "load_s": round(load_s, 1),
-            "grid_s": round(grid_s, 1), "s_per_image_in_grid": round(grid_s / len(images), 2),
+            "grid_s": round(grid_s, 1), "s_per_image_in_grid": round(grid_s / len(images), 2), "unit_s": ticks.unit_s(),
             "steps": args.eval_steps}
 
 

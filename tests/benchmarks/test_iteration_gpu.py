@@ -78,3 +78,59 @@ def test_an_asset_measured_alone_gets_its_input_from_a_rehearsal_phase():
     for asset, (_, before, argument, _count) in it.INPUTS.items():
         assert before in rehearsal_gpu.PHASES and asset in rehearsal_gpu.PHASES
         assert slices[before].argument == argument
+
+
+def test_a_paced_slice_s_fixed_cost_is_its_wall_less_its_units():
+    assert it.paced(60, 215.3, 0.4) == pytest.approx((191.3, 0.4))
+    assert it.paced(6, 10.0, 3.0) == (0.0, 3.0)  # never a negative fixed cost
+    paced = {s.asset: s.paced for s in it.production_slices("full")}
+    assert paced == {"enriched_images": False, "qwen_adapter": True, "flux_lora": True, "lora_eval": True,
+                     "synthetic_batch": True}
+    # a trainer logs every 10 steps: its slice spans two logged steps at least
+    assert all(s.large >= 20 for scale in ("full", "tiny") for s in it.production_slices(scale) if s.unit == "step")
+
+
+def test_the_pace_leaves_the_first_unit_out_and_reads_a_trainer_s_logged_steps(monkeypatch, capsys):
+    import rehearsal_gpu
+
+    clock = iter([100.0, 130.0, 134.0, 138.0])  # the first unit took the warm-up
+    monkeypatch.setattr(rehearsal_gpu.time, "perf_counter", lambda: next(clock))
+    ticks = rehearsal_gpu.Ticks()
+    for message in ("fixed-batch loss 1.2", "step 10/30 loss 0.9", "step 20/30 loss 0.8", "step 30/30 loss 0.7",
+                    "saved"):
+        ticks.trainer_log(message)
+    assert ticks.at == [(10, 100.0), (20, 130.0), (30, 134.0)] and ticks.unit_s() == 1.7
+    assert "step 20/30 loss 0.8" in capsys.readouterr().err
+    one = rehearsal_gpu.Ticks()
+    one.mark(2)
+    assert one.unit_s() is None  # one mark: no pace
+
+
+def test_a_timed_pipeline_marks_each_call_and_passes_the_rest_through():
+    import rehearsal_gpu
+
+    class Pipe:
+        adapters = ["character"]
+
+        def __call__(self, prompt):
+            return f"image of {prompt}"
+
+    ticks = rehearsal_gpu.Ticks()
+    timed = rehearsal_gpu.TimedPipeline(Pipe(), ticks)
+    assert timed("a") == "image of a" and timed("b") == "image of b" and timed.adapters == ["character"]
+    assert [unit for unit, _ in ticks.at] == [1, 2] and ticks.unit_s() is not None
+
+
+def test_a_tiny_run_on_the_cpu_paces_the_trainer_and_the_generator_in_process(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    assert it.main(["--scale", "tiny", "--device", "cpu", "--res", "64", "--workdir", str(tmp_path / "work"),
+                    "--out", str(out), "--only", "flux_lora,lora_eval"]) == 0
+    rows = {r["asset"]: r for r in json.loads((out / "iteration_gpu-tiny-cpu.json").read_text())["assets"]}
+    for asset, count in (("flux_lora", 20), ("lora_eval", 4)):
+        row = rows[asset]
+        assert row["per_unit_from"] == "in process" and [s["count"] for s in row["slices"]] == [count]
+        assert row["per_unit_s"] == pytest.approx(row["slices"][0]["unit_s"], abs=1e-3) and row["per_unit_s"] > 0
+        assert row["fixed_s"] == pytest.approx(row["slices"][0]["wall_s"] - count * row["per_unit_s"], abs=0.01)
+    assert "step 20/20" in (out / "slice-logs" / "flux_lora-20.log").read_text()
