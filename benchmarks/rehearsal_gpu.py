@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,11 +120,13 @@ def measured(fn) -> dict:
 class Ticks:
     """When each unit of a phase ended (a trainer's logged steps, a generator's images): its steady-state pace."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.at: list[tuple[int, float]] = []
+        self.clock = clock
+        self.started = clock()
 
     def mark(self, unit: int) -> None:
-        self.at.append((unit, time.perf_counter()))
+        self.at.append((unit, self.clock()))
 
     def unit_s(self) -> float | None:
         """Seconds per unit from the first mark to the last (what came before the first, warm-up included, left
@@ -134,8 +137,9 @@ class Ticks:
         return round((t1 - t0) / (last - first), 4)
 
     def trainer_log(self, message: str) -> None:
-        """A trainer's log callback: the message to stderr, and a mark at every logged step ("step N/M ...")."""
-        print(message, file=sys.stderr, flush=True)
+        """A trainer's log callback: the message to stderr after the seconds since the phase began (where the
+        fixed time goes), and a mark at every logged step ("step N/M ...")."""
+        print(f"[{self.clock() - self.started:7.1f} s] {message}", file=sys.stderr, flush=True)
         found = re.match(r"step (\d+)/\d+", message)
         if found:
             self.mark(int(found.group(1)))

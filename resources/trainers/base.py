@@ -101,6 +101,8 @@ class LoraTrainer(Generic[Input]):
         self.log(f"cached {len(examples)} {self.encoded} ({self.cache.hits} hits, {self.cache.misses} computed); "
                  f"encoders freed")
         transformer = self._transformer(resolved, config, device, dtype)
+        self.log(f"transformer ready on {device.type}: {config.quantization} base"
+                 + (", blocks compile on their first step" if config.compile and device.type == "cuda" else ""))
         snapshots = self.work_dir / "output" / "checkpoints"
 
         def snapshot(step: int) -> None:

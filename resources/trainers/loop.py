@@ -124,6 +124,7 @@ def _training_loop(transformer: Any, examples: list[dict], config: LoraTrainConf
 
     if start == 0:
         eval_start = eval_loss()
+        log(f"fixed-batch loss at the start {eval_start:.4f}")
     samples: list[Path] = []
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=f"train {name}",
                unit="step")

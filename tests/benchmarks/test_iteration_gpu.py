@@ -90,17 +90,17 @@ def test_a_paced_slice_s_fixed_cost_is_its_wall_less_its_units():
     assert all(s.large >= 20 for scale in ("full", "tiny") for s in it.production_slices(scale) if s.unit == "step")
 
 
-def test_the_pace_leaves_the_first_unit_out_and_reads_a_trainer_s_logged_steps(monkeypatch, capsys):
+def test_the_pace_leaves_the_first_unit_out_and_reads_a_trainer_s_logged_steps(capsys):
     import rehearsal_gpu
 
-    clock = iter([100.0, 130.0, 134.0, 138.0])  # the first unit took the warm-up
-    monkeypatch.setattr(rehearsal_gpu.time, "perf_counter", lambda: next(clock))
-    ticks = rehearsal_gpu.Ticks()
+    # the start, then each message printed (and marked when a step): the first unit took the warm-up
+    clock = iter([90.0, 95.0, 99.0, 100.0, 129.0, 130.0, 133.0, 134.0, 135.0])
+    ticks = rehearsal_gpu.Ticks(clock=lambda: next(clock))
     for message in ("fixed-batch loss 1.2", "step 10/30 loss 0.9", "step 20/30 loss 0.8", "step 30/30 loss 0.7",
                     "saved"):
         ticks.trainer_log(message)
     assert ticks.at == [(10, 100.0), (20, 130.0), (30, 134.0)] and ticks.unit_s() == 1.7
-    assert "step 20/30 loss 0.8" in capsys.readouterr().err
+    assert "[   39.0 s] step 20/30 loss 0.8" in capsys.readouterr().err
     one = rehearsal_gpu.Ticks()
     one.mark(2)
     assert one.unit_s() is None  # one mark: no pace
