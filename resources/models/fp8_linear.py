@@ -153,6 +153,22 @@ def compute_blocks(transformer: nn.Module) -> list[nn.Module]:
     return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
 
 
+_compiler_works: dict[str, bool] = {}  # device type -> whether torch.compile ran a kernel there
+
+
+def compiler_works(device: torch.device) -> bool:
+    """Whether torch.compile builds and runs a kernel on `device` (Triton and a C compiler), probed once a process."""
+    if device.type not in _compiler_works:
+        try:
+            torch.compile(quantize_rows)(torch.ones(16, 16, device=device))
+            _compiler_works[device.type] = True
+        except Exception as exc:  # noqa: BLE001 -- inductor raises many types; any of them means "run eagerly"
+            log.warning("torch.compile does not work on %s, so the transformer blocks run eagerly (slower): %s",
+                        device.type, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            _compiler_works[device.type] = False
+    return _compiler_works[device.type]
+
+
 def compile_blocks(transformer: nn.Module) -> int:
     """torch.compile each of the transformer's blocks in place (one graph per block class); how many."""
     blocks = compute_blocks(transformer)

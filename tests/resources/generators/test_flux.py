@@ -113,10 +113,17 @@ def test_auto_generates_in_fp8_where_the_card_and_the_budget_allow():
         pick_quantization_with_fp8("fp8", cuda, flux, 20, False, FP8_GENERATION_RESERVE_GIB)
 
 
-def test_the_blocks_compile_on_a_gpu_only(generator):
+def test_the_blocks_compile_on_a_gpu_where_torch_compile_works(generator, monkeypatch):
     assert FluxGenerator(model="tiny", device="cpu").compiles is False  # a CPU runs eager
     assert FluxGenerator(model="tiny", device="cpu", compile=False).compiles is False
     assert not any(getattr(b, "_compiled_call_impl", None) for b in generator.pipe.transformer.transformer_blocks)
+    import flen_resources.generators.flux as flux
+
+    monkeypatch.setattr(flux, "pick_device", lambda _: torch.device("cuda"))
+    monkeypatch.setattr(flux, "compiler_works", lambda _: False)
+    assert FluxGenerator.compiles.fget(generator) is False, "a GPU without a working torch.compile runs eager"
+    monkeypatch.setattr(flux, "compiler_works", lambda _: True)
+    assert FluxGenerator.compiles.fget(generator) is True
 
 
 @pytest.mark.gpu

@@ -201,3 +201,21 @@ def test_fp8_for_the_editor_names_who_takes_it_and_the_fix():
     with pytest.raises(ValueError, match="'fp8' is for the LoRA trainers and the FLUX generator; the editor .*"
                                          "set FLEN_QUANTIZATION=auto"):
         pick_quantization("fp8", torch.device("cuda"))
+
+
+def test_a_machine_where_torch_compile_fails_is_probed_once_and_runs_eagerly(monkeypatch, caplog):
+    import flen_resources.models.fp8_linear as fp8_linear
+
+    calls = []
+
+    def broken(fn):
+        calls.append(fn)
+        raise RuntimeError("Compiler: cc is not found\nmore lines of the inductor trace")
+
+    monkeypatch.setattr(fp8_linear, "_compiler_works", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    cpu = torch.device("cpu")
+    assert fp8_linear.compiler_works(cpu) is False and fp8_linear.compiler_works(cpu) is False
+    assert len(calls) == 1, "probed once a process"
+    assert "torch.compile does not work on cpu" in caplog.text and "cc is not found" in caplog.text
+    assert "more lines" not in caplog.text

@@ -328,6 +328,7 @@ def test_a_compiled_fp8_run_on_a_gpu_keeps_every_block_where_they_fit(monkeypatc
 
     monkeypatch.setattr(pipelines, "pick_device", lambda _: torch.device("cuda"))
     monkeypatch.setattr(fp8_linear, "fp8_matmuls", lambda _: True)
+    monkeypatch.setattr(fp8_linear, "_compiler_works", {"cuda": True})  # the card's probe, as on an H200
 
     def settled(**knobs) -> tuple:
         config = LoraTrainConfig(**knobs).resolved()
@@ -340,6 +341,8 @@ def test_a_compiled_fp8_run_on_a_gpu_keeps_every_block_where_they_fit(monkeypatc
     assert settled(kept_activations=0) == ("fp8", 0, 1.0)
     assert settled(activation_budget=0.35) == ("fp8", "all", 0.35)
     assert settled(quantization="nf4") == ("nf4", 0, 1.0)
+    monkeypatch.setattr(fp8_linear, "_compiler_works", {"cuda": False})  # no Triton or C compiler on this machine
+    assert settled() == ("fp8", FP8_KEPT_ACTIVATIONS, 1.0) and LoraTrainConfig().resolved().compile is False
 
 
 def test_every_block_is_kept_only_where_its_activations_fit_the_budget():
