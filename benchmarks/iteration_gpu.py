@@ -90,8 +90,8 @@ class Slice:
     production: int
     unit: str
     paced: bool  # the rehearsal times its units in process (unit_s): one slice, the larger
-    work: str  # which throughput its per-unit time scales with on another card: "bf16" or "fp8" (a trainer's
-    # slice replaces it by the quantization it ran with)
+    work: str  # which throughput its per-unit time scales with on another card: "bf16" or "fp8" (a slice that
+    # reports its quantization, a trainer's or a generator's, replaces it by what ran)
 
 
 def production_slices(scale: str) -> list[Slice]:
@@ -100,12 +100,12 @@ def production_slices(scale: str) -> list[Slice]:
     return [
         Slice("enriched_images", "--edits", 4 if tiny else RECIPE_CYCLE, 5 if tiny else 2 * RECIPE_CYCLE, 40, "edit",
               False, "bf16"),
-        # trainers log every 10 steps: the pace from step 10 to the last
+        # trainers log every LOG_EVERY (10) steps (trainers/loop.py): the pace from step 10 to the last
         Slice("qwen_adapter", "--adapter-steps", 2, 20 if tiny else 30, 500, "step", True, "bf16"),
         Slice("flux_lora", "--train-steps", 2, 20 if tiny else 60, 1500, "step", True, "fp8"),
         # a grid of 2 prompts (rehearsal_gpu's), as the assets send theirs
-        Slice("lora_eval", "--images", 2, 4 if tiny else 6, EVAL_IMAGES, "image", True, "bf16"),
-        Slice("synthetic_batch", "--images", 2, 4 if tiny else 6, 16, "image", True, "bf16"),
+        Slice("lora_eval", "--images", 2, 4 if tiny else 6, EVAL_IMAGES, "image", True, "fp8"),
+        Slice("synthetic_batch", "--images", 2, 4 if tiny else 6, 16, "image", True, "fp8"),
     ]
 
 
@@ -188,6 +188,14 @@ def cold_compile_env(cache: Path) -> dict[str, str]:
     return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
 
 
+def keep_log(out: Path, asset: str, count: int, stderr: str | bytes | None) -> None:
+    """A slice's own log (a trainer's timed lines: loading, compiling, steps) in <out>/slice-logs/."""
+    logs = out / "slice-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
+    (logs / f"{asset}-{count}.log").write_text(text)
+
+
 def phase(asset: str, argument: str, count: int, args: argparse.Namespace, common: list[str]) -> dict:
     """One rehearsal phase with `count` units in its own process, cold compile caches; its RESULT or an error."""
     cmd = [sys.executable, str(REHEARSAL), "--phase", asset, argument, str(count), *common]
@@ -196,12 +204,10 @@ def phase(asset: str, argument: str, count: int, args: argparse.Namespace, commo
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SLICE_LIMIT_S,
                               env=cold_compile_env(args.workdir / "compile-cache"))
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
+        keep_log(args.out, asset, count, exc.stderr)  # where it was when stopped
         return {"error": f"{asset} with {count} units ran past {SLICE_LIMIT_S} s"}
-    # the phase's own log (a trainer's steps, loading, compiling): where its fixed seconds went
-    logs = args.out / "slice-logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    (logs / f"{asset}-{count}.log").write_text(proc.stderr)
+    keep_log(args.out, asset, count, proc.stderr)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     return json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-2500:]}
 

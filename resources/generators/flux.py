@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from flen_resources.models.fp8_linear import compile_blocks, compiler_works, fp8_matmuls
+from flen_resources.models.fp8_linear import compile_blocks, compiles_blocks, fp8_matmuls
 from flen_resources.models.loras import LoraError, LoraFile, resolve_lora
 from flen_resources.models.pipelines import load_pipeline, pick_device
 from flen_resources.models.quantization import (
@@ -92,8 +92,7 @@ class FluxGenerator:
     @property
     def compiles(self) -> bool:
         """Whether the transformer's blocks run compiled: asked for, on a GPU, where torch.compile works."""
-        device = pick_device(self.device)
-        return self.compile and device.type == "cuda" and compiler_works(device)
+        return compiles_blocks(self.compile, pick_device(self.device))
 
     @property
     def residency(self) -> Residency:

@@ -55,8 +55,8 @@ def _quantize_activation(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     if not rows.is_cuda or torch.compiler.is_compiling():
         return quantize_rows(rows)
     if _compiled_quantize_rows is None:
-        _compiled_quantize_rows = torch.compile(quantize_rows)
-    try:
+        _compiled_quantize_rows = torch.compile(quantize_rows) if compiler_works(rows.device) else quantize_rows
+    try:  # a compiler that works may still fail on this graph
         return _compiled_quantize_rows(rows)
     except Exception as exc:  # torch.compile needs Triton and a C compiler: without them, the eager kernels
         log.warning("fp8 layers quantize their activations eagerly (slower): torch.compile failed: %s", exc)
@@ -156,17 +156,26 @@ def compute_blocks(transformer: nn.Module) -> list[nn.Module]:
 _compiler_works: dict[str, bool] = {}  # device type -> whether torch.compile ran a kernel there
 
 
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x * 2 - 1)
+
+
 def compiler_works(device: torch.device) -> bool:
     """Whether torch.compile builds and runs a kernel on `device` (Triton and a C compiler), probed once a process."""
     if device.type not in _compiler_works:
-        try:
-            torch.compile(quantize_rows)(torch.ones(16, 16, device=device))
+        try:  # a plain fp32 kernel: an Ampere card compiles bf16 and nf4 blocks but cannot cast to fp8
+            torch.compile(_probe)(torch.ones(16, 16, device=device))
             _compiler_works[device.type] = True
         except Exception as exc:  # noqa: BLE001 -- inductor raises many types; any of them means "run eagerly"
             log.warning("torch.compile does not work on %s, so the transformer blocks run eagerly (slower): %s",
                         device.type, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             _compiler_works[device.type] = False
     return _compiler_works[device.type]
+
+
+def compiles_blocks(asked: bool, device: torch.device) -> bool:
+    """Whether a transformer's blocks run compiled: asked for, on a GPU (a CPU runs eager), where torch.compile works."""
+    return asked and device.type == "cuda" and compiler_works(device)
 
 
 def compile_blocks(transformer: nn.Module) -> int:

@@ -26,7 +26,7 @@ import torch
 import torch.utils.checkpoint
 from PIL import Image
 
-from flen_resources.models.fp8_linear import compile_blocks, compute_blocks, transformer_to_fp8
+from flen_resources.models.fp8_linear import compile_blocks, compiles_blocks, compute_blocks, transformer_to_fp8
 from flen_resources.models.pipelines import nf4_kwargs, pick_device, pick_dtype
 from flen_resources.models.quantization import nf4_needs_cuda
 from flen_resources.models.sources import ResolvedModel, resolve_model
@@ -102,7 +102,7 @@ class LoraTrainer(Generic[Input]):
                  f"encoders freed")
         transformer = self._transformer(resolved, config, device, dtype)
         self.log(f"transformer ready on {device.type}: {config.quantization} base"
-                 + (", blocks compile on their first step" if config.compile and device.type == "cuda" else ""))
+                 + (", blocks compile on their first forward" if compiles_blocks(config.compile, device) else ""))
         snapshots = self.work_dir / "output" / "checkpoints"
 
         def snapshot(step: int) -> None:
@@ -184,7 +184,7 @@ class LoraTrainer(Generic[Input]):
             count = len(blocks) if config.kept_activations == "all" else min(config.kept_activations, len(blocks))
             kept = blocks[len(blocks) - count:] if count else []
             transformer.enable_gradient_checkpointing(recompute_except(kept))
-        if config.compile and device.type == "cuda":
+        if compiles_blocks(config.compile, device):
             compile_blocks(transformer)
         transformer.train()
         return transformer

@@ -158,7 +158,7 @@ class LoraTrainConfig:
     def resolved(self, model_key: str = "flux.1-dev", memory_budget_gib: float | None = None) -> LoraTrainConfig:
         """This config with `auto` quantization, optimizer, kept activations, activation budget and compile decided
         for its device, the model it trains and the card memory budget (what runs and is recorded)."""
-        from flen_resources.models.fp8_linear import compiler_works, fp8_matmuls
+        from flen_resources.models.fp8_linear import compiles_blocks, fp8_matmuls
         from flen_resources.models.pipelines import pick_device
         from flen_resources.models.quantization import fp8_fits, nf4_needs_cuda, pick_quantization_with_fp8
         from flen_resources.models.registry import MODELS
@@ -178,7 +178,7 @@ class LoraTrainConfig:
         # fp8 asked for by hand on a card it does not fit with its reserve: no memory to spare for kept blocks
         params = MODELS[model_key].transformer_params
         fits = fp8_fits(params, budget)
-        compiled = self.compile and cuda and compiler_works(device)  # without Triton or a C compiler: eager
+        compiled = compiles_blocks(self.compile, device)  # without Triton or a C compiler: eager
         all_fit = compiled and fp8_fits(params, budget, all_kept_reserve_gib(self.resolution, self.batch_size))
         kept = self.kept_activations if self.kept_activations != "auto" \
             else auto_kept_activations(quantization, fits, all_fit)

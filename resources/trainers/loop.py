@@ -31,6 +31,7 @@ from flen_resources.trainers.config import LoraTrainConfig
 
 # loss(batch, generator) -> scalar: the model's flow-matching loss on one batch, drawing from `generator`
 LossFn = Callable[[list[dict], torch.Generator], torch.Tensor]
+LOG_EVERY = 10  # steps between progress lines in the log (benchmarks/rehearsal_gpu.py paces a run by them)
 
 
 # -- the optimizer and LR schedule: every option in this one block ---------------------------------
@@ -143,7 +144,7 @@ def _training_loop(transformer: Any, examples: list[dict], config: LoraTrainConf
         losses.append((step + 1, total))
         bar.set_postfix(loss=f"{total:.4f}")
         done = step + 1
-        if done % 10 == 0 or done == config.max_steps:
+        if done % LOG_EVERY == 0 or done == config.max_steps:
             log(f"step {done}/{config.max_steps} loss {total:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e}")
         if previews is not None and config.sample_every and done % config.sample_every == 0:
             samples += previews(done)

@@ -86,8 +86,10 @@ def test_a_paced_slice_s_fixed_cost_is_its_wall_less_its_units():
     paced = {s.asset: s.paced for s in it.production_slices("full")}
     assert paced == {"enriched_images": False, "qwen_adapter": True, "flux_lora": True, "lora_eval": True,
                      "synthetic_batch": True}
-    # a trainer logs every 10 steps: its slice spans two logged steps at least
-    assert all(s.large >= 20 for scale in ("full", "tiny") for s in it.production_slices(scale) if s.unit == "step")
+    from flen_resources.trainers.loop import LOG_EVERY
+
+    # a trainer logs every LOG_EVERY steps: its slice spans two logged steps at least
+    assert all(s.large >= 2 * LOG_EVERY for scale in ("full", "tiny") for s in it.production_slices(scale) if s.unit == "step")
 
 
 def test_the_pace_leaves_the_first_unit_out_and_reads_a_trainer_s_logged_steps(capsys):

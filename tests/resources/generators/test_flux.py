@@ -17,9 +17,9 @@ def generator() -> FluxGenerator:
     return FluxGenerator(model="tiny")
 
 
-def _flux_lora(generator: FluxGenerator, path, rank: int = 4) -> None:
+def _flux_lora(generator: FluxGenerator, path, rank: int = 4, seed: int = 0) -> None:
     """A random LoRA on the tiny FLUX transformer's attention, in diffusers/peft key style."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, module in generator.pipe.transformer.named_modules():
         if name.endswith(("attn.to_q", "attn.to_k", "attn.to_v")) and isinstance(module, torch.nn.Linear):
@@ -118,11 +118,12 @@ def test_the_blocks_compile_on_a_gpu_where_torch_compile_works(generator, monkey
     assert FluxGenerator(model="tiny", device="cpu", compile=False).compiles is False
     assert not any(getattr(b, "_compiled_call_impl", None) for b in generator.pipe.transformer.transformer_blocks)
     import flen_resources.generators.flux as flux
+    import flen_resources.models.fp8_linear as fp8_linear
 
     monkeypatch.setattr(flux, "pick_device", lambda _: torch.device("cuda"))
-    monkeypatch.setattr(flux, "compiler_works", lambda _: False)
+    monkeypatch.setattr(fp8_linear, "_compiler_works", {"cuda": False})
     assert FluxGenerator.compiles.fget(generator) is False, "a GPU without a working torch.compile runs eager"
-    monkeypatch.setattr(flux, "compiler_works", lambda _: True)
+    monkeypatch.setattr(fp8_linear, "_compiler_works", {"cuda": True})
     assert FluxGenerator.compiles.fget(generator) is True
 
 
@@ -149,9 +150,13 @@ def test_compiled_blocks_generate_the_eager_pipeline_s_images(tmp_path):
     compiled, eager = FluxGenerator(model="tiny", device="cuda"), FluxGenerator(model="tiny", device="cuda", compile=False)
     assert compiled.compiles and not eager.compiles
     assert all(b._compiled_call_impl is not None for b in compiled.pipe.transformer.transformer_blocks)
-    path = tmp_path / "alice_v1.safetensors"
-    _flux_lora(eager, path)
-    for lora in (path, None, path):  # a LoRA loaded, unloaded and loaded again under the compiled blocks
-        ours = compiled.generate("photo of alice_flen", [3], lora=lora, **KW)[0]
-        plain = eager.generate("photo of alice_flen", [3], lora=lora, **KW)[0]
-        assert np.corrcoef(_arr(plain.image).ravel(), _arr(ours.image).ravel())[0, 1] > 0.99
+    # as lora_eval calls it: six checkpoints' LoRAs in turn, the LoRA-off images at weight 0, then the base model;
+    # dynamo would fall back to eager past its recompile limit, and here it fails instead
+    checkpoints = [tmp_path / f"step-{n}.safetensors" for n in range(6)]
+    for n, path in enumerate(checkpoints):
+        _flux_lora(eager, path, seed=n)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for lora, weight in [*((p, 1.0) for p in checkpoints), (checkpoints[-1], 0.0), (None, 1.0), (checkpoints[0], 1.0)]:
+            ours = compiled.generate("photo of alice_flen", [3], lora=lora, lora_weight=weight, **KW)[0]
+            plain = eager.generate("photo of alice_flen", [3], lora=lora, lora_weight=weight, **KW)[0]
+            assert np.corrcoef(_arr(plain.image).ravel(), _arr(ours.image).ravel())[0, 1] > 0.99
