@@ -20,10 +20,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from rehearsal_gpu import TRIGGER, importable, measured, write_json  # noqa: E402
+from rehearsal_gpu import EVAL_PROMPTS, TRIGGER, importable, measured, write_json  # noqa: E402
 
 VARIANTS = {"eager": False, "compiled": True}  # variant -> FluxGenerator(compile=...)
-PROMPTS = ["photo of {trigger}, portrait, looking at the camera", "photo of {trigger} outdoors in a park, natural light"]
 
 
 def one_variant(args: argparse.Namespace) -> dict:
@@ -35,7 +34,7 @@ def one_variant(args: argparse.Namespace) -> dict:
     gen = FluxGenerator(model=str(args.workdir / "flux"), quantization="auto", device="cuda",
                         compile=VARIANTS[args.variant])
     lora = args.workdir / "runs" / "flux_lora" / "output" / "astronaut_v1.safetensors"
-    prompts = [p.format(trigger=TRIGGER) for p in PROMPTS]
+    prompts = [p.format(trigger=TRIGGER) for p in EVAL_PROMPTS]
     seeds = list(range(1, args.images // len(prompts) + 1))
     t = time.perf_counter()
     _ = gen.pipe

@@ -339,9 +339,12 @@ def generate(args: argparse.Namespace, prompts: list[str], name: str) -> dict:
             "steps": args.eval_steps}
 
 
+EVAL_PROMPTS = ["photo of {trigger}, portrait, looking at the camera",
+                "photo of {trigger} outdoors in a park, natural light"]
+
+
 def lora_eval(args: argparse.Namespace) -> dict:
-    return generate(args, ["photo of {trigger}, portrait, looking at the camera",
-                           "photo of {trigger} outdoors in a park, natural light"], "eval")
+    return generate(args, EVAL_PROMPTS, "eval")
 
 
 def synthetic_batch(args: argparse.Namespace) -> dict:
