@@ -30,24 +30,22 @@ COMMON="--scale full --device cuda --res 1024 --workdir /tmp/flen-rehearsal"
 PT="python3 -m pytest -c /dev/null -p no:cacheprovider -m gpu -v"
 mkdir -p /tmp/gputests && cp tests/resources/models/test_fp8_linear.py tests/resources/trainers/test_trainers_gpu.py \
   tests/resources/generators/test_flux.py /tmp/gputests/
-# The most wanted first (STEPS picks; each session sends what its device minutes allow). Session 14 ran
-# build_flux..synthetic; iteration_gpu.py now paces trainers and generators in process (one slice each), so the
-# next session re-runs flux_lora, flux_eval, synthetic and gen_compare (warmed up on every prompt), then the Qwen
-# chain: the adapter's step with double quantization and expandable segments set in process (train_qwen), the
-# adapter asset (paced now), the enrichment.
-step build_flux 100 $B/rehearsal_gpu.py --phase build_flux $COMMON
-step train_flux 290 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag auto-dq \
-  --variants naive,ours-compile-fp8,ours-compile,naive
+# The most wanted first (STEPS picks; each session sends what its device minutes allow). Session 15: an nf4 base
+# runs fp8 GEMMs (models/fp8_linear.Nf4Fp8Linear, LoraTrainConfig.fp8_matmuls): the gpu tests (full-width Qwen
+# block gradients), the Qwen adapter's step against bf16 GEMMs and the naive loop, the adapter asset; then FLUX's
+# nf4 low-memory path with and without fp8 GEMMs, and the flux_lora asset paced in process.
 step pytest_gpu 170 $PT /tmp/gputests/test_fp8_linear.py /tmp/gputests/test_flux.py /tmp/gputests/test_trainers_gpu.py
+# 64 GiB of disk: one chain's models at a time
+step build_qwen 150 bash -c "rm -rf /tmp/flen-rehearsal/flux && $B/rehearsal_gpu.py --phase build_qwen $COMMON"
+step train_qwen 250 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag fp8-gemms \
+  --variants naive,ours-compile,ours-compile-bf16mm,ours-compile-torchadamw-prof
+step adapter 220 $B/iteration_gpu.py --only qwen_adapter --out $R
+step build_flux 100 bash -c "rm -rf /tmp/flen-rehearsal/qwen && $B/rehearsal_gpu.py --phase build_flux $COMMON"
+step train_flux 240 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag nf4-fp8-gemms \
+  --variants naive,ours-compile,ours-compile-bf16mm,naive
 step flux_lora 270 $B/iteration_gpu.py --only flux_lora --out $R
 step gen_compare 220 $B/generate_gpu.py --workdir /tmp/flen-rehearsal --out $R --variants eager,compiled
 step flux_eval 140 $B/iteration_gpu.py --only lora_eval --out $R
 step synthetic 130 $B/iteration_gpu.py --only synthetic_batch --out $R
-# 64 GiB of disk: one chain's models at a time
-step build_qwen 150 bash -c "rm -rf /tmp/flen-rehearsal/flux && $B/rehearsal_gpu.py --phase build_qwen $COMMON"
-# -torchadamw: the 8-bit optimizer took 67 ms of the 1.25 s step (session 13's profile); fp32 states cost ~0.35 GiB
-step train_qwen 260 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag dq-expandable \
-  --variants naive,ours-compile,ours-compile-nodq,ours-compile-torchadamw
-step adapter 220 $B/iteration_gpu.py --only qwen_adapter --out $R
 step enriched 240 $B/iteration_gpu.py --only enriched_images --out $R
 say "plan done"; finish

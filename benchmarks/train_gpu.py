@@ -35,6 +35,8 @@ Variants:
                  (LoraTrainConfig.activation_budget; without it, `auto`: 0.2 with every block kept, else 1.0)
   ...-nodq       the nf4 base without bitsandbytes' double quantization (the trainer's nf4 quantizes its absmax in
                  8 bits: ~1 GiB less on Qwen-Image-Edit's 20B transformer)
+  ...-bf16mm     the nf4 base's GEMMs in bf16 (bitsandbytes' own layer) instead of fp8: an nf4 base on a card with
+                 fp8 GEMMs runs them in fp8 under `auto` (LoraTrainConfig.fp8_matmuls, models/fp8_linear.Nf4Fp8Linear)
   ...-fp8        the same on an fp8 base: e4m3 block weights, fp8 GEMMs forward and for the input gradient
                  (models/fp8_linear.py; LoraTrainConfig.quantization="fp8", what `auto` picks for FLUX on an
                  Ada/Hopper card within the 20 GiB budget). Others run nf4 on a GPU (none on the CPU).
@@ -272,7 +274,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
             optimizer="adamw8bit" if "-adamw8bit" in variant else "adamw" if "-torchadamw" in variant else "auto",
             compile=variant.startswith("ours-compile"), device=device_name,
             attention="flash" if "-flash" in variant else "auto",
-            kept_activations=kept_variant(variant),
+            kept_activations=kept_variant(variant), fp8_matmuls=False if "-bf16mm" in variant else "auto",
             activation_budget=float(re.search(r"-mbudget([\d.]+)", variant).group(1)) if "-mbudget" in variant
             else "auto"))
         quantization = config.quantization
@@ -330,7 +332,8 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         optimizer_times.append(time.perf_counter() - t_opt)
     profile = kernel_profile(lambda i: (forward_backward(i), optimizer_step()), warmup + reps, cuda) \
         if "-prof" in variant else None
-    settled = {} if variant == "naive" else {"optimizer": config.optimizer, "kept_activations": config.kept_activations,
+    settled = {} if variant == "naive" else {"optimizer": config.optimizer, "fp8_matmuls": config.fp8_matmuls,
+                                           "kept_activations": config.kept_activations,
                                            "activation_budget": config.activation_budget,
                                            **({"nf4_double_quant": "-nodq" not in variant}
                                               if quantization == "nf4" else {}),

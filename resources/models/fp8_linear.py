@@ -12,6 +12,10 @@ activation's quantization (an amax and a cast) is plain pointwise code, so under
 block it fuses into the op before it, as torchao's float8 linear does; a separate quantization
 kernel would give back most of what the fp8 GEMM wins (issue 15: 1.84x the bf16 GEMMs fused, 1.29x not).
 The first and last layers of the model (embedders, output projection) stay in bf16.
+
+An nf4 base (a model too big for fp8 within the budget: Qwen-Image-Edit's 20B) can run the same fp8 GEMMs:
+`Nf4Fp8Linear` dequantizes its nf4 weight and quantizes it to e4m3 per row at each use, so the nf4 bytes stay
+the only copy on the card (bitsandbytes' own layer dequantizes to bf16 at each use the same way).
 """
 
 from __future__ import annotations
@@ -128,6 +132,31 @@ class Fp8Linear(nn.Linear):
         return (self.weight.float() * self.weight_scale).to(self.compute_dtype)
 
 
+class Nf4Fp8Linear(nn.Linear):
+    """A frozen bitsandbytes nf4 Linear whose GEMMs run in fp8: its weight dequantized and quantized to e4m3 per
+    output row at each use (under torch.compile one fused kernel beside the dequantization), then _Fp8Matmul."""
+
+    def __init__(self, linear4bit: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear4bit.in_features, linear4bit.out_features
+        self.weight = linear4bit.weight  # bitsandbytes' Params4bit: the packed nf4 bytes and their quant_state
+        self.bias = linear4bit.bias
+        self.compute_dtype = linear4bit.compute_dtype or torch.bfloat16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # _Fp8Matmul saves the e4m3 weight for backward: one layer's worth at a time, as every block of an nf4
+        # base is checkpointed (config.auto_kept_activations); blocks kept whole would hold them all.
+        weight, scale = quantize_rows(self.dequantized())
+        y = _Fp8Matmul.apply(x.to(self.compute_dtype), weight, scale)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight in compute_dtype, from its nf4 bytes."""
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(self.weight, self.weight.quant_state).to(self.compute_dtype)
+
+
 def convertible(linear: nn.Linear) -> bool:
     """Whether _scaled_mm can take `linear`'s shape (both dimensions multiples of 16)."""
     return linear.in_features % ALIGNMENT == 0 and linear.out_features % ALIGNMENT == 0
@@ -146,6 +175,20 @@ def blocks_to_fp8(blocks: Iterable[nn.Module], device: torch.device, dtype: torc
                     setattr(parent, attr, Fp8Linear.from_linear(linear, device))
                     converted += 1
     return converted
+
+
+def nf4_blocks_to_fp8_matmuls(blocks: Iterable[nn.Module]) -> int:
+    """Swap each block's bitsandbytes nf4 Linears for Nf4Fp8Linear (same weights, fp8 GEMMs); returns how many."""
+    from bitsandbytes.nn import Linear4bit
+
+    swapped = 0
+    for block in blocks:
+        for _, parent in list(block.named_modules()):
+            for attr, linear in list(parent.named_children()):
+                if isinstance(linear, Linear4bit) and convertible(linear):
+                    setattr(parent, attr, Nf4Fp8Linear(linear))
+                    swapped += 1
+    return swapped
 
 
 def compute_blocks(transformer: nn.Module) -> list[nn.Module]:

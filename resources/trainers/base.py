@@ -6,7 +6,7 @@
 2. encode every example once through the feature cache, loading the model's encoders only on a
    cache miss and freeing them before the transformer loads (`_load_encoders`, `_encode`);
 3. load the frozen transformer (fp8 blocks with fp8 matmuls when the card has them and the budget allows,
-   nf4 on other CUDA cards, or plain) and add a fresh fp32 peft LoRA, its matmuls in bf16 on a GPU
+   else nf4 on a CUDA card, its GEMMs in fp8 where the card has them; or plain) and add a fresh fp32 peft LoRA, its matmuls in bf16 on a GPU
    (`_transformer_class`, lora_precision.py);
 4. the training loop with checkpoints and resume (loop.py), the model giving its loss for one
    batch (`_loss`) and, every config.sample_every steps, previews (`_preview_pipeline`, `_preview`);
@@ -26,7 +26,13 @@ import torch
 import torch.utils.checkpoint
 from PIL import Image
 
-from flen_resources.models.fp8_linear import compile_blocks, compiles_blocks, compute_blocks, transformer_to_fp8
+from flen_resources.models.fp8_linear import (
+    compile_blocks,
+    compiles_blocks,
+    compute_blocks,
+    nf4_blocks_to_fp8_matmuls,
+    transformer_to_fp8,
+)
 from flen_resources.models.pipelines import nf4_kwargs, pick_device, pick_dtype
 from flen_resources.models.quantization import nf4_needs_cuda
 from flen_resources.models.sources import ResolvedModel, resolve_model
@@ -102,6 +108,7 @@ class LoraTrainer(Generic[Input]):
                  f"encoders freed")
         transformer = self._transformer(resolved, config, device, dtype)
         self.log(f"transformer ready on {device.type}: {config.quantization} base"
+                 + (", fp8 GEMMs" if config.fp8_matmuls is True else "")
                  + (", blocks compile on their first forward" if compiles_blocks(config.compile, device) else ""))
         snapshots = self.work_dir / "output" / "checkpoints"
 
@@ -169,6 +176,8 @@ class LoraTrainer(Generic[Input]):
             transformer_to_fp8(transformer, device, dtype)
         elif config.quantization != "nf4":
             transformer.to(device)
+        elif config.fp8_matmuls is True:  # the nf4 bytes stay; each use dequantizes to e4m3 for an fp8 GEMM
+            nf4_blocks_to_fp8_matmuls(compute_blocks(transformer))
         transformer.requires_grad_(False)
         torch.manual_seed(config.seed)  # the LoRA's initial weights: the one draw from the global RNG
         transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",

@@ -16,8 +16,9 @@ if TYPE_CHECKING:  # pipelines imports torch: the Dagster definitions import thi
     from flen_resources.models.quantization import QuantizationSettingWithFp8
 
 # In every LoRA file's metadata: bump it when the same config and data would train a different LoRA.
-TRAINER_VERSION = "4"  # 2: on a GPU, fused AdamW with an fp8 base; 3: on a GPU, the LoRA's matmuls in bf16;
-# 4: an fp8 base keeps every block (the compiler's activation budget recomputes), nf4 with double quantization
+TRAINER_VERSION = "5"  # 2: on a GPU, fused AdamW with an fp8 base; 3: on a GPU, the LoRA's matmuls in bf16;
+# 4: an fp8 base keeps every block (the compiler's activation budget recomputes), nf4 with double quantization;
+# 5: an nf4 base runs fp8 GEMMs on a card that has them (fp8_matmuls)
 
 # auto: 8-bit AdamW on a CUDA GPU with an nf4 base (its states take a quarter of the memory), torch's fused
 # AdamW with an fp8 base (the budget has room: bitsandbytes launches kernels per tensor, 33 ms of a 0.49 s
@@ -98,6 +99,10 @@ class LoraTrainConfig:
     # auto: fp8 on a card with fp8 matmuls when the model fits the memory budget in fp8, else nf4 on a CUDA GPU,
     # none on the CPU (models/quantization.pick_quantization_with_fp8)
     quantization: QuantizationSettingWithFp8 = "auto"
+    # The frozen base's GEMMs in fp8 (e4m3, models/fp8_linear.py): an fp8 base always; an nf4 base dequantizes each
+    # weight and quantizes it to e4m3 at each use; auto: on a card with fp8 GEMMs whose blocks compile
+    # (models/quantization.pick_fp8_matmuls).
+    fp8_matmuls: bool | Literal["auto"] = "auto"
     gradient_checkpointing: bool = True
     # With checkpointing: this many blocks (the last ones) keep their activations on the card instead of
     # recomputing them in backward; a card with memory to spare trades it for speed. 0: recompute every block;
@@ -156,21 +161,29 @@ class LoraTrainConfig:
                    lr_warmup_steps=min(cls.lr_warmup_steps, steps // 10), **rest)
 
     def resolved(self, model_key: str = "flux.1-dev", memory_budget_gib: float | None = None) -> LoraTrainConfig:
-        """This config with `auto` quantization, optimizer, kept activations, activation budget and compile decided
-        for its device, the model it trains and the card memory budget (what runs and is recorded)."""
+        """This config with `auto` quantization, fp8 matmuls, optimizer, kept activations, activation budget and
+        compile decided for its device, the model it trains and the card memory budget (what runs and is recorded)."""
         from flen_resources.models.fp8_linear import compiles_blocks, fp8_matmuls
         from flen_resources.models.pipelines import pick_device
-        from flen_resources.models.quantization import fp8_fits, nf4_needs_cuda, pick_quantization_with_fp8
+        from flen_resources.models.quantization import (
+            QuantizationError,
+            fp8_fits,
+            nf4_needs_cuda,
+            pick_fp8_matmuls,
+            pick_quantization_with_fp8,
+        )
         from flen_resources.models.registry import MODELS
         from flen_resources.models.residency import DEFAULT_MEMORY_BUDGET_GIB
 
         device = pick_device(self.device)
         cuda = device.type == "cuda"
         budget = DEFAULT_MEMORY_BUDGET_GIB if memory_budget_gib is None else memory_budget_gib
+        compiled = compiles_blocks(self.compile, device)  # without Triton or a C compiler: eager
         try:
             quantization = pick_quantization_with_fp8(self.quantization, device, MODELS[model_key].transformer_params,
                                                       budget, fp8_matmuls(device))
-        except ValueError as exc:
+            fp8_gemms = pick_fp8_matmuls(self.fp8_matmuls, quantization, fp8_matmuls(device), compiled)
+        except QuantizationError as exc:
             raise TrainingError(str(exc)) from exc
         if quantization == "nf4" and not cuda:
             raise TrainingError(nf4_needs_cuda(device))
@@ -178,14 +191,13 @@ class LoraTrainConfig:
         # fp8 asked for by hand on a card it does not fit with its reserve: no memory to spare for kept blocks
         params = MODELS[model_key].transformer_params
         fits = fp8_fits(params, budget)
-        compiled = compiles_blocks(self.compile, device)  # without Triton or a C compiler: eager
         all_fit = compiled and fp8_fits(params, budget, all_kept_reserve_gib(self.resolution, self.batch_size))
         kept = self.kept_activations if self.kept_activations != "auto" \
             else auto_kept_activations(quantization, fits, all_fit)
         activation_budget = self.activation_budget if self.activation_budget != "auto" \
             else auto_activation_budget(kept, compiled)
-        return replace(self, quantization=quantization, optimizer=optimizer, kept_activations=kept,
-                       activation_budget=activation_budget, compile=compiled)
+        return replace(self, quantization=quantization, fp8_matmuls=fp8_gemms, optimizer=optimizer,
+                       kept_activations=kept, activation_budget=activation_budget, compile=compiled)
 
     def to_json(self) -> str:
         """The config as sorted JSON: what LoRA metadata and checkpoints record."""

@@ -219,3 +219,141 @@ def test_a_machine_where_torch_compile_fails_is_probed_once_and_runs_eagerly(mon
     assert len(calls) == 1, "probed once a process"
     assert "torch.compile does not work on cpu" in caplog.text and "cc is not found" in caplog.text
     assert "more lines" not in caplog.text
+
+
+# -- an nf4 base with fp8 GEMMs (Nf4Fp8Linear): bitsandbytes quantizes and dequantizes nf4 on the CPU too ----------
+def _nf4(linear: torch.nn.Linear, device: torch.device = CPU) -> torch.nn.Module:
+    """`linear` as bitsandbytes' nf4 Linear with double quantization, as the trainer loads an nf4 base."""
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer.to(device)  # quantizes the weight
+
+
+def test_an_nf4_linear_with_fp8_gemms_matches_the_nf4_layers_forward_and_input_gradient():
+    from flen_resources.models.fp8_linear import Nf4Fp8Linear
+
+    torch.manual_seed(0)
+    nf4 = _nf4(torch.nn.Linear(256, 512).to(torch.bfloat16))
+    ours = Nf4Fp8Linear(nf4)
+    assert ours.weight is nf4.weight and ours.weight.dtype == torch.uint8  # the nf4 bytes, not a copy
+    x = torch.randn(2, 99, 256, dtype=torch.bfloat16, requires_grad=True)
+    ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = ours(x), F.linear(ref, ours.dequantized(), nf4.bias)  # what bitsandbytes' layer computes
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert y.dtype == torch.bfloat16 and _cos(y, y_ref) > 0.998 and _cos(x.grad, ref.grad) > 0.998
+
+
+def test_nf4_blocks_swap_their_nf4_linears_and_peft_trains_a_lora_beside_them():
+    from peft import get_peft_model
+
+    from flen_resources.models.fp8_linear import Nf4Fp8Linear, nf4_blocks_to_fp8_matmuls
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_nf4(torch.nn.Linear(64, 64)), torch.nn.GELU(), _nf4(torch.nn.Linear(64, 32)),
+                                _nf4(torch.nn.Linear(32, 8)))  # 8 outputs: not a multiple of 16, stays nf4
+    assert nf4_blocks_to_fp8_matmuls([model]) == 2 and isinstance(model[0], Nf4Fp8Linear)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["0", "2"]))
+    lora = [p for p in peft_model.parameters() if p.requires_grad]
+    assert lora and all(p.dtype == torch.float32 for p in lora), [p.dtype for p in lora]
+    peft_model(torch.randn(4, 64, dtype=torch.bfloat16)).float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora)
+
+
+def test_fp8_gemms_run_on_an_fp8_base_always_and_on_nf4_where_the_card_has_them_and_blocks_compile():
+    from flen_resources.models.quantization import QuantizationError, pick_fp8_matmuls
+
+    assert pick_fp8_matmuls("auto", "fp8", fp8_matmuls=True, compiled=False)
+    assert pick_fp8_matmuls("auto", "nf4", fp8_matmuls=True, compiled=True)
+    assert not pick_fp8_matmuls("auto", "nf4", fp8_matmuls=True, compiled=False)  # eager: the casts cost more
+    assert not pick_fp8_matmuls("auto", "nf4", fp8_matmuls=False, compiled=True)  # Ampere and older
+    assert not pick_fp8_matmuls("auto", "none", fp8_matmuls=True, compiled=True)
+    assert not pick_fp8_matmuls(False, "nf4", fp8_matmuls=True, compiled=True)
+    with pytest.raises(QuantizationError, match="fp8_matmuls false with quantization 'fp8'.* set fp8_matmuls to auto"):
+        pick_fp8_matmuls(False, "fp8", fp8_matmuls=True, compiled=True)
+    with pytest.raises(QuantizationError, match="fp8_matmuls true with quantization 'none'.* set quantization"):
+        pick_fp8_matmuls(True, "none", fp8_matmuls=True, compiled=True)
+    with pytest.raises(QuantizationError, match="fp8_matmuls true on a card without fp8 GEMMs"):
+        pick_fp8_matmuls(True, "nf4", fp8_matmuls=False, compiled=True)
+    with pytest.raises(TrainingError, match="fp8_matmuls 'yes' is not one of auto, true, false"):
+        LoraTrainConfig(device="cpu", quantization="fp8", fp8_matmuls="yes").resolved()
+    assert LoraTrainConfig(device="cpu", quantization="fp8").resolved().fp8_matmuls is True
+    assert LoraTrainConfig(device="cpu", quantization="none").resolved().fp8_matmuls is False
+
+
+def _nf4_blocks(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` with every Linear of its blocks in nf4 on `device`, as the trainer's nf4 base."""
+    from flen_resources.models.fp8_linear import compute_blocks
+
+    for block in compute_blocks(model):
+        for _, parent in list(block.named_modules()):
+            for attr, linear in list(parent.named_children()):
+                if type(linear) is torch.nn.Linear:
+                    setattr(parent, attr, _nf4(linear, device))
+    return model.to(device)
+
+
+def _qwen_nf4_lora_grad_cosines(device: torch.device, heads: int, latent_side: int) -> dict[str, float]:
+    """Cosine between the LoRA gradients of one Qwen-Image block (`heads` x 128 wide) on an nf4 base with fp8 GEMMs
+    and on the same nf4 base with bitsandbytes' bf16 GEMMs, under the trainer's loss with one control."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from flen_resources.models.architectures import QWEN_TRANSFORMER
+    from flen_resources.models.fp8_linear import compute_blocks, nf4_blocks_to_fp8_matmuls
+    from flen_resources.trainers.batching import step_generator
+    from flen_resources.trainers.qwen_edit_lora import QwenEditLoraTrainer
+
+    config = LoraTrainConfig(resolution=latent_side * 8, device=device.type)
+    torch.manual_seed(0)
+    reference = QwenImageTransformer2DModel(**{**QWEN_TRANSFORMER["full"], "num_layers": 1,
+                                               "num_attention_heads": heads}).to(torch.bfloat16)
+    reference = _nf4_blocks(reference.requires_grad_(False), device)
+    ours = copy.deepcopy(reference)
+    assert nf4_blocks_to_fp8_matmuls(compute_blocks(ours)) > 10
+    g = torch.Generator().manual_seed(0)
+    example = {"latents": torch.randn(16, 1, latent_side, latent_side, generator=g),
+               "controls": [torch.randn(16, 1, latent_side, latent_side, generator=g)],
+               "prompt_embeds": torch.randn(256, 3584, generator=g), "prompt_mask": torch.ones(256, dtype=torch.long)}
+
+    def lora_grads(module) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1)
+        module.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                      target_modules=config.target_modules))
+        torch.manual_seed(2)
+        for p in module.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+                torch.nn.init.normal_(p, std=0.02)  # B is zero at init: give every LoRA tensor a gradient
+        QwenEditLoraTrainer._loss(module, [example], step_generator(0, 0), config, device, torch.bfloat16).backward()
+        return {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+
+    with torch.nn.attention.sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        ours_grads, theirs = lora_grads(ours), lora_grads(reference)
+    # the last block's text stream feeds nothing: its text query and output LoRAs get no gradient, on either base
+    trained = {n for n, grad in theirs.items() if grad is not None and grad.any()}
+    assert trained == {n for n, grad in ours_grads.items() if grad is not None and grad.any()}
+    assert len(trained) == 2 * 6
+    return {n: _cos(ours_grads[n], theirs[n]) for n in trained}
+
+
+def test_lora_gradients_of_a_narrow_qwen_block_with_fp8_gemms_on_nf4_are_those_of_bf16_gemms():
+    """Qwen-Image's block at 2 of its 24 heads (256 wide), 2 x 256 image tokens and 256 text tokens."""
+    pytest.importorskip("bitsandbytes")
+    cosines = _qwen_nf4_lora_grad_cosines(CPU, heads=2, latent_side=32)
+    assert min(cosines.values()) >= 0.98, sorted(cosines.items(), key=lambda kv: kv[1])[:4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not fp8_matmuls(torch.device("cuda")),
+                    reason="needs a CUDA GPU with fp8 matmuls (Ada, Hopper)")
+def test_lora_gradients_of_a_full_width_qwen_block_with_fp8_gemms_on_nf4_are_those_of_bf16_gemms():
+    """One Qwen-Image block at full width (3072, 24 heads), 1024x1024 target and control (2 x 4,096 tokens), 256
+    text tokens, the trainer's loss: LoRA gradients within cosine 0.98 of the nf4 base's bf16 GEMMs."""
+    cosines = _qwen_nf4_lora_grad_cosines(torch.device("cuda"), heads=24, latent_side=128)
+    assert min(cosines.values()) >= 0.98, sorted(cosines.items(), key=lambda kv: kv[1])[:4]
