@@ -35,8 +35,10 @@ Variants:
                  (LoraTrainConfig.activation_budget; without it, `auto`: 0.2 with every block kept, else 1.0)
   ...-nodq       the nf4 base without bitsandbytes' double quantization (the trainer's nf4 quantizes its absmax in
                  8 bits: ~1 GiB less on Qwen-Image-Edit's 20B transformer)
-  ...-bf16mm     the nf4 base's GEMMs in bf16 (bitsandbytes' own layer) instead of fp8: an nf4 base on a card with
-                 fp8 GEMMs runs them in fp8 under `auto` (LoraTrainConfig.fp8_matmuls, models/fp8_linear.Nf4Fp8Linear)
+  ...-fp8mm      the nf4 base's GEMMs in fp8: each weight dequantized and quantized to e4m3 at each use
+                 (LoraTrainConfig.fp8_matmuls, models/fp8_linear.Nf4Fp8Linear); -bf16mm: bitsandbytes' own bf16 GEMMs,
+                 what `auto` runs on nf4 (session 15 ran the two as ours-compile and ours-compile-bf16mm, when `auto`
+                 still chose fp8 there: slower, so it no longer does)
   ...-fp8        the same on an fp8 base: e4m3 block weights, fp8 GEMMs forward and for the input gradient
                  (models/fp8_linear.py; LoraTrainConfig.quantization="fp8", what `auto` picks for FLUX on an
                  Ada/Hopper card within the 20 GiB budget). Others run nf4 on a GPU (none on the CPU).
@@ -274,7 +276,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
             optimizer="adamw8bit" if "-adamw8bit" in variant else "adamw" if "-torchadamw" in variant else "auto",
             compile=variant.startswith("ours-compile"), device=device_name,
             attention="flash" if "-flash" in variant else "auto",
-            kept_activations=kept_variant(variant), fp8_matmuls=False if "-bf16mm" in variant else "auto",
+            kept_activations=kept_variant(variant), fp8_matmuls=True if "-fp8mm" in variant else False if "-bf16mm" in variant else "auto",
             activation_budget=float(re.search(r"-mbudget([\d.]+)", variant).group(1)) if "-mbudget" in variant
             else "auto"))
         quantization = config.quantization

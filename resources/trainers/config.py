@@ -16,9 +16,8 @@ if TYPE_CHECKING:  # pipelines imports torch: the Dagster definitions import thi
     from flen_resources.models.quantization import QuantizationSettingWithFp8
 
 # In every LoRA file's metadata: bump it when the same config and data would train a different LoRA.
-TRAINER_VERSION = "5"  # 2: on a GPU, fused AdamW with an fp8 base; 3: on a GPU, the LoRA's matmuls in bf16;
-# 4: an fp8 base keeps every block (the compiler's activation budget recomputes), nf4 with double quantization;
-# 5: an nf4 base runs fp8 GEMMs on a card that has them (fp8_matmuls)
+TRAINER_VERSION = "4"  # 2: on a GPU, fused AdamW with an fp8 base; 3: on a GPU, the LoRA's matmuls in bf16;
+# 4: an fp8 base keeps every block (the compiler's activation budget recomputes), nf4 with double quantization
 
 # auto: 8-bit AdamW on a CUDA GPU with an nf4 base (its states take a quarter of the memory), torch's fused
 # AdamW with an fp8 base (the budget has room: bitsandbytes launches kernels per tensor, 33 ms of a 0.49 s
@@ -99,9 +98,9 @@ class LoraTrainConfig:
     # auto: fp8 on a card with fp8 matmuls when the model fits the memory budget in fp8, else nf4 on a CUDA GPU,
     # none on the CPU (models/quantization.pick_quantization_with_fp8)
     quantization: QuantizationSettingWithFp8 = "auto"
-    # The frozen base's GEMMs in fp8 (e4m3, models/fp8_linear.py): an fp8 base always; an nf4 base dequantizes each
-    # weight and quantizes it to e4m3 at each use; auto: on a card with fp8 GEMMs whose blocks compile
-    # (models/quantization.pick_fp8_matmuls).
+    # The frozen base's GEMMs in fp8 (e4m3, models/fp8_linear.py): an fp8 base always; an nf4 base, when true,
+    # dequantizes each weight and quantizes it to e4m3 at each use (slower on an H200, so auto leaves it off:
+    # models/quantization.pick_fp8_matmuls).
     fp8_matmuls: bool | Literal["auto"] = "auto"
     gradient_checkpointing: bool = True
     # With checkpointing: this many blocks (the last ones) keep their activations on the card instead of
@@ -182,7 +181,7 @@ class LoraTrainConfig:
         try:
             quantization = pick_quantization_with_fp8(self.quantization, device, MODELS[model_key].transformer_params,
                                                       budget, fp8_matmuls(device))
-            fp8_gemms = pick_fp8_matmuls(self.fp8_matmuls, quantization, fp8_matmuls(device), compiled)
+            fp8_gemms = pick_fp8_matmuls(self.fp8_matmuls, quantization, fp8_matmuls(device))
         except QuantizationError as exc:
             raise TrainingError(str(exc)) from exc
         if quantization == "nf4" and not cuda:

@@ -1,4 +1,4 @@
-"""The training loop's optimizer choice (trainers/loop.py), checked without a GPU."""
+"""The training loop (trainers/loop.py): optimizer choice, activation budget, allocator, fixed-batch loss; no GPU."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from flen_resources.trainers.config import LoraTrainConfig
 from flen_resources.trainers.loop import (
     compiled_activation_budget,
+    fixed_batch_loss,
     grow_segments_in_place,
     make_optimizer,
     run_training_loop,
@@ -71,3 +72,18 @@ def test_the_allocator_is_left_alone_on_a_cpu_and_when_the_user_chose(monkeypatc
         with monkeypatch.context() as env:
             env.setenv(variable, "max_split_size_mb:128")
             assert grow_segments_in_place(torch.device("cuda")) is False, f"the user's {variable} wins"
+
+
+def test_the_fixed_batch_loss_runs_in_the_training_steps_mode_and_leaves_no_gradient():
+    """Gradients on and train(), as a step runs (a no_grad or eval() forward would compile the blocks again)."""
+    model = torch.nn.Linear(4, 1)
+    seen = []
+
+    def loss(batch, generator):
+        seen.append((torch.is_grad_enabled(), model.training))
+        return model(batch[0]["x"] + torch.randn(4, generator=generator)).square().mean()
+
+    examples = [{"x": torch.full((4,), float(i))} for i in range(10)]
+    first = fixed_batch_loss(model, examples, LoraTrainConfig(), loss)
+    assert seen == [(True, True)] * 8 and model.weight.grad is None  # the first 8 examples, forward only
+    assert fixed_batch_loss(model, examples, LoraTrainConfig(), loss) == first  # fixed noise: the same figure
