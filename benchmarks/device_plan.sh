@@ -33,7 +33,8 @@ mkdir -p /tmp/gputests && cp tests/resources/models/test_fp8_linear.py tests/res
 # The most wanted first (STEPS picks; each session sends what its device minutes allow). Session 15: an nf4 base
 # runs fp8 GEMMs (models/fp8_linear.Nf4Fp8Linear, LoraTrainConfig.fp8_matmuls): the gpu tests (full-width Qwen
 # block gradients), the Qwen adapter's step against bf16 GEMMs and the naive loop, the adapter asset; then FLUX's
-# nf4 low-memory path with and without fp8 GEMMs, and the flux_lora asset paced in process.
+# nf4 low-memory path with and without fp8 GEMMs, and the flux_lora asset paced in process. Not run yet (session
+# 16 first): adapter, flux_lora_warm, and flux_lora again (its fixed-batch loss no longer compiles a graph of its own).
 step pytest_gpu 170 $PT /tmp/gputests/test_fp8_linear.py /tmp/gputests/test_flux.py /tmp/gputests/test_trainers_gpu.py
 # 64 GiB of disk: one chain's models at a time
 step build_qwen 150 bash -c "rm -rf /tmp/flen-rehearsal/flux && $B/rehearsal_gpu.py --phase build_qwen $COMMON"
@@ -44,6 +45,8 @@ step build_flux 100 bash -c "rm -rf /tmp/flen-rehearsal/qwen && $B/rehearsal_gpu
 step train_flux 240 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag nf4-fp8-gemms \
   --variants naive,ours-compile,ours-compile-bf16mm,naive
 step flux_lora 270 $B/iteration_gpu.py --only flux_lora --out $R
+# a later iteration: the compile caches filled by an untimed 2-step slice first (iteration_gpu-warm-*.json)
+step flux_lora_warm 400 $B/iteration_gpu.py --only flux_lora --caches warm --out $R
 step gen_compare 220 $B/generate_gpu.py --workdir /tmp/flen-rehearsal --out $R --variants eager,compiled
 step flux_eval 140 $B/iteration_gpu.py --only lora_eval --out $R
 step synthetic 130 $B/iteration_gpu.py --only synthetic_batch --out $R

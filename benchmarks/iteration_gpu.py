@@ -23,7 +23,10 @@ compiled assets are paced in process. Peaks are the card's used memory (NVML, CU
 largest of the slices.
 
 Every slice starts with empty torch.compile caches (inductor's and Triton's), so compilation lands in
-`fixed`: a first iteration's cost, the conservative one.
+`fixed`: a first iteration's cost, the conservative one. `--caches warm` measures a later iteration on the same
+machine instead: each compiled asset's caches are filled by one untimed slice of its smaller count first (the
+same graphs: same model, shapes and settings), its row says so (`compile_caches`, `cache_fill`), and the JSON is
+iteration_gpu-warm-<gpu>.json, beside the first iteration's.
 Enrichment counts whole cycles of the `angles` recipe (7 entries: 4 with the angles + Lightning LoRAs,
 2 Lightning only, 1 without LoRAs at 40 steps and true_cfg 4), so its per-edit cost is the recipe's mix.
 An asset measured alone gets its input first, untimed: the adapter the enrichment's triplets, the FLUX
@@ -38,6 +41,7 @@ bandwidth; the card's 24 GB must hold each asset's peak.
     python benchmarks/iteration_gpu.py --only enriched_images,qwen_adapter
     rm -rf /tmp/flen-rehearsal/qwen
     python benchmarks/iteration_gpu.py --only flux_lora,lora_eval,synthetic_batch   # adds to the same JSON
+    python benchmarks/iteration_gpu.py --only flux_lora --caches warm     # a later iteration: warm compile caches
     python benchmarks/iteration_gpu.py --scale tiny --device cpu --res 64 --workdir /tmp/it-tiny \\
         --out /tmp/it-out                                                 # smoke test on a CPU
 """
@@ -181,10 +185,11 @@ def known_card(name: str) -> Card | None:
     return next((c for c in (H200, RTX_4090) if c.name.lower() in name.lower()), None)
 
 
-def cold_compile_env(cache: Path) -> dict[str, str]:
-    """This environment with torch.compile's caches (inductor, Triton) in `cache`, an empty folder."""
-    shutil.rmtree(cache, ignore_errors=True)
-    cache.mkdir(parents=True)
+def compile_env(cache: Path, warm: bool = False) -> dict[str, str]:
+    """This environment with torch.compile's caches (inductor, Triton) in `cache`: emptied first unless `warm`."""
+    if not warm:
+        shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
     return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
 
 
@@ -197,13 +202,14 @@ def keep_log(out: Path, asset: str, count: int, stderr: str | bytes | None) -> N
 
 
 def phase(asset: str, argument: str, count: int, args: argparse.Namespace, common: list[str]) -> dict:
-    """One rehearsal phase with `count` units in its own process, cold compile caches; its RESULT or an error."""
+    """One rehearsal phase with `count` units in its own process, with the run's compile caches (cold: emptied
+    first); its RESULT or an error."""
     cmd = [sys.executable, str(REHEARSAL), "--phase", asset, argument, str(count), *common]
     # A fresh run folder: a trainer would resume from the last slice's checkpoint and reuse its feature cache.
     shutil.rmtree(args.workdir / "runs" / asset, ignore_errors=True)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SLICE_LIMIT_S,
-                              env=cold_compile_env(args.workdir / "compile-cache"))
+                              env=compile_env(args.workdir / "compile-cache", args.caches == "warm"))
     except subprocess.TimeoutExpired as exc:
         keep_log(args.out, asset, count, exc.stderr)  # where it was when stopped
         return {"error": f"{asset} with {count} units ran past {SLICE_LIMIT_S} s"}
@@ -220,6 +226,13 @@ def measure(s: Slice, args: argparse.Namespace, common: list[str]) -> dict:
         row["input"] = {"phase": before, "count": count, **phase(before, argument, count, args, common)}
         if "error" in row["input"]:
             row["error"] = row["input"]["error"]
+            return row
+    row["compile_caches"] = args.caches if s.paced else "none"  # the paced assets are the compiled ones
+    if row["compile_caches"] == "warm":  # a previous iteration's graphs: one untimed slice compiles them
+        fill = phase(s.asset, s.argument, s.small, args, common)
+        row["cache_fill"] = {"count": s.small, **{k: fill[k] for k in ("wall_s", "error") if k in fill}}
+        if "error" in fill:
+            row["error"] = fill["error"]
             return row
     for count in (s.large,) if s.paced else (s.small, s.large):
         result = phase(s.asset, s.argument, count, args, common)
@@ -255,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/flen-rehearsal"))
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--caches", choices=["cold", "warm"], default="cold",
+                    help="torch.compile's caches for the compiled assets: cold (emptied before every slice, a first "
+                         "iteration) or warm (filled by an untimed slice first, a later iteration)")
     ap.add_argument("--only", default="", help="measure only these assets (comma-separated), building only their "
                                                "models; the other assets' rows of an earlier run stay in the JSON")
     args = ap.parse_args(argv)
@@ -266,9 +282,11 @@ def main(argv: list[str] | None = None) -> int:
               "--eval-steps", "28" if args.scale == "full" else "2"]
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     report = {"benchmark": "iteration_gpu", "command": " ".join([sys.executable, *sys.argv]), "gpu": gpu,
-              "scale": args.scale, "res": args.res, "method": __doc__.split("\n\n")[1], "builds": [], "assets": []}
+              "scale": args.scale, "res": args.res, "compile_caches": args.caches, "method": __doc__.split("\n\n")[1],
+              "builds": [], "assets": []}
     slices = [s for s in production_slices(args.scale) if not args.only or s.asset in args.only.split(",")]
-    earlier = args.out / f"iteration_gpu-{'' if args.scale == 'full' else args.scale + '-'}{slug(gpu)}.json"
+    benchmark = "iteration_gpu" if args.caches == "cold" else "iteration_gpu-warm"
+    earlier = args.out / f"{benchmark}-{'' if args.scale == 'full' else args.scale + '-'}{slug(gpu)}.json"
     if args.only and earlier.is_file():  # the rows this run does not measure, from the run before it
         measured_now = {s.asset for s in slices}
         report["assets"] = [r for r in json.loads(earlier.read_text())["assets"] if r["asset"] not in measured_now]
@@ -285,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         report["assets"].sort(key=lambda r: order.index(r["asset"]))
         report["summary"] = summarize(report["assets"], known_card(gpu))
         report["wall_s"] = round(time.time() - started, 1)
-        write_json(report, "iteration_gpu", args.scale, args.out)
+        write_json(report, benchmark, args.scale, args.out)
     print(json.dumps({"summary": report.get("summary")}, indent=1), flush=True)
     return 0 if report.get("summary", {}).get("failed") == [] else 1
 

@@ -62,10 +62,12 @@ def test_enrichment_slices_are_whole_cycles_of_the_angles_recipe():
     assert it.RECIPE_CYCLE == cycle and enrich.small % cycle == 0 and enrich.large % cycle == 0
 
 
-def test_every_slice_compiles_from_empty_caches(tmp_path):
+def test_every_slice_compiles_from_empty_caches_unless_they_are_asked_warm(tmp_path):
     (tmp_path / "cache" / "inductor").mkdir(parents=True)
-    (tmp_path / "cache" / "inductor" / "stale").write_text("a kernel from the slice before")
-    env = it.cold_compile_env(tmp_path / "cache")
+    (tmp_path / "cache" / "inductor" / "kernel").write_text("a kernel from the slice before")
+    env = it.compile_env(tmp_path / "cache", warm=True)
+    assert (tmp_path / "cache" / "inductor" / "kernel").is_file()
+    env = it.compile_env(tmp_path / "cache")
     assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
     assert env["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "triton")
     assert list((tmp_path / "cache").iterdir()) == []
@@ -136,3 +138,17 @@ def test_a_tiny_run_on_the_cpu_paces_the_trainer_and_the_generator_in_process(tm
         assert row["per_unit_s"] == pytest.approx(row["slices"][0]["unit_s"], abs=1e-3) and row["per_unit_s"] > 0
         assert row["fixed_s"] == pytest.approx(row["slices"][0]["wall_s"] - count * row["per_unit_s"], abs=0.01)
     assert "step 20/20" in (out / "slice-logs" / "flux_lora-20.log").read_text()
+
+
+def test_warm_caches_fill_them_with_an_untimed_slice_and_write_their_own_json(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    assert it.main(["--scale", "tiny", "--device", "cpu", "--res", "64", "--workdir", str(tmp_path / "work"),
+                    "--out", str(out), "--only", "lora_eval", "--caches", "warm"]) == 0
+    report = json.loads((out / "iteration_gpu-warm-tiny-cpu.json").read_text())
+    row = report["assets"][0]
+    assert report["compile_caches"] == "warm" and row["compile_caches"] == "warm"
+    assert row["cache_fill"]["count"] == 2 and row["cache_fill"]["wall_s"] > 0
+    assert [s["count"] for s in row["slices"]] == [4] and "projected_s" in row
+    assert not (out / "iteration_gpu-tiny-cpu.json").exists()  # the first iteration's file is another
