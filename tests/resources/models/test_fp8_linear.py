@@ -70,6 +70,23 @@ def test_peft_wraps_an_fp8_linear_with_a_bf16_lora_that_trains():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora)
 
 
+def _lora_grads(module: torch.nn.Module, loss, config: LoraTrainConfig) -> dict[str, torch.Tensor]:
+    """The gradients of a fresh r16 LoRA on `module` (every tensor drawn nonzero, the same draws for any base)."""
+    torch.manual_seed(1)
+    module.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                  target_modules=config.target_modules))
+    torch.manual_seed(2)
+    for p in module.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+            torch.nn.init.normal_(p, std=0.02)  # B is zero at init: give every LoRA tensor a gradient
+    # torch's SDPA route to cuDNN faults in FLUX's block pair's backward (trainers/attention.py says why); the
+    # attention kernel is not what these tests are about
+    with torch.nn.attention.sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        loss(module).backward()
+    return {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+
+
 def _lora_grad_cosines(device: torch.device, heads: int, latent_side: int) -> dict[str, float]:
     """Cosine between the LoRA gradients of one double and one single FLUX.1-dev block (`heads` x 128 wide) on an
     fp8 base and on its bf16 original, under the trainer's loss at `latent_side`^2 latents."""
@@ -92,22 +109,10 @@ def _lora_grad_cosines(device: torch.device, heads: int, latent_side: int) -> di
                "prompt_embeds": torch.randn(512, 4096, generator=g), "pooled": torch.randn(768, generator=g),
                "bucket": (latent_side * 8, latent_side * 8)}
 
-    def lora_grads(module) -> dict[str, torch.Tensor]:
-        torch.manual_seed(1)
-        module.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
-                                      target_modules=config.target_modules))
-        torch.manual_seed(2)
-        for p in module.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-                torch.nn.init.normal_(p, std=0.02)  # B is zero at init: give every LoRA tensor a gradient
-        FluxLoraTrainer._loss(module, [example], step_generator(0, 0), config, device, torch.bfloat16).backward()
-        return {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+    def loss(module) -> torch.Tensor:
+        return FluxLoraTrainer._loss(module, [example], step_generator(0, 0), config, device, torch.bfloat16)
 
-    # torch's SDPA route to cuDNN faults in this very pair's backward (trainers/attention.py says why); the
-    # attention kernel is not what this test is about
-    with torch.nn.attention.sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        ours, theirs = lora_grads(fp8), lora_grads(reference)
+    ours, theirs = _lora_grads(fp8, loss, config), _lora_grads(reference, loss, config)
     assert ours.keys() == theirs.keys() and len(ours) == 2 * (8 + 3)  # double: 8 targets; single: to_q, to_k, to_v
     return {n: _cos(ours[n], theirs[n]) for n in ours}
 
@@ -319,20 +324,10 @@ def _qwen_nf4_lora_grad_cosines(device: torch.device, heads: int, latent_side: i
                "controls": [torch.randn(16, 1, latent_side, latent_side, generator=g)],
                "prompt_embeds": torch.randn(256, 3584, generator=g), "prompt_mask": torch.ones(256, dtype=torch.long)}
 
-    def lora_grads(module) -> dict[str, torch.Tensor]:
-        torch.manual_seed(1)
-        module.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
-                                      target_modules=config.target_modules))
-        torch.manual_seed(2)
-        for p in module.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-                torch.nn.init.normal_(p, std=0.02)  # B is zero at init: give every LoRA tensor a gradient
-        QwenEditLoraTrainer._loss(module, [example], step_generator(0, 0), config, device, torch.bfloat16).backward()
-        return {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+    def loss(module) -> torch.Tensor:
+        return QwenEditLoraTrainer._loss(module, [example], step_generator(0, 0), config, device, torch.bfloat16)
 
-    with torch.nn.attention.sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        ours_grads, theirs = lora_grads(ours), lora_grads(reference)
+    ours_grads, theirs = _lora_grads(ours, loss, config), _lora_grads(reference, loss, config)
     # the last block's text stream feeds nothing: its text query and output LoRAs get no gradient, on either base
     trained = {n for n, grad in theirs.items() if grad is not None and grad.any()}
     assert trained == {n for n, grad in ours_grads.items() if grad is not None and grad.any()}
