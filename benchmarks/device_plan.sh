@@ -34,16 +34,17 @@ mkdir -p /tmp/gputests && cp tests/resources/models/test_fp8_linear.py tests/res
 # runs fp8 GEMMs (models/fp8_linear.Nf4Fp8Linear, LoraTrainConfig.fp8_matmuls): the gpu tests (full-width Qwen
 # block gradients), the Qwen adapter's step against bf16 GEMMs and the naive loop, the adapter asset; then FLUX's
 # nf4 low-memory path with and without fp8 GEMMs, and the flux_lora asset paced in process. Not run yet (session
-# 16 first): adapter, flux_lora_warm, and flux_lora again (its fixed-batch loss no longer compiles a graph of its own).
+# 16 first): adapter, flux_lora_warm, flux_lora again (its fixed-batch loss no longer compiles a graph of its own),
+# and train_qwen interleaved, like for like (session 15's runs of fp8 GEMMs on nf4 disagreed: 1.43 s, then a tie).
 step pytest_gpu 170 $PT /tmp/gputests/test_fp8_linear.py /tmp/gputests/test_flux.py /tmp/gputests/test_trainers_gpu.py
 # 64 GiB of disk: one chain's models at a time
 step build_qwen 150 bash -c "rm -rf /tmp/flen-rehearsal/flux && $B/rehearsal_gpu.py --phase build_qwen $COMMON"
-step train_qwen 250 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag fp8-gemms \
-  --variants naive,ours-compile,ours-compile-bf16mm,ours-compile-torchadamw-prof
+step train_qwen 300 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag fp8mm \
+  --variants naive,ours-compile,ours-compile-fp8mm,ours-compile,ours-compile-fp8mm
 step adapter 220 $B/iteration_gpu.py --only qwen_adapter --out $R
 step build_flux 100 bash -c "rm -rf /tmp/flen-rehearsal/qwen && $B/rehearsal_gpu.py --phase build_flux $COMMON"
-step train_flux 240 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag nf4-fp8-gemms \
-  --variants naive,ours-compile,ours-compile-bf16mm,naive
+step train_flux 240 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag fp8mm \
+  --variants naive,ours-compile,ours-compile-fp8mm
 step flux_lora 270 $B/iteration_gpu.py --only flux_lora --out $R
 # a later iteration: the compile caches filled by an untimed 2-step slice first (iteration_gpu-warm-*.json)
 step flux_lora_warm 400 $B/iteration_gpu.py --only flux_lora --caches warm --out $R

@@ -94,6 +94,7 @@ class Slice:
     production: int
     unit: str
     paced: bool  # the rehearsal times its units in process (unit_s): one slice, the larger
+    compiled: bool  # its resource compiles transformer blocks on a GPU (what `--caches warm` fills first)
     work: str  # which throughput its per-unit time scales with on another card: "bf16" or "fp8" (a slice that
     # reports its quantization, a trainer's or a generator's, replaces it by what ran)
 
@@ -103,13 +104,13 @@ def production_slices(scale: str) -> list[Slice]:
     tiny = scale == "tiny"
     return [
         Slice("enriched_images", "--edits", 4 if tiny else RECIPE_CYCLE, 5 if tiny else 2 * RECIPE_CYCLE, 40, "edit",
-              False, "bf16"),
+              False, False, "bf16"),
         # trainers log every LOG_EVERY (10) steps (trainers/loop.py): the pace from step 10 to the last
-        Slice("qwen_adapter", "--adapter-steps", 2, 20 if tiny else 30, 500, "step", True, "bf16"),
-        Slice("flux_lora", "--train-steps", 2, 20 if tiny else 60, 1500, "step", True, "fp8"),
+        Slice("qwen_adapter", "--adapter-steps", 2, 20 if tiny else 30, 500, "step", True, True, "bf16"),
+        Slice("flux_lora", "--train-steps", 2, 20 if tiny else 60, 1500, "step", True, True, "fp8"),
         # a grid of 2 prompts (rehearsal_gpu's), as the assets send theirs
-        Slice("lora_eval", "--images", 2, 4 if tiny else 6, EVAL_IMAGES, "image", True, "fp8"),
-        Slice("synthetic_batch", "--images", 2, 4 if tiny else 6, 16, "image", True, "fp8"),
+        Slice("lora_eval", "--images", 2, 4 if tiny else 6, EVAL_IMAGES, "image", True, True, "fp8"),
+        Slice("synthetic_batch", "--images", 2, 4 if tiny else 6, 16, "image", True, True, "fp8"),
     ]
 
 
@@ -227,7 +228,7 @@ def measure(s: Slice, args: argparse.Namespace, common: list[str]) -> dict:
         if "error" in row["input"]:
             row["error"] = row["input"]["error"]
             return row
-    row["compile_caches"] = args.caches if s.paced else "none"  # the paced assets are the compiled ones
+    row["compile_caches"] = args.caches if s.compiled else "none"
     if row["compile_caches"] == "warm":  # a previous iteration's graphs: one untimed slice compiles them
         fill = phase(s.asset, s.argument, s.small, args, common)
         row["cache_fill"] = {"count": s.small, **{k: fill[k] for k in ("wall_s", "error") if k in fill}}

@@ -144,7 +144,7 @@ class Nf4Fp8Linear(nn.Linear):
         self.compute_dtype = linear4bit.compute_dtype or torch.bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # _Fp8Matmul saves the e4m3 weight for backward: one layer's worth at a time, as every block of an nf4
+        # _Fp8Matmul saves the e4m3 weight for backward: one block's worth at a time, as every block of an nf4
         # base is checkpointed (config.auto_kept_activations); blocks kept whole would hold them all.
         weight, scale = quantize_rows(self.dequantized())
         y = _Fp8Matmul.apply(x.to(self.compute_dtype), weight, scale)

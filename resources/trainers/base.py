@@ -5,9 +5,9 @@
 1. check the inputs (`_check`);
 2. encode every example once through the feature cache, loading the model's encoders only on a
    cache miss and freeing them before the transformer loads (`_load_encoders`, `_encode`);
-3. load the frozen transformer (fp8 blocks with fp8 matmuls when the card has them and the budget allows,
-   else nf4 on a CUDA card, its GEMMs in fp8 where the card has them; or plain) and add a fresh fp32 peft LoRA, its matmuls in bf16 on a GPU
-   (`_transformer_class`, lora_precision.py);
+3. load the frozen transformer (fp8 blocks with fp8 matmuls when the card has them and the budget allows, else
+   nf4 on a CUDA card, with fp8 GEMMs only when `fp8_matmuls` is true; or plain) and add a fresh fp32 peft LoRA,
+   its matmuls in bf16 on a GPU (`_transformer_class`, lora_precision.py);
 4. the training loop with checkpoints and resume (loop.py), the model giving its loss for one
    batch (`_loss`) and, every config.sample_every steps, previews (`_preview_pipeline`, `_preview`);
 5. write the LoRA, its ComfyUI-key twin (`_export_comfyui`) and the loss curve (lora_files.py).

@@ -147,6 +147,8 @@ class LoraTrainConfig:
                 raise TrainingError(f"activation_budget must be 'auto' or a share in (0, 1] (of the compiled "
                                     f"blocks' activations saved for backward), not {self.activation_budget!r}")
             self.activation_budget = float(self.activation_budget)  # 1 and 1.0: the same LoRA metadata
+        if self.fp8_matmuls != "auto" and not isinstance(self.fp8_matmuls, bool):
+            raise TrainingError(f"fp8_matmuls must be 'auto', true or false, not {self.fp8_matmuls!r}")
         if self.optimizer not in OPTIMIZERS:
             raise TrainingError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
 
@@ -177,7 +179,6 @@ class LoraTrainConfig:
         device = pick_device(self.device)
         cuda = device.type == "cuda"
         budget = DEFAULT_MEMORY_BUDGET_GIB if memory_budget_gib is None else memory_budget_gib
-        compiled = compiles_blocks(self.compile, device)  # without Triton or a C compiler: eager
         try:
             quantization = pick_quantization_with_fp8(self.quantization, device, MODELS[model_key].transformer_params,
                                                       budget, fp8_matmuls(device))
@@ -190,6 +191,7 @@ class LoraTrainConfig:
         # fp8 asked for by hand on a card it does not fit with its reserve: no memory to spare for kept blocks
         params = MODELS[model_key].transformer_params
         fits = fp8_fits(params, budget)
+        compiled = compiles_blocks(self.compile, device)  # without Triton or a C compiler: eager
         all_fit = compiled and fp8_fits(params, budget, all_kept_reserve_gib(self.resolution, self.batch_size))
         kept = self.kept_activations if self.kept_activations != "auto" \
             else auto_kept_activations(quantization, fits, all_fit)

@@ -165,7 +165,7 @@ def _training_loop(transformer: Any, examples: list[dict], config: LoraTrainConf
 def fixed_batch_loss(transformer: Any, examples: list[dict], config: LoraTrainConfig, loss: LossFn) -> float:
     """Mean loss over the first few examples with fixed noise and timesteps (forward only)."""
     # In the training step's own mode (train(), gradients on, no backward): under no_grad or eval() the compiled
-    # blocks would compile a second graph, 48 s of flux_lora's 190 s fixed time on an H200 (session 15's slice log).
+    # blocks would compile a second graph, 48 s of flux_lora's 167 s fixed time on an H200 (session 15's slice log).
     # The graph each forward records is freed with its loss, before the next example.
     losses = [loss([example], step_generator(config.seed, i, "eval")).item() for i, example in enumerate(examples[:8])]
     return sum(losses) / len(losses)

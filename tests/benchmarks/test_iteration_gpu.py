@@ -88,6 +88,8 @@ def test_a_paced_slice_s_fixed_cost_is_its_wall_less_its_units():
     paced = {s.asset: s.paced for s in it.production_slices("full")}
     assert paced == {"enriched_images": False, "qwen_adapter": True, "flux_lora": True, "lora_eval": True,
                      "synthetic_batch": True}
+    compiled = {s.asset for s in it.production_slices("full") if s.compiled}
+    assert compiled == {"qwen_adapter", "flux_lora", "lora_eval", "synthetic_batch"}  # the enrichment runs eagerly
     from flen_resources.trainers.loop import LOG_EVERY
 
     # a trainer logs every LOG_EVERY steps: its slice spans two logged steps at least

@@ -284,8 +284,8 @@ def test_fp8_gemms_run_on_an_fp8_base_always_and_on_nf4_only_when_asked():
         pick_fp8_matmuls(True, "none", fp8_matmuls=True)
     with pytest.raises(QuantizationError, match="fp8_matmuls true on a card without fp8 GEMMs"):
         pick_fp8_matmuls(True, "nf4", fp8_matmuls=False)
-    with pytest.raises(TrainingError, match="fp8_matmuls 'yes' is not one of auto, true, false"):
-        LoraTrainConfig(device="cpu", quantization="fp8", fp8_matmuls="yes").resolved()
+    with pytest.raises(TrainingError, match="fp8_matmuls must be 'auto', true or false, not 'yes'"):
+        LoraTrainConfig(device="cpu", quantization="fp8", fp8_matmuls="yes")
     assert LoraTrainConfig(device="cpu", quantization="fp8").resolved().fp8_matmuls is True
     assert LoraTrainConfig(device="cpu", quantization="none").resolved().fp8_matmuls is False
 
