@@ -276,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "models; the other assets' rows of an earlier run stay in the JSON")
     args = ap.parse_args(argv)
     import torch
-    from qwen_edit_gpu import slug
-    from rehearsal_gpu import write_json
+    from rehearsal_gpu import result_name, write_json
 
     common = ["--scale", args.scale, "--device", args.device, "--res", str(args.res), "--workdir", str(args.workdir),
               "--eval-steps", "28" if args.scale == "full" else "2"]
@@ -287,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
               "builds": [], "assets": []}
     slices = [s for s in production_slices(args.scale) if not args.only or s.asset in args.only.split(",")]
     benchmark = "iteration_gpu" if args.caches == "cold" else "iteration_gpu-warm"
-    earlier = args.out / f"{benchmark}-{'' if args.scale == 'full' else args.scale + '-'}{slug(gpu)}.json"
+    earlier = args.out / result_name(benchmark, args.scale, gpu)
     if args.only and earlier.is_file():  # the rows this run does not measure, from the run before it
         measured_now = {s.asset for s in slices}
         report["assets"] = [r for r in json.loads(earlier.read_text())["assets"] if r["asset"] not in measured_now]

@@ -392,12 +392,17 @@ def write(report: dict, args: argparse.Namespace) -> None:
     write_json(report, "rehearsal_gpu", args.scale, args.out)
 
 
-def write_json(report: dict, benchmark: str, scale: str, out: Path, machine: str = "") -> None:
-    """<out>/<benchmark>-[<scale>-]<report's gpu, as a slug><machine>.json (no scale when full), a copy in $OUT when set."""
+def result_name(benchmark: str, scale: str, gpu: str, machine: str = "") -> str:
+    """<benchmark>-[<scale>-]<gpu, as a slug><machine>.json (no scale when full): a result file's name."""
     from qwen_edit_gpu import slug
 
-    card = slug(report["gpu"]) + machine
-    name = f"{benchmark}-{card}.json" if scale == "full" else f"{benchmark}-{scale}-{card}.json"
+    card = slug(gpu) + machine
+    return f"{benchmark}-{card}.json" if scale == "full" else f"{benchmark}-{scale}-{card}.json"
+
+
+def write_json(report: dict, benchmark: str, scale: str, out: Path, machine: str = "") -> None:
+    """<out>/result_name(...), a copy in $OUT when set."""
+    name = result_name(benchmark, scale, report["gpu"], machine)
     for folder in [out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(json.dumps(report, indent=1))
