@@ -338,6 +338,26 @@ def _click(drv, target, timeout: float = 30):
     return _until(drv, clicked, timeout)
 
 
+def _type(drv, xpath: str, keys: str) -> None:
+    """Replace the text of the visible input `xpath` finds with `keys`, finding it again if the page re-renders it."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.keys import Keys
+
+    def typed(d):
+        field = _visible(d, xpath)
+        if field is None:
+            return False
+        try:
+            # Select-all first: a field re-rendered midway may keep what was typed before it went stale.
+            field.send_keys(Keys.CONTROL, "a")
+            field.send_keys(keys)
+        except StaleElementReferenceException:
+            return False
+        return True
+
+    _until(drv, typed)
+
+
 def _tick(drv, dimension: int, values: list[str]) -> None:
     """In the launch dialog, open the partition picker of a dimension (0 character, 1 iteration) and tick values."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -422,10 +442,12 @@ def test_the_launchpad_of_a_sized_job_opens_with_its_run_settings(ui, driver, sh
     from selenium.webdriver.common.keys import Keys
 
     driver.get(f"{ui.url}/locations/__repository__@flenwheel/jobs/flywheel_24gb_card/playground")
-    partition = _click(driver, "//input[@placeholder='Partition']", timeout=60)
-    partition.send_keys("astronaut|v1")
+    partition = "//input[@placeholder='Partition']"
+    _click(driver, partition, timeout=60)
+    # The launchpad re-renders the field while it loads the partitions (CI once saw it go stale mid-typing).
+    _type(driver, partition, "astronaut|v1")
     _until(driver, lambda d: _visible(d, "//*[normalize-space()='astronaut|v1']"))
-    partition.send_keys(Keys.ENTER)
+    _type(driver, partition, Keys.ENTER)
     editor = "return document.querySelector('.CodeMirror').CodeMirror"
     _until(driver, lambda d: "steps: 1500" in d.execute_script(f"{editor}.getValue()"))
     config = driver.execute_script(f"{editor}.getValue()")
