@@ -8,5 +8,10 @@ scripts/setup.sh
 scripts/setup-browser.sh
 scripts/setup-servers.sh
 .venv/bin/ruff check --quiet .  # the lint rules in pyproject.toml: a finding fails the run like a test
+# Workers: most of the suite waits on Dagster daemons and subprocesses rather than the CPU, so several run at
+# once; each starts its own servers and model processes (a few GiB at its peak), so free memory sets how many.
+# FLEN_TEST_WORKERS=0 runs everything in this one process. Which tests share a worker: tests/conftest.py.
+free_gib=$(( $(awk '/MemAvailable/ {print $2}' /proc/meminfo) / 1048576 ))
+workers="${FLEN_TEST_WORKERS:-$(( free_gib / 5 > 4 ? 4 : (free_gib / 5 < 1 ? 1 : free_gib / 5) ))}"
 # --durations: the slowest tests, for keeping the suite (and CI) short
-exec .venv/bin/python -m pytest --durations=25 "$@"
+exec .venv/bin/python -m pytest --durations=25 -n "$workers" --dist loadgroup "$@"

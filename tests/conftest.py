@@ -51,6 +51,17 @@ def run_flen(*args: str, project: Path, timeout: int = 600, check: bool = True) 
     return proc
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group tests for pytest-xdist's loadgroup: a module's tests on one worker, every demo_project user on one.
+
+    A module's tests share its module-scoped fixtures (a webserver, a materialized project), built once per worker;
+    the demo project takes minutes to build, so its users go together rather than each worker building its own.
+    """
+    for item in items:
+        group = "demo_project" if "demo_project" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
     """An empty project folder, selected through $FLEN_PROJECT_DIR for this test only."""
