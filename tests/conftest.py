@@ -40,6 +40,13 @@ FLEN = [sys.executable, "-m", "flen_assets"]
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# Under pytest-xdist every worker, and each process its tests start, would run torch on every core: share
+# the cores out instead (the env reaches the subprocesses; OpenMP threads spinning on a full box cost more).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def run_flen(*args: str, project: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run the real `flen` CLI in a subprocess against `project`."""
@@ -77,7 +84,7 @@ def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     """A project on which `flen demo` has run (once per session, through the real CLI)."""
     root = tmp_path_factory.mktemp("demo") / "project"
     root.mkdir()
-    run_flen("demo", project=root)
+    run_flen("demo", project=root, timeout=1800)  # minutes alone; more beside other test workers
     return Project(root)
 
 

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 import test_ui_launch as launch
-from test_ui_launch import Ui, _click, _dismiss_welcome, _free_port, _start, _stop, _until, _visible, _wait_ready
+from test_ui_launch import Ui, _click, _dismiss_welcome, _start, _stop, _until, _visible, _wait_ready
+
+from tests_helpers import free_port
 
 driver = launch.driver  # the module-scoped browser and screenshot folder of the launch tests
 shots = launch.shots
@@ -25,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name != "posix", reason="p
 @pytest.fixture(scope="module")
 def demo_ui(demo_project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
     log = tmp_path_factory.mktemp("ui-eval-logs") / "ui.log"
-    port = _free_port()
+    port = free_port()
     server = Ui(demo_project, _start(demo_project, port, log), port, log)
     try:
         why = _wait_ready(server, time.monotonic() + 180)

@@ -44,6 +44,7 @@ from flen_assets.partitions import add_partitions
 from flen_assets.runs import init_project
 from flen_resources.lineage import LineageStore
 from flen_resources.project import Project
+from tests_helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name != "posix", reason="process groups are POSIX")]
 
@@ -98,12 +99,6 @@ class Ui:
         body = answer.json()
         assert not body.get("errors"), body["errors"]
         return body["data"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def _env(project: Project) -> dict[str, str]:
@@ -191,7 +186,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
         server = None
         try:
             for attempt in range(3):  # a free port can be taken between probing and binding
-                port = _free_port()
+                port = free_port()
                 server = Ui(project, _start(project, port, logs / f"ui-{attempt}.log"), port, logs / f"ui-{attempt}.log")
                 why = _wait_ready(server, time.monotonic() + 180)
                 if why is None:

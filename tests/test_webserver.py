@@ -26,11 +26,12 @@ import yaml
 
 from flen_assets.partitions import partition_key
 from flen_resources.project import Project
+from tests_helpers import free_port
 
 FLEN = [sys.executable, "-m", "flen_assets"]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
-START_DEADLINE_S = 90
+START_DEADLINE_S = 300  # the webserver and its code location, on a CI box shared with other test workers
 CHARACTER, ITERATION = "astronaut", "v1"
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="process-group teardown needs POSIX")
@@ -94,12 +95,6 @@ class Server:
         body = resp.json()
         assert not body.get("errors"), f"GraphQL errors: {body['errors']}"
         return body["data"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -172,7 +167,7 @@ def webserver(request: pytest.FixtureRequest, demo_project: Project, tmp_path_fa
     server: Server | None = None
     try:
         for attempt in range(3):  # a free port can be taken between probing and binding: retry on another
-            port = _free_port()
+            port = free_port()
             log = logs / f"ui-{attempt}.log"
             with log.open("wb") as out:
                 proc = subprocess.Popen([*FLEN, "ui", "--port", str(port)], env=env, cwd=root, stdin=subprocess.DEVNULL,

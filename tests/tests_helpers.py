@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,10 +89,32 @@ def build_review_partition(project, n: int, *, character: str = "bench", iterati
     return [m["image_id"] for m in manifest]
 
 
+# Ports handed out by this process: xdist workers each take their own block below Linux's ephemeral range
+# (32768-60999), so two workers, or a worker and an outgoing connection, never probe the same port.
+_PORTS_PER_WORKER = 400
+_next_ports: Iterator[int] | None = None
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port of 127.0.0.1 that is free now: this xdist worker's next one, else one the kernel picks."""
+    global _next_ports
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
+    if not worker.startswith("gw"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    if _next_ports is None:
+        start = 20000 + _PORTS_PER_WORKER * int(worker[2:])
+        _next_ports = itertools.cycle(range(start, start + _PORTS_PER_WORKER))
+    for _ in range(_PORTS_PER_WORKER):
+        port = next(_next_ports)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken: the next one
+                continue
+            return port
+    raise RuntimeError(f"no free port in {worker}'s block of {_PORTS_PER_WORKER}")
 
 
 def page_token(url: str, character: str = "bench", iteration: str = "v1", asset: str = "filtered_images") -> str:

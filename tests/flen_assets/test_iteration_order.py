@@ -168,8 +168,10 @@ def test_a_queued_earlier_iteration_comes_first(instance, monkeypatch):
     said: list[str] = []
     waiter = threading.Thread(target=wait_for_turn, args=(instance, "alice", 2, said.append), daemon=True)
     waiter.start()
-    time.sleep(0.5)
-    assert waiter.is_alive() and "queued" in said[0], said
+    deadline = time.monotonic() + 10  # a busy CI box may take a while to run the thread's first check
+    while not said and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert waiter.is_alive() and said and "queued" in said[0], said
     instance.run_coordinator.cancel_run(v1.run_id)
     waiter.join(10)
     assert not waiter.is_alive()

@@ -126,7 +126,8 @@ def test_kill_inside_each_gpu_asset_then_rerun(tmp_path):
             blocked = [e.message for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
                        if "blocked by limit for pool" in (e.message or "")]
             assert not blocked, f"the run after a kill waited for a slot: {blocked}"
-            assert first_step < 120, f"the rerun after a kill took {first_step:.0f}s to start a step"
+            # Generous for a CI box shared with other test workers; a dead holder's slot would hold it forever.
+            assert first_step < 240, f"the rerun after a kill took {first_step:.0f}s to start a step"
         killed.append(run_id)
         outputs.append(output)
     final = subprocess.run(_command(project.root), env=_env(project.root), capture_output=True, text=True, timeout=900)
