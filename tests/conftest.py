@@ -58,6 +58,7 @@ def run_flen(*args: str, project: Path, timeout: int = 600, check: bool = True) 
     return proc
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Group tests for pytest-xdist's loadgroup: a module's tests on one worker, every demo_project user on one.
 
@@ -67,6 +68,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         group = "demo_project" if "demo_project" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Stop a worker whose pytest drops xdist's group suffix: its tests would scatter and rebuild every fixture."""
+    grouped = getattr(session.config.option, "loadgroup", False)
+    if grouped and session.items and "@" not in session.items[0].nodeid:
+        raise pytest.UsageError("pytest-xdist's --dist loadgroup lost its groups under this pytest "
+                                "(pytest-dev/pytest-xdist#1386): install pyproject.toml's pinned pytest (scripts/setup.sh)")
 
 
 @pytest.fixture
@@ -109,3 +118,5 @@ def shared_project(tmp_path_factory: pytest.TempPathFactory, name: str) -> Itera
         mp.setenv("FLEN_PROJECT_DIR", str(root))
         mp.setenv("DAGSTER_HOME", str(root / ".flen" / "dagster"))
         yield Project(root)
+
+
