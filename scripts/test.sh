@@ -11,7 +11,10 @@ scripts/setup-servers.sh
 # Workers: most of the suite waits on Dagster daemons and subprocesses rather than the CPU, so several run at
 # once; each starts its own servers and model processes (a few GiB at its peak), so free memory sets how many.
 # FLEN_TEST_WORKERS=0 runs everything in this one process. Which tests share a worker: tests/conftest.py.
-free_gib=$(( $(awk '/MemAvailable/ {print $2}' /proc/meminfo) / 1048576 ))
-workers="${FLEN_TEST_WORKERS:-$(( free_gib / 5 > 4 ? 4 : (free_gib / 5 < 1 ? 1 : free_gib / 5) ))}"
+workers="${FLEN_TEST_WORKERS:-}"
+if [ -z "$workers" ]; then
+  by_memory=$(( $(awk '/MemAvailable/ {m = $2} END {print m + 0}' /proc/meminfo) / 1048576 / 5 ))
+  workers=$(( by_memory > 4 ? 4 : (by_memory < 1 ? 1 : by_memory) ))
+fi
 # --durations: the slowest tests, for keeping the suite (and CI) short
 exec .venv/bin/python -m pytest --durations=25 -n "$workers" --dist loadgroup "$@"

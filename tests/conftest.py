@@ -43,7 +43,7 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 # Under pytest-xdist every worker, and each process its tests start, would run torch on every core: share
 # the cores out instead (the env reaches the subprocesses; OpenMP threads spinning on a full box cost more).
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -70,6 +70,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.xdist_group(group))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook sends the test ids to the controller
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Stop a worker whose pytest drops xdist's group suffix: its tests would scatter and rebuild every fixture."""
     grouped = getattr(session.config.option, "loadgroup", False)
@@ -93,7 +94,7 @@ def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     """A project on which `flen demo` has run (once per session, through the real CLI)."""
     root = tmp_path_factory.mktemp("demo") / "project"
     root.mkdir()
-    run_flen("demo", project=root, timeout=1800)  # minutes alone; more beside other test workers
+    run_flen("demo", project=root, timeout=1500)  # minutes alone; more beside other test workers
     return Project(root)
 
 
@@ -118,5 +119,3 @@ def shared_project(tmp_path_factory: pytest.TempPathFactory, name: str) -> Itera
         mp.setenv("FLEN_PROJECT_DIR", str(root))
         mp.setenv("DAGSTER_HOME", str(root / ".flen" / "dagster"))
         yield Project(root)
-
-

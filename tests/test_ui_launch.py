@@ -334,20 +334,17 @@ def _click(drv, target, timeout: float = 30):
 
 
 def _type(drv, xpath: str, keys: str) -> None:
-    """Replace the text of the visible input `xpath` finds with `keys`, finding it again if the page re-renders it."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    """Type `keys` over what the visible input `xpath` finds holds, finding it again if the page re-renders it."""
     from selenium.webdriver.common.keys import Keys
 
     def typed(d):
         field = _visible(d, xpath)
         if field is None:
             return False
-        try:
-            # Select-all first: a field re-rendered midway may keep what was typed before it went stale.
-            field.send_keys(Keys.CONTROL, "a")
-            field.send_keys(keys)
-        except StaleElementReferenceException:
-            return False
+        # Select-all first: a field re-rendered midway may keep what was typed before it went stale (_until
+        # then asks again).
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(keys)
         return True
 
     _until(drv, typed)

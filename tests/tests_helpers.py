@@ -104,7 +104,7 @@ def free_port() -> int:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
     if _next_ports is None:
-        start = 20000 + _PORTS_PER_WORKER * int(worker[2:])
+        start = 20000 + _PORTS_PER_WORKER * (int(worker[2:]) % 30)  # replaced workers count on: wrap
         _next_ports = itertools.cycle(range(start, start + _PORTS_PER_WORKER))
     for _ in range(_PORTS_PER_WORKER):
         port = next(_next_ports)
