@@ -454,9 +454,17 @@ def test_the_launchpad_of_a_sized_job_opens_with_its_run_settings(ui, driver, sh
     driver.save_screenshot(str(shots / "ui-launchpad-settings.png"))
 
 
+def _command_line(process: psutil.Process) -> str:
+    """A process's command line, or "" once it has ended (a run's process can end, or be a zombie, meanwhile)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.NoSuchProcess:  # ZombieProcess included
+        return ""
+
+
 def test_ctrl_c_stops_the_webserver_the_daemon_and_what_they_started(ui):
     tree = _tree(ui.proc.pid)
-    names = " ".join(" ".join(p.cmdline()) for p in tree if p.is_running())
+    names = " ".join(_command_line(p) for p in tree)
     assert "dagster-webserver" in names and "dagster-daemon" in names, names
     ui.proc.send_signal(signal.SIGINT)
     assert ui.proc.wait(timeout=90) == 0, ui.text()[-4000:]
@@ -464,7 +472,7 @@ def test_ctrl_c_stops_the_webserver_the_daemon_and_what_they_started(ui):
     assert "stopping the webserver and the daemon" in text and "stopped the Dagster UI and daemon" in text, text[-3000:]
     time.sleep(0.5)
     left = [p for p in tree[1:] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not left, f"still running after Ctrl+C: {[' '.join(p.cmdline()) for p in left]}"
+    assert not left, f"still running after Ctrl+C: {[_command_line(p) for p in left]}"
 
 
 def test_when_the_webserver_cannot_start_the_daemon_is_stopped_too(tmp_path):
