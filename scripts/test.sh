@@ -8,8 +8,9 @@ scripts/setup.sh
 scripts/setup-browser.sh
 scripts/setup-servers.sh
 .venv/bin/ruff check --quiet .  # the lint rules in pyproject.toml: a finding fails the run like a test
-# Workers: most of the suite waits on Dagster daemons and subprocesses rather than the CPU, so several run at
-# once; each starts its own servers and model processes (a few GiB at its peak), so free memory sets how many.
+# Workers: much of the suite waits on Dagster daemons and subprocesses, so several run at once (on 2 cores the CPU
+# then limits it: 50 instead of 73 minutes); each starts its own servers and model processes (a few GiB at its
+# peak), so free memory sets how many.
 # FLEN_TEST_WORKERS=0 runs everything in this one process. Which tests share a worker: tests/conftest.py.
 workers="${FLEN_TEST_WORKERS:-}"
 if [ -z "$workers" ]; then
