@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -244,6 +246,19 @@ def test_an_unexpected_error_is_one_line_and_its_trace_is_behind_debug(project, 
     assert isinstance(debug.exception, KeyError)  # raised: Python prints its trace
     monkeypatch.setenv("FLEN_DEBUG", "1")
     assert isinstance(CliRunner().invoke(app, ["character", "list"]).exception, KeyError)
+
+
+def test_a_reader_that_leaves_early_is_no_error(tmp_path):
+    """`flen character list | head -1`: the reader left while the command still wrote; it stops without a word."""
+    # Whether a real `| head` closes before the last write is a race; a command that meets the closed
+    # pipe is not. In a process of its own: the handler points that process's stdout at /dev/null.
+    script = ("import sys, flen_assets.commands.characters as c\n"
+              "def gone(*_a, **_k): raise BrokenPipeError(32, 'Broken pipe')\n"
+              "c.init_project = gone\n"
+              "from flen_assets.cli import app\n"
+              "app(['character', 'list', '--project', sys.argv[1]])\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.stderr == "" and proc.returncode == 1  # silent; status 1 as click and Python give on EPIPE
 
 
 # -- the root cause of a step failure --------------------------------------------------------------
