@@ -150,9 +150,12 @@ class EditorResource(dg.ConfigurableResource):
                 m = self.models
                 source = m.source(edit_model)
                 area = self.qwen_output_area or (256 * 256 if source == "tiny" else 1024 * 1024)
+                # The tiny pack encodes its input images at the output's area, not the pipeline's 1024x1024:
+                # its random weights only exercise the code path, and a CPU edit runs 7x faster (3.3 s, not 23 s).
                 self._editors[key] = QwenEditEditor(model=source, quantization=m.quantization, device=m.device,
                                                     loras=self.qwen_loras, output_area=area, model_key=edit_model,
-                                                    memory_budget_gib=m.memory_budget_gib)
+                                                    memory_budget_gib=m.memory_budget_gib,
+                                                    reference_area=area if source == "tiny" else None)
             else:
                 self._editors[key] = get_editor(backend)
         return self._editors[key]

@@ -86,6 +86,7 @@ class _Plan:
     width: int
     height: int
     scheduler: str
+    reference_area: int | None  # pixels each input image is VAE-encoded at; None: the pipeline's own
 
 
 class QwenEditEditor:
@@ -96,7 +97,8 @@ class QwenEditEditor:
     def __init__(self, model: str = "tiny", quantization: QuantizationSetting = "auto", device: str = "auto",
                  dtype: str = "auto", loras: Mapping[str, str] | None = None, output_area: int = 1024 * 1024,
                  default_steps: int = 40, default_true_cfg: float = 4.0, negative_prompt: str = " ",
-                 model_key: str = DEFAULT_EDIT_MODEL, memory_budget_gib: float = DEFAULT_MEMORY_BUDGET_GIB):
+                 model_key: str = DEFAULT_EDIT_MODEL, memory_budget_gib: float = DEFAULT_MEMORY_BUDGET_GIB,
+                 reference_area: int | None = None):
         if model_key not in QWEN_EDIT_MODELS:
             raise EditInputError(f"unknown editor model {model_key!r}; known: {', '.join(QWEN_EDIT_MODELS)}")
         self.model_key = model_key  # which release; `model` is where its weights come from
@@ -107,6 +109,9 @@ class QwenEditEditor:
         self.dtype = dtype
         self.lora_sources = dict(DEFAULT_LORAS if loras is None else loras)
         self.output_area = output_area
+        # Pixels each input image is VAE-encoded at; None: the pipeline's own 1024x1024, as the releases
+        # were trained. The tiny pack sets its output's area: random weights only exercise the code path.
+        self.reference_area = reference_area
         self.default_steps = default_steps
         self.default_true_cfg = default_true_cfg
         self.negative_prompt = negative_prompt
@@ -217,7 +222,7 @@ class QwenEditEditor:
         negative = params.get("negative_prompt", self.negative_prompt)
         width, height = output_size(inputs[0], int(params.get("output_area", self.output_area)))
         return _Plan(inputs, request, stack, steps, true_cfg, negative, width, height,
-                     "lightning" if lightning else "default")
+                     "lightning" if lightning else "default", self.reference_area)
 
     def edit_batch(self, jobs: Sequence[EditJob], progress: Progress | None = None) -> list[EditResult]:
         """Every job's edit, phase by phase: text encoder, transformer (grouped by LoRA stack), VAE.
@@ -245,7 +250,7 @@ class QwenEditEditor:
                 p = plans[i]
                 generator = torch.Generator("cpu").manual_seed(int(p.request.seed))
                 latents[i] = qwen_phases.denoise(pipe, p.inputs, texts[i], negatives[i], p.true_cfg, p.steps,
-                                                 p.width, p.height, generator)
+                                                 p.width, p.height, generator, p.reference_area)
                 adapters[i] = [dict(r) for r in records]
                 if progress is not None:  # the transformer's denoising is most of an edit's time
                     progress()

@@ -4,8 +4,8 @@ Each function does what the pipeline's `__call__` does for its part (diffusers 0
 time, so an edit made phase by phase is the pipeline's own edit, seed for seed:
 
 - `encode_text`: Qwen2.5-VL over the prompt and the input images at the condition size (~384x384 px);
-- `denoise`: the pipeline itself from those embeddings (VAE encoding of the inputs, noise from the
-  edit's generator, every transformer step) up to the latents;
+- `denoise`: the pipeline itself from those embeddings (VAE encoding of the inputs at the reference
+  area, noise from the edit's generator, every transformer step) up to the latents;
 - `decode`: the VAE from the latents to the picture.
 """
 
@@ -35,6 +35,24 @@ def _quiet(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextmanager
+def vae_reference_area(area: int | None) -> Iterator[None]:
+    """The pipeline VAE-encodes its input images at `area` pixels meanwhile; None keeps its own 1024x1024."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as module
+
+    if area is None:
+        yield
+        return
+    # diffusers reads the module constant at each call and takes no argument for it. Edits of one
+    # process run one at a time (they hold the GPU lease), so setting it around a call is safe.
+    default = module.VAE_IMAGE_SIZE
+    module.VAE_IMAGE_SIZE = area
+    try:
+        yield
+    finally:
+        module.VAE_IMAGE_SIZE = default
+
+
 def encode_text(pipe: Any, images: Sequence[Image.Image], prompt: str,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(prompt embeddings, mask or None) of `prompt` with `images`, as the pipeline encodes them."""
@@ -50,11 +68,11 @@ def encode_text(pipe: Any, images: Sequence[Image.Image], prompt: str,
 
 def denoise(pipe: Any, images: Sequence[Image.Image], text: tuple[torch.Tensor, torch.Tensor | None],
             negative: tuple[torch.Tensor, torch.Tensor | None] | None, true_cfg: float, steps: int, width: int,
-            height: int, generator: torch.Generator) -> torch.Tensor:
+            height: int, generator: torch.Generator, reference_area: int | None) -> torch.Tensor:
     """The packed latents of one edit: the pipeline's call from its text embeddings, stopped before the VAE."""
     embeds, mask = text
     negative_embeds, negative_mask = negative if negative is not None else (None, None)
-    with _quiet(PIPELINE_LOGGER):
+    with _quiet(PIPELINE_LOGGER), vae_reference_area(reference_area):
         return pipe(image=list(images) if len(images) > 1 else images[0], prompt_embeds=embeds,
                     prompt_embeds_mask=mask, negative_prompt_embeds=negative_embeds,
                     negative_prompt_embeds_mask=negative_mask, true_cfg_scale=true_cfg, num_inference_steps=steps,

@@ -10,7 +10,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from flen_resources.editors import EditRequest, get_editor
+from flen_resources.editors import EditRequest, get_editor, qwen_phases
 from flen_resources.editors.qwen_edit import QwenEditEditor
 from flen_resources.models.sources import resolve_model
 
@@ -19,7 +19,7 @@ AREA = 96 * 96  # small outputs keep the CPU tests fast; the code path is the sa
 
 @pytest.fixture(scope="module")
 def editor() -> QwenEditEditor:
-    return QwenEditEditor(model="tiny", output_area=AREA)
+    return QwenEditEditor(model="tiny", output_area=AREA, reference_area=AREA)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_lightning_sets_its_scheduler_steps_and_cfg(editor, photos):
 def test_a_local_folder_loads_through_the_same_path(tmp_path, editor, photos):
     folder = tmp_path / "my-qwen-edit"
     shutil.copytree(resolve_model("qwen-image-edit-2509", "tiny").path, folder)
-    local = get_editor("qwen_edit", model=str(folder), output_area=AREA)
+    local = get_editor("qwen_edit", model=str(folder), output_area=AREA, reference_area=AREA)
     assert local.resolved.kind == "folder"
     assert np.array_equal(_arr(local.edit(photos[:1], _req(seed=9)).image), _arr(editor.edit(photos[:1], _req(seed=9)).image))
 
@@ -123,13 +123,39 @@ def _pipeline_edit(editor: QwenEditEditor, images: list[Image.Image], request: E
 
     plan = editor._plan(EditJob(images, request))
     editor._apply_stack(plan.stack)
-    image = editor.pipe(image=plan.inputs if len(plan.inputs) > 1 else plan.inputs[0], prompt=request.prompt,
-                        negative_prompt=plan.negative if plan.true_cfg > 1 else None, true_cfg_scale=plan.true_cfg,
-                        num_inference_steps=plan.steps, width=plan.width, height=plan.height,
-                        generator=torch.Generator("cpu").manual_seed(request.seed)).images[0]
+    with qwen_phases.vae_reference_area(plan.reference_area):
+        image = editor.pipe(image=plan.inputs if len(plan.inputs) > 1 else plan.inputs[0], prompt=request.prompt,
+                            negative_prompt=plan.negative if plan.true_cfg > 1 else None,
+                            true_cfg_scale=plan.true_cfg, num_inference_steps=plan.steps, width=plan.width,
+                            height=plan.height, generator=torch.Generator("cpu").manual_seed(request.seed)).images[0]
     if not plan.stack and editor._loaded:
         editor.pipe.enable_lora()
     return image
+
+
+def test_the_reference_area_is_set_for_the_call_only():
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as module
+
+    default = module.VAE_IMAGE_SIZE
+    with qwen_phases.vae_reference_area(AREA):
+        assert module.VAE_IMAGE_SIZE == AREA
+    with pytest.raises(RuntimeError), qwen_phases.vae_reference_area(AREA):
+        raise RuntimeError("a failed edit")
+    assert module.VAE_IMAGE_SIZE == default
+    with qwen_phases.vae_reference_area(None):
+        assert module.VAE_IMAGE_SIZE == default
+
+
+def test_an_edit_encodes_its_references_at_the_editors_reference_area(editor, photos):
+    encoded = []
+    vae = editor.pipe.vae
+    hook = vae.encoder.register_forward_hook(lambda _m, args, _out: encoded.append(tuple(args[0].shape[-2:])))
+    try:
+        result = editor.edit(photos[:1], _req())
+    finally:
+        hook.remove()
+    assert encoded and all(h * w <= AREA * 1.1 for h, w in encoded), encoded
+    assert result.image.size[0] * result.image.size[1] <= AREA * 1.1
 
 
 def test_a_batch_gives_the_per_edit_loops_images_and_records(editor, photos):
@@ -159,7 +185,7 @@ def test_a_batch_gives_the_per_edit_loops_images_and_records(editor, photos):
 # -- Qwen-Image-Edit-2511 ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def editor_2511() -> QwenEditEditor:
-    return QwenEditEditor(model="tiny", output_area=AREA, model_key="qwen-image-edit-2511")
+    return QwenEditEditor(model="tiny", output_area=AREA, reference_area=AREA, model_key="qwen-image-edit-2511")
 
 
 def test_2511_edits_with_zero_cond_t_and_records_its_release(editor_2511, photos):
