@@ -134,7 +134,7 @@ class EditorResource(dg.ConfigurableResource):
     """
 
     models: ModelsResource
-    qwen_output_area: int = 0  # pixels of an edit; 0: 1024x1024, or 256x256 on the tiny pack
+    qwen_output_area: int = 0  # pixels of an edit; 0: 1024x1024, or 256x256 on the tiny pack (its input images too)
     qwen_loras: dict[str, str] = {name: f"tiny:{name}" for name in (
         "angles", "lightning-8step", "lightning-4step", "lightning-8step-2511", "lightning-4step-2511")}
     _editors: dict = PrivateAttr(default_factory=dict)
@@ -149,13 +149,14 @@ class EditorResource(dg.ConfigurableResource):
 
                 m = self.models
                 source = m.source(edit_model)
-                area = self.qwen_output_area or (256 * 256 if source == "tiny" else 1024 * 1024)
-                # The tiny pack encodes its input images at the output's area, not the pipeline's 1024x1024:
+                tiny = source == "tiny"
+                area = self.qwen_output_area or (256 * 256 if tiny else 1024 * 1024)
+                # The tiny pack VAE-encodes its input images at the output's area, not the pipeline's 1024x1024:
                 # its random weights only exercise the code path, and a CPU edit runs 7x faster (3.3 s, not 23 s).
                 self._editors[key] = QwenEditEditor(model=source, quantization=m.quantization, device=m.device,
                                                     loras=self.qwen_loras, output_area=area, model_key=edit_model,
                                                     memory_budget_gib=m.memory_budget_gib,
-                                                    reference_area=area if source == "tiny" else None)
+                                                    references_at_output_area=tiny)
             else:
                 self._editors[key] = get_editor(backend)
         return self._editors[key]

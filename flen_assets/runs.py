@@ -79,7 +79,7 @@ def _patch_busy_slot_wait() -> None:
 _patch_busy_slot_wait()
 
 # How often the watcher looks at the pools: each look costs about 0.1 s of CPU (Dagster reconciles its
-# pool tables), 7% of a CPU demo at one a second. A run that ends or is stopped is seen at once.
+# pool tables), a tenth of a core at one look a second. A run that ends or is stopped is seen at once.
 _WATCH_INTERVAL_S = 3.0
 _RELEASE_INTERVAL_S = 5.0  # how often, while waiting for a slot, it looks for dead holders
 # What the user asked for, as a digest: a rerun of the same request may resume a stopped run.

@@ -100,13 +100,9 @@ class FlenGroup(TyperGroup):
 
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, TyperException):
+        # BrokenPipeError: the reader left early (`flen ... | head`); typer's main ends silently, status 1.
+        except (typer.Exit, typer.Abort, TyperException, BrokenPipeError):
             raise
-        except BrokenPipeError:
-            # The reader left early (`flen ... | head`): nothing went wrong. Python's own exit flush would
-            # hit the closed pipe again, so stdout goes to /dev/null first (the Python docs' recipe).
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(1) from None  # as click and Python do on EPIPE: silent, status 1
         except Exception as exc:
             if traces_shown():
                 raise

@@ -98,7 +98,7 @@ class QwenEditEditor:
                  dtype: str = "auto", loras: Mapping[str, str] | None = None, output_area: int = 1024 * 1024,
                  default_steps: int = 40, default_true_cfg: float = 4.0, negative_prompt: str = " ",
                  model_key: str = DEFAULT_EDIT_MODEL, memory_budget_gib: float = DEFAULT_MEMORY_BUDGET_GIB,
-                 reference_area: int | None = None):
+                 references_at_output_area: bool = False):
         if model_key not in QWEN_EDIT_MODELS:
             raise EditInputError(f"unknown editor model {model_key!r}; known: {', '.join(QWEN_EDIT_MODELS)}")
         self.model_key = model_key  # which release; `model` is where its weights come from
@@ -109,9 +109,9 @@ class QwenEditEditor:
         self.dtype = dtype
         self.lora_sources = dict(DEFAULT_LORAS if loras is None else loras)
         self.output_area = output_area
-        # Pixels each input image is VAE-encoded at; None: the pipeline's own 1024x1024, as the releases
-        # were trained. The tiny pack sets its output's area: random weights only exercise the code path.
-        self.reference_area = reference_area
+        # False: input images are VAE-encoded at the pipeline's own 1024x1024, as the releases were trained.
+        # The tiny pack sets True (at each edit's output area): random weights only exercise the code path.
+        self.references_at_output_area = references_at_output_area
         self.default_steps = default_steps
         self.default_true_cfg = default_true_cfg
         self.negative_prompt = negative_prompt
@@ -220,9 +220,10 @@ class QwenEditEditor:
         steps = lightning or int(params.get("steps", self.default_steps))
         true_cfg = 1.0 if lightning else float(params.get("true_cfg", self.default_true_cfg))
         negative = params.get("negative_prompt", self.negative_prompt)
-        width, height = output_size(inputs[0], int(params.get("output_area", self.output_area)))
+        area = int(params.get("output_area", self.output_area))
+        width, height = output_size(inputs[0], area)
         return _Plan(inputs, request, stack, steps, true_cfg, negative, width, height,
-                     "lightning" if lightning else "default", self.reference_area)
+                     "lightning" if lightning else "default", area if self.references_at_output_area else None)
 
     def edit_batch(self, jobs: Sequence[EditJob], progress: Progress | None = None) -> list[EditResult]:
         """Every job's edit, phase by phase: text encoder, transformer (grouped by LoRA stack), VAE.
@@ -263,5 +264,6 @@ class QwenEditEditor:
                            params={"steps": p.steps, "true_cfg": p.true_cfg, "negative_prompt": p.negative,
                                    "width": p.width, "height": p.height, "n_inputs": len(p.inputs),
                                    "scheduler": p.scheduler, "quantization": self.quantization,
-                                   "model_key": self.model_key})
+                                   "model_key": self.model_key,
+                                   **({"reference_area": p.reference_area} if p.reference_area else {})})
                 for image, p, records in zip(images, plans, adapters, strict=True)]

@@ -12,6 +12,7 @@ time, so an edit made phase by phase is the pipeline's own edit, seed for seed:
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +36,9 @@ def _quiet(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+_REFERENCE_AREA_LOCK = threading.Lock()
+
+
 @contextmanager
 def vae_reference_area(area: int | None) -> Iterator[None]:
     """The pipeline VAE-encodes its input images at `area` pixels meanwhile; None keeps its own 1024x1024."""
@@ -43,14 +47,15 @@ def vae_reference_area(area: int | None) -> Iterator[None]:
     if area is None:
         yield
         return
-    # diffusers reads the module constant at each call and takes no argument for it. Edits of one
-    # process run one at a time (they hold the GPU lease), so setting it around a call is safe.
-    default = module.VAE_IMAGE_SIZE
-    module.VAE_IMAGE_SIZE = area
-    try:
-        yield
-    finally:
-        module.VAE_IMAGE_SIZE = default
+    # diffusers reads the module constant at each call and takes no argument for it; the lock keeps
+    # two edits of one process (threads) from saving each other's value and leaving it set.
+    with _REFERENCE_AREA_LOCK:
+        default = module.VAE_IMAGE_SIZE
+        module.VAE_IMAGE_SIZE = area
+        try:
+            yield
+        finally:
+            module.VAE_IMAGE_SIZE = default
 
 
 def encode_text(pipe: Any, images: Sequence[Image.Image], prompt: str,

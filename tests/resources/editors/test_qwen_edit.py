@@ -19,7 +19,7 @@ AREA = 96 * 96  # small outputs keep the CPU tests fast; the code path is the sa
 
 @pytest.fixture(scope="module")
 def editor() -> QwenEditEditor:
-    return QwenEditEditor(model="tiny", output_area=AREA, reference_area=AREA)
+    return QwenEditEditor(model="tiny", output_area=AREA, references_at_output_area=True)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_lightning_sets_its_scheduler_steps_and_cfg(editor, photos):
 def test_a_local_folder_loads_through_the_same_path(tmp_path, editor, photos):
     folder = tmp_path / "my-qwen-edit"
     shutil.copytree(resolve_model("qwen-image-edit-2509", "tiny").path, folder)
-    local = get_editor("qwen_edit", model=str(folder), output_area=AREA, reference_area=AREA)
+    local = get_editor("qwen_edit", model=str(folder), output_area=AREA, references_at_output_area=True)
     assert local.resolved.kind == "folder"
     assert np.array_equal(_arr(local.edit(photos[:1], _req(seed=9)).image), _arr(editor.edit(photos[:1], _req(seed=9)).image))
 
@@ -146,16 +146,24 @@ def test_the_reference_area_is_set_for_the_call_only():
         assert module.VAE_IMAGE_SIZE == default
 
 
-def test_an_edit_encodes_its_references_at_the_editors_reference_area(editor, photos):
+@pytest.mark.parametrize("area", [AREA, 64 * 64])  # the editor's output area, and a recipe entry's own
+def test_the_tiny_editor_encodes_its_input_images_at_the_output_area_and_records_it(editor, photos, area):
     encoded = []
-    vae = editor.pipe.vae
-    hook = vae.encoder.register_forward_hook(lambda _m, args, _out: encoded.append(tuple(args[0].shape[-2:])))
+    hook = editor.pipe.vae.encoder.register_forward_hook(lambda _m, args, _out: encoded.append(args[0].shape[-2:]))
     try:
-        result = editor.edit(photos[:1], _req())
+        result = editor.edit(photos[:1], _req(output_area=area))
     finally:
         hook.remove()
-    assert encoded and all(h * w <= AREA * 1.1 for h, w in encoded), encoded
-    assert result.image.size[0] * result.image.size[1] <= AREA * 1.1
+    assert encoded and all(h * w <= area * 1.1 for h, w in encoded), encoded  # not the pipeline's 1024x1024
+    assert result.params["reference_area"] == area
+
+
+def test_real_weights_encode_at_the_pipelines_own_size():
+    from flen_resources.editors.base import EditJob
+
+    real = QwenEditEditor(model="tiny", output_area=AREA)  # as the resource builds it for real weights
+    photo = Image.new("RGB", (96, 96))
+    assert real._plan(EditJob([photo], _req())).reference_area is None
 
 
 def test_a_batch_gives_the_per_edit_loops_images_and_records(editor, photos):
@@ -185,7 +193,7 @@ def test_a_batch_gives_the_per_edit_loops_images_and_records(editor, photos):
 # -- Qwen-Image-Edit-2511 ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def editor_2511() -> QwenEditEditor:
-    return QwenEditEditor(model="tiny", output_area=AREA, reference_area=AREA, model_key="qwen-image-edit-2511")
+    return QwenEditEditor(model="tiny", output_area=AREA, references_at_output_area=True, model_key="qwen-image-edit-2511")
 
 
 def test_2511_edits_with_zero_cond_t_and_records_its_release(editor_2511, photos):

@@ -29,7 +29,7 @@ def odd_lora(tmp_path_factory, make_lora):
 @pytest.fixture(scope="module")
 def editor(tiny_pack, flux_lora, odd_lora) -> QwenEditEditor:
     """The qwen editor on the tiny pack, with a FLUX LoRA and an unmatched LoRA configured next to angles."""
-    return QwenEditEditor(model="tiny", device="cpu", output_area=64 * 64, reference_area=64 * 64,
+    return QwenEditEditor(model="tiny", device="cpu", output_area=64 * 64, references_at_output_area=True,
                           loras={"angles": "tiny:angles", "flux": str(flux_lora), "odd": str(odd_lora)})
 
 
