@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from flen_resources.atomic import atomic_path, write_text_atomic
 from flen_resources.bucket import Bucket, cluster_bucket
+from flen_resources.project import did_you_mean
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -365,6 +366,22 @@ class LineageStore:
     def trace(self, character: str, iteration: str, asset: str = "training_set") -> list[dict]:
         """Every member of a partition with each of its ancestors, nearest first."""
         return self.rows(TRACE_SQL, {"asset": asset, "character": character, "iteration": iteration})
+
+    def unpublished_reason(self, asset: str, character: str, iteration: str) -> str:
+        """Why `asset` of character|iteration has no published version: the first of character, iteration
+        and asset the lineage does not know, with the closest names it knows."""
+        published = self.rows("SELECT DISTINCT asset, character, iteration FROM artifacts")
+        characters = {r["character"] for r in published}
+        if not characters:
+            return "nothing is published yet: materialize it first"
+        if character not in characters:
+            return f"no character {character!r} has published anything{did_you_mean(character, characters)}"
+        iterations = {r["iteration"] for r in published if r["character"] == character}
+        if iteration not in iterations:
+            return f"{character} has no published iteration {iteration}{did_you_mean(iteration, iterations, 'it has')}"
+        assets = {r["asset"] for r in published if r["character"] == character and r["iteration"] == iteration}
+        return (f"{asset} of {character}|{iteration} is not published{did_you_mean(asset, assets, 'published')}: "
+                "materialize it first")
 
     def find_version(self, asset: str, character: str, iteration: str, md5: str) -> Version:
         """The published version whose DVC md5 is `md5` (32 hex, '.dir' optional) or starts with its 8+ hex."""

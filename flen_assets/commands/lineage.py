@@ -18,15 +18,15 @@ def lineage(character: str, iteration: str, asset: str = "training_set", project
 
     check_names(character, iteration)
     proj = resolve_project(project)
-    rows = LineageStore(proj.lineage_dir).trace(character, iteration, asset)
+    store = LineageStore(proj.lineage_dir)
+    rows = store.trace(character, iteration, asset)
     if as_json:
         typer.echo(json.dumps(rows, indent=1, default=str))
         return
     if not rows:
-        fail(f"no lineage for {asset} {character}|{iteration}: materialize it first")
+        fail(f"no lineage for {asset} {character}|{iteration}: {store.unpublished_reason(asset, character, iteration)}")
     from flen_assets.lineage_view import render_header, render_tree
 
-    store = LineageStore(proj.lineage_dir)
     runs = store.rows("SELECT asset, params, models FROM runs WHERE character=$c AND iteration=$i "
                       "QUALIFY row_number() OVER (PARTITION BY asset ORDER BY finished_at DESC) = 1",
                       {"c": character, "i": iteration})
@@ -53,11 +53,13 @@ def versions(asset: str, character: str, iteration: str, project: ProjectOpt = N
     """List the published versions (DVC md5) of one partition, newest first."""
     from flen_resources.lineage import LineageStore
 
-    rows = LineageStore(resolve_project(project).lineage_dir).rows(
+    store = LineageStore(resolve_project(project).lineage_dir)
+    rows = store.rows(
         "SELECT created_at, dvc_md5, n_files, run_id FROM artifacts WHERE asset=$a AND character=$c AND iteration=$i "
         "ORDER BY created_at DESC", {"a": asset, "c": character, "i": iteration})
     if not rows:
-        fail(f"no published version of {asset} {character}|{iteration}")
+        fail(f"no published version of {asset} {character}|{iteration}: "
+             f"{store.unpublished_reason(asset, character, iteration)}")
     for r in rows:
         typer.echo(f"{r['created_at']:%Y-%m-%d %H:%M:%S}  {r['dvc_md5']}  {r['n_files']:5d} files  run {r['run_id'][:8]}")
 

@@ -411,3 +411,18 @@ def test_find_version_matches_exactly_or_by_unique_prefix(tmp_path: Path):
             find("training_set", "alice", "v1", bad)
         assert str(err.value) == (f"md5 {bad!r} is not a DVC md5: give the full 32-hex md5 or a unique prefix of 8+ "
                                   "hex characters from `flen versions training_set alice v1`")
+
+
+def test_unpublished_reason_names_what_the_lineage_does_not_know_and_the_closest_it_does(tmp_path: Path):
+    store = LineageStore(tmp_path / "lineage")
+    why = store.unpublished_reason
+    assert why("training_set", "alice", "v1") == "nothing is published yet: materialize it first"
+    store.append("artifacts", [_artifact(A_MD5, 0, "a"), _artifact(B_MD5, 1, "b", iteration="v2"),
+                               {**_artifact(C_MD5, 2, "c"), "asset": "filtered_images"}])
+    assert why("training_set", "alcie", "v1") == "no character 'alcie' has published anything (did you mean alice?)"
+    assert why("training_set", "bob", "v1") == "no character 'bob' has published anything (known: alice)"
+    assert why("training_set", "alice", "v3") == "alice has no published iteration v3 (it has: v1, v2)"
+    assert why("trainin_set", "alice", "v1") == ("trainin_set of alice|v1 is not published (did you mean "
+                                                 "training_set?): materialize it first")
+    assert why("lora_eval", "alice", "v2") == ("lora_eval of alice|v2 is not published (published: training_set): "
+                                               "materialize it first")
