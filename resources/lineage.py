@@ -380,6 +380,8 @@ class LineageStore:
         if iteration not in iterations:
             return f"{character} has no published iteration {iteration}{did_you_mean(iteration, iterations, 'it has')}"
         assets = {r["asset"] for r in published if r["character"] == character and r["iteration"] == iteration}
+        if asset in assets:  # `flen lineage` of a published partition that recorded no images
+            return f"{asset} of {character}|{iteration} is published with no images to trace"
         return (f"{asset} of {character}|{iteration} is not published{did_you_mean(asset, assets, 'published')}: "
                 "materialize it first")
 

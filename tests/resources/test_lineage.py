@@ -426,3 +426,4 @@ def test_unpublished_reason_names_what_the_lineage_does_not_know_and_the_closest
                                                  "training_set?): materialize it first")
     assert why("lora_eval", "alice", "v2") == ("lora_eval of alice|v2 is not published (published: training_set): "
                                                "materialize it first")
+    assert why("training_set", "alice", "v1") == "training_set of alice|v1 is published with no images to trace"
