@@ -251,7 +251,7 @@ def test_an_unexpected_error_is_one_line_and_its_trace_is_behind_debug(project, 
 def test_a_reader_that_leaves_early_is_no_error(tmp_path):
     """`flen character list | head -1`: the reader left while the command still wrote; it stops without a word."""
     # Whether a real `| head` closes before the last write is a race; a command that meets the closed
-    # pipe is not. In a process of its own: the handler points that process's stdout at /dev/null.
+    # pipe is not. In a process of its own: typer's handler rewires that process's stdout and stderr.
     script = ("import sys, flen_assets.commands.characters as c\n"
               "def gone(*_a, **_k): raise BrokenPipeError(32, 'Broken pipe')\n"
               "c.init_project = gone\n"
