@@ -30,20 +30,17 @@ COMMON="--scale full --device cuda --res 1024 --workdir /tmp/flen-rehearsal"
 PT="python3 -m pytest -c /dev/null -p no:cacheprovider -m gpu -v"
 mkdir -p /tmp/gputests && cp tests/resources/models/test_fp8_linear.py tests/resources/trainers/test_trainers_gpu.py \
   tests/resources/generators/test_flux.py /tmp/gputests/
-# The most wanted first (STEPS picks; each session sends what its device minutes allow). Session 15: an nf4 base
-# runs fp8 GEMMs (models/fp8_linear.Nf4Fp8Linear, LoraTrainConfig.fp8_matmuls): the gpu tests (full-width Qwen
-# block gradients), the Qwen adapter's step against bf16 GEMMs and the naive loop, the adapter asset; then FLUX's
-# nf4 low-memory path with and without fp8 GEMMs, and the flux_lora asset paced in process. Not run yet (session
-# 16 first): adapter, flux_lora_warm, flux_lora again (its fixed-batch loss no longer compiles a graph of its own),
-# and train_qwen interleaved, like for like (session 15's runs of fp8 GEMMs on nf4 disagreed: 1.43 s, then a tie),
-# with kept blocks and fused AdamW within the naive loop's memory (item 3's 2.5x needs ~120 ms off 1.26 s).
+# The most wanted first (STEPS picks; each session sends what its device minutes allow). Session 18 measured
+# train_qwen with kept blocks at activation budget 0.2 (slower: 1.43-1.47 s against 1.29), fp8 GEMMs on nf4
+# (a tie again, +0.45 GiB), adapter and flux_lora paced in process, flux_lora_warm, lora_eval, synthetic and
+# the gpu tests. Next: torch's fused AdamW alone (65 ms a step less than 8-bit AdamW, +0.27 GiB) and with kept
+# blocks at the compiler's full activation budget, within the naive loop's 15.27 GiB.
 step pytest_gpu 170 $PT /tmp/gputests/test_fp8_linear.py /tmp/gputests/test_flux.py /tmp/gputests/test_trainers_gpu.py
 # 64 GiB of disk: one chain's models at a time
 step build_qwen 150 bash -c "rm -rf /tmp/flen-rehearsal/flux && $B/rehearsal_gpu.py --phase build_qwen $COMMON"
-# the memory the adapter may use is the naive loop's (15.27 GiB; ours 14.05): spend it on kept blocks (less
-# recomputation, the compiler's activation budget) and torch's fused AdamW (38 ms a step, +0.27 GiB)
-step train_qwen 450 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag fp8mm-keep \
-  --variants naive,ours-compile,ours-compile-fp8mm,ours-compile-torchadamw-keep4-mbudget0.2,ours-compile-torchadamw-keep8-mbudget0.2,naive
+# the memory the adapter may use is the naive loop's (15.27 GiB; ours 14.05)
+step train_qwen 450 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag adamw-keep \
+  --variants naive,ours-compile,ours-compile-torchadamw,ours-compile-torchadamw-keep4,ours-compile-torchadamw-keep8,naive
 step adapter 220 $B/iteration_gpu.py --only qwen_adapter --out $R
 step build_flux 100 bash -c "rm -rf /tmp/flen-rehearsal/qwen && $B/rehearsal_gpu.py --phase build_flux $COMMON"
 step train_flux 240 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag fp8mm \
