@@ -42,6 +42,9 @@ Variants:
   ...-fp8        the same on an fp8 base: e4m3 block weights, fp8 GEMMs forward and for the input gradient
                  (models/fp8_linear.py; LoraTrainConfig.quantization="fp8", what `auto` picks for FLUX on an
                  Ada/Hopper card within the 20 GiB budget). Others run nf4 on a GPU (none on the CPU).
+  ...-swapN      (with -fp8) N blocks' fp8 weights wait in pinned host memory and are copied onto the card for
+                 each use, one block ahead (LoraTrainConfig.swapped_blocks, models/block_swap.py); without it, `auto`:
+                 none where the fp8 base fits the 20 GiB budget (FLUX), else enough to fit (Qwen-Image-Edit: 15)
   ...-prof       after the timed steps, two more under torch.profiler: the result's `profile` lists the kernels that
                  took the most device time (where a step's time goes, e.g. whether fp8 casts run as kernels of their own)
 
@@ -277,6 +280,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
             compile=variant.startswith("ours-compile"), device=device_name,
             attention="flash" if "-flash" in variant else "auto",
             kept_activations=kept_variant(variant), fp8_matmuls=matmuls_variant(variant),
+            swapped_blocks=int(re.search(r"-swap(\d+)", variant).group(1)) if "-swap" in variant else "auto",
             activation_budget=float(re.search(r"-mbudget([\d.]+)", variant).group(1)) if "-mbudget" in variant
             else "auto"))
         quantization = config.quantization
@@ -336,6 +340,7 @@ def run_variant(variant: str, model: str, workdir: Path, reps: int, warmup: int,
         if "-prof" in variant else None
     settled = {} if variant == "naive" else {"optimizer": config.optimizer, "fp8_matmuls": config.fp8_matmuls,
                                            "kept_activations": config.kept_activations,
+                                           "swapped_blocks": config.swapped_blocks,
                                            "activation_budget": config.activation_budget,
                                            **({"nf4_double_quant": "-nodq" not in variant}
                                               if quantization == "nf4" else {}),

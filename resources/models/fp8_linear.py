@@ -221,17 +221,46 @@ def compiles_blocks(asked: bool, device: torch.device) -> bool:
     return asked and device.type == "cuda" and compiler_works(device)
 
 
-def compile_blocks(transformer: nn.Module) -> int:
-    """torch.compile each of the transformer's blocks in place (one graph per block class); how many."""
+def compile_blocks(transformer: nn.Module, eager_hooks: Iterable[nn.Module] = ()) -> int:
+    """torch.compile each of the transformer's blocks in place (one graph per block class); how many.
+
+    A block in `eager_hooks` compiles its forward only, so its hooks (block_swap.BlockSwap's) run eagerly around
+    the graph and the graph is entered with the weights they brought onto the card."""
+    hooked = {id(block) for block in eager_hooks}
     blocks = compute_blocks(transformer)
     for block in blocks:
-        block.compile()
+        if id(block) in hooked:
+            block.forward = torch.compile(block.forward)
+        else:
+            block.compile()
     return len(blocks)
 
 
-def transformer_to_fp8(transformer: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
+def transformer_to_fp8(transformer: nn.Module, device: torch.device, dtype: torch.dtype,
+                       host_blocks: Iterable[int] = ()) -> int:
     """Every block's Linears quantized to Fp8Linear on `device` (blocks_to_fp8), the rest of `transformer` moved
-    there as it is; how many Linears were quantized."""
-    converted = blocks_to_fp8(compute_blocks(transformer), device, dtype)
-    transformer.to(device)  # no dtype: it would cast the fp8 weights back up
+    there as it is; the blocks at `host_blocks` (compute_blocks' indices) go back to the CPU once quantized, for
+    block_swap.BlockSwap. How many Linears were quantized."""
+    blocks = compute_blocks(transformer)
+    on_host = {id(blocks[i]) for i in host_blocks}
+    converted = 0
+    for block in blocks:
+        converted += blocks_to_fp8([block], device, dtype)
+        if id(block) in on_host:
+            block.to("cpu")
+    if on_host:
+        _to_device_except(transformer, device, on_host)
+    else:
+        transformer.to(device)  # no dtype: it would cast the fp8 weights back up
     return converted
+
+
+def _to_device_except(module: nn.Module, device: torch.device, skipped: set[int]) -> None:
+    """Module.to(device) for everything under `module` but the submodules whose id is in `skipped`."""
+    for child in module.children():
+        if id(child) not in skipped:
+            _to_device_except(child, device, skipped)
+    for param in module.parameters(recurse=False):
+        param.data = param.data.to(device)
+    for name, buffer in list(module.named_buffers(recurse=False)):
+        setattr(module, name, buffer.to(device))

@@ -17,6 +17,7 @@ class ModelSpec:
     size_gb: float  # download size of the safetensors weights, for the missing-model message
     setting: str  # the variable that chooses its source (the `models` resource's field, `flen train --model`)
     transformer_params: float  # parameters of its transformer at full size: whether an fp8 LoRA run fits the budget
+    transformer_blocks: int  # its transformer's blocks at full size: how many swap when fp8 does not fit
     gated: bool = False
     # Its transformer's config flags that set it apart from the other releases of the same pipeline
     # (flags not named here are off): 2511's zero_cond_t modulates the control images' tokens with
@@ -43,12 +44,12 @@ class LoraSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "qwen-image-edit-2509": ModelSpec("qwen-image-edit-2509", "Qwen/Qwen-Image-Edit-2509",
-                                      "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_MODEL", 20.43e9),
+                                      "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_MODEL", 20.43e9, 60),
     "qwen-image-edit-2511": ModelSpec("qwen-image-edit-2511", "Qwen/Qwen-Image-Edit-2511",
-                                      "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_2511_MODEL", 20.43e9,
+                                      "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_2511_MODEL", 20.43e9, 60,
                                       transformer_flags={"zero_cond_t": True}),
     "flux.1-dev": ModelSpec("flux.1-dev", "black-forest-labs/FLUX.1-dev", "FluxPipeline", 33.7, "FLEN_FLUX_MODEL", 11.9e9,
-                            gated=True),
+                            57, gated=True),
 }
 
 # The editor models a recipe can choose (`edit_model`), and the one it gets when it names none.

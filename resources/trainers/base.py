@@ -6,7 +6,8 @@
 2. encode every example once through the feature cache, loading the model's encoders only on a
    cache miss and freeing them before the transformer loads (`_load_encoders`, `_encode`);
 3. load the frozen transformer (fp8 blocks with fp8 matmuls when the card has them and the budget allows, else
-   nf4 on a CUDA card, with fp8 GEMMs only when `fp8_matmuls` is true; or plain) and add a fresh fp32 peft LoRA,
+   nf4 on a CUDA card, with fp8 GEMMs only when `fp8_matmuls` is true; or plain; an fp8 base asked for beyond the
+   budget swaps `swapped_blocks` blocks from host memory, models/block_swap.py) and add a fresh fp32 peft LoRA,
    its matmuls in bf16 on a GPU (`_transformer_class`, lora_precision.py);
 4. the training loop with checkpoints and resume (loop.py), the model giving its loss for one
    batch (`_loss`) and, every config.sample_every steps, previews (`_preview_pipeline`, `_preview`);
@@ -26,6 +27,7 @@ import torch
 import torch.utils.checkpoint
 from PIL import Image
 
+from flen_resources.models.block_swap import BlockSwap, swapped_indices
 from flen_resources.models.fp8_linear import (
     compile_blocks,
     compiles_blocks,
@@ -172,8 +174,9 @@ class LoraTrainer(Generic[Input]):
             kwargs["quantization_config"] = BitsAndBytesConfig(**nf4_kwargs(double_quant=True))
             kwargs["device_map"] = {"": str(device)}  # quantized straight onto the GPU
         transformer = self._transformer_class().from_pretrained(str(resolved.path / "transformer"), **kwargs)
+        swapped = swapped_indices(len(compute_blocks(transformer)), config.swapped_blocks)
         if config.quantization == "fp8":  # loaded on the CPU, quantized one block at a time on its way to the card
-            transformer_to_fp8(transformer, device, dtype)
+            transformer_to_fp8(transformer, device, dtype, host_blocks=swapped)
         elif config.quantization != "nf4":
             transformer.to(device)
         elif config.fp8_matmuls is True:  # the nf4 bytes stay; each use dequantizes to e4m3 for an fp8 GEMM
@@ -183,18 +186,21 @@ class LoraTrainer(Generic[Input]):
         transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
                                            target_modules=config.target_modules))
         for p in transformer.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
+            if p.requires_grad:  # LoRA weights train in fp32 whatever the base dtype, on the card (a swapped
+                p.data = p.data.to(device, torch.float32)  # block's LoRA too: peft made it beside its base)
         if device.type == "cuda":  # their matmuls run in the base's dtype (lora_precision.py); a CPU keeps fp32
             lora_matmuls_in(transformer, dtype)
         use_attention(transformer, config.attention, device)
+        blocks = compute_blocks(transformer)
         if config.gradient_checkpointing:
-            blocks = compute_blocks(transformer)
             count = len(blocks) if config.kept_activations == "all" else min(config.kept_activations, len(blocks))
-            kept = blocks[len(blocks) - count:] if count else []
+            kept = [block for i, block in enumerate(blocks) if i >= len(blocks) - count and i not in swapped]
             transformer.enable_gradient_checkpointing(recompute_except(kept))
+        swap = BlockSwap(blocks, swapped, device) if swapped else None
+        if swap is not None:
+            self.log(f"{len(swapped)} of {len(blocks)} blocks swap from host memory ({swap.host_gib():.1f} GiB)")
         if compiles_blocks(config.compile, device):
-            compile_blocks(transformer)
+            compile_blocks(transformer, eager_hooks=[blocks[i] for i in swapped])
         transformer.train()
         return transformer
 

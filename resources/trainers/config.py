@@ -112,6 +112,10 @@ class LoraTrainConfig:
     # saved for backward, the rest recomputed; auto: auto_activation_budget (COMPILED_ACTIVATION_BUDGET with
     # every block kept, else 1.0).
     activation_budget: float | Literal["auto"] = "auto"
+    # An fp8 base that does not fit the memory budget: this many blocks keep their frozen weights in the host's
+    # pinned memory and are copied onto the card for each use, one block ahead (models/block_swap.py); they are
+    # always checkpointed. auto: none when the base fits, else enough to fit (block_swap.swapped_block_count).
+    swapped_blocks: int | Literal["auto"] = "auto"
     optimizer: Optimizer = "auto"  # see OPTIMIZERS
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
@@ -147,6 +151,10 @@ class LoraTrainConfig:
                 raise TrainingError(f"activation_budget must be 'auto' or a share in (0, 1] (of the compiled "
                                     f"blocks' activations saved for backward), not {self.activation_budget!r}")
             self.activation_budget = float(self.activation_budget)  # 1 and 1.0: the same LoRA metadata
+        if self.swapped_blocks != "auto" and (isinstance(self.swapped_blocks, bool)
+                                              or not isinstance(self.swapped_blocks, int) or self.swapped_blocks < 0):
+            raise TrainingError(f"swapped_blocks must be 'auto' or 0 or more (blocks whose weights wait in host "
+                                f"memory), not {self.swapped_blocks!r}")
         if self.fp8_matmuls != "auto" and not isinstance(self.fp8_matmuls, bool):
             raise TrainingError(f"fp8_matmuls must be 'auto', true or false, not {self.fp8_matmuls!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -162,11 +170,13 @@ class LoraTrainConfig:
                    lr_warmup_steps=min(cls.lr_warmup_steps, steps // 10), **rest)
 
     def resolved(self, model_key: str = "flux.1-dev", memory_budget_gib: float | None = None) -> LoraTrainConfig:
-        """This config with `auto` quantization, fp8 matmuls, optimizer, kept activations, activation budget and
-        compile decided for its device, the model it trains and the card memory budget (what runs and is recorded)."""
+        """This config with `auto` quantization, fp8 matmuls, optimizer, swapped blocks, kept activations, activation
+        budget and compile decided for its device, the model and the card memory budget (what runs and is recorded)."""
+        from flen_resources.models.block_swap import swapped_block_count
         from flen_resources.models.fp8_linear import compiles_blocks, fp8_matmuls
         from flen_resources.models.pipelines import pick_device
         from flen_resources.models.quantization import (
+            FP8_TRAINING_RESERVE_GIB,
             QuantizationError,
             fp8_fits,
             nf4_needs_cuda,
@@ -193,12 +203,21 @@ class LoraTrainConfig:
         fits = fp8_fits(params, budget)
         compiled = compiles_blocks(self.compile, device)  # without Triton or a C compiler: eager
         all_fit = compiled and fp8_fits(params, budget, all_kept_reserve_gib(self.resolution, self.batch_size))
+        if self.swapped_blocks not in ("auto", 0) and quantization != "fp8":
+            raise TrainingError(f"swapped_blocks {self.swapped_blocks} with quantization {quantization!r}: only an "
+                                "fp8 base swaps blocks; set swapped_blocks to auto, or quantization to fp8")
+        swapped = self.swapped_blocks if self.swapped_blocks != "auto" else 0 if quantization != "fp8" \
+            else swapped_block_count(params, MODELS[model_key].transformer_blocks, budget, FP8_TRAINING_RESERVE_GIB)
+        if swapped and not self.gradient_checkpointing:
+            raise TrainingError("swapped_blocks needs gradient_checkpointing (a swapped block is recomputed in "
+                                "backward): set gradient_checkpointing to true, or swapped_blocks to 0")
         kept = self.kept_activations if self.kept_activations != "auto" \
             else auto_kept_activations(quantization, fits, all_fit)
         activation_budget = self.activation_budget if self.activation_budget != "auto" \
             else auto_activation_budget(kept, compiled)
         return replace(self, quantization=quantization, fp8_matmuls=fp8_gemms, optimizer=optimizer,
-                       kept_activations=kept, activation_budget=activation_budget, compile=compiled)
+                       swapped_blocks=swapped, kept_activations=kept, activation_budget=activation_budget,
+                       compile=compiled)
 
     def to_json(self) -> str:
         """The config as sorted JSON: what LoRA metadata and checkpoints record."""

@@ -26,7 +26,7 @@ def test_blocks_that_keep_their_activations_give_the_gradients_of_recomputed_one
     def grads(kept: int) -> tuple[list[torch.Tensor], int]:
         checkpointed.clear()
         config = LoraTrainConfig(resolution=64, rank=4, alpha=4.0, quantization="none", device="cpu",
-                                 kept_activations=kept)
+                                 kept_activations=kept).resolved()
         module = trainer._transformer(resolved, config, CPU, torch.float32)
         FluxLoraTrainer._loss(module, [example], step_generator(0, 0), config, CPU, torch.float32).backward()
         return [p.grad for p in module.parameters() if p.requires_grad], len(checkpointed)

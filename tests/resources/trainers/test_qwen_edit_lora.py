@@ -146,6 +146,27 @@ def test_batches_of_two_train(triplets, cache_dir, tmp_path: Path):
     assert len(result.losses) == 2 and all(np.isfinite(v) for _, v in result.losses)
 
 
+# -- an fp8 base too big for the budget: its blocks swap from host memory, and it trains the same LoRA -------
+def test_an_fp8_base_with_a_swapped_block_trains_the_lora_of_one_without(triplets, cache_dir, tmp_path: Path):
+    from flen_resources.models.fp8_linear import fp8_matmuls
+
+    if not fp8_matmuls(torch.device("cpu")):
+        pytest.skip("this torch has no CPU fp8 GEMM (torch._scaled_mm)")
+    logs: list[str] = []
+    results = {}
+    for swapped in (0, 1):
+        trainer = QwenEditLoraTrainer(model="tiny", work_dir=tmp_path / f"swap{swapped}", cache_dir=cache_dir,
+                                      log=logs.append)
+        results[swapped] = trainer.train(triplets, _config(quantization="fp8", swapped_blocks=swapped, max_steps=3,
+                                                           checkpoint_every=3, kept_activations=0))
+    assert "1 of 2 blocks swap from host memory" in "\n".join(logs)
+    assert results[1].losses == results[0].losses
+    expected, got = load_file(str(results[0].lora_path)), load_file(str(results[1].lora_path))
+    for key in expected:  # the markers' identity nodes sum the streams' gradients in another order: fp32 noise
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
+    assert json.loads(results[1].metadata["flenwheel.config"])["swapped_blocks"] == 1
+
+
 # -- Qwen-Image-Edit-2511: the same loss on its transformer (zero_cond_t reads the same img_shapes) -----
 def test_2511_trains_a_few_steps_on_its_own_release(trained, triplets, cache_dir, tmp_path: Path):
     trainer = QwenEditLoraTrainer(model="tiny", work_dir=tmp_path / "2511", cache_dir=cache_dir, log=lambda _: None,

@@ -1,0 +1,173 @@
+"""Block swapping (models/block_swap.py): the schedule on the CPU with blocks shaped as diffusers' (kwargs in, a
+tuple out, checkpointed as the trainer checkpoints them), the count rule, and on a GPU the memory it saves."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from flen_resources.models.block_swap import (
+    IN_FLIGHT_BLOCKS,
+    BlockSwap,
+    swapped_block_count,
+    swapped_indices,
+)
+
+CPU = torch.device("cpu")
+
+
+class _Block(nn.Module):
+    """Two streams in, two out, as a Qwen-Image block: frozen weights, a norm buffer, a trainable LoRA-like delta."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.img = nn.Linear(width, width)
+        self.txt = nn.Linear(width, width)
+        self.register_buffer("scale", torch.full((width,), 0.5))
+        self.requires_grad_(False)
+        self.delta = nn.Parameter(torch.zeros(width, width))  # trains, stays on the card
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor):
+        txt = torch.tanh(self.txt(encoder_hidden_states) * self.scale + temb)
+        img = torch.tanh(self.img(hidden_states) + hidden_states @ self.delta + txt.mean(1, keepdim=True))
+        return txt, img
+
+
+class _Transformer(nn.Module):
+    """Calls its blocks as diffusers does: checkpointed positionally while training, by keyword otherwise."""
+
+    def __init__(self, width: int = 32, blocks: int = 5):
+        super().__init__()
+        self.transformer_blocks = nn.ModuleList(_Block(width) for _ in range(blocks))
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        temb = torch.ones(txt.shape[-1], device=txt.device)
+        for block in self.transformer_blocks:
+            if torch.is_grad_enabled():
+                txt, img = torch.utils.checkpoint.checkpoint(block.__call__, img, txt, temb, use_reentrant=False)
+            else:
+                txt, img = block(hidden_states=img, encoder_hidden_states=txt, temb=temb)
+        return img.square().mean() + txt.square().mean()
+
+
+def _models(swapped: list[int], device: torch.device = CPU) -> tuple[_Transformer, _Transformer,
+                                                                                       BlockSwap]:
+    torch.manual_seed(0)
+    plain = _Transformer().to(device)
+    for block in plain.transformer_blocks:
+        nn.init.normal_(block.delta, std=0.1)
+    ours = copy.deepcopy(plain)
+    for i in swapped:
+        ours.transformer_blocks[i].to("cpu")
+    return plain, ours, BlockSwap(list(ours.transformer_blocks), swapped, device)
+
+
+def _inputs(device: torch.device = CPU) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 6, 32, generator=g).to(device), torch.randn(2, 3, 32, generator=g).to(device)
+
+
+def _step(model: _Transformer, device: torch.device = CPU) -> tuple[float, list[torch.Tensor]]:
+    loss = model(*_inputs(device))
+    loss.backward()
+    return loss.item(), [block.delta.grad.clone() for block in model.transformer_blocks]
+
+
+def _parked(swap: BlockSwap) -> bool:
+    return all(t.numel() == 0 for i in swap.indices for t in swap.frozen[i])
+
+
+def test_a_training_step_with_swapped_blocks_gives_the_gradients_of_one_without():
+    plain, ours, swap = _models([1, 2, 3])
+    assert _parked(swap), "a swapped block waits in host memory"
+    loss, grads = _step(plain)
+    loss_swapped, grads_swapped = _step(ours)
+    assert loss_swapped == loss
+    for a, b in zip(grads, grads_swapped, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert _parked(swap), "every block parked again after backward"
+    assert swap.copies == 2 * 3, "each swapped block comes in once forward and once for its backward"
+    assert swap.most_resident <= IN_FLIGHT_BLOCKS and not swap.in_backward
+
+
+def test_forwards_without_backward_park_every_block_and_a_step_after_them_still_matches():
+    """The previews (no grad, blocks called by keyword) and the fixed-batch loss (grad on, no backward)."""
+    plain, ours, swap = _models([1, 3])
+    with torch.no_grad():
+        assert ours(*_inputs()).item() == plain(*_inputs()).item()
+    assert _parked(swap)
+    ours(*_inputs())  # the fixed-batch loss: a graph that is never backpropagated
+    assert _parked(swap) and not swap.in_backward
+    assert _step(ours)[0] == _step(plain)[0]
+    assert _parked(swap)
+
+
+def test_a_parked_weight_fails_loudly_instead_of_computing():
+    _, ours, swap = _models([2])
+    swap.remove()  # the hooks gone: block 2 runs with whatever its tensors hold
+    swap._park(2)
+    with pytest.raises(RuntimeError):
+        ours(*_inputs())
+
+
+def test_remove_puts_the_weights_back_for_good():
+    plain, ours, swap = _models([1, 2])
+    swap.remove()
+    assert not _parked(swap)
+    assert _step(ours)[0] == _step(plain)[0]
+
+
+def test_how_many_blocks_swap():
+    # Qwen-Image-Edit's 20.4B transformer in fp8 (19.0 GiB) with a 5 GiB reserve on a 20 GiB budget:
+    # 4.0 GiB over at 0.32 GiB a block -> 13 blocks, plus the ones in flight
+    assert swapped_block_count(20.43e9, 60, 20, 5) == 13 + IN_FLIGHT_BLOCKS
+    assert swapped_block_count(11.9e9, 57, 20, 5) == 0, "FLUX.1-dev fits"
+    assert swapped_block_count(20.43e9, 60, 4, 5) == 59, "never the first block"
+    assert swapped_indices(60, 15) == list(range(1, 16))
+    assert swapped_indices(2, 15) == [1], "the tiny pack's two blocks"
+
+
+def test_the_trainer_config_swaps_only_an_fp8_base_that_does_not_fit():
+    from flen_resources.models.fp8_linear import fp8_matmuls
+    from flen_resources.trainers.config import LoraTrainConfig, TrainingError
+
+    if not fp8_matmuls(torch.device("cpu")):
+        pytest.skip("this torch has no CPU fp8 GEMM (torch._scaled_mm)")
+    qwen = "qwen-image-edit-2509"
+    assert LoraTrainConfig(device="cpu").resolved(qwen).swapped_blocks == 0
+    fp8 = LoraTrainConfig(device="cpu", quantization="fp8").resolved(qwen)
+    assert (fp8.swapped_blocks, fp8.kept_activations) == (15, 0)
+    assert LoraTrainConfig(device="cpu", quantization="fp8").resolved(qwen, memory_budget_gib=40).swapped_blocks == 0
+    assert LoraTrainConfig(device="cpu", quantization="fp8").resolved().swapped_blocks == 0, "FLUX fits"
+    assert LoraTrainConfig(device="cpu", quantization="fp8", swapped_blocks=4).resolved().swapped_blocks == 4
+    with pytest.raises(TrainingError, match="swapped_blocks 4 with quantization 'none': only an fp8 base"):
+        LoraTrainConfig(device="cpu", swapped_blocks=4).resolved()
+    with pytest.raises(TrainingError, match="swapped_blocks needs gradient_checkpointing"):
+        LoraTrainConfig(device="cpu", quantization="fp8", gradient_checkpointing=False).resolved(qwen)
+    with pytest.raises(TrainingError, match="swapped_blocks must be 'auto' or 0 or more"):
+        LoraTrainConfig(swapped_blocks=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_swapped_blocks_leave_the_card_and_the_step_still_matches():
+    cuda = torch.device("cuda")
+    plain, ours, swap = _models([1, 2, 3], cuda)
+
+    def on_card(model: nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t.is_cuda)
+
+    frozen = sum(h.numel() * h.element_size() for i in swap.indices for h in swap.host[i])
+    assert on_card(plain) - on_card(ours) == frozen
+    loss, grads = _step(plain, cuda)
+    loss_swapped, grads_swapped = _step(ours, cuda)
+    assert loss_swapped == pytest.approx(loss, rel=1e-6)
+    for a, b in zip(grads, grads_swapped, strict=True):
+        torch.testing.assert_close(a, b)
+    assert all(h.is_pinned() for i in swap.indices for h in swap.host[i])
+    assert _parked(swap) and swap.most_resident <= IN_FLIGHT_BLOCKS and swap.copies == 2 * 3
+    assert on_card(plain) - on_card(ours) == frozen
