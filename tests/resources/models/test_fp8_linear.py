@@ -179,6 +179,36 @@ def test_the_trainer_trains_a_tiny_lora_on_an_fp8_base(tmp_path):
     assert '"quantization": "fp8"' in result.metadata["flenwheel.config"]
 
 
+def test_a_flux_block_swapped_from_host_memory_trains_the_same_lora_and_renders_previews(tmp_path):
+    """FLUX's double and single blocks under block_swap.BlockSwap: the training steps, and the previews' no-grad
+    forwards through the pipeline."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from flen_resources.trainers.flux_lora import FluxLoraTrainer, TrainItem
+
+    items = []
+    for i in range(4):
+        path = tmp_path / f"img{i}.png"
+        Image.effect_noise((64, 64), 40 + 10 * i).convert("RGB").save(path)
+        items.append(TrainItem(path, f"photo of alice_flen, pose {i}"))
+    results, logs = {}, []
+    for swapped in (0, 1):
+        config = LoraTrainConfig(resolution=64, rank=8, alpha=8.0, quantization="fp8", optimizer="adamw",
+                                 lr_warmup_steps=0, max_steps=4, checkpoint_every=4, device="cpu",
+                                 swapped_blocks=swapped, kept_activations=0, sample_every=4 if swapped else 0,
+                                 sample_prompts=["photo of alice_flen"], sample_seeds=[1], sample_steps=2,
+                                 sample_size=64)
+        trainer = FluxLoraTrainer(model="tiny", work_dir=tmp_path / f"run{swapped}", log=logs.append)
+        results[swapped] = trainer.train(items, config, name="fp8")
+    assert "1 of 2 blocks swap from host memory" in "\n".join(logs)
+    assert [round(v, 5) for _, v in results[1].losses] == [round(v, 5) for _, v in results[0].losses]
+    expected, got = load_file(str(results[0].lora_path)), load_file(str(results[1].lora_path))
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
+    assert [p.name for p in results[1].samples] == ["step-000004-p0-s1.png"]
+
+
 def test_auto_picks_fp8_when_the_model_fits_the_budget_in_fp8_and_the_card_has_fp8_matmuls():
     cuda = torch.device("cuda")
     flux, qwen = MODELS["flux.1-dev"].transformer_params, MODELS["qwen-image-edit-2509"].transformer_params
