@@ -1,18 +1,21 @@
 """Block swapping: a transformer too big for the card trains with some blocks' frozen weights in host memory.
 
 A swapped block's frozen tensors (its fp8 weights, scales, biases and norms; not the LoRA, which trains on the
-card) live in pinned host memory and are copied onto the card for each use, on a side stream, one block ahead
-of the compute, as musubi-tuner's `blocks_to_swap` and kohya's trainers do:
+card) live in one pinned host buffer per block and are copied onto the card for each use, on a side stream,
+one block ahead of the compute, as musubi-tuner's `blocks_to_swap` and kohya's trainers do:
 
 - forward (and a no-grad forward: previews, the fixed-batch loss): before block i runs its weights must be on
-  the card, block i+1's start copying; after it runs, they are parked again;
+  the card and block i+1's start copying; after it runs, block i is parked;
 - backward: a swapped block is always checkpointed, so its forward is recomputed inside its backward. When the
   gradient reaches its outputs (`_Arrive`) its weights start copying, and the previous swapped block's too; when
-  the gradient has left its inputs (`_Leave`) they are parked.
+  the gradient has left its inputs (`_Leave`) it is parked.
 
-While parked, each frozen tensor is an empty tensor: a use out of turn fails loudly instead of computing on
-stale or host weights. The hooks run eagerly: a swapped block compiles its `forward`, not its whole call
-(`fp8_linear.compile_blocks`), so the compiled graph always sees its weights on the card.
+The card holds IN_FLIGHT_BLOCKS fixed slots, each the size of the largest swapped block; a copy into a slot
+waits (on the GPU, not the CPU) until the compute that used the slot's last block is done, so the card never
+holds more than those slots however far the CPU runs ahead. While parked, each frozen tensor is an empty tensor:
+a use out of turn fails loudly instead of computing on stale weights. The hooks run eagerly: a swapped block
+compiles its `forward`, not its whole call (`fp8_linear.compile_blocks`), so the compiled graph always sees its
+weights on the card.
 """
 
 from __future__ import annotations
@@ -24,20 +27,21 @@ from typing import Any
 import torch
 from torch import nn
 
-GIB = 2**30
-# Swapped blocks on the card at once: the one computing and the next one on its way in.
+from flen_resources.models.quantization import GIB, fp8_overshoot_gib
+
+# Swapped blocks on the card at once (its slots): the one computing and the next one on its way in.
 IN_FLIGHT_BLOCKS = 2
+_ALIGN = 256  # bytes: every tensor of a flat buffer starts on a boundary any dtype's view accepts
 
 
 def swapped_block_count(base_params: float, blocks: int, budget_gib: float, reserve_gib: float) -> int:
-    """How many of `blocks` equal blocks of a `base_params` fp8 transformer (1 byte each) must live in host memory
-    for the rest, the blocks in flight and `reserve_gib` to fit `budget_gib`; 0 when it all fits."""
-    weights_gib = base_params / GIB
-    over = weights_gib + reserve_gib - budget_gib
+    """How many of `blocks` equal blocks of a `base_params` fp8 transformer must live in host memory for the rest,
+    the IN_FLIGHT_BLOCKS slots and `reserve_gib` to fit `budget_gib`; 0 when it all fits."""
+    over = fp8_overshoot_gib(base_params, budget_gib, reserve_gib)
     if over <= 0:
         return 0
-    per_block = weights_gib / blocks
-    return min(blocks - 1, math.ceil(over / per_block) + IN_FLIGHT_BLOCKS)  # block 0 never swaps: see swap_blocks
+    per_block = base_params / GIB / blocks
+    return math.ceil(over / per_block) + IN_FLIGHT_BLOCKS
 
 
 def swapped_indices(blocks: int, count: int) -> list[int]:
@@ -46,30 +50,54 @@ def swapped_indices(blocks: int, count: int) -> list[int]:
     return list(range(1, 1 + min(count, blocks - 1)))
 
 
+def _layout(tensors: Sequence[torch.Tensor]) -> tuple[list[tuple[int, torch.dtype, torch.Size]], int]:
+    """(byte offset, dtype, shape) of each of `tensors` packed one after another at _ALIGN boundaries, and the
+    total size in bytes."""
+    specs, size = [], 0
+    for t in tensors:
+        specs.append((size, t.dtype, t.shape))
+        size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    return specs, size
+
+
+def _views(flat: torch.Tensor, specs: Sequence[tuple[int, torch.dtype, torch.Size]]) -> list[torch.Tensor]:
+    """Tensors of `specs`' dtypes and shapes, each a view of the byte buffer `flat` at its offset."""
+    return [flat[at:at + shape.numel() * dtype.itemsize].view(dtype).view(shape) for at, dtype, shape in specs]
+
+
 class BlockSwap:
     """Keeps `swapped` blocks' frozen tensors in host memory and brings each onto `device` for its turn."""
 
-    def __init__(self, blocks: Sequence[nn.Module], swapped: Sequence[int], device: torch.device):
+    def __init__(self, transformer: nn.Module, blocks: Sequence[nn.Module], swapped: Sequence[int],
+                 device: torch.device):
         self.device = device
         self.order = sorted(swapped)
         self.blocks = {i: blocks[i] for i in self.order}
-        cuda = device.type == "cuda"
+        self.cuda = device.type == "cuda"
         self.resident: set[int] = set()
-        # the frozen tensors of each swapped block, and their host copies (pinned: asynchronous copies)
-        self.frozen: dict[int, list[torch.Tensor]] = {}
-        self.host: dict[int, list[torch.Tensor]] = {}
+        self.slot_of: dict[int, int] = {}  # block -> the card slot it is in or on its way to
+        self.frozen: dict[int, list[torch.Tensor]] = {}  # each swapped block's frozen tensors (their .data moves)
+        self.specs: dict[int, list[tuple[int, torch.dtype, torch.Size]]] = {}
+        # One flat byte buffer per block, pinned on a CUDA machine (torch's pinned allocator rounds each up to a
+        # power of two: host memory is up to twice host_gib())
+        self.host: dict[int, torch.Tensor] = {}
         for i, block in self.blocks.items():
             tensors = [p for p in block.parameters() if not p.requires_grad] + list(block.buffers())
-            self.frozen[i] = tensors
-            self.host[i] = [t.detach().to("cpu").pin_memory() if cuda else t.detach().to("cpu").clone()
-                            for t in tensors]
+            self.specs[i], size = _layout(tensors)
+            flat = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
+            for view, t in zip(_views(flat, self.specs[i]), tensors, strict=True):
+                view.copy_(t.detach())
+            self.frozen[i], self.host[i] = tensors, flat
             self._park(i)
-        self.stream = torch.cuda.Stream(device) if cuda else None
-        self.pending: dict[int, tuple[list[torch.Tensor], Any]] = {}  # copies on their way, with their event
+        slot_size = max((flat.numel() for flat in self.host.values()), default=0)
+        self.slots = [torch.empty(slot_size, dtype=torch.uint8, device=device) for _ in range(IN_FLIGHT_BLOCKS)] \
+            if self.cuda else []
+        self.slot_free = [None] * len(self.slots)  # per slot: the compute event after which it may be overwritten
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.pending: dict[int, Any] = {}  # block -> its copy's event (None on the CPU: copied at once)
         self.in_backward: set[int] = set()  # blocks between _Arrive and _Leave: the recompute must not park them
-        self.copies = 0  # blocks brought onto the card (for tests and the log)
-        self.most_resident = 0  # the most swapped blocks on the card at once
-        self.handles = []
+        self.copies = 0  # blocks brought onto the card (tests and the log)
+        self.handles = [transformer.register_forward_pre_hook(self._start)]
         for i, block in self.blocks.items():
             self.handles.append(block.register_forward_pre_hook(self._before(i), with_kwargs=True))
             self.handles.append(block.register_forward_hook(self._after(i), with_kwargs=True))
@@ -81,49 +109,78 @@ class BlockSwap:
 
     def host_gib(self) -> float:
         """The swapped weights held in host memory."""
-        return sum(t.numel() * t.element_size() for ts in self.host.values() for t in ts) / GIB
+        return sum(flat.numel() for flat in self.host.values()) / GIB
+
+    def on_card(self) -> set[int]:
+        """The swapped blocks on the card or on their way there."""
+        return self.resident | set(self.pending)
 
     # -- moving one block -------------------------------------------------------------------------------------
     def _park(self, i: int) -> None:
         for t in self.frozen[i]:
             t.data = torch.empty(0, dtype=t.dtype, device=self.device)
         self.resident.discard(i)
+        slot = self.slot_of.pop(i, None)
+        if slot is not None:  # the next copy into this slot waits for the compute queued so far
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.slot_free[slot] = event
 
-    def _fetch(self, i: int) -> None:
-        """Start copying block i onto the card (no-op when it is there or on its way)."""
+    def _fetch(self, i: int) -> bool:
+        """Start copying block i onto the card; False when no slot is free (it is then fetched at its turn)."""
         if i not in self.blocks or i in self.resident or i in self.pending:
-            return
-        self.copies += 1
-        if self.stream is None:
-            self.pending[i] = ([h.clone() for h in self.host[i]], None)
-            return
+            return True
+        if not self.cuda:
+            self.pending[i] = None
+            self.copies += 1
+            return True
+        taken = set(self.slot_of.values())
+        slot = next((s for s in range(len(self.slots)) if s not in taken), None)
+        if slot is None:
+            return False
+        self.slot_of[i] = slot
         with torch.cuda.stream(self.stream):
-            copies = [h.to(self.device, non_blocking=True) for h in self.host[i]]
+            if self.slot_free[slot] is not None:
+                self.stream.wait_event(self.slot_free[slot])
+            size = self.host[i].numel()
+            self.slots[slot][:size].copy_(self.host[i], non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
-        self.pending[i] = (copies, event)
+        self.pending[i] = event
+        self.copies += 1
+        return True
 
     def _ensure(self, i: int) -> None:
-        """Block i's weights on the card for the compute stream (waits for its copy)."""
+        """Block i's weights on the card for the compute stream (the stream waits for its copy)."""
         if i in self.resident:
             return
-        self._fetch(i)
-        copies, event = self.pending.pop(i)
-        if event is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(event)
-            for c in copies:
-                c.record_stream(current)  # allocated on the side stream, used and freed on this one
-        for t, c in zip(self.frozen[i], copies, strict=True):
-            t.data = c
+        if not self._fetch(i):
+            raise RuntimeError(f"block swap: no free slot for block {i} (on the card: {sorted(self.on_card())})")
+        event = self.pending.pop(i)
+        if event is None:  # the CPU: a copy of the host bytes
+            views = _views(self.host[i].clone(), self.specs[i])
+        else:
+            torch.cuda.current_stream(self.device).wait_event(event)
+            views = _views(self.slots[self.slot_of[i]], self.specs[i])
+        for t, view in zip(self.frozen[i], views, strict=True):
+            t.data = view
         self.resident.add(i)
-        self.most_resident = max(self.most_resident, len(self.resident))
 
     def _next(self, i: int, step: int) -> int | None:
         at = self.order.index(i) + step
         return self.order[at] if 0 <= at < len(self.order) else None
 
     # -- the hooks ----------------------------------------------------------------------------------------------
+    def _start(self, module: nn.Module, args: tuple) -> None:
+        """A new forward of the transformer: park what an earlier step left (a block whose inputs carried no
+        gradient never sees _Leave; a backward may have been abandoned), and start the first swapped copy."""
+        for i in sorted(self.on_card() | self.in_backward):
+            self.pending.pop(i, None)
+            self._park(i)
+        self.in_backward.clear()
+        if self.order:
+            self._fetch(self.order[0])
+
     def _before(self, i: int):
         @torch.compiler.disable
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -145,7 +202,7 @@ class BlockSwap:
             self._park(i)
             if not torch.is_grad_enabled():
                 return output
-            return _mark_output(self, i, output)
+            return _mark(_Arrive, self, i, output)
 
         return hook
 
@@ -162,16 +219,6 @@ class BlockSwap:
         if i in self.in_backward:
             self.in_backward.discard(i)
             self._park(i)
-
-    def remove(self) -> None:
-        """Detach the hooks and put every swapped block's weights back on `device` (for saving or merging)."""
-        for handle in self.handles:
-            handle.remove()
-        for i in self.order:
-            self.pending.pop(i, None)
-            for t, h in zip(self.frozen[i], self.host[i], strict=True):
-                t.data = h.to(self.device)
-            self.resident.add(i)
 
 
 class _Leave(torch.autograd.Function):
@@ -202,32 +249,18 @@ class _Arrive(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def _grad_tensors(values: Sequence[Any]) -> list[int]:
-    return [k for k, v in enumerate(values) if isinstance(v, torch.Tensor) and v.requires_grad]
-
-
-def _mark(fn: type[torch.autograd.Function], swap: BlockSwap, i: int, args: tuple, kwargs: dict
-          ) -> tuple[tuple, dict]:
-    """args and kwargs with every tensor that carries a gradient passed through `fn` together (one node, so its
-    backward waits for all of their gradients)."""
-    keys = list(kwargs)
-    values = [*args, *kwargs.values()]
-    at = _grad_tensors(values)
-    if not at:
-        return args, kwargs
-    marked = fn.apply(swap, i, *(values[k] for k in at))
-    for k, v in zip(at, marked, strict=True):
-        values[k] = v
-    return tuple(values[:len(args)]), dict(zip(keys, values[len(args):], strict=True))
-
-
-def _mark_output(swap: BlockSwap, i: int, output: Any) -> Any:
-    """The block's output (a tensor or a tuple of them) passed through _Arrive."""
-    values = list(output) if isinstance(output, tuple) else [output]
-    at = _grad_tensors(values)
-    if not at:
-        return output
-    marked = _Arrive.apply(swap, i, *(values[k] for k in at))
-    for k, v in zip(at, marked, strict=True):
-        values[k] = v
-    return tuple(values) if isinstance(output, tuple) else values[0]
+def _mark(fn: type[torch.autograd.Function], swap: BlockSwap, i: int, args: Any, kwargs: dict | None = None
+          ) -> Any:
+    """A block's inputs (args, kwargs) or output (a tensor or a tuple) with every tensor that carries a gradient
+    passed through `fn` together: one node, whose backward waits for all of their gradients."""
+    single = kwargs is None and not isinstance(args, tuple)
+    positional = [args] if single else list(args)
+    keys = list(kwargs or {})
+    values = [*positional, *(kwargs or {}).values()]
+    at = [k for k, v in enumerate(values) if isinstance(v, torch.Tensor) and v.requires_grad]
+    if at:
+        for k, v in zip(at, fn.apply(swap, i, *(values[k] for k in at)), strict=True):
+            values[k] = v
+    if kwargs is None:
+        return values[0] if single else tuple(values)
+    return tuple(values[:len(positional)]), dict(zip(keys, values[len(positional):], strict=True))

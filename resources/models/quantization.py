@@ -49,10 +49,15 @@ def pick_quantization(setting: str, device: torch.device) -> Quantization:
     return setting  # type: ignore[return-value]
 
 
+def fp8_overshoot_gib(base_params: float, budget_gib: float, reserve_gib: float = FP8_TRAINING_RESERVE_GIB) -> float:
+    """How far a transformer of `base_params` parameters in fp8 (1 byte each) plus `reserve_gib` goes over
+    `budget_gib` (0 or less: it fits)."""
+    return base_params / GIB + reserve_gib - budget_gib
+
+
 def fp8_fits(base_params: float, budget_gib: float, reserve_gib: float = FP8_TRAINING_RESERVE_GIB) -> bool:
-    """Whether a transformer of `base_params` parameters runs in fp8 (1 byte each) plus `reserve_gib` within
-    `budget_gib`."""
-    return base_params / GIB + reserve_gib <= budget_gib
+    """Whether a transformer of `base_params` parameters runs in fp8 plus `reserve_gib` within `budget_gib`."""
+    return fp8_overshoot_gib(base_params, budget_gib, reserve_gib) <= 0
 
 
 def pick_quantization_with_fp8(setting: str, device: torch.device, base_params: float, budget_gib: float,

@@ -196,7 +196,7 @@ class LoraTrainer(Generic[Input]):
             count = len(blocks) if config.kept_activations == "all" else min(config.kept_activations, len(blocks))
             kept = [block for i, block in enumerate(blocks) if i >= len(blocks) - count and i not in swapped]
             transformer.enable_gradient_checkpointing(recompute_except(kept))
-        swap = BlockSwap(blocks, swapped, device) if swapped else None
+        swap = BlockSwap(transformer, blocks, swapped, device) if swapped else None
         if swap is not None:
             self.log(f"{len(swapped)} of {len(blocks)} blocks swap from host memory ({swap.host_gib():.1f} GiB)")
         if compiles_blocks(config.compile, device):

@@ -206,8 +206,12 @@ class LoraTrainConfig:
         if self.swapped_blocks not in ("auto", 0) and quantization != "fp8":
             raise TrainingError(f"swapped_blocks {self.swapped_blocks} with quantization {quantization!r}: only an "
                                 "fp8 base swaps blocks; set swapped_blocks to auto, or quantization to fp8")
+        blocks = MODELS[model_key].transformer_blocks
+        if self.swapped_blocks != "auto" and self.swapped_blocks >= blocks:
+            raise TrainingError(f"swapped_blocks {self.swapped_blocks}: {model_key} has {blocks} blocks and the first "
+                                f"never swaps; set swapped_blocks to at most {blocks - 1}, or auto")
         swapped = self.swapped_blocks if self.swapped_blocks != "auto" else 0 if quantization != "fp8" \
-            else swapped_block_count(params, MODELS[model_key].transformer_blocks, budget, FP8_TRAINING_RESERVE_GIB)
+            else min(blocks - 1, swapped_block_count(params, blocks, budget, FP8_TRAINING_RESERVE_GIB))
         if swapped and not self.gradient_checkpointing:
             raise TrainingError("swapped_blocks needs gradient_checkpointing (a swapped block is recomputed in "
                                 "backward): set gradient_checkpointing to true, or swapped_blocks to 0")

@@ -54,16 +54,24 @@ class _Transformer(nn.Module):
         return img.square().mean() + txt.square().mean()
 
 
-def _models(swapped: list[int], device: torch.device = CPU) -> tuple[_Transformer, _Transformer,
-                                                                                       BlockSwap]:
+def _models(swapped: list[int], device: torch.device = CPU) -> tuple[_Transformer, _Transformer, BlockSwap]:
     torch.manual_seed(0)
     plain = _Transformer().to(device)
     for block in plain.transformer_blocks:
         nn.init.normal_(block.delta, std=0.1)
     ours = copy.deepcopy(plain)
-    for i in swapped:
-        ours.transformer_blocks[i].to("cpu")
-    return plain, ours, BlockSwap(list(ours.transformer_blocks), swapped, device)
+    for i in swapped:  # placed as transformer_to_fp8 places them: the frozen weights on the host, the LoRA not
+        ours.transformer_blocks[i].to("cpu").delta.data = ours.transformer_blocks[i].delta.data.to(device)
+    return plain, ours, BlockSwap(ours, list(ours.transformer_blocks), swapped, device)
+
+
+def _watch(swap: BlockSwap) -> list[tuple[int, bool, set[int]]]:
+    """(block, in its backward, the swapped blocks on the card or on their way) as each swapped block starts."""
+    seen = []
+    for i, block in swap.blocks.items():
+        block.register_forward_pre_hook(lambda module, args, i=i: seen.append((i, i in swap.in_backward,
+                                                                                swap.on_card())))
+    return seen
 
 
 def _inputs(device: torch.device = CPU) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +82,7 @@ def _inputs(device: torch.device = CPU) -> tuple[torch.Tensor, torch.Tensor]:
 def _step(model: _Transformer, device: torch.device = CPU) -> tuple[float, list[torch.Tensor]]:
     loss = model(*_inputs(device))
     loss.backward()
-    return loss.item(), [block.delta.grad.clone() for block in model.transformer_blocks]
+    return loss.item(), [block.delta.grad.clone() for block in model.transformer_blocks if block.delta.requires_grad]
 
 
 def _parked(swap: BlockSwap) -> bool:
@@ -83,42 +91,80 @@ def _parked(swap: BlockSwap) -> bool:
 
 def test_a_training_step_with_swapped_blocks_gives_the_gradients_of_one_without():
     plain, ours, swap = _models([1, 2, 3])
+    seen = _watch(swap)
     assert _parked(swap), "a swapped block waits in host memory"
     loss, grads = _step(plain)
     loss_swapped, grads_swapped = _step(ours)
     assert loss_swapped == loss
     for a, b in zip(grads, grads_swapped, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert _parked(swap), "every block parked again after backward"
+    assert _parked(swap) and not swap.on_card(), "every block parked again after backward"
     assert swap.copies == 2 * 3, "each swapped block comes in once forward and once for its backward"
-    assert swap.most_resident <= IN_FLIGHT_BLOCKS and not swap.in_backward
+    # forward: the block computing and the next one on its way; backward (its recompute): the block and the one
+    # before it
+    assert seen == [(1, False, {1, 2}), (2, False, {2, 3}), (3, False, {3}),
+                    (3, True, {3, 2}), (2, True, {2, 1}), (1, True, {1})]
+    assert all(len(on_card) <= IN_FLIGHT_BLOCKS for _, _, on_card in seen)
 
 
 def test_forwards_without_backward_park_every_block_and_a_step_after_them_still_matches():
     """The previews (no grad, blocks called by keyword) and the fixed-batch loss (grad on, no backward)."""
     plain, ours, swap = _models([1, 3])
+    seen = _watch(swap)
     with torch.no_grad():
         assert ours(*_inputs()).item() == plain(*_inputs()).item()
-    assert _parked(swap)
+    assert _parked(swap) and seen == [(1, False, {1, 3}), (3, False, {3})]
     ours(*_inputs())  # the fixed-batch loss: a graph that is never backpropagated
     assert _parked(swap) and not swap.in_backward
     assert _step(ours)[0] == _step(plain)[0]
-    assert _parked(swap)
+    assert _parked(swap) and not swap.on_card()
+
+
+def test_a_block_whose_inputs_carry_no_gradient_is_parked_by_the_next_forward():
+    """Block 0 without a trainable weight: block 1's inputs need no gradient, so its _Leave never runs."""
+    plain, ours, swap = _models([1, 2])
+    for model in (plain, ours):
+        model.transformer_blocks[0].delta.requires_grad_(False)
+    _step(ours)
+    assert swap.in_backward == {1}, "stranded after backward"
+    with torch.no_grad():
+        ours(*_inputs())
+    assert _parked(swap) and not swap.in_backward and not swap.on_card()
+    for model in (plain, ours):
+        for block in model.transformer_blocks:
+            block.delta.grad = None
+    for a, b in zip(_step(ours)[1], _step(plain)[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_a_parked_weight_fails_loudly_instead_of_computing():
     _, ours, swap = _models([2])
-    swap.remove()  # the hooks gone: block 2 runs with whatever its tensors hold
-    swap._park(2)
-    with pytest.raises(RuntimeError):
-        ours(*_inputs())
+    img, txt = _inputs()
+    with pytest.raises(RuntimeError):  # forward() itself, past the hooks that would bring the weights in
+        ours.transformer_blocks[2].forward(img, txt, torch.ones(32))
 
 
-def test_remove_puts_the_weights_back_for_good():
-    plain, ours, swap = _models([1, 2])
-    swap.remove()
-    assert not _parked(swap)
-    assert _step(ours)[0] == _step(plain)[0]
+def test_compiled_swapped_blocks_run_their_hooks_eagerly_and_share_one_graph(monkeypatch):
+    """fp8_linear.compile_blocks: a swapped block compiles its forward (here with the aot_eager backend, no C
+    compiler needed); the .data swaps between calls cause no recompilation per block."""
+    from torch._dynamo.utils import counters
+
+    import flen_resources.models.fp8_linear as fp8_linear
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    plain, ours, swap = _models([1, 2, 3])
+    fp8_linear.compile_blocks(ours, eager_hooks=[ours.transformer_blocks[i] for i in swap.indices])
+    loss, grads = _step(plain)
+    loss_swapped, grads_swapped = _step(ours)
+    assert loss_swapped == pytest.approx(loss, rel=1e-6)
+    for a, b in zip(grads, grads_swapped, strict=True):
+        torch.testing.assert_close(a, b)
+    assert _parked(swap) and swap.copies == 6
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # forward, and _call_impl: not per block
+    torch._dynamo.reset()
 
 
 def test_how_many_blocks_swap():
@@ -126,7 +172,6 @@ def test_how_many_blocks_swap():
     # 4.0 GiB over at 0.32 GiB a block -> 13 blocks, plus the ones in flight
     assert swapped_block_count(20.43e9, 60, 20, 5) == 13 + IN_FLIGHT_BLOCKS
     assert swapped_block_count(11.9e9, 57, 20, 5) == 0, "FLUX.1-dev fits"
-    assert swapped_block_count(20.43e9, 60, 4, 5) == 59, "never the first block"
     assert swapped_indices(60, 15) == list(range(1, 16))
     assert swapped_indices(2, 15) == [1], "the tiny pack's two blocks"
 
@@ -144,6 +189,10 @@ def test_the_trainer_config_swaps_only_an_fp8_base_that_does_not_fit():
     assert LoraTrainConfig(device="cpu", quantization="fp8").resolved(qwen, memory_budget_gib=40).swapped_blocks == 0
     assert LoraTrainConfig(device="cpu", quantization="fp8").resolved().swapped_blocks == 0, "FLUX fits"
     assert LoraTrainConfig(device="cpu", quantization="fp8", swapped_blocks=4).resolved().swapped_blocks == 4
+    tight = LoraTrainConfig(device="cpu", quantization="fp8").resolved(qwen, memory_budget_gib=4)
+    assert tight.swapped_blocks == 59, "all but the first"
+    with pytest.raises(TrainingError, match="swapped_blocks 60: qwen-image-edit-2509 has 60 blocks .* at most 59"):
+        LoraTrainConfig(device="cpu", quantization="fp8", swapped_blocks=60).resolved(qwen)
     with pytest.raises(TrainingError, match="swapped_blocks 4 with quantization 'none': only an fp8 base"):
         LoraTrainConfig(device="cpu", swapped_blocks=4).resolved()
     with pytest.raises(TrainingError, match="swapped_blocks needs gradient_checkpointing"):
@@ -161,13 +210,18 @@ def test_on_a_gpu_swapped_blocks_leave_the_card_and_the_step_still_matches():
     def on_card(model: nn.Module) -> int:
         return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t.is_cuda)
 
-    frozen = sum(h.numel() * h.element_size() for i in swap.indices for h in swap.host[i])
+    frozen = sum(t.numel() * t.element_size() for i in swap.indices
+                 for t in [*plain.transformer_blocks[i].parameters(), *plain.transformer_blocks[i].buffers()]
+                 if not t.requires_grad)
     assert on_card(plain) - on_card(ours) == frozen
-    loss, grads = _step(plain, cuda)
-    loss_swapped, grads_swapped = _step(ours, cuda)
-    assert loss_swapped == pytest.approx(loss, rel=1e-6)
-    for a, b in zip(grads, grads_swapped, strict=True):
-        torch.testing.assert_close(a, b)
-    assert all(h.is_pinned() for i in swap.indices for h in swap.host[i])
-    assert _parked(swap) and swap.most_resident <= IN_FLIGHT_BLOCKS and swap.copies == 2 * 3
+    assert len(swap.slots) == IN_FLIGHT_BLOCKS and all(swap.host[i].is_pinned() for i in swap.indices)
+    seen = _watch(swap)
+    for _ in range(2):  # the second step reuses the slots the first one freed
+        loss, grads = _step(plain, cuda)
+        loss_swapped, grads_swapped = _step(ours, cuda)
+        assert loss_swapped == pytest.approx(loss, rel=1e-6)
+        for a, b in zip(grads, grads_swapped, strict=True):
+            torch.testing.assert_close(a, b)
+    assert _parked(swap) and not swap.on_card() and swap.copies == 2 * 2 * 3
+    assert all(len(on_card) <= IN_FLIGHT_BLOCKS for _, _, on_card in seen)
     assert on_card(plain) - on_card(ours) == frozen
