@@ -47,6 +47,7 @@ step train_qwen 450 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehear
 step train_qwen_swap 450 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag fp8-swap \
   --variants naive,ours-compile-fp8-swap28,ours-compile-fp8-swap32,ours-compile-fp8,ours-compile,naive
 step adapter 220 $B/iteration_gpu.py --only qwen_adapter --out $R
+step adapter_fp8 300 $B/iteration_gpu.py --only qwen_adapter --adapter-quantization fp8 --out $R
 step build_flux 100 bash -c "rm -rf /tmp/flen-rehearsal/qwen && $B/rehearsal_gpu.py --phase build_flux $COMMON"
 step train_flux 240 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag fp8mm \
   --variants naive,ours-compile,ours-compile-fp8mm

@@ -42,6 +42,8 @@ bandwidth; the card's 24 GB must hold each asset's peak.
     rm -rf /tmp/flen-rehearsal/qwen
     python benchmarks/iteration_gpu.py --only flux_lora,lora_eval,synthetic_batch   # adds to the same JSON
     python benchmarks/iteration_gpu.py --only flux_lora --caches warm     # a later iteration: warm compile caches
+    python benchmarks/iteration_gpu.py --only qwen_adapter --adapter-quantization fp8   # the adapter on an fp8 base
+                                                                                       # with swapped blocks
     python benchmarks/iteration_gpu.py --scale tiny --device cpu --res 64 --workdir /tmp/it-tiny \\
         --out /tmp/it-out                                                 # smoke test on a CPU
 """
@@ -274,18 +276,22 @@ def main(argv: list[str] | None = None) -> int:
                          "iteration) or warm (filled by an untimed slice first, a later iteration)")
     ap.add_argument("--only", default="", help="measure only these assets (comma-separated), building only their "
                                                "models; the other assets' rows of an earlier run stay in the JSON")
+    ap.add_argument("--adapter-quantization", choices=["auto", "fp8"], default="auto",
+                    help="qwen_adapter's base: auto (nf4 on Qwen's 20B) or fp8 with blocks swapped from host memory "
+                         "(models/block_swap.py); fp8 writes iteration_gpu-adapter-fp8-<gpu>.json")
     args = ap.parse_args(argv)
     import torch
     from rehearsal_gpu import result_name, write_json
 
     common = ["--scale", args.scale, "--device", args.device, "--res", str(args.res), "--workdir", str(args.workdir),
-              "--eval-steps", "28" if args.scale == "full" else "2"]
+              "--eval-steps", "28" if args.scale == "full" else "2", "--adapter-quantization", args.adapter_quantization]
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     report = {"benchmark": "iteration_gpu", "command": " ".join([sys.executable, *sys.argv]), "gpu": gpu,
               "scale": args.scale, "res": args.res, "compile_caches": args.caches, "method": __doc__.split("\n\n")[1],
               "builds": [], "assets": []}
     slices = [s for s in production_slices(args.scale) if not args.only or s.asset in args.only.split(",")]
-    benchmark = "iteration_gpu" if args.caches == "cold" else "iteration_gpu-warm"
+    benchmark = "iteration_gpu" + ("" if args.caches == "cold" else "-warm") \
+        + ("" if args.adapter_quantization == "auto" else f"-adapter-{args.adapter_quantization}")
     earlier = args.out / result_name(benchmark, args.scale, gpu)
     if args.only and earlier.is_file():  # the rows this run does not measure, from the run before it
         measured_now = {s.asset for s in slices}

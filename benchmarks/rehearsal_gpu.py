@@ -265,12 +265,12 @@ def enriched_images(args: argparse.Namespace) -> dict:
             "loras": sorted(request.params.get("loras", {}))}
 
 
-def train_config(args: argparse.Namespace, steps: int):
+def train_config(args: argparse.Namespace, steps: int, quantization: str = "auto"):
     from flen_resources.trainers.config import LoraTrainConfig
 
     cuda = args.device == "cuda"
     return LoraTrainConfig(max_steps=steps, rank=16, alpha=16.0, resolution=args.res,
-                           quantization="auto" if cuda else "none",
+                           quantization=quantization if cuda else "none",
                            compile=cuda, checkpoint_every=steps,  # optimizer and kept activations: auto
                            lr_warmup_steps=min(50, steps // 10), sample_every=0, device=args.device)
 
@@ -284,7 +284,8 @@ def qwen_adapter(args: argparse.Namespace) -> dict:
     ticks = Ticks()
     trainer = QwenEditLoraTrainer(model=str(args.workdir / "qwen"), work_dir=args.workdir / "runs" / "qwen_adapter",
                                   log=ticks.trainer_log)
-    result = trainer.train(triplets, train_config(args, args.adapter_steps), name="astronaut_v1_adapter")
+    result = trainer.train(triplets, train_config(args, args.adapter_steps, args.adapter_quantization),
+                           name="astronaut_v1_adapter")
     return trained(result, len(triplets), ticks)
 
 
@@ -292,7 +293,7 @@ def trained(result, examples: int, ticks: Ticks) -> dict:
     losses = [v for _, v in result.losses]
     config = json.loads(result.metadata.get("flenwheel.config", "{}"))
     return {"examples": examples, "steps": result.steps, "train_s": round(result.seconds, 1), "unit_s": ticks.unit_s(),
-            "quantization": config.get("quantization"),
+            "quantization": config.get("quantization"), "swapped_blocks": config.get("swapped_blocks"),
             "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)] if losses else None,
             "trainer_peak_gib": result.peak_gib, "lora": str(result.lora_path)}
 
@@ -421,6 +422,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-steps", type=int, default=28, help="sampling steps of eval and synthetic images")
     ap.add_argument("--images", type=int, default=4, help="images of lora_eval and of synthetic_batch, each (a multiple "
                     "of their 2 prompts)")
+    ap.add_argument("--adapter-quantization", choices=["auto", "fp8"], default="auto",
+                    help="the Qwen adapter's base: auto (nf4 for Qwen's 20B on a 20 GiB budget) or fp8, its blocks "
+                         "beyond the budget swapped from host memory (LoraTrainConfig.swapped_blocks: auto)")
     ap.add_argument("--chains", default="qwen,flux")
     ap.add_argument("--only", default="", help="run only these phases of the chains (comma-separated)")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # internal: one phase, print JSON
