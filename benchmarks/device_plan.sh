@@ -41,11 +41,11 @@ step pytest_gpu 170 $PT /tmp/gputests/test_fp8_linear.py /tmp/gputests/test_flux
   /tmp/gputests/test_block_swap.py
 # 64 GiB of disk: one chain's models at a time
 step build_qwen 150 bash -c "rm -rf /tmp/flen-rehearsal/flux && $B/rehearsal_gpu.py --phase build_qwen $COMMON"
+step train_qwen_swap 450 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag fp8-swap \
+  --variants naive,ours-compile-fp8-swap28,ours-compile-fp8-swap32,ours-compile-fp8,ours-compile,naive
 # the memory the adapter may use is the naive loop's (15.27 GiB; ours 14.05)
 step train_qwen 450 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag adamw-keep \
   --variants naive,ours-compile,ours-compile-torchadamw,ours-compile-torchadamw-keep4,ours-compile-torchadamw-keep8,naive
-step train_qwen_swap 450 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag fp8-swap \
-  --variants naive,ours-compile-fp8-swap28,ours-compile-fp8-swap32,ours-compile-fp8,ours-compile,naive
 step adapter 220 $B/iteration_gpu.py --only qwen_adapter --out $R
 step adapter_fp8 300 $B/iteration_gpu.py --only qwen_adapter --adapter-quantization fp8 --out $R
 step build_flux 100 bash -c "rm -rf /tmp/flen-rehearsal/qwen && $B/rehearsal_gpu.py --phase build_flux $COMMON"
