@@ -210,7 +210,8 @@ class LoraTrainConfig:
         if self.swapped_blocks != "auto" and self.swapped_blocks >= blocks:
             raise TrainingError(f"swapped_blocks {self.swapped_blocks}: {model_key} has {blocks} blocks and the first "
                                 f"never swaps; set swapped_blocks to at most {blocks - 1}, or auto")
-        swapped = self.swapped_blocks if self.swapped_blocks != "auto" else 0 if quantization != "fp8" \
+        # the budget is the card's: the CPU has none to fit (an explicit count still swaps there, for tests)
+        swapped = self.swapped_blocks if self.swapped_blocks != "auto" else 0 if quantization != "fp8" or not cuda \
             else min(blocks - 1, swapped_block_count(params, blocks, budget, FP8_TRAINING_RESERVE_GIB))
         if swapped and not self.gradient_checkpointing:
             raise TrainingError("swapped_blocks needs gradient_checkpointing (a swapped block is recomputed in "

@@ -176,27 +176,33 @@ def test_how_many_blocks_swap():
     assert swapped_indices(2, 15) == [1], "the tiny pack's two blocks"
 
 
-def test_the_trainer_config_swaps_only_an_fp8_base_that_does_not_fit():
-    from flen_resources.models.fp8_linear import fp8_matmuls
+def test_the_trainer_config_swaps_only_an_fp8_base_that_does_not_fit_the_card(monkeypatch):
+    """resolved() as on an H200 (a CUDA device with fp8 matmuls), checked on the CPU."""
+    import flen_resources.models.fp8_linear as fp8_linear
+    import flen_resources.models.pipelines as pipelines
     from flen_resources.trainers.config import LoraTrainConfig, TrainingError
 
-    if not fp8_matmuls(torch.device("cpu")):
-        pytest.skip("this torch has no CPU fp8 GEMM (torch._scaled_mm)")
     qwen = "qwen-image-edit-2509"
-    assert LoraTrainConfig(device="cpu").resolved(qwen).swapped_blocks == 0
-    fp8 = LoraTrainConfig(device="cpu", quantization="fp8").resolved(qwen)
-    assert (fp8.swapped_blocks, fp8.kept_activations) == (15, 0)
-    assert LoraTrainConfig(device="cpu", quantization="fp8").resolved(qwen, memory_budget_gib=40).swapped_blocks == 0
-    assert LoraTrainConfig(device="cpu", quantization="fp8").resolved().swapped_blocks == 0, "FLUX fits"
-    assert LoraTrainConfig(device="cpu", quantization="fp8", swapped_blocks=4).resolved().swapped_blocks == 4
-    tight = LoraTrainConfig(device="cpu", quantization="fp8").resolved(qwen, memory_budget_gib=4)
-    assert tight.swapped_blocks == 59, "all but the first"
+    assert LoraTrainConfig(device="cpu", quantization="none").resolved(qwen).swapped_blocks == 0
+    if fp8_linear.fp8_matmuls(CPU):
+        assert LoraTrainConfig(device="cpu", quantization="fp8").resolved(qwen).swapped_blocks == 0, "no card"
+    monkeypatch.setattr(pipelines, "pick_device", lambda _: torch.device("cuda"))
+    monkeypatch.setattr(fp8_linear, "fp8_matmuls", lambda _: True)
+    monkeypatch.setattr(fp8_linear, "_compiler_works", {"cuda": True})
+    assert LoraTrainConfig().resolved(qwen).quantization == "nf4", "auto keeps nf4 for Qwen until a card shows fp8 faster"
+    assert LoraTrainConfig().resolved(qwen).swapped_blocks == 0
+    fp8 = LoraTrainConfig(quantization="fp8").resolved(qwen)
+    assert (fp8.swapped_blocks, fp8.kept_activations, fp8.optimizer) == (15, 0, "adamw")
+    assert LoraTrainConfig(quantization="fp8").resolved(qwen, memory_budget_gib=40).swapped_blocks == 0
+    assert LoraTrainConfig(quantization="fp8").resolved(qwen, memory_budget_gib=4).swapped_blocks == 59, "all but one"
+    assert LoraTrainConfig().resolved().swapped_blocks == 0, "FLUX.1-dev fits in fp8"
+    assert LoraTrainConfig(quantization="fp8", swapped_blocks=4).resolved().swapped_blocks == 4
+    with pytest.raises(TrainingError, match="swapped_blocks 4 with quantization 'nf4': only an fp8 base"):
+        LoraTrainConfig(quantization="nf4", swapped_blocks=4).resolved()
     with pytest.raises(TrainingError, match="swapped_blocks 60: qwen-image-edit-2509 has 60 blocks .* at most 59"):
-        LoraTrainConfig(device="cpu", quantization="fp8", swapped_blocks=60).resolved(qwen)
-    with pytest.raises(TrainingError, match="swapped_blocks 4 with quantization 'none': only an fp8 base"):
-        LoraTrainConfig(device="cpu", swapped_blocks=4).resolved()
+        LoraTrainConfig(quantization="fp8", swapped_blocks=60).resolved(qwen)
     with pytest.raises(TrainingError, match="swapped_blocks needs gradient_checkpointing"):
-        LoraTrainConfig(device="cpu", quantization="fp8", gradient_checkpointing=False).resolved(qwen)
+        LoraTrainConfig(quantization="fp8", gradient_checkpointing=False).resolved(qwen)
     with pytest.raises(TrainingError, match="swapped_blocks must be 'auto' or 0 or more"):
         LoraTrainConfig(swapped_blocks=-1)
 
