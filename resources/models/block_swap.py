@@ -7,8 +7,8 @@ one block ahead of the compute, as musubi-tuner's `blocks_to_swap` and kohya's t
 - forward (and a no-grad forward: previews, the fixed-batch loss): before block i runs its weights must be on
   the card and block i+1's start copying; after it runs, block i is parked;
 - backward: a swapped block is always checkpointed, so its forward is recomputed inside its backward. When the
-  gradient reaches its outputs (`_Arrive`) its weights start copying, and the previous swapped block's too; when
-  the gradient has left its inputs (`_Leave`) it is parked.
+  gradient reaches its outputs (an `_OnBackward` node on them) its weights start copying, and the previous
+  swapped block's too; when the gradient has left its inputs (one on them) it is parked.
 
 The card holds IN_FLIGHT_BLOCKS fixed slots, each the size of the largest swapped block; a copy into a slot
 waits (on the GPU, not the CPU) until the compute that used the slot's last block is done, so the card never
@@ -21,7 +21,8 @@ weights on the card.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -95,7 +96,7 @@ class BlockSwap:
         self.slot_free = [None] * len(self.slots)  # per slot: the compute event after which it may be overwritten
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.pending: dict[int, Any] = {}  # block -> its copy's event (None on the CPU: copied at once)
-        self.in_backward: set[int] = set()  # blocks between _Arrive and _Leave: the recompute must not park them
+        self.in_backward: set[int] = set()  # blocks between arrive and leave: the recompute must not park them
         self.copies = 0  # blocks brought onto the card (tests and the log)
         self.handles = [transformer.register_forward_pre_hook(self._start)]
         for i, block in self.blocks.items():
@@ -173,7 +174,7 @@ class BlockSwap:
     # -- the hooks ----------------------------------------------------------------------------------------------
     def _start(self, module: nn.Module, args: tuple) -> None:
         """A new forward of the transformer: park what an earlier step left (a block whose inputs carried no
-        gradient never sees _Leave; a backward may have been abandoned), and start the first swapped copy."""
+        gradient never sees leave; a backward may have been abandoned), and start the first swapped copy."""
         for i in sorted(self.on_card() | self.in_backward):
             self.pending.pop(i, None)
             self._park(i)
@@ -190,7 +191,7 @@ class BlockSwap:
                 self._fetch(ahead)
             if not torch.is_grad_enabled():
                 return args, kwargs
-            return _mark(_Leave, self, i, args, kwargs)
+            return _mark(partial(self.leave, i), args, kwargs)
 
         return hook
 
@@ -202,7 +203,7 @@ class BlockSwap:
             self._park(i)
             if not torch.is_grad_enabled():
                 return output
-            return _mark(_Arrive, self, i, output)
+            return _mark(partial(self.arrive, i), output)
 
         return hook
 
@@ -221,45 +222,31 @@ class BlockSwap:
             self._park(i)
 
 
-class _Leave(torch.autograd.Function):
-    """Identity on a block's inputs; its backward runs when the block's backward is done."""
+class _OnBackward(torch.autograd.Function):
+    """Identity on tensors; `then()` runs in backward once the gradients of all of them have arrived: on a
+    block's inputs, when its backward is done (BlockSwap.leave); on its outputs, before it starts (arrive)."""
 
     @staticmethod
-    def forward(ctx, swap: BlockSwap, i: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.swap, ctx.i = swap, i
+    def forward(ctx, then: Callable[[], None], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.then = then
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple[Any, ...]:
-        ctx.swap.leave(ctx.i)
-        return (None, None, *grads)
+        ctx.then()
+        return (None, *grads)
 
 
-class _Arrive(torch.autograd.Function):
-    """Identity on a block's outputs; its backward runs before the block's backward."""
-
-    @staticmethod
-    def forward(ctx, swap: BlockSwap, i: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.swap, ctx.i = swap, i
-        return tuple(t.view_as(t) for t in tensors)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor) -> tuple[Any, ...]:
-        ctx.swap.arrive(ctx.i)
-        return (None, None, *grads)
-
-
-def _mark(fn: type[torch.autograd.Function], swap: BlockSwap, i: int, args: Any, kwargs: dict | None = None
-          ) -> Any:
+def _mark(then: Callable[[], None], args: Any, kwargs: dict | None = None) -> Any:
     """A block's inputs (args, kwargs) or output (a tensor or a tuple) with every tensor that carries a gradient
-    passed through `fn` together: one node, whose backward waits for all of their gradients."""
+    passed through one _OnBackward node together, so `then` waits for all of their gradients."""
     single = kwargs is None and not isinstance(args, tuple)
     positional = [args] if single else list(args)
     keys = list(kwargs or {})
     values = [*positional, *(kwargs or {}).values()]
     at = [k for k, v in enumerate(values) if isinstance(v, torch.Tensor) and v.requires_grad]
     if at:
-        for k, v in zip(at, fn.apply(swap, i, *(values[k] for k in at)), strict=True):
+        for k, v in zip(at, _OnBackward.apply(then, *(values[k] for k in at)), strict=True):
             values[k] = v
     if kwargs is None:
         return values[0] if single else tuple(values)
