@@ -12,10 +12,12 @@ one block ahead of the compute, as musubi-tuner's `blocks_to_swap` and kohya's t
 
 The card holds IN_FLIGHT_BLOCKS fixed slots, each the size of the largest swapped block; a copy into a slot
 waits (on the GPU, not the CPU) until the compute that used the slot's last block is done, so the card never
-holds more than those slots however far the CPU runs ahead. While parked, each frozen tensor is an empty tensor:
-a use out of turn fails loudly instead of computing on stale weights. The hooks run eagerly: a swapped block
+holds more than those slots however far the CPU runs ahead. While parked, each frozen tensor is an empty tensor,
+so a use of the parameter out of turn fails loudly; a view taken while the block was on the card (what autograd
+saves) would read the slot's next block instead, so correctness rests on the order: a block is parked only
+after its forward, or after every node of its backward has run (the node on its inputs is its first, run last). The hooks run eagerly: a swapped block
 compiles its `forward`, not its whole call (`fp8_linear.compile_blocks`), so the compiled graph always sees its
-weights on the card.
+weights on the card. Not with CUDA graphs or inductor's freezing: both take parameters for fixed addresses.
 """
 
 from __future__ import annotations
@@ -79,8 +81,7 @@ class BlockSwap:
         self.slot_of: dict[int, int] = {}  # block -> the card slot it is in or on its way to
         self.frozen: dict[int, list[torch.Tensor]] = {}  # each swapped block's frozen tensors (their .data moves)
         self.specs: dict[int, list[tuple[int, torch.dtype, torch.Size]]] = {}
-        # One flat byte buffer per block, pinned on a CUDA machine (torch's pinned allocator rounds each up to a
-        # power of two: host memory is up to twice host_gib())
+        # one flat byte buffer per block, pinned on a CUDA machine
         self.host: dict[int, torch.Tensor] = {}
         for i, block in self.blocks.items():
             tensors = [p for p in block.parameters() if not p.requires_grad] + list(block.buffers())
@@ -91,11 +92,11 @@ class BlockSwap:
             self.frozen[i], self.host[i] = tensors, flat
             self._park(i)
         slot_size = max((flat.numel() for flat in self.host.values()), default=0)
-        self.slots = [torch.empty(slot_size, dtype=torch.uint8, device=device) for _ in range(IN_FLIGHT_BLOCKS)] \
-            if self.cuda else []
+        # on the CPU too (copied at once there): the tests see the slots' schedule
+        self.slots = [torch.empty(slot_size, dtype=torch.uint8, device=device) for _ in range(IN_FLIGHT_BLOCKS)]
         self.slot_free = [None] * len(self.slots)  # per slot: the compute event after which it may be overwritten
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.pending: dict[int, Any] = {}  # block -> its copy's event (None on the CPU: copied at once)
+        self.pending: dict[int, Any] = {}  # block -> its copy's event (None on the CPU)
         self.in_backward: set[int] = set()  # blocks between arrive and leave: the recompute must not park them
         self.copies = 0  # blocks brought onto the card (tests and the log)
         self.handles = [transformer.register_forward_pre_hook(self._start)]
@@ -109,8 +110,10 @@ class BlockSwap:
         return list(self.order)
 
     def host_gib(self) -> float:
-        """The swapped weights held in host memory."""
-        return sum(flat.numel() for flat in self.host.values()) / GIB
+        """The host memory the swapped weights take (pinned buffers as torch allocates them)."""
+        # torch's pinned allocator rounds each buffer up to a power of two
+        return sum(2 ** math.ceil(math.log2(max(flat.numel(), 1))) if self.cuda else flat.numel()
+                   for flat in self.host.values()) / GIB
 
     def on_card(self) -> set[int]:
         """The swapped blocks on the card or on their way there."""
@@ -122,7 +125,7 @@ class BlockSwap:
             t.data = torch.empty(0, dtype=t.dtype, device=self.device)
         self.resident.discard(i)
         slot = self.slot_of.pop(i, None)
-        if slot is not None:  # the next copy into this slot waits for the compute queued so far
+        if slot is not None and self.cuda:  # the next copy into this slot waits for the compute queued so far
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
             self.slot_free[slot] = event
@@ -131,15 +134,16 @@ class BlockSwap:
         """Start copying block i onto the card; False when no slot is free (it is then fetched at its turn)."""
         if i not in self.blocks or i in self.resident or i in self.pending:
             return True
-        if not self.cuda:
-            self.pending[i] = None
-            self.copies += 1
-            return True
         taken = set(self.slot_of.values())
         slot = next((s for s in range(len(self.slots)) if s not in taken), None)
         if slot is None:
             return False
         self.slot_of[i] = slot
+        self.copies += 1
+        if not self.cuda:
+            self.slots[slot][:self.host[i].numel()].copy_(self.host[i])
+            self.pending[i] = None
+            return True
         with torch.cuda.stream(self.stream):
             if self.slot_free[slot] is not None:
                 self.stream.wait_event(self.slot_free[slot])
@@ -148,7 +152,6 @@ class BlockSwap:
             event = torch.cuda.Event()
             event.record(self.stream)
         self.pending[i] = event
-        self.copies += 1
         return True
 
     def _ensure(self, i: int) -> None:
@@ -158,12 +161,9 @@ class BlockSwap:
         if not self._fetch(i):
             raise RuntimeError(f"block swap: no free slot for block {i} (on the card: {sorted(self.on_card())})")
         event = self.pending.pop(i)
-        if event is None:  # the CPU: a copy of the host bytes
-            views = _views(self.host[i].clone(), self.specs[i])
-        else:
+        if event is not None:  # None: the CPU, copied at once
             torch.cuda.current_stream(self.device).wait_event(event)
-            views = _views(self.slots[self.slot_of[i]], self.specs[i])
-        for t, view in zip(self.frozen[i], views, strict=True):
+        for t, view in zip(self.frozen[i], _views(self.slots[self.slot_of[i]], self.specs[i]), strict=True):
             t.data = view
         self.resident.add(i)
 
@@ -229,10 +229,11 @@ class _OnBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, then: Callable[[], None], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.then = then
+        ctx.set_materialize_grads(False)  # an output nothing used gets None, not zeros to backpropagate
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx, *grads: torch.Tensor | None) -> tuple[Any, ...]:
         ctx.then()
         return (None, *grads)
 
@@ -240,6 +241,8 @@ class _OnBackward(torch.autograd.Function):
 def _mark(then: Callable[[], None], args: Any, kwargs: dict | None = None) -> Any:
     """A block's inputs (args, kwargs) or output (a tensor or a tuple) with every tensor that carries a gradient
     passed through one _OnBackward node together, so `then` waits for all of their gradients."""
+    if type(args) is not tuple and not isinstance(args, torch.Tensor):  # a list or a namedtuple: not rebuilt as such
+        raise TypeError(f"block swap marks a tensor or a plain tuple of them, not {type(args).__name__}")
     single = kwargs is None and not isinstance(args, tuple)
     positional = [args] if single else list(args)
     keys = list(kwargs or {})

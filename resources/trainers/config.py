@@ -212,7 +212,11 @@ class LoraTrainConfig:
                                 f"never swaps; set swapped_blocks to at most {blocks - 1}, or auto")
         # the budget is the card's: the CPU has none to fit (an explicit count still swaps there, for tests)
         swapped = self.swapped_blocks if self.swapped_blocks != "auto" else 0 if quantization != "fp8" or not cuda \
-            else min(blocks - 1, swapped_block_count(params, blocks, budget, FP8_TRAINING_RESERVE_GIB))
+            else swapped_block_count(params, blocks, budget, FP8_TRAINING_RESERVE_GIB)
+        if swapped >= blocks:
+            raise TrainingError(f"quantization fp8: {model_key} does not fit a {budget:g} GiB budget even with all but "
+                                "its first block swapped from host memory; raise the memory budget, or set "
+                                "quantization to auto (nf4)")
         if swapped and not self.gradient_checkpointing:
             raise TrainingError("swapped_blocks needs gradient_checkpointing (a swapped block is recomputed in "
                                 "backward): set gradient_checkpointing to true, or swapped_blocks to 0")

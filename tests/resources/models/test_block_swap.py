@@ -89,12 +89,16 @@ def _parked(swap: BlockSwap) -> bool:
     return all(t.numel() == 0 for i in swap.indices for t in swap.frozen[i])
 
 
-def test_a_training_step_with_swapped_blocks_gives_the_gradients_of_one_without():
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_a_training_step_with_swapped_blocks_gives_the_gradients_of_one_without(early_stop: bool):
+    """With checkpoint's early stop (torch's default) the recompute ends at the last saved tensor; without it the
+    whole forward runs again, its post-hook included, which must not park the block its backward still needs."""
     plain, ours, swap = _models([1, 2, 3])
     seen = _watch(swap)
     assert _parked(swap), "a swapped block waits in host memory"
     loss, grads = _step(plain)
-    loss_swapped, grads_swapped = _step(ours)
+    with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+        loss_swapped, grads_swapped = _step(ours)
     assert loss_swapped == loss
     for a, b in zip(grads, grads_swapped, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -194,7 +198,9 @@ def test_the_trainer_config_swaps_only_an_fp8_base_that_does_not_fit_the_card(mo
     fp8 = LoraTrainConfig(quantization="fp8").resolved(qwen)
     assert (fp8.swapped_blocks, fp8.kept_activations, fp8.optimizer) == (15, 0, "adamw")
     assert LoraTrainConfig(quantization="fp8").resolved(qwen, memory_budget_gib=40).swapped_blocks == 0
-    assert LoraTrainConfig(quantization="fp8").resolved(qwen, memory_budget_gib=4).swapped_blocks == 59, "all but one"
+    assert LoraTrainConfig(quantization="fp8").resolved(qwen, memory_budget_gib=7).swapped_blocks == 56
+    with pytest.raises(TrainingError, match="does not fit a 4 GiB budget even with all but its first block swapped"):
+        LoraTrainConfig(quantization="fp8").resolved(qwen, memory_budget_gib=4)
     assert LoraTrainConfig().resolved().swapped_blocks == 0, "FLUX.1-dev fits in fp8"
     assert LoraTrainConfig(quantization="fp8", swapped_blocks=4).resolved().swapped_blocks == 4
     with pytest.raises(TrainingError, match="swapped_blocks 4 with quantization 'nf4': only an fp8 base"):
@@ -222,12 +228,33 @@ def test_on_a_gpu_swapped_blocks_leave_the_card_and_the_step_still_matches():
     assert on_card(plain) - on_card(ours) == frozen
     assert len(swap.slots) == IN_FLIGHT_BLOCKS and all(swap.host[i].is_pinned() for i in swap.indices)
     seen = _watch(swap)
+    # Slow copies and slow compute (about 10 ms each) so that a missing wait, either way, would read a slot before
+    # its copy landed or overwrite it under a block still computing: the gradients would differ.
+    fetch, ensure = swap._fetch, swap._ensure
+
+    def slow_fetch(i: int) -> bool:
+        with torch.cuda.stream(swap.stream):
+            torch.cuda._sleep(20_000_000)
+        return fetch(i)
+
+    def slow_ensure(i: int) -> None:
+        ensure(i)
+        torch.cuda._sleep(20_000_000)
+
+    swap._fetch, swap._ensure = slow_fetch, slow_ensure
+    allocated = []
     for _ in range(2):  # the second step reuses the slots the first one freed
+        for model in (plain, ours):
+            for block in model.transformer_blocks:
+                block.delta.grad = None
         loss, grads = _step(plain, cuda)
         loss_swapped, grads_swapped = _step(ours, cuda)
         assert loss_swapped == pytest.approx(loss, rel=1e-6)
-        for a, b in zip(grads, grads_swapped, strict=True):
-            torch.testing.assert_close(a, b)
+        for a, b in zip(grads, grads_swapped, strict=True):  # stale or half-copied weights would be far off
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.cuda.synchronize()
+        allocated.append(torch.cuda.memory_allocated())
+    assert allocated[0] == allocated[1], "a step allocates nothing that stays: the copies land in the slots"
     assert _parked(swap) and not swap.on_card() and swap.copies == 2 * 2 * 3
     assert all(len(on_card) <= IN_FLIGHT_BLOCKS for _, _, on_card in seen)
     assert on_card(plain) - on_card(ours) == frozen
