@@ -98,7 +98,7 @@ class BlockSwap:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.pending: dict[int, Any] = {}  # block -> its copy's event (None on the CPU)
         self.in_backward: set[int] = set()  # blocks between arrive and leave: the recompute must not park them
-        self.copies = 0  # blocks brought onto the card (tests and the log)
+        self.copies = 0  # blocks brought onto the card (what the tests count)
         self.handles = [transformer.register_forward_pre_hook(self._start)]
         for i, block in self.blocks.items():
             self.handles.append(block.register_forward_pre_hook(self._before(i), with_kwargs=True))
