@@ -22,7 +22,7 @@ weights on the card. Not with CUDA graphs or inductor's freezing: both take para
 
 from __future__ import annotations
 
-import math
+import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -30,21 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from flen_resources.models.quantization import GIB, fp8_overshoot_gib
+from flen_resources.models.quantization import GIB, IN_FLIGHT_BLOCKS
 
-# Swapped blocks on the card at once (its slots): the one computing and the next one on its way in.
-IN_FLIGHT_BLOCKS = 2
 _ALIGN = 256  # bytes: every tensor of a flat buffer starts on a boundary any dtype's view accepts
-
-
-def swapped_block_count(base_params: float, blocks: int, budget_gib: float, reserve_gib: float) -> int:
-    """How many of `blocks` equal blocks of a `base_params` fp8 transformer must live in host memory for the rest,
-    the IN_FLIGHT_BLOCKS slots and `reserve_gib` to fit `budget_gib`; 0 when it all fits."""
-    over = fp8_overshoot_gib(base_params, budget_gib, reserve_gib)
-    if over <= 0:
-        return 0
-    per_block = base_params / GIB / blocks
-    return math.ceil(over / per_block) + IN_FLIGHT_BLOCKS
 
 
 def swapped_indices(blocks: int, count: int) -> list[int]:
@@ -68,6 +56,18 @@ def _views(flat: torch.Tensor, specs: Sequence[tuple[int, torch.dtype, torch.Siz
     return [flat[at:at + shape.numel() * dtype.itemsize].view(dtype).view(shape) for at, dtype, shape in specs]
 
 
+def pinned_buffer(size: int) -> torch.Tensor:
+    """A host byte buffer of exactly `size` bytes, page-locked for asynchronous copies to the card."""
+    # Not torch.empty(pin_memory=True): torch's pinned allocator rounds each buffer up to a power of two, so a
+    # Qwen-Image-Edit block's 0.32 GiB took 0.5 (16 GiB of host memory for 32 blocks' 10.1, session 19's H200 log).
+    # Registering a plain buffer pins exactly its pages; they are unregistered before the buffer is freed.
+    flat = torch.empty(size, dtype=torch.uint8)
+    cudart = torch.cuda.cudart()
+    torch.cuda.check_error(cudart.cudaHostRegister(flat.data_ptr(), size, 0))
+    weakref.finalize(flat, cudart.cudaHostUnregister, flat.data_ptr())
+    return flat
+
+
 class BlockSwap:
     """Keeps `swapped` blocks' frozen tensors in host memory and brings each onto `device` for its turn."""
 
@@ -86,7 +86,7 @@ class BlockSwap:
         for i, block in self.blocks.items():
             tensors = [p for p in block.parameters() if not p.requires_grad] + list(block.buffers())
             self.specs[i], size = _layout(tensors)
-            flat = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
+            flat = pinned_buffer(size) if self.cuda else torch.empty(size, dtype=torch.uint8)
             for view, t in zip(_views(flat, self.specs[i]), tensors, strict=True):
                 view.copy_(t.detach())
             self.frozen[i], self.host[i] = tensors, flat
@@ -110,10 +110,8 @@ class BlockSwap:
         return list(self.order)
 
     def host_gib(self) -> float:
-        """The host memory the swapped weights take (pinned buffers as torch allocates them)."""
-        # torch's pinned allocator rounds each buffer up to a power of two
-        return sum(2 ** math.ceil(math.log2(max(flat.numel(), 1))) if self.cuda else flat.numel()
-                   for flat in self.host.values()) / GIB
+        """The host memory the swapped weights take."""
+        return sum(flat.numel() for flat in self.host.values()) / GIB
 
     def on_card(self) -> set[int]:
         """The swapped blocks on the card or on their way there."""

@@ -3,6 +3,7 @@ one rule per device; no torch import, so the CLI and the Dagster definitions can
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -18,11 +19,17 @@ QuantizationSettingWithFp8 = Literal["auto", "none", "nf4", "fp8"]
 # 8-bit AdamW state, checkpointed activations at 1024x1024 and the allocator's slack. FLUX.1-dev on an H200
 # (benchmarks/results/train_gpu-flux-fp8-nvidia-h200.json): 11.26 GiB of weights, peak 13.64 GiB allocated,
 # 15.2 GiB of the card in use (NVML, CUDA context included: iteration_gpu's flux_lora), so 5 GiB holds.
+# A model whose run takes more says so in its registry entry (ModelSpec.fp8_training_reserve_gib).
 FP8_TRAINING_RESERVE_GIB = 5.0
 # The same for generation (no gradients, no optimizer; the text encoders and the VAE take their turn on the
 # card under model offload, T5-XXL's 9 GiB in bf16 the largest): an estimate, not yet measured.
 FP8_GENERATION_RESERVE_GIB = 4.0
 GIB = 2**30
+# Swapped blocks on the card at once (models/block_swap.py's slots): the one computing and the next on its way in.
+IN_FLIGHT_BLOCKS = 2
+# bitsandbytes nf4 with double quantization: 4 bits a weight, an 8-bit absmax per 64 weights and an fp32 one
+# per 256 absmaxes: 4.127 bits.
+NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 
 
 class QuantizationError(ValueError):
@@ -60,19 +67,42 @@ def fp8_fits(base_params: float, budget_gib: float, reserve_gib: float = FP8_TRA
     return fp8_overshoot_gib(base_params, budget_gib, reserve_gib) <= 0
 
 
+def swapped_block_count(base_params: float, blocks: int, budget_gib: float, reserve_gib: float) -> int:
+    """How many of `blocks` equal blocks of a `base_params` fp8 transformer live in host memory: 0 when it fits
+    `budget_gib` with `reserve_gib`, else enough to fit and to hold no more weight on the card than nf4 would."""
+    over = fp8_overshoot_gib(base_params, budget_gib, reserve_gib)
+    if over <= 0:
+        return 0
+    # Once any block swaps, more cost nothing measurable: Qwen-Image-Edit's adapter step on an H200 took 1.175 s
+    # with 15 of 60 swapped, 1.170 s with 32 (iteration_gpu-adapter-fp8-swap{15,32}-nvidia-h200.json), the copies
+    # hidden behind the compute. So an fp8 base that must swap keeps the card at the nf4 base's weight memory
+    # (the naive nf4 loop's peak, issue 15) and leaves the rest of the budget to the other work on the card.
+    over = max(over, base_params * (1 - NF4_BYTES_PER_PARAM) / GIB)
+    per_block = base_params / GIB / blocks
+    return math.ceil(over / per_block) + IN_FLIGHT_BLOCKS
+
+
+def fp8_fits_swapping(base_params: float, blocks: int, budget_gib: float, reserve_gib: float) -> bool:
+    """Whether an fp8 transformer of `blocks` blocks fits `budget_gib` with some of them swapped (the first never)."""
+    return blocks > 0 and swapped_block_count(base_params, blocks, budget_gib, reserve_gib) < blocks
+
+
 def pick_quantization_with_fp8(setting: str, device: torch.device, base_params: float, budget_gib: float,
-                               fp8_matmuls: bool, reserve_gib: float = FP8_TRAINING_RESERVE_GIB
-                               ) -> QuantizationWithFp8:
+                               fp8_matmuls: bool, reserve_gib: float = FP8_TRAINING_RESERVE_GIB,
+                               swappable_blocks: int = 0) -> QuantizationWithFp8:
     """`auto` for a LoRA run (or, with its reserve, FLUX generation): fp8 on a card with fp8 matmuls when the fp8
-    weights fit the memory budget (FLUX.1-dev's 11.9B parameters within 20 GiB), else nf4 on a CUDA GPU
-    (Qwen-Image-Edit's 20.4B), none on the CPU."""
+    weights fit the memory budget (FLUX.1-dev's 11.9B parameters within 20 GiB), or fit it with blocks swapped
+    from host memory (a trainer's `swappable_blocks`: Qwen-Image-Edit's 20.4B), else nf4 on a CUDA GPU, none on
+    the CPU."""
     if setting == "fp8":
         if not fp8_matmuls:
             raise QuantizationError(f"fp8 quantization needs fp8 matmuls (a CUDA GPU of compute capability 8.9 or "
                                     f"newer: Ada, Hopper) and {device} has none: set FLEN_QUANTIZATION=auto (or "
                                     "`flen train --quantization auto`), which picks nf4 there")
         return "fp8"
-    if setting == "auto" and device.type == "cuda" and fp8_matmuls and fp8_fits(base_params, budget_gib, reserve_gib):
+    if setting == "auto" and device.type == "cuda" and fp8_matmuls and (
+            fp8_fits(base_params, budget_gib, reserve_gib)
+            or fp8_fits_swapping(base_params, swappable_blocks, budget_gib, reserve_gib)):
         return "fp8"
     if setting not in ("auto", "none", "nf4"):
         raise QuantizationError(f"quantization {setting!r} is not one of auto, none, nf4, fp8: set FLEN_QUANTIZATION "

@@ -6,6 +6,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flen_resources.models.quantization import FP8_TRAINING_RESERVE_GIB
+
+# Qwen-Image-Edit's LoRA run on an fp8 base takes more of the card beside its block weights than FLUX's: 15.78 GiB
+# in use (NVML) with 30 of its 60 blocks' 0.317 GiB on the card (28 resident, 2 in flight), so 6.27 GiB
+# (iteration_gpu-adapter-fp8-swap32-nvidia-h200.json; 21.14 GiB with 47, 6.25): 6.5 with slack.
+QWEN_FP8_TRAINING_RESERVE_GIB = 6.5
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -18,6 +24,8 @@ class ModelSpec:
     setting: str  # the variable that chooses its source (the `models` resource's field, `flen train --model`)
     transformer_params: float  # parameters of its transformer at full size: whether an fp8 LoRA run fits the budget
     transformer_blocks: int  # its transformer's blocks at full size: how many swap when fp8 does not fit
+    # card memory its fp8 LoRA run takes beyond the block weights (models/quantization.FP8_TRAINING_RESERVE_GIB)
+    fp8_training_reserve_gib: float = FP8_TRAINING_RESERVE_GIB
     gated: bool = False
     # Its transformer's config flags that set it apart from the other releases of the same pipeline
     # (flags not named here are off): 2511's zero_cond_t modulates the control images' tokens with
@@ -44,9 +52,11 @@ class LoraSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "qwen-image-edit-2509": ModelSpec("qwen-image-edit-2509", "Qwen/Qwen-Image-Edit-2509",
-                                      "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_MODEL", 20.43e9, 60),
+                                      "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_MODEL", 20.43e9, 60,
+                                      fp8_training_reserve_gib=QWEN_FP8_TRAINING_RESERVE_GIB),
     "qwen-image-edit-2511": ModelSpec("qwen-image-edit-2511", "Qwen/Qwen-Image-Edit-2511",
                                       "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_2511_MODEL", 20.43e9, 60,
+                                      fp8_training_reserve_gib=QWEN_FP8_TRAINING_RESERVE_GIB,
                                       transformer_flags={"zero_cond_t": True}),
     "flux.1-dev": ModelSpec("flux.1-dev", "black-forest-labs/FLUX.1-dev", "FluxPipeline", 33.7, "FLEN_FLUX_MODEL", 11.9e9,
                             57, gated=True),

@@ -16,8 +16,9 @@ if TYPE_CHECKING:  # pipelines imports torch: the Dagster definitions import thi
     from flen_resources.models.quantization import QuantizationSettingWithFp8
 
 # In every LoRA file's metadata: bump it when the same config and data would train a different LoRA.
-TRAINER_VERSION = "4"  # 2: on a GPU, fused AdamW with an fp8 base; 3: on a GPU, the LoRA's matmuls in bf16;
-# 4: an fp8 base keeps every block (the compiler's activation budget recomputes), nf4 with double quantization
+TRAINER_VERSION = "5"  # 2: on a GPU, fused AdamW with an fp8 base; 3: on a GPU, the LoRA's matmuls in bf16;
+# 4: an fp8 base keeps every block (the compiler's activation budget recomputes), nf4 with double quantization;
+# 5: Qwen-Image-Edit on an Ada/Hopper card trains on an fp8 base with blocks swapped, not nf4
 
 # auto: 8-bit AdamW on a CUDA GPU with an nf4 base (its states take a quarter of the memory), torch's fused
 # AdamW with an fp8 base (the budget has room: bitsandbytes launches kernels per tensor, 33 ms of a 0.49 s
@@ -95,8 +96,9 @@ class LoraTrainConfig:
     gradient_accumulation: int = 1
     resolution: int = 1024  # bucket area = resolution^2
     seed: int = 0
-    # auto: fp8 on a card with fp8 matmuls when the model fits the memory budget in fp8, else nf4 on a CUDA GPU,
-    # none on the CPU (models/quantization.pick_quantization_with_fp8)
+    # auto: fp8 on a card with fp8 matmuls when the model fits the memory budget in fp8, with blocks swapped when
+    # needed (Qwen-Image-Edit's 20B), else nf4 on a CUDA GPU, none on the CPU
+    # (models/quantization.pick_quantization_with_fp8)
     quantization: QuantizationSettingWithFp8 = "auto"
     # The frozen base's GEMMs in fp8 (e4m3, models/fp8_linear.py): an fp8 base always; an nf4 base, when true,
     # dequantizes each weight and quantizes it to e4m3 at each use (slower on an H200, so auto leaves it off:
@@ -114,7 +116,8 @@ class LoraTrainConfig:
     activation_budget: float | Literal["auto"] = "auto"
     # An fp8 base that does not fit the memory budget: this many blocks keep their frozen weights in the host's
     # pinned memory and are copied onto the card for each use, one block ahead (models/block_swap.py); they are
-    # always checkpointed. auto: none when the base fits, else enough to fit (block_swap.swapped_block_count).
+    # always checkpointed. auto: none when the base fits, else enough to fit the budget and to hold no more block
+    # weight on the card than an nf4 base (models/quantization.swapped_block_count).
     swapped_blocks: int | Literal["auto"] = "auto"
     optimizer: Optimizer = "auto"  # see OPTIMIZERS
     weight_decay: float = 1e-4
@@ -172,16 +175,15 @@ class LoraTrainConfig:
     def resolved(self, model_key: str = "flux.1-dev", memory_budget_gib: float | None = None) -> LoraTrainConfig:
         """This config with `auto` quantization, fp8 matmuls, optimizer, swapped blocks, kept activations, activation
         budget and compile decided for its device, the model and the card memory budget (what runs and is recorded)."""
-        from flen_resources.models.block_swap import swapped_block_count
         from flen_resources.models.fp8_linear import compiles_blocks, fp8_matmuls
         from flen_resources.models.pipelines import pick_device
         from flen_resources.models.quantization import (
-            FP8_TRAINING_RESERVE_GIB,
             QuantizationError,
             fp8_fits,
             nf4_needs_cuda,
             pick_fp8_matmuls,
             pick_quantization_with_fp8,
+            swapped_block_count,
         )
         from flen_resources.models.registry import MODELS
         from flen_resources.models.residency import DEFAULT_MEMORY_BUDGET_GIB
@@ -189,9 +191,11 @@ class LoraTrainConfig:
         device = pick_device(self.device)
         cuda = device.type == "cuda"
         budget = DEFAULT_MEMORY_BUDGET_GIB if memory_budget_gib is None else memory_budget_gib
+        spec = MODELS[model_key]
+        params, blocks, reserve = spec.transformer_params, spec.transformer_blocks, spec.fp8_training_reserve_gib
         try:
-            quantization = pick_quantization_with_fp8(self.quantization, device, MODELS[model_key].transformer_params,
-                                                      budget, fp8_matmuls(device))
+            quantization = pick_quantization_with_fp8(self.quantization, device, params, budget, fp8_matmuls(device),
+                                                      reserve, swappable_blocks=blocks)
             fp8_gemms = pick_fp8_matmuls(self.fp8_matmuls, quantization, fp8_matmuls(device))
         except QuantizationError as exc:
             raise TrainingError(str(exc)) from exc
@@ -199,20 +203,18 @@ class LoraTrainConfig:
             raise TrainingError(nf4_needs_cuda(device))
         optimizer = self.optimizer if self.optimizer != "auto" else auto_optimizer(quantization, cuda)
         # fp8 asked for by hand on a card it does not fit with its reserve: no memory to spare for kept blocks
-        params = MODELS[model_key].transformer_params
-        fits = fp8_fits(params, budget)
+        fits = fp8_fits(params, budget, reserve)
         compiled = compiles_blocks(self.compile, device)  # without Triton or a C compiler: eager
         all_fit = compiled and fp8_fits(params, budget, all_kept_reserve_gib(self.resolution, self.batch_size))
         if self.swapped_blocks not in ("auto", 0) and quantization != "fp8":
             raise TrainingError(f"swapped_blocks {self.swapped_blocks} with quantization {quantization!r}: only an "
                                 "fp8 base swaps blocks; set swapped_blocks to auto, or quantization to fp8")
-        blocks = MODELS[model_key].transformer_blocks
         if self.swapped_blocks != "auto" and self.swapped_blocks >= blocks:
             raise TrainingError(f"swapped_blocks {self.swapped_blocks}: {model_key} has {blocks} blocks and the first "
                                 f"never swaps; set swapped_blocks to at most {blocks - 1}, or auto")
         # the budget is the card's: the CPU has none to fit (an explicit count still swaps there, for tests)
         swapped = self.swapped_blocks if self.swapped_blocks != "auto" else 0 if quantization != "fp8" or not cuda \
-            else swapped_block_count(params, blocks, budget, FP8_TRAINING_RESERVE_GIB)
+            else swapped_block_count(params, blocks, budget, reserve)
         if swapped >= blocks:
             raise TrainingError(f"quantization fp8: {model_key} does not fit a {budget:g} GiB budget even with all but "
                                 "its first block swapped from host memory; raise the memory budget, or set "

@@ -10,12 +10,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from flen_resources.models.block_swap import (
-    IN_FLIGHT_BLOCKS,
-    BlockSwap,
-    swapped_block_count,
-    swapped_indices,
-)
+from flen_resources.models.block_swap import BlockSwap, swapped_indices
+from flen_resources.models.quantization import IN_FLIGHT_BLOCKS
 
 CPU = torch.device("cpu")
 
@@ -171,11 +167,7 @@ def test_compiled_swapped_blocks_run_their_hooks_eagerly_and_share_one_graph(mon
     torch._dynamo.reset()
 
 
-def test_how_many_blocks_swap():
-    # Qwen-Image-Edit's 20.4B transformer in fp8 (19.0 GiB) with a 5 GiB reserve on a 20 GiB budget:
-    # 4.0 GiB over at 0.32 GiB a block -> 13 blocks, plus the ones in flight
-    assert swapped_block_count(20.43e9, 60, 20, 5) == 13 + IN_FLIGHT_BLOCKS
-    assert swapped_block_count(11.9e9, 57, 20, 5) == 0, "FLUX.1-dev fits"
+def test_which_blocks_swap():
     assert swapped_indices(60, 15) == list(range(1, 16))
     assert swapped_indices(2, 15) == [1], "the tiny pack's two blocks"
 
@@ -193,12 +185,13 @@ def test_the_trainer_config_swaps_only_an_fp8_base_that_does_not_fit_the_card(mo
     monkeypatch.setattr(pipelines, "pick_device", lambda _: torch.device("cuda"))
     monkeypatch.setattr(fp8_linear, "fp8_matmuls", lambda _: True)
     monkeypatch.setattr(fp8_linear, "_compiler_works", {"cuda": True})
-    assert LoraTrainConfig().resolved(qwen).quantization == "nf4", "auto keeps nf4 for Qwen until a card shows fp8 faster"
-    assert LoraTrainConfig().resolved(qwen).swapped_blocks == 0
-    fp8 = LoraTrainConfig(quantization="fp8").resolved(qwen)
-    assert (fp8.swapped_blocks, fp8.kept_activations, fp8.optimizer) == (15, 0, "adamw")
+    auto = LoraTrainConfig().resolved(qwen)
+    assert (auto.quantization, auto.swapped_blocks, auto.kept_activations, auto.optimizer) == ("fp8", 32, 0, "adamw"), \
+        "Qwen's 20B: fp8 with blocks swapped, to an nf4 base's card memory"
+    assert LoraTrainConfig(quantization="fp8").resolved(qwen).swapped_blocks == 32
     assert LoraTrainConfig(quantization="fp8").resolved(qwen, memory_budget_gib=40).swapped_blocks == 0
-    assert LoraTrainConfig(quantization="fp8").resolved(qwen, memory_budget_gib=7).swapped_blocks == 56
+    assert LoraTrainConfig(quantization="fp8").resolved(qwen, memory_budget_gib=8).swapped_blocks == 58
+    assert LoraTrainConfig().resolved(qwen, memory_budget_gib=7).quantization == "nf4", "fp8 cannot fit 7 GiB"
     with pytest.raises(TrainingError, match="does not fit a 4 GiB budget even with all but its first block swapped"):
         LoraTrainConfig(quantization="fp8").resolved(qwen, memory_budget_gib=4)
     assert LoraTrainConfig().resolved().swapped_blocks == 0, "FLUX.1-dev fits in fp8"
@@ -258,3 +251,21 @@ def test_on_a_gpu_swapped_blocks_leave_the_card_and_the_step_still_matches():
     assert _parked(swap) and not swap.on_card() and swap.copies == 2 * 2 * 3
     assert all(len(on_card) <= IN_FLIGHT_BLOCKS for _, _, on_card in seen)
     assert on_card(plain) - on_card(ours) == frozen
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_pinned_buffer_is_its_exact_size_and_copies_to_the_card():
+    from flen_resources.models.block_swap import pinned_buffer
+
+    size = 3 * 2**20 + 17  # not a power of two: torch's pinned allocator would take 4 MiB
+    flat = pinned_buffer(size)
+    assert flat.is_pinned() and flat.numel() == size
+    flat.copy_(torch.arange(size) % 251)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        on_card = flat.to("cuda", non_blocking=True)
+    stream.synchronize()
+    assert torch.equal(on_card.cpu(), flat)
+    del flat  # unregistered as it goes: a second buffer registers without "already registered"
+    assert pinned_buffer(size).is_pinned()

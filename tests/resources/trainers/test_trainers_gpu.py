@@ -1,4 +1,4 @@
-"""GPU-only: both trainers' QLoRA path (nf4 base, 8-bit AdamW, compiled blocks) on the tiny pack.
+"""GPU-only: both trainers' QLoRA path (nf4 base, 8-bit AdamW, compiled blocks) and their fp8 bases on the tiny pack.
 bitsandbytes needs CUDA, so CI skips these; the device machine runs them."""
 
 from __future__ import annotations
@@ -86,12 +86,33 @@ def test_the_allocator_grows_segments_in_place_on_gpu(monkeypatch):
         set_allocator("expandable_segments:False")
 
 
-def test_qwen_edit_qlora_learns_on_gpu(tmp_path: Path):
-    from flen_resources.trainers.qwen_edit_lora import QwenEditLoraTrainer, Triplet
+def _mirror_triplets(folder: Path) -> list:
+    from flen_resources.trainers.qwen_edit_lora import Triplet
 
-    paths = _images(tmp_path / "images", 4)
+    paths = _images(folder, 4)
     for p in paths:
         Image.open(p).transpose(Image.FLIP_LEFT_RIGHT).save(p.with_name(p.stem + "_target.png"))
-    triplets = [Triplet([p], "mirror the image", p.with_name(p.stem + "_target.png")) for p in paths]
+    return [Triplet([p], "mirror the image", p.with_name(p.stem + "_target.png")) for p in paths]
+
+
+def test_qwen_edit_qlora_learns_on_gpu(tmp_path: Path):
+    from flen_resources.trainers.qwen_edit_lora import QwenEditLoraTrainer
+
     trainer = QwenEditLoraTrainer(model="tiny", work_dir=tmp_path / "run", log=lambda _: None)
-    _assert_learned(trainer.train(triplets, _config(), name="mirror_gpu"))
+    _assert_learned(trainer.train(_mirror_triplets(tmp_path / "images"), _config(), name="mirror_gpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs fp8 matmuls (Ada, Hopper)")
+def test_qwen_edit_lora_on_auto_swaps_an_fp8_base_and_learns_on_gpu(tmp_path: Path):
+    """What the qwen_adapter asset runs on an Ada or Hopper card: fp8 base, blocks in pinned host memory."""
+    from flen_resources.trainers.qwen_edit_lora import QwenEditLoraTrainer
+
+    logs: list[str] = []
+    trainer = QwenEditLoraTrainer(model="tiny", work_dir=tmp_path / "run", log=logs.append)
+    result = trainer.train(_mirror_triplets(tmp_path / "images"),
+                           _config(quantization="auto", optimizer="auto"), name="mirror_auto")
+    recorded = json.loads(result.metadata["flenwheel.config"])
+    assert (recorded["quantization"], recorded["swapped_blocks"]) == ("fp8", 32), "the full-size rule"
+    assert any("1 of 2 blocks swap from host memory" in line for line in logs), logs  # the tiny pack's two
+    _assert_learned(result)
