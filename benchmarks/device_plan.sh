@@ -30,13 +30,12 @@ COMMON="--scale full --device cuda --res 1024 --workdir /tmp/flen-rehearsal"
 PT="python3 -m pytest -c /dev/null -p no:cacheprovider -m gpu -v"
 mkdir -p /tmp/gputests && cp tests/resources/models/test_fp8_linear.py tests/resources/trainers/test_trainers_gpu.py \
   tests/resources/generators/test_flux.py tests/resources/models/test_block_swap.py /tmp/gputests/
-# The most wanted first (STEPS picks; each session sends what its device minutes allow). Session 18 measured
-# train_qwen with kept blocks at activation budget 0.2 (slower: 1.43-1.47 s against 1.29), fp8 GEMMs on nf4
-# (a tie again, +0.45 GiB), adapter and flux_lora paced in process, flux_lora_warm, lora_eval, synthetic and
-# the gpu tests. Next: torch's fused AdamW alone (65 ms a step less than 8-bit AdamW, +0.27 GiB) and with kept
-# blocks at the compiler's full activation budget, within the naive loop's 15.27 GiB; and (session 18, not run
-# yet) an fp8 base with blocks swapped from pinned host memory (models/block_swap.py): `auto` swaps 15 of 60
-# for the 20 GiB budget, 28 or more should bring the peak under the naive loop's.
+# The most wanted first (STEPS picks; each session sends what its device minutes allow). Session 19 measured the
+# adapter on an fp8 base with blocks swapped (train_qwen_swap: 2.66x the naive loop at 14.42 GiB with 32 of 60;
+# adapter_fp8 with 15 and 32 swapped) and made it the trainer's `auto` (32 at the 20 GiB budget), with pinned
+# buffers now registered at their exact size (cudaHostRegister). Next: the GPU tests (the exact pinned buffer and
+# the tiny Qwen trainer under auto on a card, not run yet), then `adapter`, the asset's own `auto` end to end (its
+# peak and step should match session 19's forced 32: 15.78 GiB, 1.170 s), then `adapter_nf4` for the record.
 step pytest_gpu 170 $PT /tmp/gputests/test_fp8_linear.py /tmp/gputests/test_flux.py /tmp/gputests/test_trainers_gpu.py \
   /tmp/gputests/test_block_swap.py
 # 64 GiB of disk: one chain's models at a time
@@ -46,8 +45,8 @@ step train_qwen_swap 450 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-r
 # the memory the adapter may use is the naive loop's (15.27 GiB; ours 14.05)
 step train_qwen 450 $B/train_gpu.py --model qwen-edit --workdir /tmp/flen-rehearsal/qwen --out $R --tag adamw-keep \
   --variants naive,ours-compile,ours-compile-torchadamw,ours-compile-torchadamw-keep4,ours-compile-torchadamw-keep8,naive
-step adapter 220 $B/iteration_gpu.py --only qwen_adapter --out $R
-step adapter_fp8 300 $B/iteration_gpu.py --only qwen_adapter --adapter-quantization fp8 --out $R
+step adapter 300 $B/iteration_gpu.py --only qwen_adapter --out $R
+step adapter_nf4 220 $B/iteration_gpu.py --only qwen_adapter --adapter-quantization nf4 --out $R
 step build_flux 100 bash -c "rm -rf /tmp/flen-rehearsal/qwen && $B/rehearsal_gpu.py --phase build_flux $COMMON"
 step train_flux 240 $B/train_gpu.py --model flux --workdir /tmp/flen-rehearsal/flux --out $R --tag fp8mm \
   --variants naive,ours-compile,ours-compile-fp8mm

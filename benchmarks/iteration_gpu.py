@@ -42,8 +42,8 @@ bandwidth; the card's 24 GB must hold each asset's peak.
     rm -rf /tmp/flen-rehearsal/qwen
     python benchmarks/iteration_gpu.py --only flux_lora,lora_eval,synthetic_batch   # adds to the same JSON
     python benchmarks/iteration_gpu.py --only flux_lora --caches warm     # a later iteration: warm compile caches
-    python benchmarks/iteration_gpu.py --only qwen_adapter --adapter-quantization fp8   # the adapter on an fp8 base
-                                                                                       # with swapped blocks
+    python benchmarks/iteration_gpu.py --only qwen_adapter --adapter-quantization nf4   # the adapter on an nf4 base
+                                                                                       # (auto: fp8, blocks swapped)
     python benchmarks/iteration_gpu.py --scale tiny --device cpu --res 64 --workdir /tmp/it-tiny \\
         --out /tmp/it-out                                                 # smoke test on a CPU
 """
@@ -276,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                          "iteration) or warm (filled by an untimed slice first, a later iteration)")
     ap.add_argument("--only", default="", help="measure only these assets (comma-separated), building only their "
                                                "models; the other assets' rows of an earlier run stay in the JSON")
-    ap.add_argument("--adapter-quantization", choices=["auto", "fp8"], default="auto",
-                    help="qwen_adapter's base: auto (nf4 on Qwen's 20B) or fp8 with blocks swapped from host memory "
-                         "(models/block_swap.py); fp8 writes iteration_gpu-adapter-fp8-<gpu>.json")
+    ap.add_argument("--adapter-quantization", choices=["auto", "nf4", "fp8"], default="auto",
+                    help="qwen_adapter's base: auto (what the asset runs: fp8 with blocks swapped from host memory on "
+                         "an Ada/Hopper card, models/block_swap.py), nf4 or fp8; nf4 and fp8 write "
+                         "iteration_gpu-adapter-<it>-<gpu>.json")
     args = ap.parse_args(argv)
     import torch
     from rehearsal_gpu import result_name, write_json

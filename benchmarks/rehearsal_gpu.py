@@ -422,9 +422,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-steps", type=int, default=28, help="sampling steps of eval and synthetic images")
     ap.add_argument("--images", type=int, default=4, help="images of lora_eval and of synthetic_batch, each (a multiple "
                     "of their 2 prompts)")
-    ap.add_argument("--adapter-quantization", choices=["auto", "fp8"], default="auto",
-                    help="the Qwen adapter's base: auto (nf4 for Qwen's 20B on a 20 GiB budget) or fp8, its blocks "
-                         "beyond the budget swapped from host memory (LoraTrainConfig.swapped_blocks: auto)")
+    ap.add_argument("--adapter-quantization", choices=["auto", "nf4", "fp8"], default="auto",
+                    help="the Qwen adapter's base: auto (the asset's: on an Ada/Hopper card fp8, blocks swapped from "
+                         "host memory as LoraTrainConfig.swapped_blocks auto decides), nf4 or fp8")
     ap.add_argument("--chains", default="qwen,flux")
     ap.add_argument("--only", default="", help="run only these phases of the chains (comma-separated)")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # internal: one phase, print JSON
