@@ -7,8 +7,8 @@ the same resources the assets call, with short settings, nf4 where the 24 GB pla
   enriched_images   QwenEditEditor (nf4, within the 20 GiB memory budget), recipe `angles`: camera presets with
                     the Multiple-angles + Lightning 8-step LoRAs (random stand-ins), 1024x1024 outputs, one
                     batch (edit_batch), as the asset sends them
-  qwen_adapter      QwenEditLoraTrainer on the (source, prompt, edit) triplets: encode + QLoRA (quantization
-                    auto, as the asset: nf4, since 20B parameters do not fit the budget in fp8)
+  qwen_adapter      QwenEditLoraTrainer on the (source, prompt, edit) triplets: encode + LoRA (quantization
+                    auto, as the asset: on an Ada/Hopper card fp8 with blocks swapped from host memory, else nf4)
   flux_lora         FluxLoraTrainer on the sources at 1024: encode + LoRA (quantization auto: fp8 on an Ada or
                     Hopper card within the budget, else nf4; compiled blocks)
   lora_eval         FluxGenerator (auto: fp8 on Ada/Hopper within the budget, else nf4) with LoRA v1: a prompt x

@@ -77,7 +77,8 @@ class ModelsResource(dg.ConfigurableResource):
     qwen_edit_model: str = "tiny"
     qwen_edit_2511_model: str = "tiny"
     # auto | none | nf4 (| fp8, the trainers and the generator); auto: nf4 on a CUDA GPU, none on the CPU, and for
-    # the trainers and the generator fp8 on an Ada/Hopper card when the model fits memory_budget_gib in fp8
+    # the trainers and the generator fp8 on an Ada/Hopper card when the model fits memory_budget_gib in fp8 (the
+    # Qwen-Image-Edit trainer with blocks swapped from host memory) and the host holds it in bf16 while it quantizes
     # (models.quantization, which also refuses other values: a str, not a Literal, so that dg.EnvVar can fill it)
     quantization: str = "auto"
     device: str = "auto"  # auto: the CUDA GPU when there is one

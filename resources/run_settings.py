@@ -58,10 +58,10 @@ CPU_DEMO = RunSettings(
 )
 
 # FLUX.1-dev and Qwen-Image-Edit at 1024 px in nf4 peak at 8.7 and 19.3 GiB on the card (README's
-# figures), so a 24 GB card trains both; it generates fewer evaluation and synthetic images than a large card.
+# figures; on an RTX 4090's fp8 FLUX about 17.7 and Qwen, with blocks swapped, 15.8), so a 24 GB card trains both; it generates fewer evaluation and synthetic images than a large card.
 CARD_24GB = RunSettings(
     name="24gb-card",
-    title="One 24 GB card (RTX 3090/4090): nf4 base weights, 1024 px, 1,500 FLUX steps, 6 evaluation and "
+    title="One 24 GB card (RTX 3090/4090): nf4 base weights (fp8 on a 4090), 1024 px, 1,500 FLUX steps, 6 evaluation and "
           "8 synthetic images.",
     min_gpu_gib=20.0,
     knobs={

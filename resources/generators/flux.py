@@ -22,6 +22,7 @@ from flen_resources.models.pipelines import load_pipeline, pick_device
 from flen_resources.models.quantization import (
     FP8_GENERATION_RESERVE_GIB,
     QuantizationSettingWithFp8,
+    host_memory_gib,
     pick_quantization_with_fp8,
 )
 from flen_resources.models.registry import MODELS
@@ -56,7 +57,7 @@ class FluxGenerator:
         target = pick_device(device)
         self.quantization = pick_quantization_with_fp8(quantization, target, MODELS[MODEL_KEY].transformer_params,
                                                        memory_budget_gib, fp8_matmuls(target),
-                                                       FP8_GENERATION_RESERVE_GIB)
+                                                       FP8_GENERATION_RESERVE_GIB, host_gib=host_memory_gib())
         self.device = device
         self.dtype = dtype
         self.memory_budget_gib = memory_budget_gib

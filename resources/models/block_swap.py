@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from functools import partial
 from typing import Any
 
@@ -62,10 +63,18 @@ def pinned_buffer(size: int) -> torch.Tensor:
     # Qwen-Image-Edit block's 0.32 GiB took 0.5 (16 GiB of host memory for 32 blocks' 10.1, session 19's H200 log).
     # Registering a plain buffer pins exactly its pages; they are unregistered before the buffer is freed.
     flat = torch.empty(size, dtype=torch.uint8)
-    cudart = torch.cuda.cudart()
-    torch.cuda.check_error(cudart.cudaHostRegister(flat.data_ptr(), size, 0))
-    weakref.finalize(flat, cudart.cudaHostUnregister, flat.data_ptr())
+    torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), size, 0))
+    weakref.finalize(flat, _unregister, flat.data_ptr())
     return flat
+
+
+def _unregister(ptr: int) -> None:
+    """Unpin a pinned_buffer's pages once no copy from them can still be running."""
+    # torch's pinned allocator would hold a freed buffer back until its copies finished; this one is freed
+    # right after, so wait for every stream (a BlockSwap goes when its run ends: once, not per step)
+    with suppress(RuntimeError):  # CUDA already torn down at the interpreter's exit: the process frees it all
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 class BlockSwap:

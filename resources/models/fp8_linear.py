@@ -13,7 +13,8 @@ block it fuses into the op before it, as torchao's float8 linear does; a separat
 kernel would give back most of what the fp8 GEMM wins (issue 15: 1.84x the bf16 GEMMs fused, 1.29x not).
 The first and last layers of the model (embedders, output projection) stay in bf16.
 
-An nf4 base (a model too big for fp8 within the budget: Qwen-Image-Edit's 20B) can run the same fp8 GEMMs:
+An nf4 base (a model too big for fp8 within the budget, or on a host too small to quantize it) can run the same
+fp8 GEMMs:
 `Nf4Fp8Linear` dequantizes its nf4 weight and quantizes it to e4m3 per row at each use, so the nf4 bytes stay
 the only copy on the card (bitsandbytes' own layer dequantizes to bf16 at each use the same way).
 """

@@ -27,6 +27,11 @@ FP8_GENERATION_RESERVE_GIB = 4.0
 GIB = 2**30
 # Swapped blocks on the card at once (models/block_swap.py's slots): the one computing and the next on its way in.
 IN_FLIGHT_BLOCKS = 2
+# An fp8 base loads in bf16 on the CPU and is quantized one block at a time on its way to the card
+# (fp8_linear.transformer_to_fp8), so the host holds the whole bf16 transformer once (FLUX.1-dev 22 GiB,
+# Qwen-Image-Edit 38), beside the process itself (Python, torch, the pipeline's other components): 8 GiB.
+# nf4 quantizes as it loads onto the card.
+FP8_HOST_MARGIN_GIB = 8.0
 # bitsandbytes nf4 with double quantization: 4 bits a weight, an 8-bit absmax per 64 weights and an fp32 one
 # per 256 absmaxes: 4.127 bits.
 NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
@@ -82,6 +87,18 @@ def swapped_block_count(base_params: float, blocks: int, budget_gib: float, rese
     return math.ceil(over / per_block) + IN_FLIGHT_BLOCKS
 
 
+def host_memory_gib() -> float:
+    """This machine's memory (RAM), in GiB."""
+    import psutil
+
+    return psutil.virtual_memory().total / GIB
+
+
+def fp8_fits_host(base_params: float, host_gib: float) -> bool:
+    """Whether a host of `host_gib` holds a transformer of `base_params` parameters in bf16 while it quantizes."""
+    return base_params * 2 / GIB + FP8_HOST_MARGIN_GIB <= host_gib
+
+
 def fp8_fits_swapping(base_params: float, blocks: int, budget_gib: float, reserve_gib: float) -> bool:
     """Whether an fp8 transformer of `blocks` blocks fits `budget_gib` with some of them swapped (the first never)."""
     return blocks > 0 and swapped_block_count(base_params, blocks, budget_gib, reserve_gib) < blocks
@@ -89,20 +106,21 @@ def fp8_fits_swapping(base_params: float, blocks: int, budget_gib: float, reserv
 
 def pick_quantization_with_fp8(setting: str, device: torch.device, base_params: float, budget_gib: float,
                                fp8_matmuls: bool, reserve_gib: float = FP8_TRAINING_RESERVE_GIB,
-                               swappable_blocks: int = 0) -> QuantizationWithFp8:
+                               swappable_blocks: int = 0, host_gib: float | None = None) -> QuantizationWithFp8:
     """`auto` for a LoRA run (or, with its reserve, FLUX generation): fp8 on a card with fp8 matmuls when the fp8
     weights fit the memory budget (FLUX.1-dev's 11.9B parameters within 20 GiB), or fit it with blocks swapped
-    from host memory (a trainer's `swappable_blocks`: Qwen-Image-Edit's 20.4B), else nf4 on a CUDA GPU, none on
-    the CPU."""
+    from host memory (a trainer's `swappable_blocks`: Qwen-Image-Edit's 20.4B), and the host (`host_gib`, None:
+    not checked) holds the bf16 transformer while it quantizes; else nf4 on a CUDA GPU, none on the CPU."""
     if setting == "fp8":
         if not fp8_matmuls:
             raise QuantizationError(f"fp8 quantization needs fp8 matmuls (a CUDA GPU of compute capability 8.9 or "
                                     f"newer: Ada, Hopper) and {device} has none: set FLEN_QUANTIZATION=auto (or "
                                     "`flen train --quantization auto`), which picks nf4 there")
         return "fp8"
-    if setting == "auto" and device.type == "cuda" and fp8_matmuls and (
-            fp8_fits(base_params, budget_gib, reserve_gib)
-            or fp8_fits_swapping(base_params, swappable_blocks, budget_gib, reserve_gib)):
+    if setting == "auto" and device.type == "cuda" and fp8_matmuls \
+            and (host_gib is None or fp8_fits_host(base_params, host_gib)) \
+            and (fp8_fits(base_params, budget_gib, reserve_gib)
+                 or fp8_fits_swapping(base_params, swappable_blocks, budget_gib, reserve_gib)):
         return "fp8"
     if setting not in ("auto", "none", "nf4"):
         raise QuantizationError(f"quantization {setting!r} is not one of auto, none, nf4, fp8: set FLEN_QUANTIZATION "

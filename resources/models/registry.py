@@ -26,6 +26,9 @@ class ModelSpec:
     transformer_blocks: int  # its transformer's blocks at full size: how many swap when fp8 does not fit
     # card memory its fp8 LoRA run takes beyond the block weights (models/quantization.FP8_TRAINING_RESERVE_GIB)
     fp8_training_reserve_gib: float = FP8_TRAINING_RESERVE_GIB
+    # whether `auto` may train it on an fp8 base with blocks swapped from host memory where fp8 alone does not fit
+    # (measured on a card: Qwen-Image-Edit; FLUX.1-dev's swapped step is not, so a tight budget gives it nf4)
+    auto_swaps: bool = False
     gated: bool = False
     # Its transformer's config flags that set it apart from the other releases of the same pipeline
     # (flags not named here are off): 2511's zero_cond_t modulates the control images' tokens with
@@ -53,10 +56,10 @@ class LoraSpec:
 MODELS: dict[str, ModelSpec] = {
     "qwen-image-edit-2509": ModelSpec("qwen-image-edit-2509", "Qwen/Qwen-Image-Edit-2509",
                                       "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_MODEL", 20.43e9, 60,
-                                      fp8_training_reserve_gib=QWEN_FP8_TRAINING_RESERVE_GIB),
+                                      fp8_training_reserve_gib=QWEN_FP8_TRAINING_RESERVE_GIB, auto_swaps=True),
     "qwen-image-edit-2511": ModelSpec("qwen-image-edit-2511", "Qwen/Qwen-Image-Edit-2511",
                                       "QwenImageEditPlusPipeline", 57.7, "FLEN_QWEN_EDIT_2511_MODEL", 20.43e9, 60,
-                                      fp8_training_reserve_gib=QWEN_FP8_TRAINING_RESERVE_GIB,
+                                      fp8_training_reserve_gib=QWEN_FP8_TRAINING_RESERVE_GIB, auto_swaps=True,
                                       transformer_flags={"zero_cond_t": True}),
     "flux.1-dev": ModelSpec("flux.1-dev", "black-forest-labs/FLUX.1-dev", "FluxPipeline", 33.7, "FLEN_FLUX_MODEL", 11.9e9,
                             57, gated=True),

@@ -180,6 +180,7 @@ class LoraTrainConfig:
         from flen_resources.models.quantization import (
             QuantizationError,
             fp8_fits,
+            host_memory_gib,
             nf4_needs_cuda,
             pick_fp8_matmuls,
             pick_quantization_with_fp8,
@@ -193,9 +194,11 @@ class LoraTrainConfig:
         budget = DEFAULT_MEMORY_BUDGET_GIB if memory_budget_gib is None else memory_budget_gib
         spec = MODELS[model_key]
         params, blocks, reserve = spec.transformer_params, spec.transformer_blocks, spec.fp8_training_reserve_gib
+        # auto may swap blocks only where swapping is measured, and only when the other settings let it
+        swappable = blocks if spec.auto_swaps and self.gradient_checkpointing and self.swapped_blocks != 0 else 0
         try:
             quantization = pick_quantization_with_fp8(self.quantization, device, params, budget, fp8_matmuls(device),
-                                                      reserve, swappable_blocks=blocks)
+                                                      reserve, swappable_blocks=swappable, host_gib=host_memory_gib())
             fp8_gemms = pick_fp8_matmuls(self.fp8_matmuls, quantization, fp8_matmuls(device))
         except QuantizationError as exc:
             raise TrainingError(str(exc)) from exc

@@ -70,6 +70,12 @@ def _pipeline_helpers() -> tuple[int, Callable[[int, float], tuple[int, int]]]:
     return CONDITION_IMAGE_SIZE, calculate_dimensions
 
 
+def _text_encoder_quantization(config: LoraTrainConfig, device: torch.device) -> str:
+    """How the text encoder loads: nf4 with an nf4 base, and with an fp8 one on a GPU (as the editor encodes)."""
+    return "nf4" if config.quantization == "nf4" or (config.quantization == "fp8" and device.type == "cuda") \
+        else "none"
+
+
 class QwenEditLoraTrainer(LoraTrainer[Triplet]):
     """Trains an edit LoRA on one Qwen-Image-Edit release (`model_key`); one instance per run folder."""
 
@@ -112,7 +118,7 @@ class QwenEditLoraTrainer(LoraTrainer[Triplet]):
 
         patch_qwen2vl_processor_without_torchvision()
         kwargs = {"quantization_config": nf4_config("QwenImageEditPlusPipeline", ["text_encoder"])} \
-            if config.quantization == "nf4" or (config.quantization == "fp8" and device.type == "cuda") else {}
+            if _text_encoder_quantization(config, device) == "nf4" else {}
         return QwenImageEditPlusPipeline.from_pretrained(str(resolved.path), transformer=None, dtype=dtype,
                                                          use_safetensors=True, **kwargs).to(device)
 
@@ -131,9 +137,9 @@ class QwenEditLoraTrainer(LoraTrainer[Triplet]):
                     embeds, mask = p.encode_prompt(prompt=prompt, image=images, device=device)
                 mask = torch.ones(embeds.shape[1], dtype=torch.long) if mask is None else mask[0]
                 return {"prompt_embeds": embeds[0], "prompt_mask": mask.long()}
-            # the quantization is in the key: nf4 and bf16 encoders give different embeddings
+            # the encoder's quantization is in the key: nf4 and bf16 encoders give different embeddings
             key = content_key(resolved.ref, "qwen-edit-text", prompt, *[Path(c) for c in controls], bucket,
-                              condition_area, config.quantization)
+                              condition_area, _text_encoder_quantization(config, device))
             return self.cache.get("text", key, compute)
 
         def latents(image: Path, bucket: tuple[int, int]) -> torch.Tensor:

@@ -176,6 +176,7 @@ def test_the_trainer_config_swaps_only_an_fp8_base_that_does_not_fit_the_card(mo
     """resolved() as on an H200 (a CUDA device with fp8 matmuls), checked on the CPU."""
     import flen_resources.models.fp8_linear as fp8_linear
     import flen_resources.models.pipelines as pipelines
+    import flen_resources.models.quantization as quantization
     from flen_resources.trainers.config import LoraTrainConfig, TrainingError
 
     qwen = "qwen-image-edit-2509"
@@ -185,6 +186,7 @@ def test_the_trainer_config_swaps_only_an_fp8_base_that_does_not_fit_the_card(mo
     monkeypatch.setattr(pipelines, "pick_device", lambda _: torch.device("cuda"))
     monkeypatch.setattr(fp8_linear, "fp8_matmuls", lambda _: True)
     monkeypatch.setattr(fp8_linear, "_compiler_works", {"cuda": True})
+    monkeypatch.setattr(quantization, "host_memory_gib", lambda: 128.0)  # the H200 machine's host
     auto = LoraTrainConfig().resolved(qwen)
     assert (auto.quantization, auto.swapped_blocks, auto.kept_activations, auto.optimizer) == ("fp8", 32, 0, "adamw"), \
         "Qwen's 20B: fp8 with blocks swapped, to an nf4 base's card memory"
@@ -192,6 +194,13 @@ def test_the_trainer_config_swaps_only_an_fp8_base_that_does_not_fit_the_card(mo
     assert LoraTrainConfig(quantization="fp8").resolved(qwen, memory_budget_gib=40).swapped_blocks == 0
     assert LoraTrainConfig(quantization="fp8").resolved(qwen, memory_budget_gib=8).swapped_blocks == 58
     assert LoraTrainConfig().resolved(qwen, memory_budget_gib=7).quantization == "nf4", "fp8 cannot fit 7 GiB"
+    assert LoraTrainConfig(swapped_blocks=0).resolved(qwen).quantization == "nf4", "told not to swap: nf4"
+    assert LoraTrainConfig(gradient_checkpointing=False).resolved(qwen).quantization == "nf4", "cannot swap: nf4"
+    assert LoraTrainConfig().resolved(memory_budget_gib=14).quantization == "nf4", "FLUX: auto never swaps it"
+    assert LoraTrainConfig(quantization="fp8").resolved(memory_budget_gib=14).swapped_blocks > 0, "asked for: it does"
+    monkeypatch.setattr(quantization, "host_memory_gib", lambda: 31.0)  # a desktop with 32 GB of RAM
+    assert LoraTrainConfig().resolved(qwen).quantization == "nf4", "38 GiB of bf16 would not fit the host"
+    assert LoraTrainConfig().resolved().quantization == "fp8", "FLUX's 22 GiB do"
     with pytest.raises(TrainingError, match="does not fit a 4 GiB budget even with all but its first block swapped"):
         LoraTrainConfig(quantization="fp8").resolved(qwen, memory_budget_gib=4)
     assert LoraTrainConfig().resolved().swapped_blocks == 0, "FLUX.1-dev fits in fp8"
@@ -267,5 +276,8 @@ def test_a_pinned_buffer_is_its_exact_size_and_copies_to_the_card():
         on_card = flat.to("cuda", non_blocking=True)
     stream.synchronize()
     assert torch.equal(on_card.cpu(), flat)
-    del flat  # unregistered as it goes: a second buffer registers without "already registered"
-    assert pinned_buffer(size).is_pinned()
+    pages = flat[:]  # the memory stays while the buffer goes: its pages must be unpinned with it
+    del flat
+    cudart = torch.cuda.cudart()
+    assert int(cudart.cudaHostRegister(pages.data_ptr(), size, 0)) == 0, "still registered: never unpinned"
+    assert int(cudart.cudaHostUnregister(pages.data_ptr())) == 0

@@ -8,6 +8,7 @@ from flen_resources.models.quantization import (
     GIB,
     IN_FLIGHT_BLOCKS,
     NF4_BYTES_PER_PARAM,
+    fp8_fits_host,
     fp8_fits_swapping,
     pick_quantization_with_fp8,
     swapped_block_count,
@@ -38,8 +39,8 @@ def test_a_base_that_must_swap_keeps_the_card_at_the_nf4_weights():
     # no more block weight than nf4 (9.8 GiB) takes 30 + 2: the second wins, as measured on an H200 (32: 15.78 GiB)
     count = swapped_block_count(QWEN.transformer_params, 60, 20, QWEN.fp8_training_reserve_gib)
     assert count == 30 + IN_FLIGHT_BLOCKS
-    resident = (60 - count) * QWEN.transformer_params / GIB / 60
-    assert resident <= QWEN.transformer_params * NF4_BYTES_PER_PARAM / GIB
+    on_card = (60 - count + IN_FLIGHT_BLOCKS) * QWEN.transformer_params / GIB / 60  # the slots too
+    assert on_card <= QWEN.transformer_params * NF4_BYTES_PER_PARAM / GIB
     assert _card_gib(QWEN, count) <= 20
 
 
@@ -65,3 +66,13 @@ def test_fits_swapping_needs_a_block_that_never_swaps():
     assert fp8_fits_swapping(QWEN.transformer_params, 60, 20, 6.5)
     assert not fp8_fits_swapping(QWEN.transformer_params, 0, 20, 6.5), "no blocks to swap"
     assert not fp8_fits_swapping(QWEN.transformer_params, 60, 7, 6.5)
+
+
+def test_the_host_must_hold_the_bf16_transformer_while_it_quantizes():
+    assert fp8_fits_host(FLUX.transformer_params, 31), "FLUX.1-dev's 22 GiB on a 32 GB desktop"
+    assert not fp8_fits_host(QWEN.transformer_params, 31), "Qwen-Image-Edit's 38 GiB"
+    assert fp8_fits_host(QWEN.transformer_params, 62), "a 64 GB desktop"
+    qwen = QWEN.transformer_params
+    assert pick_quantization_with_fp8("auto", CUDA, qwen, 20, True, 6.5, 60, host_gib=31) == "nf4"
+    assert pick_quantization_with_fp8("auto", CUDA, qwen, 20, True, 6.5, 60, host_gib=62) == "fp8"
+    assert pick_quantization_with_fp8("fp8", CUDA, qwen, 20, True, 6.5, 60, host_gib=31) == "fp8", "asked for"

@@ -325,10 +325,12 @@ def test_a_compiled_fp8_run_on_a_gpu_keeps_every_block_where_they_fit(monkeypatc
     """resolved() as on an H200 (a CUDA device with fp8 matmuls), checked on the CPU."""
     import flen_resources.models.fp8_linear as fp8_linear
     import flen_resources.models.pipelines as pipelines
+    import flen_resources.models.quantization as quantization
 
     monkeypatch.setattr(pipelines, "pick_device", lambda _: torch.device("cuda"))
     monkeypatch.setattr(fp8_linear, "fp8_matmuls", lambda _: True)
     monkeypatch.setattr(fp8_linear, "_compiler_works", {"cuda": True})  # the card's probe, as on an H200
+    monkeypatch.setattr(quantization, "host_memory_gib", lambda: 128.0)  # the H200 machine's host
 
     def settled(**knobs) -> tuple:
         config = LoraTrainConfig(**knobs).resolved()
