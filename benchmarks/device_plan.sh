@@ -33,9 +33,9 @@ mkdir -p /tmp/gputests && cp tests/resources/models/test_fp8_linear.py tests/res
 # The most wanted first (STEPS picks; each session sends what its device minutes allow). Session 19 measured the
 # adapter on an fp8 base with blocks swapped (train_qwen_swap: 2.66x the naive loop at 14.42 GiB with 32 of 60;
 # adapter_fp8 with 15 and 32 swapped) and made it the trainer's `auto` (32 at the 20 GiB budget), with pinned
-# buffers now registered at their exact size (cudaHostRegister). Next: the GPU tests (the exact pinned buffer and
-# the tiny Qwen trainer under auto on a card, not run yet), then `adapter`, the asset's own `auto` end to end (its
-# peak and step should match session 19's forced 32: 15.78 GiB, 1.170 s), then `adapter_nf4` for the record.
+# buffers now registered at their exact size (cudaHostRegister; their GPU test and the tiny trainer's auto test
+# passed). Next: `adapter`, the asset's own `auto` end to end with registered buffers (its peak and step should match
+# session 19's forced 32: 15.78 GiB, 1.170 s), then `adapter_nf4` for the record.
 step pytest_gpu 170 $PT /tmp/gputests/test_fp8_linear.py /tmp/gputests/test_flux.py /tmp/gputests/test_trainers_gpu.py \
   /tmp/gputests/test_block_swap.py
 # 64 GiB of disk: one chain's models at a time

@@ -276,8 +276,11 @@ def test_a_pinned_buffer_is_its_exact_size_and_copies_to_the_card():
         on_card = flat.to("cuda", non_blocking=True)
     stream.synchronize()
     assert torch.equal(on_card.cpu(), flat)
-    pages = flat[:]  # the memory stays while the buffer goes: its pages must be unpinned with it
+    view = flat[:10]
     del flat
+    assert view.is_pinned(), "a view holds its buffer, and its pages pinned"
+    pages = view.untyped_storage()  # the memory, without the tensor: its pages must be unpinned with the tensor
+    del view
     cudart = torch.cuda.cudart()
     assert int(cudart.cudaHostRegister(pages.data_ptr(), size, 0)) == 0, "still registered: never unpinned"
     assert int(cudart.cudaHostUnregister(pages.data_ptr())) == 0
