@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -9,6 +10,7 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from flen_resources.bucket import Bucket, cluster_bucket
+from flen_resources.deployment import DeploymentError
 from flen_resources.editors import Editor, get_editor
 from flen_resources.faces import FaceAnalyzer
 from flen_resources.lineage import LineageStore
@@ -88,10 +90,17 @@ class ModelsResource(dg.ConfigurableResource):
 
     def read_now(self) -> ModelsResource:
         """This resource with its dg.EnvVar fields read from the environment now (for commands outside a run)."""
-        def now(value):  # dg.EnvVar, or the int-typed one dg.EnvVar.int gives
-            return value.get_value() if hasattr(value, "get_value") else value
+        def now(name: str, value):  # dg.EnvVar, or the int-typed one dg.EnvVar.int gives
+            if not hasattr(value, "get_value"):
+                return value
+            try:
+                return value.get_value()
+            except ValueError:  # int('abc'): said as the setting, not as Python's conversion
+                raise DeploymentError(f"{value.env_var_name}={os.environ.get(value.env_var_name)!r} is not a whole "
+                                      f"number ({name}): set it to one, e.g. {value.env_var_name}="
+                                      f"{type(self).model_fields[name].default}, or unset it") from None
 
-        return ModelsResource(**{name: now(getattr(self, name)) for name in type(self).model_fields})
+        return ModelsResource(**{name: now(name, getattr(self, name)) for name in type(self).model_fields})
 
     def source(self, model: str) -> str:
         """The source of the registered model `model` (e.g. qwen-image-edit-2511)."""
