@@ -34,9 +34,9 @@ INT_SETTINGS = {"memory_budget_gib"}  # read with dg.EnvVar.int
 
 
 def model_settings() -> ModelsResource:
-    """ModelsResource with an EnvVar for each FLEN_* variable that is set."""
+    """ModelsResource with an EnvVar for each FLEN_* variable that is set (set empty: the default, as unset)."""
     return ModelsResource(**{field: dg.EnvVar.int(var) if field in INT_SETTINGS else dg.EnvVar(var)
-                             for field, var in MODEL_SETTINGS_ENV.items() if var in os.environ})
+                             for field, var in MODEL_SETTINGS_ENV.items() if os.environ.get(var)})
 
 
 def run_settings(models: ModelsResource) -> RunSettingsResource:

@@ -61,7 +61,7 @@ CPU_DEMO = RunSettings(
 # figures; on an RTX 4090's fp8 FLUX about 17.7 and Qwen, with blocks swapped, 15.8), so a 24 GB card trains both; it generates fewer evaluation and synthetic images than a large card.
 CARD_24GB = RunSettings(
     name="24gb-card",
-    title="One 24 GB card (RTX 3090/4090): nf4 base weights (fp8 on a 4090), 1024 px, 1,500 FLUX steps, 6 evaluation and "
+    title="One 24 GB card (RTX 3090/4090): nf4 base weights (fp8 on a 4090 with the RAM for it), 1024 px, 1,500 FLUX steps, 6 evaluation and "
           "8 synthetic images.",
     min_gpu_gib=20.0,
     knobs={

@@ -30,7 +30,8 @@ def train_flux(
     settings: SettingsOpt = None,
     quantization: Annotated[QuantizationSettingWithFp8, typer.Option(
         envvar="FLEN_QUANTIZATION", help="auto: fp8 on an Ada/Hopper GPU when the model fits FLEN_MEMORY_BUDGET_GIB "
-                                         "in fp8, else nf4 (QLoRA) on a CUDA GPU; none on the CPU.")] = "auto",
+                                         "in fp8 and the RAM holds it in bf16 while it quantizes, else nf4 (QLoRA) "
+                                         "on a CUDA GPU; none on the CPU.")] = "auto",
     optimizer: Annotated[Optimizer, typer.Option(
         help="auto: 8-bit AdamW on a CUDA GPU with an nf4 base, fused AdamW with fp8, AdamW on the CPU.")] = LoraTrainConfig.optimizer,
     checkpoint_every: Annotated[Optional[int], typer.Option(

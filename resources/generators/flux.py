@@ -32,6 +32,9 @@ from flen_resources.models.sources import ResolvedModel, resolve_model
 MODEL_KEY = "flux.1-dev"
 ADAPTER = "character"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP (pooled) and T5 (per token)
+# The pipeline's other components, in bf16 on the CPU beside the transformer while it quantizes to fp8 (the
+# trainers free their encoders first): T5-XXL 8.9 GiB, CLIP 0.2, the VAE 0.2.
+HOST_OTHER_COMPONENTS_GIB = 9.5
 
 
 @dataclass
@@ -57,7 +60,8 @@ class FluxGenerator:
         target = pick_device(device)
         self.quantization = pick_quantization_with_fp8(quantization, target, MODELS[MODEL_KEY].transformer_params,
                                                        memory_budget_gib, fp8_matmuls(target),
-                                                       FP8_GENERATION_RESERVE_GIB, host_gib=host_memory_gib())
+                                                       FP8_GENERATION_RESERVE_GIB,
+                                                       host_gib=host_memory_gib() - HOST_OTHER_COMPONENTS_GIB)
         self.device = device
         self.dtype = dtype
         self.memory_budget_gib = memory_budget_gib

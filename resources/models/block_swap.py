@@ -57,23 +57,24 @@ def _views(flat: torch.Tensor, specs: Sequence[tuple[int, torch.dtype, torch.Siz
     return [flat[at:at + shape.numel() * dtype.itemsize].view(dtype).view(shape) for at, dtype, shape in specs]
 
 
-def pinned_buffer(size: int) -> torch.Tensor:
-    """A host byte buffer of exactly `size` bytes, page-locked for asynchronous copies to the card."""
+def pinned_buffer(size: int, device: torch.device | None = None) -> torch.Tensor:
+    """A host byte buffer of exactly `size` bytes, page-locked for asynchronous copies to `device` (None: the
+    current CUDA device)."""
     # Not torch.empty(pin_memory=True): torch's pinned allocator rounds each buffer up to a power of two, so a
     # Qwen-Image-Edit block's 0.32 GiB took 0.5 (16 GiB of host memory for 32 blocks' 10.1, session 19's H200 log).
     # Registering a plain buffer pins exactly its pages; they are unregistered before the buffer is freed.
     flat = torch.empty(size, dtype=torch.uint8)
     torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), size, 0))
-    weakref.finalize(flat, _unregister, flat.data_ptr())
+    weakref.finalize(flat, _unregister, flat.data_ptr(), device or torch.device("cuda", torch.cuda.current_device()))
     return flat
 
 
-def _unregister(ptr: int) -> None:
+def _unregister(ptr: int, device: torch.device) -> None:
     """Unpin a pinned_buffer's pages once no copy from them can still be running."""
     # torch's pinned allocator would hold a freed buffer back until its copies finished; this one is freed
     # right after, so wait for every stream (a BlockSwap goes when its run ends: once, not per step)
     with suppress(RuntimeError):  # CUDA already torn down at the interpreter's exit: the process frees it all
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # the card the copies go to, whichever thread collects the buffer
         torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
@@ -95,7 +96,7 @@ class BlockSwap:
         for i, block in self.blocks.items():
             tensors = [p for p in block.parameters() if not p.requires_grad] + list(block.buffers())
             self.specs[i], size = _layout(tensors)
-            flat = pinned_buffer(size) if self.cuda else torch.empty(size, dtype=torch.uint8)
+            flat = pinned_buffer(size, device) if self.cuda else torch.empty(size, dtype=torch.uint8)
             for view, t in zip(_views(flat, self.specs[i]), tensors, strict=True):
                 view.copy_(t.detach())
             self.frozen[i], self.host[i] = tensors, flat

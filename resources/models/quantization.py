@@ -4,6 +4,7 @@ one rule per device; no torch import, so the CLI and the Dagster definitions can
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ IN_FLIGHT_BLOCKS = 2
 # Qwen-Image-Edit 38), beside the process itself (Python, torch, the pipeline's other components): 8 GiB.
 # nf4 quantizes as it loads onto the card.
 FP8_HOST_MARGIN_GIB = 8.0
+# A container's memory limit (cgroup v2, v1): what the kernel kills the process at, lower than the machine's RAM.
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 # bitsandbytes nf4 with double quantization: 4 bits a weight, an 8-bit absmax per 64 weights and an fp32 one
 # per 256 absmaxes: 4.127 bits.
 NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
@@ -88,10 +91,18 @@ def swapped_block_count(base_params: float, blocks: int, budget_gib: float, rese
 
 
 def host_memory_gib() -> float:
-    """This machine's memory (RAM), in GiB."""
+    """The memory (RAM) this process may use, in GiB: the machine's, or a container's limit when lower."""
     import psutil
 
-    return psutil.virtual_memory().total / GIB
+    total = psutil.virtual_memory().total
+    for limit_file in CGROUP_MEMORY_LIMITS:
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) or a huge number (v1): no limit
+            total = min(total, int(text))
+    return total / GIB
 
 
 def fp8_fits_host(base_params: float, host_gib: float) -> bool:

@@ -32,3 +32,12 @@ def test_a_setting_that_is_not_a_number_is_named_with_its_fix(monkeypatch):
     with pytest.raises(DeploymentError, match=r"FLEN_MEMORY_BUDGET_GIB='abc' is not a whole number .* "
                                               r"FLEN_MEMORY_BUDGET_GIB=20, or unset it"):
         models.read_now()
+
+
+def test_a_setting_set_empty_is_the_default(monkeypatch):
+    from flen_assets.definitions import model_settings
+
+    monkeypatch.setenv("FLEN_MEMORY_BUDGET_GIB", "")
+    monkeypatch.setenv("FLEN_QUANTIZATION", "")
+    models = model_settings().read_now()
+    assert (models.memory_budget_gib, models.quantization) == (20, "auto")

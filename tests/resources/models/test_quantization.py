@@ -10,6 +10,7 @@ from flen_resources.models.quantization import (
     NF4_BYTES_PER_PARAM,
     fp8_fits_host,
     fp8_fits_swapping,
+    host_memory_gib,
     pick_quantization_with_fp8,
     swapped_block_count,
 )
@@ -76,3 +77,17 @@ def test_the_host_must_hold_the_bf16_transformer_while_it_quantizes():
     assert pick_quantization_with_fp8("auto", CUDA, qwen, 20, True, 6.5, 60, host_gib=31) == "nf4"
     assert pick_quantization_with_fp8("auto", CUDA, qwen, 20, True, 6.5, 60, host_gib=62) == "fp8"
     assert pick_quantization_with_fp8("fp8", CUDA, qwen, 20, True, 6.5, 60, host_gib=31) == "fp8", "asked for"
+
+
+def test_a_containers_memory_limit_is_the_hosts_memory(tmp_path, monkeypatch):
+    import flen_resources.models.quantization as quantization
+
+    machine = host_memory_gib()
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    monkeypatch.setattr(quantization, "CGROUP_MEMORY_LIMITS", (str(v2), str(v1)))
+    assert host_memory_gib() == machine, "no cgroup files: the machine's"
+    v2.write_text("max\n")
+    v1.write_text(f"{2**63 - 4096}\n")  # v1's "no limit"
+    assert host_memory_gib() == machine
+    v2.write_text(f"{16 * 2**30}\n")
+    assert host_memory_gib() == min(machine, 16.0), "a 16 GiB container"

@@ -104,9 +104,12 @@ def test_qwen_edit_qlora_learns_on_gpu(tmp_path: Path):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs fp8 matmuls (Ada, Hopper)")
-def test_qwen_edit_lora_on_auto_swaps_an_fp8_base_and_learns_on_gpu(tmp_path: Path):
+def test_qwen_edit_lora_on_auto_swaps_an_fp8_base_and_learns_on_gpu(tmp_path: Path, monkeypatch):
     """What the qwen_adapter asset runs on an Ada or Hopper card: fp8 base, blocks in pinned host memory."""
+    import flen_resources.models.quantization as quantization
     from flen_resources.trainers.qwen_edit_lora import QwenEditLoraTrainer
+
+    monkeypatch.setattr(quantization, "host_memory_gib", lambda: 128.0)  # the rule judges Qwen's full size
 
     logs: list[str] = []
     trainer = QwenEditLoraTrainer(model="tiny", work_dir=tmp_path / "run", log=logs.append)
