@@ -57,12 +57,13 @@ CPU_DEMO = RunSettings(
     },
 )
 
-# FLUX.1-dev and Qwen-Image-Edit at 1024 px in nf4 peak at 8.7 and 19.3 GiB on the card (README's
-# figures; on an RTX 4090's fp8 FLUX about 17.7 and Qwen, with blocks swapped, 15.8), so a 24 GB card trains both; it generates fewer evaluation and synthetic images than a large card.
+# FLUX.1-dev and Qwen-Image-Edit at 1024 px in nf4 peak at 8.7 and 19.3 GiB on the card (README's figures; in
+# fp8, as on an Ada card, 17.7 and, with blocks swapped, 15.8, measured on an H200), so a 24 GB card trains both;
+# it generates fewer evaluation and synthetic images than a large card.
 CARD_24GB = RunSettings(
     name="24gb-card",
-    title="One 24 GB card (RTX 3090/4090): nf4 base weights (fp8 on a 4090 with the RAM for it), 1024 px, 1,500 FLUX steps, 6 evaluation and "
-          "8 synthetic images.",
+    title="One 24 GB card (RTX 3090/4090): nf4 base weights (fp8 on a 4090 with the RAM for it), 1024 px, "
+          "1,500 FLUX steps, 6 evaluation and 8 synthetic images.",
     min_gpu_gib=20.0,
     knobs={
         "enriched_images": {"recipe": "angles"},

@@ -13,6 +13,7 @@ from flen_resources.models.quantization import FP8_TRAINING_RESERVE_GIB
 # (iteration_gpu-adapter-fp8-swap32-nvidia-h200.json; 21.14 GiB with 47, 6.25): 6.5 with slack.
 QWEN_FP8_TRAINING_RESERVE_GIB = 6.5
 
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A diffusers pipeline FLENwheel loads."""
