@@ -40,13 +40,13 @@ def _command(root) -> list[str]:
     return [*FLEN, "materialize", "kc", "v1", "--all", "--config", str(root / "small.yaml")]
 
 
-def _new_project(tmp_path, name: str):
+def _new_project(tmp_path, name: str, monkeypatch):
     from flen_resources.project import Project
 
     project = Project(tmp_path / name)
     project.root.mkdir()
     (project.root / "small.yaml").write_text(CONFIG)
-    os.environ["DAGSTER_HOME"] = str(project.dagster_home)
+    monkeypatch.setenv("DAGSTER_HOME", str(project.dagster_home))  # undone after the test: nothing leaks
     instance = init_project(project)
     write_sample_inbox(project.inbox_for("kc"))
     return project, instance
@@ -107,14 +107,14 @@ def _kill_inside(root, instance: dg.DagsterInstance, asset: str, known: set[str]
     return run.run_id, first_step, log.read_text()
 
 
-def test_kill_inside_each_gpu_asset_then_rerun(tmp_path):
-    clean, _ = _new_project(tmp_path, "uninterrupted")
+def test_kill_inside_each_gpu_asset_then_rerun(tmp_path, monkeypatch):
+    clean, _ = _new_project(tmp_path, "uninterrupted", monkeypatch)
     proc = subprocess.run(_command(clean.root), env=_env(clean.root), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     expected = _md5s(clean)
     assert set(GPU_ASSETS) <= set(expected)
 
-    project, instance = _new_project(tmp_path, "killed")
+    project, instance = _new_project(tmp_path, "killed", monkeypatch)
     killed: list[str] = []
     outputs = []
     for asset in GPU_ASSETS:
