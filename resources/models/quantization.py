@@ -75,19 +75,25 @@ def fp8_fits(base_params: float, budget_gib: float, reserve_gib: float = FP8_TRA
     return fp8_overshoot_gib(base_params, budget_gib, reserve_gib) <= 0
 
 
+def blocks_to_fit(base_params: float, blocks: int, budget_gib: float, reserve_gib: float) -> int:
+    """The fewest of `blocks` equal blocks of a `base_params` fp8 transformer that must live in host memory for the
+    rest, the IN_FLIGHT_BLOCKS slots and `reserve_gib` to fit `budget_gib`; 0 when it all fits."""
+    over = fp8_overshoot_gib(base_params, budget_gib, reserve_gib)
+    return 0 if over <= 0 else math.ceil(over / (base_params / GIB / blocks)) + IN_FLIGHT_BLOCKS
+
+
 def swapped_block_count(base_params: float, blocks: int, budget_gib: float, reserve_gib: float) -> int:
     """How many of `blocks` equal blocks of a `base_params` fp8 transformer live in host memory: 0 when it fits
     `budget_gib` with `reserve_gib`, else enough to fit and to hold no more weight on the card than nf4 would."""
-    over = fp8_overshoot_gib(base_params, budget_gib, reserve_gib)
-    if over <= 0:
+    need = blocks_to_fit(base_params, blocks, budget_gib, reserve_gib)
+    if need == 0:
         return 0
     # Once any block swaps, more cost nothing measurable: Qwen-Image-Edit's adapter step on an H200 took 1.175 s
     # with 15 of 60 swapped, 1.170 s with 32 (iteration_gpu-adapter-fp8-swap{15,32}-nvidia-h200.json), the copies
     # hidden behind the compute. So an fp8 base that must swap keeps the card at the nf4 base's weight memory
     # (the naive nf4 loop's peak, issue 15) and leaves the rest of the budget to the other work on the card.
-    over = max(over, base_params * (1 - NF4_BYTES_PER_PARAM) / GIB)
-    per_block = base_params / GIB / blocks
-    return math.ceil(over / per_block) + IN_FLIGHT_BLOCKS
+    nf4_parity = math.ceil(base_params * (1 - NF4_BYTES_PER_PARAM) / GIB / (base_params / GIB / blocks))
+    return max(need, nf4_parity + IN_FLIGHT_BLOCKS)
 
 
 def host_memory_gib() -> float:

@@ -179,6 +179,7 @@ class LoraTrainConfig:
         from flen_resources.models.pipelines import pick_device
         from flen_resources.models.quantization import (
             QuantizationError,
+            blocks_to_fit,
             fp8_fits,
             host_memory_gib,
             nf4_needs_cuda,
@@ -218,6 +219,11 @@ class LoraTrainConfig:
         # the budget is the card's: the CPU has none to fit (an explicit count still swaps there, for tests)
         swapped = self.swapped_blocks if self.swapped_blocks != "auto" else 0 if quantization != "fp8" or not cuda \
             else swapped_block_count(params, blocks, budget, reserve)
+        need = blocks_to_fit(params, blocks, budget, reserve) if quantization == "fp8" and cuda else 0
+        if need < blocks and swapped < need:  # an explicit count the card's budget cannot hold
+            raise TrainingError(f"swapped_blocks {swapped}: {model_key} in fp8 fits the {budget:g} GiB memory budget "
+                                f"only with {need} or more of its blocks swapped; set swapped_blocks to auto or at "
+                                f"least {need}, or raise the memory budget")
         if swapped >= blocks:
             raise TrainingError(f"quantization fp8: {model_key} does not fit a {budget:g} GiB budget even with all but "
                                 "its first block swapped from host memory; raise the memory budget, or set "

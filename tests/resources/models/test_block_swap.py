@@ -198,6 +198,13 @@ def test_the_trainer_config_swaps_only_an_fp8_base_that_does_not_fit_the_card(mo
     assert LoraTrainConfig(gradient_checkpointing=False).resolved(qwen).quantization == "nf4", "cannot swap: nf4"
     assert LoraTrainConfig().resolved(memory_budget_gib=14).quantization == "nf4", "FLUX: auto never swaps it"
     assert LoraTrainConfig(quantization="fp8").resolved(memory_budget_gib=14).swapped_blocks > 0, "asked for: it does"
+    assert LoraTrainConfig(quantization="fp8", swapped_blocks=20).resolved(qwen).swapped_blocks == 20, "what fits"
+    with pytest.raises(TrainingError, match="swapped_blocks 5: qwen-image-edit-2509 in fp8 fits the 20 GiB memory "
+                                            "budget only with 20 or more .* set swapped_blocks to auto or at least 20"):
+        LoraTrainConfig(quantization="fp8", swapped_blocks=5).resolved(qwen)
+    with pytest.raises(TrainingError, match="swapped_blocks 0: .* only with 20 or more"):
+        LoraTrainConfig(quantization="fp8", swapped_blocks=0).resolved(qwen)
+    assert LoraTrainConfig(quantization="fp8", swapped_blocks=5).resolved(qwen, memory_budget_gib=40).swapped_blocks == 5
     monkeypatch.setattr(quantization, "host_memory_gib", lambda: 31.0)  # a desktop with 32 GB of RAM
     assert LoraTrainConfig().resolved(qwen).quantization == "nf4", "38 GiB of bf16 would not fit the host"
     assert LoraTrainConfig().resolved().quantization == "fp8", "FLUX's 22 GiB do"

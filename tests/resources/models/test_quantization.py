@@ -8,6 +8,7 @@ from flen_resources.models.quantization import (
     GIB,
     IN_FLIGHT_BLOCKS,
     NF4_BYTES_PER_PARAM,
+    blocks_to_fit,
     fp8_fits_host,
     fp8_fits_swapping,
     host_memory_gib,
@@ -91,3 +92,11 @@ def test_a_containers_memory_limit_is_the_hosts_memory(tmp_path, monkeypatch):
     assert host_memory_gib() == machine
     v2.write_text(f"{16 * 2**30}\n")
     assert host_memory_gib() == min(machine, 16.0), "a 16 GiB container"
+
+
+def test_the_fewest_blocks_to_fit_are_below_the_nf4_floor_at_the_default_budget():
+    # 19.03 + 6.5 - 20 = 5.53 GiB over at 0.317 GiB a block: 18, plus the two in flight
+    assert blocks_to_fit(QWEN.transformer_params, 60, 20, QWEN.fp8_training_reserve_gib) == 18 + IN_FLIGHT_BLOCKS
+    assert blocks_to_fit(FLUX.transformer_params, FLUX.transformer_blocks, 20, 5) == 0
+    need = blocks_to_fit(QWEN.transformer_params, 60, 20, QWEN.fp8_training_reserve_gib)
+    assert _card_gib(QWEN, need) <= 20 < _card_gib(QWEN, need - 1)
