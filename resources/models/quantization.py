@@ -92,8 +92,8 @@ def swapped_block_count(base_params: float, blocks: int, budget_gib: float, rese
     # with 15 of 60 swapped, 1.170 s with 32 (iteration_gpu-adapter-fp8-swap{15,32}-nvidia-h200.json), the copies
     # hidden behind the compute. So an fp8 base that must swap keeps the card at the nf4 base's weight memory
     # (the naive nf4 loop's peak, issue 15) and leaves the rest of the budget to the other work on the card.
-    nf4_parity = math.ceil(base_params * (1 - NF4_BYTES_PER_PARAM) / GIB / (base_params / GIB / blocks))
-    return max(need, nf4_parity + IN_FLIGHT_BLOCKS)
+    nf4_parity = math.ceil((1 - NF4_BYTES_PER_PARAM) * blocks) + IN_FLIGHT_BLOCKS  # equal blocks: a share of them
+    return max(need, min(nf4_parity, blocks - 1))  # the first block never swaps
 
 
 def host_memory_gib() -> float:
@@ -118,7 +118,7 @@ def fp8_fits_host(base_params: float, host_gib: float) -> bool:
 
 def fp8_fits_swapping(base_params: float, blocks: int, budget_gib: float, reserve_gib: float) -> bool:
     """Whether an fp8 transformer of `blocks` blocks fits `budget_gib` with some of them swapped (the first never)."""
-    return blocks > 0 and swapped_block_count(base_params, blocks, budget_gib, reserve_gib) < blocks
+    return blocks > 0 and blocks_to_fit(base_params, blocks, budget_gib, reserve_gib) < blocks
 
 
 def pick_quantization_with_fp8(setting: str, device: torch.device, base_params: float, budget_gib: float,

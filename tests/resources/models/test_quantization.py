@@ -100,3 +100,11 @@ def test_the_fewest_blocks_to_fit_are_below_the_nf4_floor_at_the_default_budget(
     assert blocks_to_fit(FLUX.transformer_params, FLUX.transformer_blocks, 20, 5) == 0
     need = blocks_to_fit(QWEN.transformer_params, 60, 20, QWEN.fp8_training_reserve_gib)
     assert _card_gib(QWEN, need) <= 20 < _card_gib(QWEN, need - 1)
+
+
+def test_the_nf4_floor_never_swaps_the_first_block():
+    # a transformer of 4 blocks just over its budget: the floor (2 + 2 in flight) would take them all
+    params = 4 * GIB
+    assert blocks_to_fit(params, 4, 4 + 5 - 0.5, 5) == 1 + IN_FLIGHT_BLOCKS
+    assert swapped_block_count(params, 4, 4 + 5 - 0.5, 5) == 3
+    assert fp8_fits_swapping(params, 4, 4 + 5 - 0.5, 5)
